@@ -1,0 +1,156 @@
+//! The one place errors become HTTP statuses and FHIR OperationOutcomes.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hie_domain::{IdError, Rejection};
+use hie_replica::{ReadError, WriteError};
+use serde_json::json;
+
+use crate::fhir::FHIR_JSON;
+
+/// Seconds a client should wait before retrying after a 503 or 429.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidNhsNumber(IdError),
+    #[error("{0}")]
+    InvalidParameter(String),
+    #[error("{0}")]
+    InvalidResource(String),
+    #[error("{0}")]
+    NotWellFormed(String),
+    #[error("{0}")]
+    InvalidHeader(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("request body exceeds {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Duplicate(String),
+    #[error("{0}")]
+    VersionConflict(String),
+    #[error("If-Match is required to update a pointer")]
+    PreconditionRequired,
+    #[error("{reason}")]
+    NoQuorum { reason: String },
+    #[error("too many requests")]
+    RateLimited,
+    #[error("the request took longer than {millis} ms")]
+    Timeout { millis: u64 },
+    #[error("{0}")]
+    NotLeader(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// (HTTP status, FHIR issue type, error code, severity).
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        use ApiError::*;
+        match self {
+            InvalidNhsNumber(_) => (StatusCode::BAD_REQUEST, "invalid", "INVALID_NHS_NUMBER"),
+            InvalidParameter(_) => (StatusCode::BAD_REQUEST, "invalid", "INVALID_PARAMETER"),
+            InvalidResource(_) => (StatusCode::BAD_REQUEST, "invalid", "INVALID_RESOURCE"),
+            NotWellFormed(_) => (StatusCode::BAD_REQUEST, "invalid", "MESSAGE_NOT_WELL_FORMED"),
+            InvalidHeader(_) => (StatusCode::BAD_REQUEST, "invalid", "MISSING_OR_INVALID_HEADER"),
+            UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not-supported", "UNSUPPORTED_MEDIA_TYPE"),
+            PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-costly", "PAYLOAD_TOO_LARGE"),
+            NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "NO_RECORD_FOUND"),
+            Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "AUTHOR_CREDENTIALS_ERROR"),
+            Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "security", "ACCESS_DENIED"),
+            Duplicate(_) => (StatusCode::CONFLICT, "duplicate", "DUPLICATE_REJECTED"),
+            VersionConflict(_) => (StatusCode::PRECONDITION_FAILED, "conflict", "VERSION_CONFLICT"),
+            PreconditionRequired => (StatusCode::PRECONDITION_REQUIRED, "required", "MISSING_OR_INVALID_HEADER"),
+            NoQuorum { .. } => (StatusCode::SERVICE_UNAVAILABLE, "transient", "NO_QUORUM"),
+            RateLimited => (StatusCode::TOO_MANY_REQUESTS, "throttled", "RATE_LIMITED"),
+            Timeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout", "TIMEOUT"),
+            NotLeader(_) => (StatusCode::MISDIRECTED_REQUEST, "transient", "NOT_LEADER"),
+            Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "exception", "INTERNAL_SERVER_ERROR"),
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.parts().2
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+}
+
+/// An OperationOutcome with one issue.
+pub fn operation_outcome(severity: &str, issue_type: &str, code: &str, diagnostics: &str) -> serde_json::Value {
+    json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{
+            "severity": severity,
+            "code": issue_type,
+            "details": { "coding": [{
+                "system": "https://fhir.nhs.uk/CodeSystem/Spine-ErrorOrWarningCode",
+                "code": code,
+                "display": code.replace('_', " ").to_lowercase(),
+            }] },
+            "diagnostics": diagnostics,
+        }]
+    })
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, issue_type, code) = self.parts();
+        let body = operation_outcome("error", issue_type, code, &self.to_string());
+        let mut resp = (status, serde_json::to_string(&body).unwrap_or_default()).into_response();
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+        if matches!(status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        resp.extensions_mut().insert(ErrorCode(code));
+        resp
+    }
+}
+
+/// The error code of a response, for metrics of rejected requests.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
+impl From<Rejection> for ApiError {
+    fn from(r: Rejection) -> Self {
+        match r {
+            Rejection::Forbidden { .. } => ApiError::Forbidden(r.to_string()),
+            Rejection::UnknownType { .. } => ApiError::InvalidResource(r.to_string()),
+            Rejection::CategoryMismatch { .. } => ApiError::InvalidResource(r.to_string()),
+            Rejection::Duplicate { .. } | Rejection::AlreadyExists { .. } => ApiError::Duplicate(r.to_string()),
+            Rejection::NotFound { .. } => ApiError::NotFound(r.to_string()),
+            Rejection::VersionConflict { .. } => ApiError::VersionConflict(r.to_string()),
+            Rejection::Invalid { .. } => ApiError::InvalidResource(r.to_string()),
+            Rejection::UnknownVersion => ApiError::Internal(r.to_string()),
+        }
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::NoQuorum { reason } => ApiError::NoQuorum { reason },
+            WriteError::Internal { reason } => ApiError::Internal(reason),
+        }
+    }
+}
+
+impl From<ReadError> for ApiError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::NoQuorum { reason } => ApiError::NoQuorum { reason },
+            ReadError::Storage { reason } => ApiError::Internal(reason),
+        }
+    }
+}

@@ -1,0 +1,495 @@
+//! FHIR R4 JSON for record pointers: parsing a `DocumentReference` into a
+//! [`RecordPointer`] (validated at the boundary) and rendering one back.
+
+use hie_domain::{
+    Coding, Content, Context, Identifier, NhsNumber, OdsCode, PatientEntry, PointerId, PointerStatus, RecordPointer,
+    SnomedCode, Timestamp,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+
+pub const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
+pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
+pub const FHIR_JSON: &str = "application/fhir+json";
+
+// The accepted shape. Unknown fields are refused rather than silently dropped.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct DocumentReferenceIn {
+    resource_type: String,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    meta: Option<Value>,
+    #[serde(default)]
+    master_identifier: Option<IdentifierIn>,
+    status: String,
+    #[serde(default)]
+    doc_status: Option<String>,
+    #[serde(rename = "type")]
+    type_: CodeableConceptIn,
+    category: Vec<CodeableConceptIn>,
+    subject: ReferenceIn,
+    #[serde(default)]
+    date: Option<String>,
+    author: Vec<ReferenceIn>,
+    custodian: ReferenceIn,
+    #[serde(default)]
+    relates_to: Vec<RelatesToIn>,
+    #[serde(default)]
+    description: Option<String>,
+    content: Vec<ContentIn>,
+    #[serde(default)]
+    context: Option<ContextIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentifierIn {
+    system: Option<String>,
+    value: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CodingIn {
+    system: Option<String>,
+    code: Option<String>,
+    display: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CodeableConceptIn {
+    coding: Vec<CodingIn>,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReferenceIn {
+    #[serde(default)]
+    identifier: Option<IdentifierIn>,
+    #[serde(default)]
+    reference: Option<String>,
+    #[serde(default)]
+    display: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelatesToIn {
+    code: String,
+    target: ReferenceIn,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AttachmentIn {
+    content_type: Option<String>,
+    url: Option<String>,
+    #[serde(default)]
+    creation: Option<String>,
+    #[serde(default)]
+    title: Option<String>,
+    #[serde(default)]
+    language: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContentIn {
+    attachment: AttachmentIn,
+    #[serde(default)]
+    format: Option<CodingIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeriodIn {
+    #[serde(default)]
+    start: Option<String>,
+    #[serde(default)]
+    end: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ContextIn {
+    #[serde(default)]
+    practice_setting: Option<CodeableConceptIn>,
+    #[serde(default)]
+    period: Option<PeriodIn>,
+}
+
+fn invalid(msg: impl Into<String>) -> ApiError {
+    ApiError::InvalidResource(msg.into())
+}
+
+fn text_field(field: &str, s: Option<String>) -> Result<String, ApiError> {
+    let s = s.ok_or_else(|| invalid(format!("{field} is required")))?;
+    if s.is_empty() || s.len() > RecordPointer::TEXT_LEN_MAX {
+        return Err(invalid(format!("{field} must be 1 to {} characters", RecordPointer::TEXT_LEN_MAX)));
+    }
+    Ok(s)
+}
+
+fn optional_text(field: &str, s: Option<String>) -> Result<Option<String>, ApiError> {
+    match s {
+        None => Ok(None),
+        Some(s) => text_field(field, Some(s)).map(Some),
+    }
+}
+
+fn snomed_coding(field: &str, c: &CodeableConceptIn) -> Result<(SnomedCode, Option<String>), ApiError> {
+    let coding = c
+        .coding
+        .iter()
+        .find(|c| c.system.as_deref() == Some(SnomedCode::SYSTEM))
+        .ok_or_else(|| invalid(format!("{field} needs a coding with system {}", SnomedCode::SYSTEM)))?;
+    let code = coding.code.as_deref().ok_or_else(|| invalid(format!("{field}.coding.code is required")))?;
+    let code = SnomedCode::parse(code).map_err(|e| invalid(format!("{field}: {e}")))?;
+    Ok((code, coding.display.clone()))
+}
+
+fn ods_reference(field: &str, r: &ReferenceIn) -> Result<OdsCode, ApiError> {
+    let ident = r.identifier.as_ref().ok_or_else(|| invalid(format!("{field}.identifier is required")))?;
+    if ident.system.as_deref() != Some(ODS_SYSTEM) {
+        return Err(invalid(format!("{field}.identifier.system must be {ODS_SYSTEM}")));
+    }
+    let value = ident.value.as_deref().ok_or_else(|| invalid(format!("{field}.identifier.value is required")))?;
+    OdsCode::parse(value).map_err(|e| invalid(format!("{field}: {e}")))
+}
+
+fn status(s: &str) -> Result<PointerStatus, ApiError> {
+    match s {
+        "current" => Ok(PointerStatus::Current),
+        "superseded" => Ok(PointerStatus::Superseded),
+        "entered-in-error" => Ok(PointerStatus::EnteredInError),
+        _ => Err(invalid("status must be current, superseded or entered-in-error")),
+    }
+}
+
+/// Parses an NHS Number from a subject reference: the error is the
+/// contract's INVALID_NHS_NUMBER when the number itself is wrong.
+fn subject(r: &ReferenceIn) -> Result<NhsNumber, ApiError> {
+    let ident = r.identifier.as_ref().ok_or_else(|| invalid("subject.identifier is required"))?;
+    if ident.system.as_deref() != Some(NHS_NUMBER_SYSTEM) {
+        return Err(invalid(format!("subject.identifier.system must be {NHS_NUMBER_SYSTEM}")));
+    }
+    let value = ident.value.as_deref().ok_or_else(|| invalid("subject.identifier.value is required"))?;
+    NhsNumber::parse(value).map_err(ApiError::InvalidNhsNumber)
+}
+
+/// The id in a `relatesTo.target`: `reference` `DocumentReference/<id>`, or an identifier value.
+fn relates_to_target(r: &ReferenceIn) -> Result<PointerId, ApiError> {
+    let raw = if let Some(reference) = &r.reference {
+        reference.rsplit_once("DocumentReference/").map(|(_, id)| id.to_owned()).unwrap_or_else(|| reference.clone())
+    } else if let Some(value) = r.identifier.as_ref().and_then(|i| i.value.clone()) {
+        value
+    } else {
+        return Err(invalid("relatesTo.target needs a reference or an identifier"));
+    };
+    PointerId::parse(&raw).map_err(|e| invalid(format!("relatesTo.target: {e}")))
+}
+
+/// What a request body says, before the server assigns id, version and times.
+pub struct ParsedPointer {
+    pub id: Option<PointerId>,
+    pub pointer: RecordPointer,
+}
+
+/// Parses a DocumentReference. `id`, `version`, `created` and `updated` are
+/// placeholders the caller replaces.
+pub fn parse_document_reference(body: &[u8]) -> Result<ParsedPointer, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::NotWellFormed(e.to_string()))?;
+    match value.get("resourceType").and_then(Value::as_str) {
+        Some("DocumentReference") => {}
+        Some(other) => return Err(invalid(format!("resourceType must be DocumentReference, not {other}"))),
+        None => return Err(invalid("resourceType is required")),
+    }
+    let doc: DocumentReferenceIn = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+    debug_assert_eq!(doc.resource_type, "DocumentReference");
+    let _ = (&doc.meta, &doc.doc_status, &doc.date, &doc.description);
+
+    let subject = subject(&doc.subject)?;
+    let custodian = ods_reference("custodian", &doc.custodian)?;
+    let author = match doc.author.as_slice() {
+        [one] => ods_reference("author", one)?,
+        [] => return Err(invalid("author is required")),
+        _ => return Err(invalid("exactly one author is supported")),
+    };
+    let (type_code, type_display) = snomed_coding("type", &doc.type_)?;
+    let (category, category_display) = match doc.category.as_slice() {
+        [one] => snomed_coding("category", one)?,
+        [] => return Err(invalid("category is required")),
+        _ => return Err(invalid("exactly one category is supported")),
+    };
+    if doc.content.is_empty() || doc.content.len() > RecordPointer::CONTENT_MAX {
+        return Err(invalid(format!("content must have 1 to {} entries", RecordPointer::CONTENT_MAX)));
+    }
+    let mut content = Vec::with_capacity(doc.content.len());
+    for c in doc.content {
+        let url = text_field("content.attachment.url", c.attachment.url)?;
+        if !(url.starts_with("https://") || url.starts_with("http://") || url.starts_with("ssp://")) {
+            return Err(invalid("content.attachment.url must be an absolute http(s) or ssp URL"));
+        }
+        let _ = (&c.attachment.title, &c.attachment.language);
+        content.push(Content {
+            url,
+            content_type: text_field("content.attachment.contentType", c.attachment.content_type)?,
+            creation: optional_text("content.attachment.creation", c.attachment.creation)?,
+            format: match c.format {
+                None => None,
+                Some(f) => Some(Coding {
+                    system: text_field("content.format.system", f.system)?,
+                    code: text_field("content.format.code", f.code)?,
+                    display: optional_text("content.format.display", f.display)?,
+                }),
+            },
+        });
+    }
+    let context = match doc.context {
+        None => None,
+        Some(ctx) => Some(Context {
+            practice_setting: match ctx.practice_setting.and_then(|p| p.coding.into_iter().next()) {
+                None => None,
+                Some(c) => Some(Coding {
+                    system: text_field("context.practiceSetting.coding.system", c.system)?,
+                    code: text_field("context.practiceSetting.coding.code", c.code)?,
+                    display: optional_text("context.practiceSetting.coding.display", c.display)?,
+                }),
+            },
+            period_start: ctx.period.as_ref().and_then(|p| p.start.clone()),
+            period_end: ctx.period.and_then(|p| p.end),
+        }),
+    };
+    let master_identifier = match doc.master_identifier {
+        None => None,
+        Some(m) => Some(Identifier {
+            system: text_field("masterIdentifier.system", m.system)?,
+            value: text_field("masterIdentifier.value", m.value)?,
+        }),
+    };
+    let replaces = match doc.relates_to.as_slice() {
+        [] => None,
+        [r] if r.code == "replaces" => Some(relates_to_target(&r.target)?),
+        [_] => return Err(invalid("relatesTo.code must be replaces")),
+        _ => return Err(invalid("at most one relatesTo is supported")),
+    };
+    let id = doc.id.as_deref().map(PointerId::parse).transpose().map_err(|e| invalid(format!("id: {e}")))?;
+    let placeholder_id = id.clone().unwrap_or_else(|| PointerId::new(&custodian, uuid::Uuid::nil()));
+    Ok(ParsedPointer {
+        id,
+        pointer: RecordPointer {
+            id: placeholder_id,
+            version: 1,
+            subject,
+            custodian,
+            author,
+            type_code,
+            type_display,
+            category,
+            category_display,
+            master_identifier,
+            content,
+            context,
+            status: status(&doc.status)?,
+            replaces,
+            created: Timestamp(0),
+            updated: Timestamp(0),
+        },
+    })
+}
+
+pub fn instant(t: Timestamp) -> String {
+    chrono::DateTime::from_timestamp_millis(t.0)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn coding_json(c: &Coding) -> Value {
+    let mut v = json!({ "system": c.system, "code": c.code });
+    if let Some(d) = &c.display {
+        v["display"] = json!(d);
+    }
+    v
+}
+
+fn snomed_json(code: &SnomedCode, display: &Option<String>) -> Value {
+    coding_json(&Coding { system: SnomedCode::SYSTEM.into(), code: code.as_str().into(), display: display.clone() })
+}
+
+pub fn ods_identifier(ods: &OdsCode) -> Value {
+    json!({ "identifier": { "system": ODS_SYSTEM, "value": ods.as_str() } })
+}
+
+/// Renders a pointer as a FHIR R4 DocumentReference.
+pub fn document_reference(p: &RecordPointer) -> Value {
+    let mut doc = json!({
+        "resourceType": "DocumentReference",
+        "id": p.id.as_str(),
+        "meta": { "versionId": p.version.to_string(), "lastUpdated": instant(p.updated) },
+        "status": p.status.as_str(),
+        "type": { "coding": [snomed_json(&p.type_code, &p.type_display)] },
+        "category": [{ "coding": [snomed_json(&p.category, &p.category_display)] }],
+        "subject": { "identifier": { "system": NHS_NUMBER_SYSTEM, "value": p.subject.as_str() } },
+        "date": instant(p.created),
+        "author": [ods_identifier(&p.author)],
+        "custodian": ods_identifier(&p.custodian),
+        "content": p.content.iter().map(|c| {
+            let mut attachment = json!({ "contentType": c.content_type, "url": c.url });
+            if let Some(cr) = &c.creation { attachment["creation"] = json!(cr); }
+            let mut v = json!({ "attachment": attachment });
+            if let Some(f) = &c.format { v["format"] = coding_json(f); }
+            v
+        }).collect::<Vec<_>>(),
+    });
+    if let Some(m) = &p.master_identifier {
+        doc["masterIdentifier"] = json!({ "system": m.system, "value": m.value });
+    }
+    if let Some(r) = &p.replaces {
+        doc["relatesTo"] = json!([{ "code": "replaces", "target": { "reference": format!("DocumentReference/{}", r.as_str()) } }]);
+    }
+    if let Some(ctx) = &p.context {
+        let mut c = json!({});
+        if let Some(ps) = &ctx.practice_setting {
+            c["practiceSetting"] = json!({ "coding": [coding_json(ps)] });
+        }
+        if ctx.period_start.is_some() || ctx.period_end.is_some() {
+            let mut period = json!({});
+            if let Some(s) = &ctx.period_start { period["start"] = json!(s); }
+            if let Some(e) = &ctx.period_end { period["end"] = json!(e); }
+            c["period"] = period;
+        }
+        doc["context"] = c;
+    }
+    doc
+}
+
+/// A searchset Bundle.
+pub fn searchset(base: &str, total: u64, pointers: &[RecordPointer], next: Option<String>) -> Value {
+    let mut bundle = json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": total,
+        "entry": pointers.iter().map(|p| json!({
+            "fullUrl": format!("{base}/DocumentReference/{}", p.id.as_str()),
+            "resource": document_reference(p),
+            "search": { "mode": "match" },
+        })).collect::<Vec<_>>(),
+    });
+    if let Some(next) = next {
+        bundle["link"] = json!([{ "relation": "next", "url": next }]);
+    }
+    bundle
+}
+
+/// `$record-holders`: one `holder` per organisation with its pointer count.
+pub fn record_holders(entry: Option<&PatientEntry>) -> Value {
+    let holders: Vec<Value> = entry
+        .map(|e| {
+            e.holders
+                .iter()
+                .map(|(ods, n)| {
+                    json!({
+                        "name": "holder",
+                        "part": [
+                            { "name": "organization", "valueIdentifier": { "system": ODS_SYSTEM, "value": ods.as_str() } },
+                            { "name": "pointers", "valueInteger": n },
+                        ]
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({ "resourceType": "Parameters", "parameter": holders })
+}
+
+/// Nesting depth of a JSON document, scanning bytes (strings skipped); stops
+/// counting at `max + 1`, so a hostile body costs one pass.
+pub fn json_depth_exceeds(body: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn sample(nhs: &str) -> Value {
+        json!({
+            "resourceType": "DocumentReference",
+            "status": "current",
+            "masterIdentifier": { "system": "urn:ietf:rfc:3986", "value": "urn:oid:1.2.3" },
+            "type": { "coding": [{ "system": "http://snomed.info/sct", "code": "736253002", "display": "Mental health crisis plan" }] },
+            "category": [{ "coding": [{ "system": "http://snomed.info/sct", "code": "734163000", "display": "Care plan" }] }],
+            "subject": { "identifier": { "system": NHS_NUMBER_SYSTEM, "value": nhs } },
+            "author": [{ "identifier": { "system": ODS_SYSTEM, "value": "A81001" } }],
+            "custodian": { "identifier": { "system": ODS_SYSTEM, "value": "A81001" } },
+            "content": [{ "attachment": { "contentType": "application/pdf", "url": "https://a81001.example.nhs.uk/r/1" } }]
+        })
+    }
+
+    #[test]
+    fn round_trip() {
+        let body = serde_json::to_vec(&sample("9434765919")).unwrap();
+        let parsed = parse_document_reference(&body).unwrap();
+        let rendered = document_reference(&parsed.pointer);
+        let again = parse_document_reference(&serde_json::to_vec(&rendered).unwrap()).unwrap();
+        assert_eq!(again.pointer.subject, parsed.pointer.subject);
+        assert_eq!(again.pointer.content, parsed.pointer.content);
+        assert_eq!(again.pointer.master_identifier, parsed.pointer.master_identifier);
+    }
+
+    #[test]
+    fn refusals() {
+        let bad_nhs = serde_json::to_vec(&sample("9434765918")).unwrap();
+        assert!(matches!(parse_document_reference(&bad_nhs), Err(ApiError::InvalidNhsNumber(_))));
+        assert!(matches!(parse_document_reference(b"{not json"), Err(ApiError::NotWellFormed(_))));
+        let mut v = sample("9434765919");
+        v["resourceType"] = json!("Patient");
+        assert!(matches!(parse_document_reference(&serde_json::to_vec(&v).unwrap()), Err(ApiError::InvalidResource(_))));
+        let mut v = sample("9434765919");
+        v.as_object_mut().unwrap().remove("custodian");
+        assert!(matches!(parse_document_reference(&serde_json::to_vec(&v).unwrap()), Err(ApiError::InvalidResource(_))));
+        let mut v = sample("9434765919");
+        v["unknownField"] = json!(1);
+        assert!(matches!(parse_document_reference(&serde_json::to_vec(&v).unwrap()), Err(ApiError::InvalidResource(_))));
+    }
+
+    #[test]
+    fn depth() {
+        let deep = "[".repeat(65) + &"]".repeat(65);
+        assert!(json_depth_exceeds(deep.as_bytes(), 64));
+        let ok = "[".repeat(64) + &"]".repeat(64);
+        assert!(!json_depth_exceeds(ok.as_bytes(), 64));
+        assert!(!json_depth_exceeds(br#"{"a":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}"#, 2));
+    }
+}

@@ -1,0 +1,86 @@
+//! Named limits of the API, and the per-client rate limiter.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hie_domain::OdsCode;
+
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    pub body_bytes_max: usize,
+    pub json_depth_max: usize,
+    pub header_bytes_max: usize,
+    pub page_size_default: usize,
+    pub page_size_max: usize,
+    /// Pointers of one patient a search looks at (the total is exact up to this).
+    pub search_scan_max: usize,
+    pub connections_max: usize,
+    pub request_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    /// Requests per second each client organisation may make, sustained.
+    pub rate_per_client_per_sec: u32,
+    /// Requests a client may make in a burst above the sustained rate.
+    pub rate_burst: u32,
+    /// Search continuation tokens held, and for how long.
+    pub cursors_max: usize,
+    pub cursor_ttl: Duration,
+    pub request_id_len_max: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            body_bytes_max: 1 << 20,
+            json_depth_max: 64,
+            header_bytes_max: 16 << 10,
+            page_size_default: 20,
+            page_size_max: 100,
+            search_scan_max: 10_000,
+            connections_max: 1024,
+            request_timeout: Duration::from_secs(5),
+            tls_handshake_timeout: Duration::from_secs(5),
+            rate_per_client_per_sec: 2000,
+            rate_burst: 4000,
+            cursors_max: 10_000,
+            cursor_ttl: Duration::from_secs(600),
+            request_id_len_max: 200,
+        }
+    }
+}
+
+/// A token bucket per client organisation.
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<OdsCode, (f64, Instant)>>,
+}
+
+/// Organisations tracked by the limiter before idle ones are forgotten.
+const RATE_LIMITER_CLIENTS_MAX: usize = 100_000;
+
+impl RateLimiter {
+    pub fn new(rate_per_sec: u32, burst: u32) -> Self {
+        RateLimiter { rate: f64::from(rate_per_sec), burst: f64::from(burst.max(1)), buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// True if the client may make one more request now.
+    pub fn allow(&self, client: &OdsCode) -> bool {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().expect("rate limiter lock");
+        if buckets.len() >= RATE_LIMITER_CLIENTS_MAX {
+            let burst = self.burst;
+            let rate = self.rate;
+            buckets.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < burst);
+        }
+        let (tokens, at) = buckets.entry(client.clone()).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}

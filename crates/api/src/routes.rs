@@ -1,0 +1,817 @@
+//! The FHIR routes and the operator's admin routes on the API listener.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use hie_domain::{
+    Caller, Command, CommandV1, NhsNumber, OdsCode, Outcome, PointerId, PointerStatus, PointerType, RecordPointer, Role,
+    SnomedCode, Timestamp,
+};
+use hie_domain::raft::NodeInfo;
+use hie_replica::{MembershipError, Replica};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::{ApiError, ErrorCode, operation_outcome};
+use crate::fhir::{self, FHIR_JSON, NHS_NUMBER_SYSTEM, ODS_SYSTEM};
+use crate::limits::RateLimiter;
+use crate::server::{ApiConfig, ConnIdentity};
+
+pub(crate) struct AppState {
+    replica: Arc<Replica>,
+    config: ApiConfig,
+    limiter: RateLimiter,
+    cursors: Mutex<Cursors>,
+}
+
+type St = State<Arc<AppState>>;
+
+pub(crate) fn router(config: ApiConfig, replica: Arc<Replica>) -> Router {
+    let limits = &config.limits;
+    let state = Arc::new(AppState {
+        limiter: RateLimiter::new(limits.rate_per_client_per_sec, limits.rate_burst),
+        cursors: Mutex::new(Cursors::default()),
+        replica,
+        config,
+    });
+    Router::new()
+        .route("/fhir/metadata", get(metadata))
+        .route("/fhir/DocumentReference", post(create).get(search_get))
+        .route("/fhir/DocumentReference/_search", post(search_post))
+        .route("/fhir/DocumentReference/_count", get(count))
+        .route("/fhir/DocumentReference/{id}", get(read).put(update).delete(delete))
+        .route("/fhir/Patient/{nhs}/$record-holders", get(record_holders))
+        .route("/admin/status", get(admin_status))
+        .route("/admin/digest", get(admin_digest))
+        .route("/admin/learners", post(admin_add_learner))
+        .route("/admin/nodes/{id}/promote", post(admin_promote))
+        .route("/admin/nodes/{id}", axum::routing::delete(admin_remove))
+        .route("/admin/snapshot", post(admin_snapshot))
+        .route("/admin/pointer-types", axum::routing::put(admin_put_type))
+        .route("/admin/producers/{ods}", axum::routing::put(admin_put_producer))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), envelope))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint".into())
+}
+
+/// The request id of a request: the client's (checked) or a new one.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestId(pub String);
+
+fn valid_request_id(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// Around every request: request id, authentication, rate limit, timeout,
+/// metrics and an access log line (never with an NHS Number).
+async fn envelope(State(st): St, Extension(identity): Extension<ConnIdentity>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let method = req.method().clone();
+    let limits = &st.config.limits;
+    let mut request_id = None;
+    let mut early: Option<ApiError> = None;
+    for name in ["x-request-id", "x-correlation-id"] {
+        if let Some(v) = req.headers().get(name) {
+            match v.to_str() {
+                Ok(s) if valid_request_id(s, limits.request_id_len_max) => {
+                    if name == "x-request-id" {
+                        request_id = Some(s.to_owned());
+                    }
+                }
+                _ => {
+                    early = Some(ApiError::InvalidHeader(format!(
+                        "{name} must be 1 to {} characters of A-Z a-z 0-9 . _ -",
+                        limits.request_id_len_max
+                    )))
+                }
+            }
+        }
+    }
+    let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    req.extensions_mut().insert(RequestId(request_id.clone()));
+    let caller = identity.0.clone();
+    if early.is_none() {
+        match &caller {
+            Err(reason) => early = Some(ApiError::Forbidden(format!("the client certificate names no organisation and role: {reason}"))),
+            Ok(c) if !st.limiter.allow(&c.ods) => early = Some(ApiError::RateLimited),
+            Ok(_) => {}
+        }
+    }
+    let mut resp = match early {
+        Some(e) => e.into_response(),
+        None => match tokio::time::timeout(limits.request_timeout, next.run(req)).await {
+            Ok(r) => r,
+            Err(_) => ApiError::Timeout { millis: limits.request_timeout.as_millis() as u64 }.into_response(),
+        },
+    };
+    let status = resp.status();
+    let m = st.replica.metrics();
+    m.api_requests_total.with_label_values(&[&route, status.as_str()]).inc();
+    m.api_request_duration_seconds.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
+    if let Some(ErrorCode(code)) = resp.extensions().get::<ErrorCode>() {
+        m.api_rejected_total.with_label_values(&[code]).inc();
+    }
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    tracing::info!(
+        request_id,
+        method = %method,
+        route,
+        status = status.as_u16(),
+        ods = caller.as_ref().map(|c| c.ods.as_str().to_owned()).unwrap_or_default(),
+        micros = started.elapsed().as_micros() as u64,
+        "api request"
+    );
+    resp
+}
+
+fn caller(identity: &ConnIdentity) -> Result<Caller, ApiError> {
+    identity.0.clone().map_err(ApiError::Forbidden)
+}
+
+fn require(caller: &Caller, role: Role) -> Result<(), ApiError> {
+    if caller.has(role) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!("this needs the {} role", role.as_str())))
+    }
+}
+
+fn now() -> Timestamp {
+    Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0))
+}
+
+async fn read_body(body: Body, headers: &HeaderMap, limits: &crate::ApiLimits, form: bool) -> Result<Bytes, ApiError> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let ok = if form {
+        mime == "application/x-www-form-urlencoded"
+    } else {
+        mime == FHIR_JSON || mime == "application/json"
+    };
+    if !ok {
+        let expected = if form { "application/x-www-form-urlencoded" } else { FHIR_JSON };
+        return Err(ApiError::UnsupportedMediaType(format!("Content-Type must be {expected}")));
+    }
+    let bytes = axum::body::to_bytes(body, limits.body_bytes_max)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge { limit: limits.body_bytes_max })?;
+    if !form && fhir::json_depth_exceeds(&bytes, limits.json_depth_max) {
+        return Err(ApiError::NotWellFormed(format!("JSON nested deeper than {}", limits.json_depth_max)));
+    }
+    Ok(bytes)
+}
+
+/// Adds the freshness headers every read carries.
+fn with_freshness(mut resp: Response, replica: &Replica) -> Response {
+    let f = replica.freshness();
+    let h = resp.headers_mut();
+    h.insert("x-hie-applied-index", HeaderValue::from(f.applied_index));
+    h.insert("x-hie-stale", HeaderValue::from_static(if f.stale { "true" } else { "false" }));
+    h.insert("x-hie-replication-lag-ms", HeaderValue::from(f.replication_lag_ms));
+    resp
+}
+
+async fn consistency(headers: &HeaderMap, replica: &Replica) -> Result<(), ApiError> {
+    match headers.get("x-hie-consistency").map(|v| v.to_str().unwrap_or("")) {
+        None | Some("local") => Ok(()),
+        Some("linearizable") => replica.linearizable_barrier().await.map(|_| ()).map_err(ApiError::from),
+        Some(_) => Err(ApiError::InvalidHeader("X-HIE-Consistency must be linearizable or local".into())),
+    }
+}
+
+fn fhir_json(status: StatusCode, body: &Value) -> Response {
+    let mut resp = (status, serde_json::to_string(body).unwrap_or_default()).into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    resp
+}
+
+fn etag(version: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("W/\"{version}\"")).expect("digits")
+}
+
+/// May this caller see this pointer?
+fn visible(caller: &Caller, p: &RecordPointer) -> bool {
+    caller.has(Role::Consumer) || (caller.has(Role::Producer) && p.custodian == caller.ods)
+}
+
+// ---------------------------------------------------------------- metadata
+
+async fn metadata(State(st): St, Extension(identity): Extension<ConnIdentity>) -> Result<Response, ApiError> {
+    caller(&identity)?;
+    let search_params = json!([
+        { "name": "subject:identifier", "type": "token", "documentation": "https://fhir.nhs.uk/Id/nhs-number|<NHS Number> (required)" },
+        { "name": "type", "type": "token" },
+        { "name": "custodian:identifier", "type": "token" },
+        { "name": "_count", "type": "number" }
+    ]);
+    let body = json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": fhir::instant(now()),
+        "kind": "instance",
+        "fhirVersion": "4.0.1",
+        "format": [FHIR_JSON],
+        "software": { "name": "hie", "version": env!("CARGO_PKG_VERSION") },
+        "implementation": { "description": "hie federated record locator node", "url": st.config.base_url },
+        "rest": [{
+            "mode": "server",
+            "security": { "description": "Mutual TLS: a client certificate from the cluster CA naming urn:hie:ods:<ODS> and urn:hie:role:<role> SAN URIs." },
+            "resource": [
+                {
+                    "type": "DocumentReference",
+                    "interaction": [
+                        { "code": "read" }, { "code": "create" }, { "code": "update" }, { "code": "delete" }, { "code": "search-type" }
+                    ],
+                    "versioning": "versioned-update",
+                    "updateCreate": true,
+                    "conditionalCreate": false,
+                    "searchParam": search_params
+                },
+                {
+                    "type": "Patient",
+                    "operation": [{ "name": "record-holders", "definition": format!("{}/OperationDefinition/record-holders", st.config.base_url) }]
+                }
+            ]
+        }]
+    });
+    Ok(fhir_json(StatusCode::OK, &body))
+}
+
+// ---------------------------------------------------------------- writes
+
+fn prefer(headers: &HeaderMap) -> &str {
+    headers.get("prefer").and_then(|v| v.to_str().ok()).unwrap_or("return=representation")
+}
+
+fn written(status: StatusCode, st: &AppState, headers: &HeaderMap, p: &RecordPointer) -> Response {
+    let location = format!("{}/DocumentReference/{}/_history/{}", st.config.base_url, p.id.as_str(), p.version);
+    let mut resp = match prefer(headers) {
+        "return=minimal" => status.into_response(),
+        "return=OperationOutcome" => {
+            fhir_json(status, &operation_outcome("information", "informational", "RESOURCE_CREATED", &format!("pointer {} stored", p.id)))
+        }
+        _ => fhir_json(status, &fhir::document_reference(p)),
+    };
+    let h = resp.headers_mut();
+    h.insert(header::ETAG, etag(p.version));
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        h.insert(header::LOCATION, v);
+    }
+    resp
+}
+
+async fn run_write(st: &AppState, caller: &Caller, command: Command, request_id: &RequestId) -> Result<Outcome, ApiError> {
+    match st.replica.write(caller, command, &request_id.0).await? {
+        Outcome::Rejected(r) => Err(r.into()),
+        o => Ok(o),
+    }
+}
+
+async fn create(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let caller = caller(&identity)?;
+    require(&caller, Role::Producer)?;
+    let body = read_body(body, &headers, &st.config.limits, false).await?;
+    let parsed = fhir::parse_document_reference(&body)?;
+    if parsed.id.is_some() {
+        return Err(ApiError::InvalidResource("a create by POST must not carry an id (use PUT to choose your own)".into()));
+    }
+    let mut pointer = parsed.pointer;
+    if pointer.status != PointerStatus::Current {
+        return Err(ApiError::InvalidResource("a new pointer must have status current".into()));
+    }
+    if pointer.custodian != caller.ods {
+        return Err(ApiError::Forbidden(format!("custodian must be the caller's organisation {}", caller.ods)));
+    }
+    pointer.id = PointerId::new(&pointer.custodian, uuid::Uuid::new_v4());
+    let at = now();
+    pointer.created = at;
+    pointer.updated = at;
+    match run_write(&st, &caller, Command::V1(CommandV1::CreatePointer { caller: caller.clone(), pointer }), &rid).await? {
+        Outcome::Created { pointer } => Ok(written(StatusCode::CREATED, &st, &headers, &pointer)),
+        other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+fn parse_if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let s = v.to_str().map_err(|_| ApiError::InvalidHeader("If-Match is not text".into()))?;
+    let s = s.trim().trim_start_matches("W/").trim_matches('"');
+    s.parse::<u64>().map(Some).map_err(|_| ApiError::InvalidHeader("If-Match must be W/\"<version>\" or \"<version>\"".into()))
+}
+
+fn path_id(id: &str) -> Result<PointerId, ApiError> {
+    PointerId::parse(id).map_err(|e| ApiError::InvalidParameter(format!("id: {e}")))
+}
+
+async fn update(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    Extension(rid): Extension<RequestId>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let caller = caller(&identity)?;
+    require(&caller, Role::Producer)?;
+    let id = path_id(&id)?;
+    let body = read_body(body, &headers, &st.config.limits, false).await?;
+    let parsed = fhir::parse_document_reference(&body)?;
+    if parsed.id.as_ref() != Some(&id) {
+        return Err(ApiError::InvalidResource("the body's id must equal the id in the URL".into()));
+    }
+    let mut pointer = parsed.pointer;
+    pointer.id = id.clone();
+    let lookup = id.clone();
+    let existing = st.replica.read(move |r| r.pointer(&lookup)).await?;
+    let at = now();
+    match existing {
+        Some(_) => {
+            let if_match = parse_if_match(&headers)?.ok_or(ApiError::PreconditionRequired)?;
+            pointer.updated = at;
+            let cmd = Command::V1(CommandV1::UpdatePointer { caller: caller.clone(), pointer, if_match });
+            match run_write(&st, &caller, cmd, &rid).await? {
+                Outcome::Updated { pointer } => Ok(written(StatusCode::OK, &st, &headers, &pointer)),
+                other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
+            }
+        }
+        None => {
+            if id.custodian() != caller.ods {
+                return Err(ApiError::Forbidden("a producer may only choose ids beginning with its own ODS code".into()));
+            }
+            pointer.version = 1;
+            pointer.created = at;
+            pointer.updated = at;
+            let cmd = Command::V1(CommandV1::CreatePointer { caller: caller.clone(), pointer });
+            match run_write(&st, &caller, cmd, &rid).await? {
+                Outcome::Created { pointer } => Ok(written(StatusCode::CREATED, &st, &headers, &pointer)),
+                other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
+            }
+        }
+    }
+}
+
+async fn delete(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    Extension(rid): Extension<RequestId>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let caller = caller(&identity)?;
+    require(&caller, Role::Producer)?;
+    let id = path_id(&id)?;
+    let cmd = Command::V1(CommandV1::DeletePointer { caller: caller.clone(), id: id.clone(), at: now() });
+    run_write(&st, &caller, cmd, &rid).await?;
+    Ok(fhir_json(
+        StatusCode::OK,
+        &operation_outcome("information", "informational", "RESOURCE_DELETED", &format!("pointer {id} deleted")),
+    ))
+}
+
+// ---------------------------------------------------------------- reads
+
+async fn read(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = caller(&identity)?;
+    if !(caller.has(Role::Consumer) || caller.has(Role::Producer)) {
+        return Err(ApiError::Forbidden("reading pointers needs the consumer or producer role".into()));
+    }
+    let id = path_id(&id)?;
+    consistency(&headers, &st.replica).await?;
+    let lookup = id.clone();
+    let (pointer, patient) = st
+        .replica
+        .read(move |r| {
+            let p = r.pointer(&lookup)?;
+            let patient = match &p {
+                Some(p) => r.patient(&p.subject)?,
+                None => None,
+            };
+            Ok((p, patient))
+        })
+        .await?;
+    let not_found = || ApiError::NotFound(format!("no pointer {id}"));
+    let pointer = pointer.ok_or_else(not_found)?;
+    if !visible(&caller, &pointer) {
+        return Err(not_found());
+    }
+    let opted_out = patient.is_some_and(|p| p.opted_out);
+    if opted_out && pointer.custodian != caller.ods {
+        return Err(not_found());
+    }
+    let mut resp = fhir_json(StatusCode::OK, &fhir::document_reference(&pointer));
+    resp.headers_mut().insert(header::ETAG, etag(pointer.version));
+    Ok(with_freshness(resp, &st.replica))
+}
+
+/// Search parameters, checked: unknown ones are refused, never ignored.
+struct SearchParams {
+    subject: NhsNumber,
+    type_code: Option<SnomedCode>,
+    custodian: Option<OdsCode>,
+    count: usize,
+    cursor: Option<String>,
+}
+
+fn parse_search(pairs: Vec<(String, String)>, limits: &crate::ApiLimits) -> Result<SearchParams, ApiError> {
+    let mut subject = None;
+    let mut type_code = None;
+    let mut custodian = None;
+    let mut count = limits.page_size_default;
+    let mut cursor = None;
+    let bad = |m: String| ApiError::InvalidParameter(m);
+    for (k, v) in pairs {
+        match k.as_str() {
+            "subject:identifier" | "subject.identifier" => {
+                let value = v
+                    .strip_prefix(&format!("{NHS_NUMBER_SYSTEM}|"))
+                    .ok_or_else(|| bad(format!("subject:identifier must be {NHS_NUMBER_SYSTEM}|<NHS Number>")))?;
+                subject = Some(NhsNumber::parse(value).map_err(ApiError::InvalidNhsNumber)?);
+            }
+            "type" => {
+                let code = v.strip_prefix(&format!("{}|", SnomedCode::SYSTEM)).unwrap_or(&v);
+                type_code = Some(SnomedCode::parse(code).map_err(|e| bad(format!("type: {e}")))?);
+            }
+            "custodian:identifier" | "custodian.identifier" => {
+                let code = v.strip_prefix(&format!("{ODS_SYSTEM}|")).unwrap_or(&v);
+                custodian = Some(OdsCode::parse(code).map_err(|e| bad(format!("custodian:identifier: {e}")))?);
+            }
+            "_count" => {
+                let n: usize = v.parse().map_err(|_| bad("_count must be a positive whole number".into()))?;
+                if n == 0 {
+                    return Err(bad("_count must be at least 1".into()));
+                }
+                count = n.min(limits.page_size_max);
+            }
+            "next" | "_cursor" => cursor = Some(v),
+            other => return Err(bad(format!("unknown search parameter {other}"))),
+        }
+    }
+    // A continuation token stands in for the parameters it was made from.
+    if subject.is_none() && cursor.is_none() {
+        return Err(bad("subject:identifier is required".into()));
+    }
+    Ok(SearchParams {
+        subject: subject.unwrap_or_else(|| NhsNumber::from_stem(900_000_000).expect("valid placeholder")),
+        type_code,
+        custodian,
+        count,
+        cursor,
+    })
+}
+
+/// Continuation tokens: opaque ids standing for a search and a position,
+/// so no NHS Number ever appears in a URL. Held on this node for a while.
+#[derive(Default)]
+pub(crate) struct Cursors {
+    entries: HashMap<String, (Instant, CursorState)>,
+}
+
+#[derive(Clone)]
+struct CursorState {
+    subject: NhsNumber,
+    type_code: Option<SnomedCode>,
+    custodian: Option<OdsCode>,
+    count: usize,
+    after: PointerId,
+    owner: OdsCode,
+}
+
+async fn search_get(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    let pairs = parse_query(uri.query().unwrap_or(""))?;
+    do_search(&st, &identity, &headers, pairs, false).await
+}
+
+async fn search_post(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    body: Body,
+) -> Result<Response, ApiError> {
+    caller(&identity)?;
+    let body = read_body(body, &headers, &st.config.limits, true).await?;
+    let mut pairs = parse_query(uri.query().unwrap_or(""))?;
+    pairs.extend(parse_query(std::str::from_utf8(&body).map_err(|_| ApiError::NotWellFormed("form is not UTF-8".into()))?)?);
+    do_search(&st, &identity, &headers, pairs, false).await
+}
+
+async fn count(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    let pairs = parse_query(uri.query().unwrap_or(""))?;
+    do_search(&st, &identity, &headers, pairs, true).await
+}
+
+fn parse_query(q: &str) -> Result<Vec<(String, String)>, ApiError> {
+    let mut out = Vec::new();
+    for part in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        let dec = |s: &str| {
+            percent_decode(s).ok_or_else(|| ApiError::InvalidParameter("malformed percent-encoding in the query".into()))
+        };
+        out.push((dec(k)?, dec(v)?));
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+async fn do_search(
+    st: &AppState,
+    identity: &ConnIdentity,
+    headers: &HeaderMap,
+    pairs: Vec<(String, String)>,
+    count_only: bool,
+) -> Result<Response, ApiError> {
+    let caller = caller(identity)?;
+    if !(caller.has(Role::Consumer) || caller.has(Role::Producer)) {
+        return Err(ApiError::Forbidden("searching pointers needs the consumer or producer role".into()));
+    }
+    let limits = &st.config.limits;
+    let params = parse_search(pairs, limits)?;
+    let (subject, type_code, custodian, count, after) = match &params.cursor {
+        Some(token) => {
+            let mut cursors = st.cursors.lock().expect("cursor lock");
+            let c = cursors
+                .entries
+                .get(token)
+                .filter(|(at, c)| at.elapsed() < limits.cursor_ttl && c.owner == caller.ods)
+                .map(|(_, c)| c.clone())
+                .ok_or_else(|| ApiError::InvalidParameter("the next token is unknown or expired; search again".into()))?;
+            cursors.entries.remove(token);
+            (c.subject, c.type_code, c.custodian, c.count, Some(c.after))
+        }
+        None => (params.subject, params.type_code, params.custodian, params.count, None),
+    };
+    consistency(headers, &st.replica).await?;
+    let scan_max = limits.search_scan_max;
+    let is_consumer = caller.has(Role::Consumer);
+    let caller_ods = caller.ods.clone();
+    let (matches, patient) = st
+        .replica
+        .read(move |r| {
+            let patient = r.patient(&subject)?;
+            let opted_out = patient.as_ref().is_some_and(|p| p.opted_out);
+            let (all, _) = r.search(&subject, None, scan_max, |p| {
+                let own = p.custodian == caller_ods;
+                (own || (is_consumer && !opted_out))
+                    && type_code.as_ref().is_none_or(|t| *t == p.type_code)
+                    && custodian.as_ref().is_none_or(|c| *c == p.custodian)
+            })?;
+            Ok((all, patient))
+        })
+        .await?;
+    let _ = patient;
+    let total = matches.len() as u64;
+    let base = &st.config.base_url;
+    if count_only {
+        let body = json!({ "resourceType": "Bundle", "type": "searchset", "total": total });
+        return Ok(with_freshness(fhir_json(StatusCode::OK, &body), &st.replica));
+    }
+    let start = match &after {
+        Some(a) => matches.iter().position(|p| &p.id > a).unwrap_or(matches.len()),
+        None => 0,
+    };
+    let page: Vec<RecordPointer> = matches[start..].iter().take(count).cloned().collect();
+    let next = if start + page.len() < matches.len() {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let mut cursors = st.cursors.lock().expect("cursor lock");
+        if cursors.entries.len() >= limits.cursors_max {
+            let ttl = limits.cursor_ttl;
+            cursors.entries.retain(|_, (at, _)| at.elapsed() < ttl);
+            if cursors.entries.len() >= limits.cursors_max {
+                // Still full of live tokens: drop the oldest.
+                if let Some(oldest) = cursors.entries.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| k.clone()) {
+                    cursors.entries.remove(&oldest);
+                }
+            }
+        }
+        cursors.entries.insert(
+            token.clone(),
+            (
+                Instant::now(),
+                CursorState {
+                    subject,
+                    type_code: type_code.clone(),
+                    custodian: custodian.clone(),
+                    count,
+                    after: page.last().expect("non-empty page").id.clone(),
+                    owner: caller.ods.clone(),
+                },
+            ),
+        );
+        Some(format!("{base}/DocumentReference?next={token}"))
+    } else {
+        None
+    };
+    let body = fhir::searchset(base, total, &page, next);
+    Ok(with_freshness(fhir_json(StatusCode::OK, &body), &st.replica))
+}
+
+async fn record_holders(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    Path(nhs): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = caller(&identity)?;
+    require(&caller, Role::Consumer)?;
+    let subject = NhsNumber::parse(&nhs).map_err(ApiError::InvalidNhsNumber)?;
+    consistency(&headers, &st.replica).await?;
+    let entry = st.replica.read(move |r| r.patient(&subject)).await?;
+    let visible = entry.filter(|e| !e.opted_out);
+    Ok(with_freshness(fhir_json(StatusCode::OK, &fhir::record_holders(visible.as_ref())), &st.replica))
+}
+
+// ---------------------------------------------------------------- operator
+
+fn operator(identity: &ConnIdentity) -> Result<Caller, ApiError> {
+    let c = caller(identity)?;
+    require(&c, Role::Operator)?;
+    Ok(c)
+}
+
+fn membership_error(e: MembershipError) -> ApiError {
+    match e {
+        MembershipError::NotLeader { leader } => ApiError::NotLeader(match leader {
+            Some(l) => format!("not the leader; send this to {}", l.api_url),
+            None => "not the leader, and no leader is known".into(),
+        }),
+        MembershipError::Invalid(m) => ApiError::InvalidParameter(m),
+        MembershipError::Failed(m) => ApiError::NoQuorum { reason: m },
+    }
+}
+
+async fn admin_status(State(st): St, Extension(identity): Extension<ConnIdentity>) -> Result<Response, ApiError> {
+    operator(&identity)?;
+    Ok(Json(st.replica.status()).into_response())
+}
+
+async fn admin_digest(State(st): St, Extension(identity): Extension<ConnIdentity>) -> Result<Response, ApiError> {
+    operator(&identity)?;
+    let (applied, digest, records) = st.replica.digest().await?;
+    Ok(Json(json!({ "applied_index": applied, "digest": digest, "records": records })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddLearner {
+    id: u64,
+    #[serde(flatten)]
+    node: NodeInfoIn,
+}
+
+#[derive(Deserialize)]
+struct NodeInfoIn {
+    peer_id: String,
+    p2p_addr: String,
+    region: String,
+    #[serde(default)]
+    api_url: String,
+    #[serde(default)]
+    admin_url: String,
+}
+
+async fn admin_add_learner(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    operator(&identity)?;
+    let body = read_body(body, &headers, &st.config.limits, false).await?;
+    let req: AddLearner = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidResource(e.to_string()))?;
+    if req.id == 0 {
+        return Err(ApiError::InvalidParameter("node ids start at 1".into()));
+    }
+    let n = req.node;
+    let info = NodeInfo { peer_id: n.peer_id, p2p_addr: n.p2p_addr, region: n.region, api_url: n.api_url, admin_url: n.admin_url };
+    st.replica.add_learner(req.id, info).await.map_err(membership_error)?;
+    Ok(Json(json!({ "added_learner": req.id })).into_response())
+}
+
+async fn admin_promote(State(st): St, Extension(identity): Extension<ConnIdentity>, Path(id): Path<u64>) -> Result<Response, ApiError> {
+    operator(&identity)?;
+    st.replica.promote(id).await.map_err(membership_error)?;
+    Ok(Json(json!({ "promoted": id })).into_response())
+}
+
+async fn admin_remove(State(st): St, Extension(identity): Extension<ConnIdentity>, Path(id): Path<u64>) -> Result<Response, ApiError> {
+    operator(&identity)?;
+    st.replica.remove(id).await.map_err(membership_error)?;
+    Ok(Json(json!({ "removed": id })).into_response())
+}
+
+async fn admin_snapshot(State(st): St, Extension(identity): Extension<ConnIdentity>) -> Result<Response, ApiError> {
+    operator(&identity)?;
+    st.replica.trigger_snapshot().await.map_err(membership_error)?;
+    Ok(Json(json!({ "snapshot": "triggered" })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PointerTypeIn {
+    code: String,
+    display: String,
+    category: String,
+    category_display: String,
+}
+
+async fn admin_put_type(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let caller = operator(&identity)?;
+    let body = read_body(body, &headers, &st.config.limits, false).await?;
+    let t: PointerTypeIn = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidResource(e.to_string()))?;
+    let entry = PointerType {
+        code: SnomedCode::parse(&t.code).map_err(|e| ApiError::InvalidResource(e.to_string()))?,
+        display: t.display,
+        category: SnomedCode::parse(&t.category).map_err(|e| ApiError::InvalidResource(e.to_string()))?,
+        category_display: t.category_display,
+    };
+    run_write(&st, &caller, Command::V1(CommandV1::PutPointerType { caller: caller.clone(), entry }), &rid).await?;
+    Ok(Json(json!({ "pointer_type": t.code })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProducerIn {
+    pointer_types: Vec<String>,
+}
+
+async fn admin_put_producer(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    Extension(rid): Extension<RequestId>,
+    Path(ods): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let caller = operator(&identity)?;
+    let ods = OdsCode::parse(&ods).map_err(|e| ApiError::InvalidParameter(e.to_string()))?;
+    let body = read_body(body, &headers, &st.config.limits, false).await?;
+    let p: ProducerIn = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidResource(e.to_string()))?;
+    let types = p
+        .pointer_types
+        .iter()
+        .map(|t| SnomedCode::parse(t.strip_prefix(&format!("{}|", SnomedCode::SYSTEM)).unwrap_or(t)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::InvalidResource(e.to_string()))?;
+    let cmd = Command::V1(CommandV1::SetProducerTypes { caller: caller.clone(), ods: ods.clone(), types });
+    run_write(&st, &caller, cmd, &rid).await?;
+    Ok(Json(json!({ "producer": ods.as_str(), "pointer_types": p.pointer_types })).into_response())
+}

@@ -1,0 +1,127 @@
+//! The versioned Raft command set and what applying a command answers.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
+use crate::model::{PointerType, RecordPointer, Timestamp};
+
+/// What a client certificate says its holder may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Producer,
+    Consumer,
+    ConsentAuthority,
+    PatientAccess,
+    Operator,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] =
+        [Role::Producer, Role::Consumer, Role::ConsentAuthority, Role::PatientAccess, Role::Operator];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Producer => "producer",
+            Role::Consumer => "consumer",
+            Role::ConsentAuthority => "consent-authority",
+            Role::PatientAccess => "patient-access",
+            Role::Operator => "operator",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// The original caller of a write: decided on the node that terminated the
+/// client's TLS and carried through forwarding, so the leader authorizes the
+/// caller and never the relaying node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caller {
+    pub ods: OdsCode,
+    pub roles: BTreeSet<Role>,
+}
+
+impl Caller {
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+}
+
+/// A command in the Raft log. The outer enum is the wire and disk version:
+/// a node refuses to apply a version it does not know rather than guess.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    V1(CommandV1),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandV1 {
+    /// Publish a pointer. If `pointer.replaces` is set, the replaced pointer
+    /// is superseded in the same step.
+    CreatePointer { caller: Caller, pointer: RecordPointer },
+    /// Replace the mutable parts of a pointer, if its version is `if_match`.
+    UpdatePointer { caller: Caller, pointer: RecordPointer, if_match: u64 },
+    DeletePointer { caller: Caller, id: PointerId, at: Timestamp },
+    /// Register (or change) a pointer type. Operator only.
+    PutPointerType { caller: Caller, entry: PointerType },
+    /// Set the pointer types a producer organisation may publish. Operator only.
+    SetProducerTypes { caller: Caller, ods: OdsCode, types: Vec<SnomedCode> },
+    /// Record a patient's sharing preference. Consent authority only.
+    SetConsent { caller: Caller, subject: NhsNumber, opted_out: bool, at: Timestamp },
+}
+
+impl Command {
+    /// A short name for logs and metrics (never the content).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::V1(c) => match c {
+                CommandV1::CreatePointer { .. } => "create_pointer",
+                CommandV1::UpdatePointer { .. } => "update_pointer",
+                CommandV1::DeletePointer { .. } => "delete_pointer",
+                CommandV1::PutPointerType { .. } => "put_pointer_type",
+                CommandV1::SetProducerTypes { .. } => "set_producer_types",
+                CommandV1::SetConsent { .. } => "set_consent",
+            },
+        }
+    }
+}
+
+/// What applying one command answered. Rejections are deterministic results
+/// (every replica reaches the same one), not storage failures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// A blank or membership entry: nothing for the client.
+    None,
+    Created { pointer: RecordPointer },
+    Updated { pointer: RecordPointer },
+    Deleted { id: PointerId },
+    Done,
+    Rejected(Rejection),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("the caller may not do this: {reason}")]
+    Forbidden { reason: String },
+    #[error("pointer type {code} is not registered")]
+    UnknownType { code: SnomedCode },
+    #[error("category {given} does not match the registered category {registered} of the type")]
+    CategoryMismatch { given: SnomedCode, registered: SnomedCode },
+    #[error("a pointer with this masterIdentifier already exists for the custodian: {existing}")]
+    Duplicate { existing: PointerId },
+    #[error("pointer {id} already exists")]
+    AlreadyExists { id: PointerId },
+    #[error("no pointer {id}")]
+    NotFound { id: PointerId },
+    #[error("version {given} does not match the current version {current}")]
+    VersionConflict { given: u64, current: u64 },
+    #[error("{reason}")]
+    Invalid { reason: String },
+    #[error("command version not understood by this node")]
+    UnknownVersion,
+}

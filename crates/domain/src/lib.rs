@@ -1,0 +1,21 @@
+//! Domain types of the record locator: identifiers validated at the boundary,
+//! record pointers, the patient index and the versioned Raft command set.
+//!
+//! This crate knows nothing about storage, networking, HTTP or FHIR JSON. Its
+//! state machine logic ([`apply`]) is pure and deterministic: it reads no
+//! clock and no randomness, only the command and the state it is given.
+
+pub mod apply;
+pub mod codec;
+pub mod command;
+pub mod ids;
+pub mod mem;
+pub mod model;
+pub mod raft;
+
+pub use command::{Caller, Command, CommandV1, Outcome, Rejection, Role};
+pub use ids::{IdError, NhsNumber, OdsCode, PointerId, SnomedCode};
+pub use model::{
+    Coding, Content, Context, Identifier, PatientEntry, PointerStatus, PointerType, ProducerEntry,
+    RecordPointer, Timestamp,
+};

@@ -1,0 +1,297 @@
+//! An in-memory state, beside the RocksDB one: for fast tests and the
+//! deterministic simulation. It implements the same [`StateTxn`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+
+use crate::apply::StateTxn;
+use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
+use crate::model::{PatientEntry, PointerType, ProducerEntry, RecordPointer};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemState {
+    pub pointers: BTreeMap<PointerId, RecordPointer>,
+    pub patients: BTreeMap<NhsNumber, PatientEntry>,
+    pub index: BTreeSet<(NhsNumber, PointerId)>,
+    pub idempotency: BTreeMap<(OdsCode, String), PointerId>,
+    pub types: BTreeMap<SnomedCode, PointerType>,
+    pub producers: BTreeMap<OdsCode, ProducerEntry>,
+}
+
+impl MemState {
+    /// The current pointers of a patient, in id order.
+    pub fn current_pointers(&self, subject: &NhsNumber) -> Vec<&RecordPointer> {
+        self.index
+            .range((*subject, PointerId::parse("AAA-0").unwrap())..)
+            .take_while(|(s, _)| s == subject)
+            .filter_map(|(_, id)| self.pointers.get(id))
+            .collect()
+    }
+}
+
+impl StateTxn for MemState {
+    type Error = Infallible;
+
+    fn pointer(&mut self, id: &PointerId) -> Result<Option<RecordPointer>, Infallible> {
+        Ok(self.pointers.get(id).cloned())
+    }
+    fn put_pointer(&mut self, pointer: &RecordPointer) {
+        self.pointers.insert(pointer.id.clone(), pointer.clone());
+    }
+    fn delete_pointer(&mut self, id: &PointerId) {
+        self.pointers.remove(id);
+    }
+    fn patient(&mut self, subject: &NhsNumber) -> Result<Option<PatientEntry>, Infallible> {
+        Ok(self.patients.get(subject).cloned())
+    }
+    fn put_patient(&mut self, subject: &NhsNumber, entry: &PatientEntry) {
+        self.patients.insert(*subject, entry.clone());
+    }
+    fn delete_patient(&mut self, subject: &NhsNumber) {
+        self.patients.remove(subject);
+    }
+    fn index_add(&mut self, subject: &NhsNumber, id: &PointerId) {
+        self.index.insert((*subject, id.clone()));
+    }
+    fn index_remove(&mut self, subject: &NhsNumber, id: &PointerId) {
+        self.index.remove(&(*subject, id.clone()));
+    }
+    fn idempotency(&mut self, custodian: &OdsCode, key: &str) -> Result<Option<PointerId>, Infallible> {
+        Ok(self.idempotency.get(&(custodian.clone(), key.to_owned())).cloned())
+    }
+    fn put_idempotency(&mut self, custodian: &OdsCode, key: &str, id: &PointerId) {
+        self.idempotency.insert((custodian.clone(), key.to_owned()), id.clone());
+    }
+    fn delete_idempotency(&mut self, custodian: &OdsCode, key: &str) {
+        self.idempotency.remove(&(custodian.clone(), key.to_owned()));
+    }
+    fn pointer_type(&mut self, code: &SnomedCode) -> Result<Option<PointerType>, Infallible> {
+        Ok(self.types.get(code).cloned())
+    }
+    fn put_pointer_type(&mut self, entry: &PointerType) {
+        self.types.insert(entry.code.clone(), entry.clone());
+    }
+    fn producer(&mut self, ods: &OdsCode) -> Result<Option<ProducerEntry>, Infallible> {
+        Ok(self.producers.get(ods).cloned())
+    }
+    fn put_producer(&mut self, ods: &OdsCode, entry: &ProducerEntry) {
+        self.producers.insert(ods.clone(), entry.clone());
+    }
+}
+
+/// Builders of sample data for tests in every crate (test NHS Numbers begin with 9).
+pub mod testkit {
+    use std::collections::BTreeSet;
+
+    use crate::command::{Caller, Command, CommandV1, Role};
+    use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
+    use crate::model::{Content, Identifier, PointerStatus, PointerType, RecordPointer, Timestamp};
+
+    pub const MENTAL_HEALTH_CRISIS_PLAN: &str = "736253002";
+    pub const EMERGENCY_CARE_PLAN: &str = "736373009";
+    pub const CARE_PLAN_CATEGORY: &str = "734163000";
+
+    /// The i-th valid test NHS Number (all begin with 9; distinct for i below ten million).
+    pub fn nhs(i: u32) -> NhsNumber {
+        assert!(i < 10_000_000, "testkit numbers run out at ten million");
+        // Eight digits from i, then whichever ninth digit has a check digit:
+        // the ninth has weight 2, so of two neighbouring choices one works.
+        let prefix = 90_000_000 + i;
+        (0..10)
+            .find_map(|d| NhsNumber::from_stem(prefix * 10 + d))
+            .expect("one of ten ninth digits gives a valid number")
+    }
+
+    pub fn ods(s: &str) -> OdsCode {
+        OdsCode::parse(s).unwrap()
+    }
+
+    pub fn snomed(s: &str) -> SnomedCode {
+        SnomedCode::parse(s).unwrap()
+    }
+
+    pub fn caller(ods_code: &str, roles: &[Role]) -> Caller {
+        Caller { ods: ods(ods_code), roles: roles.iter().copied().collect::<BTreeSet<_>>() }
+    }
+
+    pub fn operator() -> Caller {
+        caller("X26", &[Role::Operator])
+    }
+
+    /// The commands that register the standard types and allow `producers` both.
+    pub fn registry_commands(producers: &[&str]) -> Vec<Command> {
+        let mut out = vec![];
+        for (code, display) in [(MENTAL_HEALTH_CRISIS_PLAN, "Mental health crisis plan"), (EMERGENCY_CARE_PLAN, "Emergency care plan")] {
+            out.push(Command::V1(CommandV1::PutPointerType {
+                caller: operator(),
+                entry: PointerType {
+                    code: snomed(code),
+                    display: display.into(),
+                    category: snomed(CARE_PLAN_CATEGORY),
+                    category_display: "Care plan".into(),
+                },
+            }));
+        }
+        for p in producers {
+            out.push(Command::V1(CommandV1::SetProducerTypes {
+                caller: operator(),
+                ods: ods(p),
+                types: vec![snomed(MENTAL_HEALTH_CRISIS_PLAN), snomed(EMERGENCY_CARE_PLAN)],
+            }));
+        }
+        out
+    }
+
+    pub fn pointer(custodian: &str, local: &str, subject: NhsNumber, at: i64) -> RecordPointer {
+        RecordPointer {
+            id: PointerId::parse(&format!("{custodian}-{local}")).unwrap(),
+            version: 1,
+            subject,
+            custodian: ods(custodian),
+            author: ods(custodian),
+            type_code: snomed(MENTAL_HEALTH_CRISIS_PLAN),
+            type_display: Some("Mental health crisis plan".into()),
+            category: snomed(CARE_PLAN_CATEGORY),
+            category_display: Some("Care plan".into()),
+            master_identifier: Some(Identifier { system: "urn:ietf:rfc:3986".into(), value: format!("urn:oid:{local}") }),
+            content: vec![Content {
+                url: format!("https://{}.example.nhs.uk/records/{local}", custodian.to_lowercase()),
+                content_type: "application/pdf".into(),
+                creation: None,
+                format: None,
+            }],
+            context: None,
+            status: PointerStatus::Current,
+            replaces: None,
+            created: Timestamp(at),
+            updated: Timestamp(at),
+        }
+    }
+
+    pub fn create(custodian: &str, pointer: RecordPointer) -> Command {
+        Command::V1(CommandV1::CreatePointer { caller: caller(custodian, &[Role::Producer]), pointer })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testkit::*;
+    use super::*;
+    use crate::apply::apply;
+    use crate::command::{Command, CommandV1, Outcome, Rejection, Role};
+    use crate::model::{PointerStatus, Timestamp};
+
+    fn state() -> MemState {
+        let mut s = MemState::default();
+        for c in registry_commands(&["A81001", "RR8"]) {
+            assert_eq!(apply(&mut s, &c).unwrap(), Outcome::Done);
+        }
+        s
+    }
+
+    #[test]
+    fn create_indexes_and_counts_holders() {
+        let mut s = state();
+        let p = pointer("A81001", "p1", nhs(1), 1);
+        assert!(matches!(apply(&mut s, &create("A81001", p.clone())).unwrap(), Outcome::Created { .. }));
+        let q = pointer("RR8", "q1", nhs(1), 2);
+        apply(&mut s, &create("RR8", q)).unwrap();
+        let entry = &s.patients[&nhs(1)];
+        assert_eq!(entry.holders.len(), 2);
+        assert_eq!(entry.pointer_count(), 2);
+        assert_eq!(s.current_pointers(&nhs(1)).len(), 2);
+    }
+
+    #[test]
+    fn duplicate_master_identifier_is_rejected() {
+        let mut s = state();
+        let p = pointer("A81001", "p1", nhs(1), 1);
+        apply(&mut s, &create("A81001", p.clone())).unwrap();
+        let mut again = p.clone();
+        again.id = crate::ids::PointerId::parse("A81001-p2").unwrap();
+        let out = apply(&mut s, &create("A81001", again)).unwrap();
+        assert!(matches!(out, Outcome::Rejected(Rejection::Duplicate { .. })), "{out:?}");
+    }
+
+    #[test]
+    fn producer_rules() {
+        let mut s = state();
+        // Custodian must be the caller.
+        let p = pointer("A81001", "p1", nhs(1), 1);
+        let out = apply(&mut s, &create("RR8", p)).unwrap();
+        assert!(matches!(out, Outcome::Rejected(Rejection::Forbidden { .. })));
+        // A consumer cannot write.
+        let p = pointer("A81001", "p1", nhs(1), 1);
+        let cmd = Command::V1(CommandV1::CreatePointer { caller: caller("A81001", &[Role::Consumer]), pointer: p });
+        assert!(matches!(apply(&mut s, &cmd).unwrap(), Outcome::Rejected(Rejection::Forbidden { .. })));
+        // A type the producer is not allowed.
+        let mut p = pointer("Y05868", "p1", nhs(1), 1);
+        p.type_code = snomed(EMERGENCY_CARE_PLAN);
+        assert!(matches!(apply(&mut s, &create("Y05868", p)).unwrap(), Outcome::Rejected(Rejection::Forbidden { .. })));
+        // Category must match the registry.
+        let mut p = pointer("A81001", "p9", nhs(1), 1);
+        p.category = snomed("123456789");
+        assert!(matches!(apply(&mut s, &create("A81001", p)).unwrap(), Outcome::Rejected(Rejection::CategoryMismatch { .. })));
+        assert!(s.pointers.is_empty());
+    }
+
+    #[test]
+    fn replaces_supersedes_atomically_and_delete_restores_counts() {
+        let mut s = state();
+        let old = pointer("A81001", "p1", nhs(1), 1);
+        apply(&mut s, &create("A81001", old.clone())).unwrap();
+        let mut new = pointer("A81001", "p2", nhs(1), 2);
+        new.replaces = Some(old.id.clone());
+        apply(&mut s, &create("A81001", new.clone())).unwrap();
+        assert_eq!(s.pointers[&old.id].status, PointerStatus::Superseded);
+        assert_eq!(s.current_pointers(&nhs(1)).len(), 1);
+        assert_eq!(s.patients[&nhs(1)].pointer_count(), 1);
+
+        let del = Command::V1(CommandV1::DeletePointer {
+            caller: caller("A81001", &[Role::Producer]),
+            id: new.id.clone(),
+            at: Timestamp(3),
+        });
+        assert!(matches!(apply(&mut s, &del).unwrap(), Outcome::Deleted { .. }));
+        assert!(!s.patients.contains_key(&nhs(1)), "an empty patient entry is removed");
+        // The superseded history stays readable.
+        assert!(s.pointers.contains_key(&old.id));
+    }
+
+    #[test]
+    fn update_checks_version_and_immutable_fields() {
+        let mut s = state();
+        let p = pointer("A81001", "p1", nhs(1), 1);
+        apply(&mut s, &create("A81001", p.clone())).unwrap();
+        let mut changed = p.clone();
+        changed.content[0].url = "https://a81001.example.nhs.uk/v2".into();
+        let upd = |pointer, if_match| {
+            Command::V1(CommandV1::UpdatePointer { caller: caller("A81001", &[Role::Producer]), pointer, if_match })
+        };
+        let out = apply(&mut s, &upd(changed.clone(), 7)).unwrap();
+        assert_eq!(out, Outcome::Rejected(Rejection::VersionConflict { given: 7, current: 1 }));
+        let out = apply(&mut s, &upd(changed.clone(), 1)).unwrap();
+        assert!(matches!(out, Outcome::Updated { ref pointer } if pointer.version == 2));
+        let mut bad = changed.clone();
+        bad.subject = nhs(2);
+        assert!(matches!(apply(&mut s, &upd(bad, 2)).unwrap(), Outcome::Rejected(Rejection::Invalid { .. })));
+    }
+
+    #[test]
+    fn consent_needs_the_consent_authority() {
+        let mut s = state();
+        let cmd = |roles: &[Role]| {
+            Command::V1(CommandV1::SetConsent { caller: caller("X1234", roles), subject: nhs(5), opted_out: true, at: Timestamp(1) })
+        };
+        assert!(matches!(apply(&mut s, &cmd(&[Role::Consumer])).unwrap(), Outcome::Rejected(_)));
+        assert_eq!(apply(&mut s, &cmd(&[Role::ConsentAuthority])).unwrap(), Outcome::Done);
+        assert!(s.patients[&nhs(5)].opted_out);
+    }
+
+    #[test]
+    fn testkit_numbers_are_test_numbers() {
+        for i in 0..1000 {
+            assert!(nhs(i).as_str().starts_with('9'));
+        }
+    }
+}

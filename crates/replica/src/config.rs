@@ -1,0 +1,58 @@
+//! The replica's settings.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hie_domain::raft::{NodeId, NodeInfo};
+use hie_p2p::P2pConfig;
+use hie_store::StoreOptions;
+
+#[derive(Debug, Clone)]
+pub struct RaftTuning {
+    pub heartbeat_interval: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_logs_since_last: u64,
+    /// Log entries kept behind the snapshot (for followers slightly behind).
+    pub logs_kept_after_snapshot: u64,
+    pub snapshot_chunk_bytes: u64,
+    /// Most entries in one append-entries message.
+    pub append_entries_max: u64,
+    pub install_snapshot_timeout: Duration,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(500),
+            election_timeout_max: Duration::from_millis(1000),
+            snapshot_logs_since_last: 5000,
+            logs_kept_after_snapshot: 1000,
+            snapshot_chunk_bytes: 2 << 20,
+            append_entries_max: 256,
+            install_snapshot_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub node_id: NodeId,
+    pub node: NodeInfo,
+    pub data_dir: PathBuf,
+    pub raft: RaftTuning,
+    pub p2p: P2pConfig,
+    pub store: StoreOptions,
+    /// The longest a write waits for its commit before answering no-quorum.
+    pub write_timeout: Duration,
+}
+
+impl ReplicaConfig {
+    /// Reads are flagged stale when this node has not been in contact with a
+    /// quorum for longer than this: twice the longest election timeout.
+    pub fn stale_after(&self) -> Duration {
+        self.raft.election_timeout_max * 2
+    }
+}

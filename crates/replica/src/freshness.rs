@@ -1,0 +1,67 @@
+//! How fresh this replica's state is, as the API reports it on every read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// Tracks contact with the leader (on followers and learners) so reads can be
+/// flagged stale, and how long the replica has been behind the leader's commit.
+pub(crate) struct ContactClock {
+    origin: Instant,
+    /// Milliseconds since `origin` of the last append-entries accepted from a leader (0: never).
+    last_leader_contact_ms: AtomicU64,
+    /// The leader's commit index as last heard.
+    leader_commit: AtomicU64,
+    /// Milliseconds since `origin` when this replica was last caught up.
+    caught_up_at_ms: AtomicU64,
+}
+
+impl ContactClock {
+    pub(crate) fn new() -> Self {
+        ContactClock {
+            origin: Instant::now(),
+            last_leader_contact_ms: AtomicU64::new(0),
+            leader_commit: AtomicU64::new(0),
+            caught_up_at_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64 + 1
+    }
+
+    pub(crate) fn leader_contact(&self, leader_commit: Option<u64>) {
+        self.last_leader_contact_ms.store(self.now_ms(), Ordering::Relaxed);
+        if let Some(c) = leader_commit {
+            self.leader_commit.fetch_max(c, Ordering::Relaxed);
+        }
+    }
+
+    /// Milliseconds since the last contact with a leader, if any.
+    pub(crate) fn since_leader_contact_ms(&self) -> Option<u64> {
+        match self.last_leader_contact_ms.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(self.now_ms().saturating_sub(t)),
+        }
+    }
+
+    /// Notes the applied index and returns how long (ms) the replica has been
+    /// behind the leader's commit as last heard (0 when caught up).
+    pub(crate) fn lag_ms(&self, applied: u64) -> u64 {
+        let now = self.now_ms();
+        if applied >= self.leader_commit.load(Ordering::Relaxed) {
+            self.caught_up_at_ms.store(now, Ordering::Relaxed);
+            0
+        } else {
+            now.saturating_sub(self.caught_up_at_ms.load(Ordering::Relaxed))
+        }
+    }
+}
+
+/// What a read response says about freshness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Freshness {
+    pub applied_index: u64,
+    /// True when this node cannot confirm contact with a quorum.
+    pub stale: bool,
+    pub replication_lag_ms: u64,
+}

@@ -1,0 +1,75 @@
+//! Requests from peers: Raft RPCs, forwarded writes and read-index requests.
+
+use std::sync::{Arc, OnceLock};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use hie_domain::raft::Raft;
+use hie_p2p::{ForwardError, Inbound, PeerId, ReadIndexError, Request, Response};
+use openraft::raft::AppendEntriesResponse;
+
+use crate::freshness::ContactClock;
+use crate::replica::{Core, propose_local};
+
+/// Serves peers' requests. Installed in the transport before Raft exists,
+/// so it answers `Refused` until the replica has started.
+pub(crate) struct InboundHandler {
+    pub(crate) core: OnceLock<Arc<Core>>,
+    pub(crate) clock: Arc<ContactClock>,
+}
+
+impl Inbound for InboundHandler {
+    fn handle(&self, peer: PeerId, request: Request) -> BoxFuture<'static, Response> {
+        let Some(core) = self.core.get().cloned() else {
+            return futures::future::ready(Response::Refused("node is starting".into())).boxed();
+        };
+        let clock = self.clock.clone();
+        async move { handle(core, clock, peer, request).await }.boxed()
+    }
+}
+
+async fn handle(core: Arc<Core>, clock: Arc<ContactClock>, peer: PeerId, request: Request) -> Response {
+    let raft: &Raft = &core.raft;
+    match request {
+        Request::AppendEntries(req) => {
+            let commit = req.leader_commit.map(|l| l.index);
+            let result = raft.append_entries(req).await;
+            if let Ok(resp) = &result
+                && !matches!(resp, AppendEntriesResponse::HigherVote(_))
+            {
+                clock.leader_contact(commit);
+            }
+            Response::AppendEntries(result)
+        }
+        Request::Vote(req) => Response::Vote(raft.vote(req).await),
+        Request::InstallSnapshot(chunk) => {
+            let result = raft.install_snapshot(chunk.into()).await;
+            if result.is_ok() {
+                clock.leader_contact(None);
+            }
+            Response::InstallSnapshot(result)
+        }
+        Request::ClientWrite { caller, command, request_id } => {
+            core.metrics.forwarded_writes_total.with_label_values(&["in"]).inc();
+            tracing::debug!(%peer, request_id, kind = command.kind(), ods = %caller.ods, "forwarded write");
+            Response::ClientWrite(propose_local(&core, command).await)
+        }
+        Request::ReadIndex => Response::ReadIndex(match raft.get_read_log_id().await {
+            Ok((read_log_id, _)) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
+            Err(openraft::error::RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(ReadIndexError::NotLeader { leader: f.leader_id })
+            }
+            Err(e) => Err(ReadIndexError::NoQuorum(e.to_string())),
+        }),
+    }
+}
+
+impl From<ForwardError> for crate::replica::WriteError {
+    fn from(e: ForwardError) -> Self {
+        match e {
+            ForwardError::NotLeader { .. } => crate::replica::WriteError::NoQuorum { reason: e.to_string() },
+            ForwardError::NoQuorum(reason) => crate::replica::WriteError::NoQuorum { reason },
+            ForwardError::Refused(reason) => crate::replica::WriteError::Internal { reason },
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! The replica: starting it, writing, reading and changing the membership.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use hie_domain::raft::{NodeId, NodeInfo, Raft};
+use hie_domain::{Caller, Command, Outcome};
+use hie_metrics::Metrics;
+use hie_p2p::{ForwardError, P2p, P2pNetworkFactory, PeerId, ReadIndexError, Request, Response};
+use hie_store::{LogStore, ReadView, StateStats, Store};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::config::ReplicaConfig;
+use crate::freshness::{ContactClock, Freshness};
+use crate::inbound::InboundHandler;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// No leader with a quorum answered in time. The write may or may not
+    /// have been applied if it was already proposed; retrying an idempotent
+    /// write (one with a masterIdentifier) is safe.
+    #[error("no quorum: {reason}")]
+    NoQuorum { reason: String },
+    #[error("internal error: {reason}")]
+    Internal { reason: String },
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadError {
+    #[error("no quorum for a linearizable read: {reason}")]
+    NoQuorum { reason: String },
+    #[error("storage: {reason}")]
+    Storage { reason: String },
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MembershipError {
+    #[error("this node is not the leader")]
+    NotLeader { leader: Option<NodeInfo> },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("membership change failed: {0}")]
+    Failed(String),
+}
+
+/// Shared by the replica and the inbound handler.
+pub(crate) struct Core {
+    pub(crate) raft: Raft,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) write_timeout: Duration,
+    pub(crate) stale_after: Duration,
+}
+
+pub struct Replica {
+    core: Arc<Core>,
+    id: NodeId,
+    node: NodeInfo,
+    reads: ReadView,
+    p2p: P2p,
+    clock: Arc<ContactClock>,
+    log: LogStore,
+    seeds: HashSet<PeerId>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberStatus {
+    pub id: NodeId,
+    pub region: String,
+    pub voter: bool,
+    pub peer_id: String,
+    pub p2p_addr: String,
+    pub api_url: String,
+    pub admin_url: String,
+    /// On the leader: the last log index known replicated to this member.
+    pub matched_index: Option<u64>,
+    /// On the leader: entries this member is behind the leader's log.
+    pub lag_entries: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    pub id: NodeId,
+    pub region: String,
+    pub state: String,
+    pub term: u64,
+    pub leader_id: Option<NodeId>,
+    pub last_log_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    pub freshness: Freshness,
+    pub members: Vec<MemberStatus>,
+}
+
+/// Propose a command on this node, which must be the leader.
+pub(crate) async fn propose_local(core: &Core, command: Command) -> Result<Outcome, ForwardError> {
+    let m = core.raft.metrics().borrow().clone();
+    if m.state == ServerState::Leader
+        && m.millis_since_quorum_ack.is_none_or(|ms| ms > core.stale_after.as_millis() as u64)
+    {
+        return Err(ForwardError::NoQuorum("the leader has not heard from a quorum recently".into()));
+    }
+    let kind = command.kind();
+    let started = Instant::now();
+    let result = tokio::time::timeout(core.write_timeout, core.raft.client_write(command)).await;
+    let outcome = match result {
+        Err(_) => Err(ForwardError::NoQuorum(format!(
+            "not committed within {} ms; it may still be applied",
+            core.write_timeout.as_millis()
+        ))),
+        Ok(Ok(resp)) => Ok(resp.data),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+            Err(ForwardError::NotLeader { leader: f.leader_id, leader_node: f.leader_node })
+        }
+        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(ForwardError::Refused(e.to_string())),
+        Ok(Err(RaftError::Fatal(e))) => Err(ForwardError::NoQuorum(format!("raft stopped: {e}"))),
+    };
+    let result_label = match &outcome {
+        Ok(Outcome::Rejected(_)) => "rejected",
+        Ok(_) => "ok",
+        Err(ForwardError::NotLeader { .. }) => "not_leader",
+        Err(_) => "no_quorum",
+    };
+    if outcome.is_ok() {
+        core.metrics.raft_commit_seconds.observe(started.elapsed().as_secs_f64());
+    }
+    core.metrics.writes_total.with_label_values(&[kind, result_label]).inc();
+    outcome
+}
+
+impl Replica {
+    /// Opens the store, starts the transport and Raft. Runs until `shutdown` fires.
+    pub async fn start(
+        config: ReplicaConfig,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow_free::Result<Arc<Replica>> {
+        let store = Store::open(&config.data_dir.join("store"), config.store.clone())
+            .map_err(|e| anyhow_free::Error(format!("opening the store in {}: {e}", config.data_dir.display())))?;
+        let key = hie_p2p::load_or_create_key(&config.data_dir.join("node.key")).map_err(|e| anyhow_free::Error(e.to_string()))?;
+        let local_peer = key.public().to_peer_id();
+        if config.node.peer_id != local_peer.to_string() {
+            return Err(anyhow_free::Error(format!(
+                "configured peer id {} does not match the node key's {local_peer}",
+                config.node.peer_id
+            )));
+        }
+        let clock = Arc::new(ContactClock::new());
+        let inbound = Arc::new(InboundHandler { core: OnceLock::new(), clock: clock.clone() });
+        let seeds: HashSet<PeerId> = config.p2p.seeds.iter().map(|(p, _)| *p).collect();
+        let p2p = P2p::start(config.p2p.clone(), key, inbound.clone(), shutdown.clone())
+            .await
+            .map_err(|e| anyhow_free::Error(e.to_string()))?;
+
+        let t = &config.raft;
+        let raft_config = openraft::Config {
+            cluster_name: "hie".into(),
+            heartbeat_interval: t.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: t.election_timeout_min.as_millis() as u64,
+            election_timeout_max: t.election_timeout_max.as_millis() as u64,
+            install_snapshot_timeout: t.install_snapshot_timeout.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: t.logs_kept_after_snapshot,
+            snapshot_max_chunk_size: t.snapshot_chunk_bytes,
+            max_payload_entries: t.append_entries_max,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| anyhow_free::Error(format!("raft settings: {e}")))?;
+
+        let log = store.log.clone();
+        let network = P2pNetworkFactory { p2p: p2p.clone(), local_id: config.node_id };
+        let raft = Raft::new(config.node_id, Arc::new(raft_config), network, store.log, store.state_machine)
+            .await
+            .map_err(|e| anyhow_free::Error(format!("starting raft: {e}")))?;
+        let core = Arc::new(Core {
+            raft,
+            metrics,
+            write_timeout: config.write_timeout,
+            stale_after: config.stale_after(),
+        });
+        let _ = inbound.core.set(core.clone());
+        let replica = Arc::new(Replica {
+            core,
+            id: config.node_id,
+            node: config.node.clone(),
+            reads: store.reads,
+            p2p,
+            clock,
+            log,
+            seeds,
+        });
+        tokio::spawn(replica.clone().watch_membership(shutdown.clone()));
+        tokio::spawn(replica.clone().refresh_stats(shutdown));
+        Ok(replica)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.core.raft
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.core.metrics
+    }
+
+    /// Creates the cluster with `members` as voters, if this node has no state yet.
+    pub async fn bootstrap(&self, members: BTreeMap<NodeId, NodeInfo>) -> Result<bool, MembershipError> {
+        let initialized = self.core.raft.is_initialized().await.map_err(|e| MembershipError::Failed(e.to_string()))?;
+        if initialized {
+            return Ok(false);
+        }
+        for info in members.values() {
+            if let Ok(peer) = info.peer_id.parse::<PeerId>() {
+                self.p2p.allow(peer, info.p2p_addr.parse().ok()).await;
+            }
+        }
+        match self.core.raft.initialize(members).await {
+            Ok(()) => Ok(true),
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(false),
+            Err(e) => Err(MembershipError::Failed(e.to_string())),
+        }
+    }
+
+    /// How fresh the local state is.
+    pub fn freshness(&self) -> Freshness {
+        let m = self.core.raft.metrics().borrow().clone();
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        let stale_ms = self.core.stale_after.as_millis() as u64;
+        let (stale, lag) = if m.state == ServerState::Leader {
+            (m.millis_since_quorum_ack.is_none_or(|ms| ms > stale_ms), 0)
+        } else {
+            let stale = m.current_leader.is_none() || self.clock.since_leader_contact_ms().is_none_or(|ms| ms > stale_ms);
+            (stale, self.clock.lag_ms(applied))
+        };
+        Freshness { applied_index: applied, stale, replication_lag_ms: lag }
+    }
+
+    /// Runs a read against the local replica on a blocking thread.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, ReadError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ReadView) -> Result<T, hie_store::StoreError> + Send + 'static,
+    {
+        let reads = self.reads.clone();
+        tokio::task::spawn_blocking(move || f(&reads))
+            .await
+            .map_err(|e| ReadError::Storage { reason: e.to_string() })?
+            .map_err(|e| ReadError::Storage { reason: e.to_string() })
+    }
+
+    /// Waits until the local state reflects every write committed before this
+    /// call (the leader's read index), so a read after it is linearizable.
+    pub async fn linearizable_barrier(&self) -> Result<u64, ReadError> {
+        let deadline = Instant::now() + self.core.write_timeout;
+        let no_quorum = |reason: String| ReadError::NoQuorum { reason };
+        loop {
+            let m = self.core.raft.metrics().borrow().clone();
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(no_quorum("no leader confirmed a read index in time".into()));
+            }
+            let index = if m.current_leader == Some(self.id) {
+                match tokio::time::timeout(remaining, self.core.raft.ensure_linearizable()).await {
+                    Err(_) => return Err(no_quorum("the leader could not confirm its quorum in time".into())),
+                    Ok(Ok(l)) => return Ok(l.map(|l| l.index).unwrap_or(0)),
+                    Ok(Err(e)) => return Err(no_quorum(e.to_string())),
+                }
+            } else {
+                let Some(leader) = m.current_leader.and_then(|l| self.member_peer(&m, l)) else {
+                    tokio::time::sleep(Duration::from_millis(50).min(remaining)).await;
+                    continue;
+                };
+                match tokio::time::timeout(remaining, self.p2p.request(leader, Request::ReadIndex)).await {
+                    Ok(Ok(Response::ReadIndex(Ok(i)))) => i,
+                    Ok(Ok(Response::ReadIndex(Err(ReadIndexError::NotLeader { .. })))) => {
+                        tokio::time::sleep(Duration::from_millis(50).min(remaining)).await;
+                        continue;
+                    }
+                    Ok(Ok(Response::ReadIndex(Err(ReadIndexError::NoQuorum(r))))) => return Err(no_quorum(r)),
+                    Ok(Ok(other)) => return Err(no_quorum(format!("unexpected answer {other:?}"))),
+                    Ok(Err(e)) => return Err(no_quorum(e.to_string())),
+                    Err(_) => return Err(no_quorum("the leader did not answer in time".into())),
+                }
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            return match self.core.raft.wait(Some(remaining)).applied_index_at_least(Some(index), "read index").await {
+                Ok(_) => Ok(index),
+                Err(e) => Err(no_quorum(format!("did not catch up to the read index in time: {e}"))),
+            };
+        }
+    }
+
+    fn member_peer(&self, m: &openraft::RaftMetrics<NodeId, NodeInfo>, id: NodeId) -> Option<PeerId> {
+        m.membership_config.membership().get_node(&id).and_then(|n| n.peer_id.parse().ok())
+    }
+
+    /// Writes a command: proposed here if this node leads, otherwise forwarded
+    /// to the leader with the original caller. Answers within the write timeout.
+    pub async fn write(&self, caller: &Caller, command: Command, request_id: &str) -> Result<Outcome, WriteError> {
+        let deadline = Instant::now() + self.core.write_timeout;
+        loop {
+            let m = self.core.raft.metrics().borrow().clone();
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(WriteError::NoQuorum { reason: "no leader accepted the write in time".into() });
+            }
+            if m.current_leader == Some(self.id) {
+                return propose_local(&self.core, command).await.map_err(WriteError::from);
+            }
+            if m.current_leader.is_some() && self.freshness().stale {
+                return Err(WriteError::NoQuorum { reason: "this node has lost contact with the leader".into() });
+            }
+            let Some(leader) = m.current_leader.and_then(|l| self.member_peer(&m, l)) else {
+                // No leader known: wait for one (an election takes about one timeout).
+                let mut rx = self.core.raft.metrics();
+                let _ = tokio::time::timeout(remaining.min(Duration::from_millis(200)), rx.changed()).await;
+                continue;
+            };
+            self.core.metrics.forwarded_writes_total.with_label_values(&["out"]).inc();
+            let request = Request::ClientWrite { caller: caller.clone(), command: command.clone(), request_id: request_id.to_owned() };
+            match tokio::time::timeout(remaining, self.p2p.request(leader, request)).await {
+                Ok(Ok(Response::ClientWrite(Ok(outcome)))) => return Ok(outcome),
+                Ok(Ok(Response::ClientWrite(Err(ForwardError::NotLeader { .. })))) => {
+                    // Leadership moved; look again shortly.
+                    tokio::time::sleep(Duration::from_millis(50).min(remaining)).await;
+                }
+                Ok(Ok(Response::ClientWrite(Err(e)))) => return Err(e.into()),
+                Ok(Ok(other)) => return Err(WriteError::Internal { reason: format!("unexpected answer {other:?}") }),
+                Ok(Err(e)) => return Err(WriteError::NoQuorum { reason: format!("forwarding to the leader failed: {e}") }),
+                Err(_) => return Err(WriteError::NoQuorum { reason: "the leader did not answer in time".into() }),
+            }
+        }
+    }
+
+    fn leader_info(&self) -> Option<NodeInfo> {
+        let m = self.core.raft.metrics().borrow().clone();
+        m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned())
+    }
+
+    fn require_leader(&self) -> Result<(), MembershipError> {
+        let m = self.core.raft.metrics().borrow().clone();
+        if m.current_leader == Some(self.id) {
+            Ok(())
+        } else {
+            Err(MembershipError::NotLeader { leader: self.leader_info() })
+        }
+    }
+
+    fn map_change_err(&self, e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> MembershipError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => MembershipError::NotLeader { leader: self.leader_info() },
+            other => MembershipError::Failed(other.to_string()),
+        }
+    }
+
+    /// Adds a node as a non-voting learner. It catches up in the background
+    /// (by snapshot when the log it needs was purged).
+    pub async fn add_learner(&self, id: NodeId, info: NodeInfo) -> Result<(), MembershipError> {
+        self.require_leader()?;
+        let peer: PeerId = info.peer_id.parse().map_err(|_| MembershipError::Invalid(format!("bad peer id {}", info.peer_id)))?;
+        let addr = info.p2p_addr.parse().map_err(|_| MembershipError::Invalid(format!("bad p2p address {}", info.p2p_addr)))?;
+        self.p2p.allow(peer, Some(addr)).await;
+        self.core.raft.add_learner(id, info, false).await.map_err(|e| self.map_change_err(e))?;
+        Ok(())
+    }
+
+    /// Makes a learner a voter.
+    pub async fn promote(&self, id: NodeId) -> Result<(), MembershipError> {
+        self.require_leader()?;
+        let m = self.core.raft.metrics().borrow().clone();
+        if m.membership_config.membership().get_node(&id).is_none() {
+            return Err(MembershipError::Invalid(format!("node {id} is not a member")));
+        }
+        self.core
+            .raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| self.map_change_err(e))?;
+        Ok(())
+    }
+
+    /// Removes a voter or learner from the cluster.
+    pub async fn remove(&self, id: NodeId) -> Result<(), MembershipError> {
+        self.require_leader()?;
+        let m = self.core.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let is_voter = membership.voter_ids().any(|v| v == id);
+        if membership.get_node(&id).is_none() {
+            return Err(MembershipError::Invalid(format!("node {id} is not a member")));
+        }
+        if is_voter && membership.voter_ids().count() <= 1 {
+            return Err(MembershipError::Invalid("cannot remove the last voter".into()));
+        }
+        let change = if is_voter {
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        self.core.raft.change_membership(change, false).await.map_err(|e| self.map_change_err(e))?;
+        Ok(())
+    }
+
+    /// Builds a snapshot now (and purges the log behind it as configured).
+    pub async fn trigger_snapshot(&self) -> Result<(), MembershipError> {
+        self.core.raft.trigger().snapshot().await.map_err(|e| MembershipError::Failed(e.to_string()))
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let m = self.core.raft.metrics().borrow().clone();
+        let last = m.last_log_index.unwrap_or(0);
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, n)| {
+                let matched = m.replication.as_ref().and_then(|r| r.get(id)).map(|l| l.map(|l| l.index).unwrap_or(0));
+                MemberStatus {
+                    id: *id,
+                    region: n.region.clone(),
+                    voter: voters.contains(id),
+                    peer_id: n.peer_id.clone(),
+                    p2p_addr: n.p2p_addr.clone(),
+                    api_url: n.api_url.clone(),
+                    admin_url: n.admin_url.clone(),
+                    matched_index: matched,
+                    lag_entries: matched.map(|i| last.saturating_sub(i)),
+                }
+            })
+            .collect();
+        ClusterStatus {
+            id: self.id,
+            region: self.node.region.clone(),
+            state: format!("{:?}", m.state).to_lowercase(),
+            term: m.current_term,
+            leader_id: m.current_leader,
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            freshness: self.freshness(),
+            members,
+        }
+    }
+
+    /// (applied index, state digest, records) from one consistent view.
+    pub async fn digest(&self) -> Result<(u64, String, u64), ReadError> {
+        self.read(|r| r.digest()).await.map(|(applied, d, n)| (applied.map(|l| l.index).unwrap_or(0), d, n))
+    }
+
+    pub async fn stats(&self) -> Result<StateStats, ReadError> {
+        self.read(|r| Ok(r.stats())).await
+    }
+
+    /// Stops Raft; the transport stops with the shutdown signal.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.core.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+
+    /// Keeps the transport's allow-list equal to the membership (plus seeds)
+    /// and the Raft gauges current.
+    async fn watch_membership(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut rx = self.core.raft.metrics();
+        let mut known: HashSet<PeerId> = HashSet::new();
+        let mut last_leader = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                _ = tick.tick() => {},
+                _ = shutdown.changed() => return,
+            }
+            let m = rx.borrow_and_update().clone();
+            let mut now: HashSet<PeerId> = HashSet::new();
+            for (_, n) in m.membership_config.membership().nodes() {
+                if let Ok(peer) = n.peer_id.parse::<PeerId>() {
+                    if !known.contains(&peer) {
+                        self.p2p.allow(peer, n.p2p_addr.parse().ok()).await;
+                    }
+                    now.insert(peer);
+                }
+            }
+            for gone in known.difference(&now) {
+                if !self.seeds.contains(gone) {
+                    tracing::info!(peer = %gone, "peer left the membership; refusing it from now on");
+                    self.p2p.disallow(*gone).await;
+                }
+            }
+            known = now;
+            self.update_gauges(&m, &mut last_leader);
+        }
+    }
+
+    fn update_gauges(&self, m: &openraft::RaftMetrics<NodeId, NodeInfo>, last_leader: &mut Option<NodeId>) {
+        let g = &self.core.metrics;
+        g.raft_term.set(m.current_term as i64);
+        g.raft_leader_id.set(m.current_leader.unwrap_or(0) as i64);
+        g.raft_is_leader.set(i64::from(m.current_leader == Some(self.id)));
+        if m.current_leader != *last_leader {
+            if m.current_leader.is_some() {
+                g.raft_leader_changes_total.inc();
+            }
+            *last_leader = m.current_leader;
+        }
+        g.raft_last_log_index.set(m.last_log_index.unwrap_or(0) as i64);
+        g.raft_applied_index.set(m.last_applied.map(|l| l.index).unwrap_or(0) as i64);
+        g.raft_snapshot_index.set(m.snapshot.map(|l| l.index).unwrap_or(0) as i64);
+        g.raft_purged_index.set(m.purged.map(|l| l.index).unwrap_or(0) as i64);
+        let membership = m.membership_config.membership();
+        let voters = membership.voter_ids().count();
+        g.raft_voters.set(voters as i64);
+        g.raft_learners.set(membership.nodes().count().saturating_sub(voters) as i64);
+        g.raft_millis_since_quorum_ack.set(m.millis_since_quorum_ack.map(|v| v as i64).unwrap_or(-1));
+        g.raft_stale.set(i64::from(self.freshness().stale));
+        g.raft_replication_lag_entries.reset();
+        if let Some(rep) = &m.replication {
+            let last = m.last_log_index.unwrap_or(0);
+            let mut committed = Vec::new();
+            for (peer, matched) in rep.iter() {
+                let idx = matched.map(|l| l.index).unwrap_or(0);
+                g.raft_replication_lag_entries.with_label_values(&[&peer.to_string()]).set(last.saturating_sub(idx) as i64);
+                if membership.voter_ids().any(|v| v == *peer) {
+                    committed.push(idx);
+                }
+            }
+            committed.sort_unstable();
+            if !committed.is_empty() {
+                // The index a majority of voters hold: the commit index.
+                g.raft_committed_index.set(committed[(committed.len() - 1) / 2] as i64);
+            }
+        } else {
+            g.raft_committed_index.set(m.last_applied.map(|l| l.index).unwrap_or(0) as i64);
+        }
+        let c = self.p2p.counters();
+        use std::sync::atomic::Ordering::Relaxed;
+        g.p2p_connected_peers.set(c.connected_peers.load(Relaxed) as i64);
+        g.p2p_refused_connections_total.set(c.refused_connections.load(Relaxed) as i64);
+        g.p2p_inbound_failures_total.set(c.inbound_failures.load(Relaxed) as i64);
+        g.p2p_outbound_failures_total.set(c.outbound_failures.load(Relaxed) as i64);
+        let lc = self.log.counters();
+        g.raft_log_fsyncs_total.set(lc.fsyncs.load(Relaxed) as i64);
+        g.raft_log_entries_appended_total.set(lc.entries_appended.load(Relaxed) as i64);
+    }
+
+    async fn refresh_stats(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {},
+                _ = shutdown.changed() => return,
+            }
+            if let Ok(s) = self.stats().await {
+                let g = &self.core.metrics;
+                g.pointers.set(s.pointers_estimate as i64);
+                g.patients.set(s.patients_estimate as i64);
+                g.rocksdb_size_bytes.set(s.sst_bytes as i64);
+                g.rocksdb_memtable_bytes.set(s.memtable_bytes as i64);
+            }
+        }
+    }
+}
+
+/// A plain error type: this crate does not use anyhow (that is for the binary).
+pub mod anyhow_free {
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    pub struct Error(pub String);
+    pub type Result<T> = std::result::Result<T, Error>;
+}

@@ -1,0 +1,54 @@
+//! Key layouts. Patient data is keyed by NHS Number first, so the key space
+//! can later be split into ranges served by separate Raft groups.
+
+use hie_domain::{NhsNumber, OdsCode, PointerId, SnomedCode};
+
+pub fn log_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+pub fn log_index(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.try_into().ok()?))
+}
+
+pub fn patient(subject: &NhsNumber) -> Vec<u8> {
+    subject.as_bytes().to_vec()
+}
+
+/// `<nhs number><pointer id>`: a patient's current pointers, in id order.
+pub fn index(subject: &NhsNumber, id: &PointerId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(NhsNumber::LEN + id.as_str().len());
+    k.extend_from_slice(subject.as_bytes());
+    k.extend_from_slice(id.as_str().as_bytes());
+    k
+}
+
+pub fn pointer(id: &PointerId) -> Vec<u8> {
+    id.as_str().as_bytes().to_vec()
+}
+
+/// `<custodian>\0<masterIdentifier key>`.
+pub fn idempotency(custodian: &OdsCode, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(custodian.as_str().len() + 1 + key.len());
+    k.extend_from_slice(custodian.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+pub fn pointer_type(code: &SnomedCode) -> Vec<u8> {
+    [b"t/".as_slice(), code.as_str().as_bytes()].concat()
+}
+
+pub fn producer(ods: &OdsCode) -> Vec<u8> {
+    [b"p/".as_slice(), ods.as_str().as_bytes()].concat()
+}
+
+pub const PRODUCER_PREFIX: &[u8] = b"p/";
+pub const TYPE_PREFIX: &[u8] = b"t/";
+
+pub const VOTE: &[u8] = b"vote";
+pub const COMMITTED: &[u8] = b"committed";
+pub const LAST_PURGED: &[u8] = b"last_purged";
+pub const APPLIED: &[u8] = b"applied";
+pub const MEMBERSHIP: &[u8] = b"membership";

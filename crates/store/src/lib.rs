@@ -1,0 +1,116 @@
+//! RocksDB storage for a replica: the Raft log and the patient-index state
+//! machine, in one database whose column families share one write-ahead log.
+//!
+//! This is the only crate that links RocksDB.
+//!
+//! Durability: a log append is acknowledged to Raft only after the WAL has
+//! been fsynced (one fsync covers every append waiting at that moment: group
+//! commit). State-machine writes are not synced by themselves; they precede
+//! every later synced write in the shared WAL, so a crash can only lose
+//! applied state whose log entries are still on disk and will be applied
+//! again. Log purges are synced writes, so state is durable before the log
+//! entries that produced it are removed.
+
+mod keys;
+mod log;
+mod snapshot;
+mod state;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, DB, Options};
+
+pub use crate::log::LogStore;
+pub use crate::state::{ReadView, StateMachine, StateStats};
+
+/// Storage errors that are not openraft's.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("stored value under {cf}/{key} is corrupt: {message}")]
+    Corrupt { cf: &'static str, key: String, message: String },
+    #[error("io on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("snapshot rejected: {0}")]
+    BadSnapshot(String),
+}
+
+/// Named limits and tuning of the store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Largest encoded log entry accepted on append.
+    pub entry_bytes_max: usize,
+    /// Most log entries returned by one read (replication batches).
+    pub read_entries_max: usize,
+    /// Block cache for the state machine's tables.
+    pub block_cache_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { entry_bytes_max: 4 << 20, read_entries_max: 4096, block_cache_bytes: 64 << 20 }
+    }
+}
+
+/// The column families, in a fixed order (snapshots and digests rely on it).
+pub(crate) mod cf {
+    pub const LOG: &str = "log";
+    pub const RAFT_META: &str = "raft_meta";
+    pub const SM_META: &str = "sm_meta";
+    pub const POINTERS: &str = "pointers";
+    pub const PATIENTS: &str = "patients";
+    pub const INDEX: &str = "patient_pointers";
+    pub const IDEMPOTENCY: &str = "idempotency";
+    pub const REGISTRY: &str = "registry";
+
+    /// State-machine data: what a snapshot carries and a digest covers.
+    pub const STATE: [&str; 5] = [POINTERS, PATIENTS, INDEX, IDEMPOTENCY, REGISTRY];
+    pub const ALL: [&str; 8] = [LOG, RAFT_META, SM_META, POINTERS, PATIENTS, INDEX, IDEMPOTENCY, REGISTRY];
+}
+
+/// An opened store: the log, the state machine and a read view, sharing one database.
+pub struct Store {
+    pub log: LogStore,
+    pub state_machine: StateMachine,
+    pub reads: ReadView,
+}
+
+impl Store {
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_owned(), source })?;
+        let db_path = dir.join("db");
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_bytes_per_sync(1 << 20);
+        db_opts.set_keep_log_file_num(4);
+        db_opts.set_max_total_wal_size(256 << 20);
+        let cache = rocksdb::Cache::new_lru_cache(options.block_cache_bytes);
+        let cfs = cf::ALL.iter().map(|name| {
+            let mut o = Options::default();
+            let mut table = rocksdb::BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            table.set_bloom_filter(10.0, false);
+            o.set_block_based_table_factory(&table);
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            if *name == cf::LOG {
+                o.set_write_buffer_size(32 << 20);
+            }
+            ColumnFamilyDescriptor::new(*name, o)
+        });
+        let db = Arc::new(DB::open_cf_descriptors(&db_opts, &db_path, cfs)?);
+        let snapshot_dir = dir.join("snapshots");
+        std::fs::create_dir_all(&snapshot_dir).map_err(|source| StoreError::Io { path: snapshot_dir.clone(), source })?;
+        let log = LogStore::new(db.clone(), options.clone())?;
+        let state_machine = StateMachine::new(db.clone(), snapshot_dir)?;
+        let reads = ReadView::new(db);
+        Ok(Store { log, state_machine, reads })
+    }
+}
+
+pub(crate) fn handle<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name).expect("column families are created at open")
+}

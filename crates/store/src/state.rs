@@ -1,0 +1,426 @@
+//! The state machine on RocksDB, and the read view the API serves from.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hie_domain::apply::{ApplyError, StateTxn, apply};
+use hie_domain::codec;
+use hie_domain::raft::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use hie_domain::{NhsNumber, OdsCode, Outcome, PatientEntry, PointerId, PointerType, ProducerEntry, RecordPointer, SnomedCode};
+use openraft::storage::RaftStateMachine;
+use openraft::{AnyError, EntryPayload, RaftLogId, RaftSnapshotBuilder, StorageIOError};
+use rocksdb::{DB, WriteBatch};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::snapshot::{self, OwnedSnapshot, SnapshotFile};
+use crate::{StoreError, cf, handle, keys};
+
+fn sm_read(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::read_state_machine(AnyError::new(&e)).into()
+}
+
+fn sm_write(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_state_machine(AnyError::new(&e)).into()
+}
+
+fn snap_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_snapshot(None, AnyError::new(&e)).into()
+}
+
+pub struct StateMachine {
+    db: Arc<DB>,
+    snapshot_dir: PathBuf,
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    snapshot_seq: u64,
+}
+
+impl StateMachine {
+    pub(crate) fn new(db: Arc<DB>, snapshot_dir: PathBuf) -> Result<StateMachine, StoreError> {
+        let meta = handle(&db, cf::SM_META);
+        let applied = match db.get_cf(meta, keys::APPLIED)? {
+            Some(b) => codec::decode::<Option<LogId>>(&b).map_err(|e| corrupt(cf::SM_META, "applied", e))?,
+            None => None,
+        };
+        let membership = match db.get_cf(meta, keys::MEMBERSHIP)? {
+            Some(b) => codec::decode(&b).map_err(|e| corrupt(cf::SM_META, "membership", e))?,
+            None => StoredMembership::default(),
+        };
+        snapshot::remove_partial_files(&snapshot_dir)?;
+        Ok(StateMachine { db, snapshot_dir, applied, membership, snapshot_seq: 0 })
+    }
+}
+
+fn corrupt(cf: &'static str, key: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt { cf, key: key.to_owned(), message: e.to_string() }
+}
+
+/// One apply's reads and writes: reads see the batch's own earlier writes.
+struct RocksTxn<'a> {
+    db: &'a DB,
+    batch: WriteBatch,
+    overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
+}
+
+impl<'a> RocksTxn<'a> {
+    fn new(db: &'a DB) -> Self {
+        RocksTxn { db, batch: WriteBatch::default(), overlay: HashMap::new() }
+    }
+
+    fn get<T: DeserializeOwned>(&mut self, cf_name: &'static str, key: Vec<u8>) -> Result<Option<T>, StoreError> {
+        let raw = match self.overlay.get(&(cf_name, key.clone())) {
+            Some(v) => v.clone(),
+            None => self.db.get_cf(handle(self.db, cf_name), &key)?,
+        };
+        match raw {
+            None => Ok(None),
+            Some(b) => codec::decode(&b).map(Some).map_err(|e| corrupt(cf_name, &String::from_utf8_lossy(&key), e)),
+        }
+    }
+
+    fn put<T: Serialize + ?Sized>(&mut self, cf_name: &'static str, key: Vec<u8>, value: &T) {
+        let bytes = codec::encode(value);
+        self.batch.put_cf(handle(self.db, cf_name), &key, &bytes);
+        self.overlay.insert((cf_name, key), Some(bytes));
+    }
+
+    fn delete(&mut self, cf_name: &'static str, key: Vec<u8>) {
+        self.batch.delete_cf(handle(self.db, cf_name), &key);
+        self.overlay.insert((cf_name, key), None);
+    }
+}
+
+impl StateTxn for RocksTxn<'_> {
+    type Error = StoreError;
+
+    fn pointer(&mut self, id: &PointerId) -> Result<Option<RecordPointer>, StoreError> {
+        self.get(cf::POINTERS, keys::pointer(id))
+    }
+    fn put_pointer(&mut self, pointer: &RecordPointer) {
+        self.put(cf::POINTERS, keys::pointer(&pointer.id), pointer)
+    }
+    fn delete_pointer(&mut self, id: &PointerId) {
+        self.delete(cf::POINTERS, keys::pointer(id))
+    }
+    fn patient(&mut self, subject: &NhsNumber) -> Result<Option<PatientEntry>, StoreError> {
+        self.get(cf::PATIENTS, keys::patient(subject))
+    }
+    fn put_patient(&mut self, subject: &NhsNumber, entry: &PatientEntry) {
+        self.put(cf::PATIENTS, keys::patient(subject), entry)
+    }
+    fn delete_patient(&mut self, subject: &NhsNumber) {
+        self.delete(cf::PATIENTS, keys::patient(subject))
+    }
+    fn index_add(&mut self, subject: &NhsNumber, id: &PointerId) {
+        self.put(cf::INDEX, keys::index(subject, id), &())
+    }
+    fn index_remove(&mut self, subject: &NhsNumber, id: &PointerId) {
+        self.delete(cf::INDEX, keys::index(subject, id))
+    }
+    fn idempotency(&mut self, custodian: &OdsCode, key: &str) -> Result<Option<PointerId>, StoreError> {
+        self.get(cf::IDEMPOTENCY, keys::idempotency(custodian, key))
+    }
+    fn put_idempotency(&mut self, custodian: &OdsCode, key: &str, id: &PointerId) {
+        self.put(cf::IDEMPOTENCY, keys::idempotency(custodian, key), id)
+    }
+    fn delete_idempotency(&mut self, custodian: &OdsCode, key: &str) {
+        self.delete(cf::IDEMPOTENCY, keys::idempotency(custodian, key))
+    }
+    fn pointer_type(&mut self, code: &SnomedCode) -> Result<Option<PointerType>, StoreError> {
+        self.get(cf::REGISTRY, keys::pointer_type(code))
+    }
+    fn put_pointer_type(&mut self, entry: &PointerType) {
+        self.put(cf::REGISTRY, keys::pointer_type(&entry.code), entry)
+    }
+    fn producer(&mut self, ods: &OdsCode) -> Result<Option<ProducerEntry>, StoreError> {
+        self.get(cf::REGISTRY, keys::producer(ods))
+    }
+    fn put_producer(&mut self, ods: &OdsCode, entry: &ProducerEntry) {
+        self.put(cf::REGISTRY, keys::producer(ods), entry)
+    }
+}
+
+/// Applies a batch of entries in one RocksDB write. Runs on a blocking thread.
+fn apply_batch(
+    db: &DB,
+    entries: Vec<Entry>,
+    membership: &mut StoredMembership,
+) -> Result<(Vec<Outcome>, Option<LogId>), StorageError> {
+    let mut txn = RocksTxn::new(db);
+    let mut outcomes = Vec::with_capacity(entries.len());
+    let mut last = None;
+    for entry in entries {
+        let log_id = *entry.get_log_id();
+        let outcome = match &entry.payload {
+            EntryPayload::Blank => Outcome::None,
+            EntryPayload::Membership(m) => {
+                *membership = StoredMembership::new(Some(log_id), m.clone());
+                Outcome::None
+            }
+            EntryPayload::Normal(command) => match apply(&mut txn, command) {
+                Ok(outcome) => outcome,
+                Err(ApplyError::Storage(e)) => return Err(StorageIOError::apply(log_id, AnyError::new(&e)).into()),
+                Err(ApplyError::Invariant(e)) => {
+                    tracing::error!(index = log_id.index, error = %e, "state machine invariant broken; stopping");
+                    return Err(StorageIOError::apply(log_id, AnyError::new(&e)).into());
+                }
+            },
+        };
+        outcomes.push(outcome);
+        last = Some(log_id);
+    }
+    let meta = handle(db, cf::SM_META);
+    txn.batch.put_cf(meta, keys::APPLIED, codec::encode(&last));
+    txn.batch.put_cf(meta, keys::MEMBERSHIP, codec::encode(&*membership));
+    db.write(txn.batch).map_err(sm_write)?;
+    Ok((outcomes, last))
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if entries.is_empty() {
+            return Ok(vec![]);
+        }
+        let db = self.db.clone();
+        let mut membership = self.membership.clone();
+        let (outcomes, last, membership) = tokio::task::spawn_blocking(move || {
+            apply_batch(&db, entries, &mut membership).map(|(o, l)| (o, l, membership))
+        })
+        .await
+        .map_err(sm_write)??;
+        self.applied = last.or(self.applied);
+        self.membership = membership;
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        self.snapshot_seq += 1;
+        SnapshotBuilder {
+            view: OwnedSnapshot::new(self.db.clone()),
+            applied: self.applied,
+            membership: self.membership.clone(),
+            snapshot_dir: self.snapshot_dir.clone(),
+            seq: self.snapshot_seq,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+        let db = self.db.clone();
+        let dir = self.snapshot_dir.clone();
+        let meta_owned = meta.clone();
+        let started = std::time::Instant::now();
+        let bytes = data.into_inner();
+        let size = bytes.len();
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            snapshot::install(&db, &meta_owned, &bytes)?;
+            SnapshotFile::save(&dir, &meta_owned, &bytes)
+        })
+        .await
+        .map_err(snap_err)?
+        .map_err(snap_err)?;
+        tracing::info!(
+            last_log_index = meta.last_log_id.map(|l| l.index),
+            bytes = size,
+            millis = started.elapsed().as_millis() as u64,
+            "installed snapshot"
+        );
+        self.applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let dir = self.snapshot_dir.clone();
+        let loaded = tokio::task::spawn_blocking(move || SnapshotFile::load(&dir))
+            .await
+            .map_err(snap_err)?
+            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, AnyError::new(&e))))?;
+        Ok(loaded.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}
+
+/// Builds a snapshot from the consistent view taken when it was created.
+pub struct SnapshotBuilder {
+    view: OwnedSnapshot,
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    snapshot_dir: PathBuf,
+    seq: u64,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let snapshot_id = match self.applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.seq),
+            None => format!("0-0-{}", self.seq),
+        };
+        let meta = SnapshotMeta { last_log_id: self.applied, last_membership: self.membership.clone(), snapshot_id };
+        let view = self.view.clone();
+        let dir = self.snapshot_dir.clone();
+        let meta_owned = meta.clone();
+        let started = std::time::Instant::now();
+        let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, StoreError> {
+            let data = view.serialize_state()?;
+            SnapshotFile::save(&dir, &meta_owned, &data)?;
+            Ok(data)
+        })
+        .await
+        .map_err(snap_err)?
+        .map_err(snap_err)?;
+        tracing::info!(
+            last_log_index = meta.last_log_id.map(|l| l.index),
+            bytes = data.len(),
+            millis = started.elapsed().as_millis() as u64,
+            "built snapshot"
+        );
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+/// Counts for metrics (RocksDB estimates for the large tables).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StateStats {
+    pub pointers_estimate: u64,
+    pub patients_estimate: u64,
+    pub live_data_bytes: u64,
+    pub sst_bytes: u64,
+    pub memtable_bytes: u64,
+}
+
+/// Reads from the local replica. All methods block: call them from a
+/// blocking thread.
+#[derive(Clone)]
+pub struct ReadView {
+    db: Arc<DB>,
+}
+
+impl ReadView {
+    pub(crate) fn new(db: Arc<DB>) -> Self {
+        ReadView { db }
+    }
+
+    fn get<T: DeserializeOwned>(&self, cf_name: &'static str, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.db.get_cf(handle(&self.db, cf_name), key)? {
+            None => Ok(None),
+            Some(b) => codec::decode(&b).map(Some).map_err(|e| corrupt(cf_name, &String::from_utf8_lossy(key), e)),
+        }
+    }
+
+    pub fn pointer(&self, id: &PointerId) -> Result<Option<RecordPointer>, StoreError> {
+        self.get(cf::POINTERS, &keys::pointer(id))
+    }
+
+    pub fn patient(&self, subject: &NhsNumber) -> Result<Option<PatientEntry>, StoreError> {
+        self.get(cf::PATIENTS, &keys::patient(subject))
+    }
+
+    pub fn pointer_type(&self, code: &SnomedCode) -> Result<Option<PointerType>, StoreError> {
+        self.get(cf::REGISTRY, &keys::pointer_type(code))
+    }
+
+    pub fn producer(&self, ods: &OdsCode) -> Result<Option<ProducerEntry>, StoreError> {
+        self.get(cf::REGISTRY, &keys::producer(ods))
+    }
+
+    pub fn pointer_types(&self) -> Result<Vec<PointerType>, StoreError> {
+        self.scan_prefix(cf::REGISTRY, keys::TYPE_PREFIX)
+    }
+
+    fn scan_prefix<T: DeserializeOwned>(&self, cf_name: &'static str, prefix: &[u8]) -> Result<Vec<T>, StoreError> {
+        let mut out = vec![];
+        let mut it = self.db.raw_iterator_cf(handle(&self.db, cf_name));
+        it.seek(prefix);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push(codec::decode(v).map_err(|e| corrupt(cf_name, &String::from_utf8_lossy(k), e))?);
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    /// A patient's current pointers in id order, starting after `after`, at
+    /// most `limit`; and whether more follow.
+    pub fn search(
+        &self,
+        subject: &NhsNumber,
+        after: Option<&PointerId>,
+        limit: usize,
+        mut keep: impl FnMut(&RecordPointer) -> bool,
+    ) -> Result<(Vec<RecordPointer>, bool), StoreError> {
+        let prefix = keys::patient(subject);
+        let snap = self.db.snapshot();
+        let mut it = snap.raw_iterator_cf(handle(&self.db, cf::INDEX));
+        match after {
+            Some(a) => {
+                let start = keys::index(subject, a);
+                it.seek(&start);
+                if it.key() == Some(start.as_slice()) {
+                    it.next();
+                }
+            }
+            None => it.seek(&prefix),
+        }
+        let mut out = Vec::new();
+        let pointers = handle(&self.db, cf::POINTERS);
+        while let Some(k) = it.key() {
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let id_bytes = &k[prefix.len()..];
+            let Some(raw) = snap.get_cf(pointers, id_bytes)? else {
+                return Err(corrupt(cf::INDEX, &String::from_utf8_lossy(id_bytes), "index names a missing pointer"));
+            };
+            let p: RecordPointer = codec::decode(&raw).map_err(|e| corrupt(cf::POINTERS, &String::from_utf8_lossy(id_bytes), e))?;
+            if keep(&p) {
+                if out.len() == limit {
+                    return Ok((out, true));
+                }
+                out.push(p);
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok((out, false))
+    }
+
+    pub fn stats(&self) -> StateStats {
+        let prop = |cf_name: &str, name: &str| {
+            self.db.property_int_value_cf(handle(&self.db, cf_name), name).ok().flatten().unwrap_or(0)
+        };
+        let sum = |name: &str| crate::cf::ALL.iter().map(|c| prop(c, name)).sum::<u64>();
+        StateStats {
+            pointers_estimate: prop(cf::POINTERS, "rocksdb.estimate-num-keys"),
+            patients_estimate: prop(cf::PATIENTS, "rocksdb.estimate-num-keys"),
+            live_data_bytes: sum("rocksdb.estimate-live-data-size"),
+            sst_bytes: sum("rocksdb.total-sst-files-size"),
+            memtable_bytes: sum("rocksdb.cur-size-all-mem-tables"),
+        }
+    }
+
+    /// The applied log id and a SHA-256 over every state-machine table, read
+    /// from one consistent view. Replicas at the same applied index must agree.
+    pub fn digest(&self) -> Result<(Option<LogId>, String, u64), StoreError> {
+        OwnedSnapshot::new(self.db.clone()).digest()
+    }
+}

@@ -1,0 +1,471 @@
+//! The command-line client: FHIR calls and operator commands over HTTPS
+//! with a client certificate, found in the dev cluster's `cluster.json`
+//! or given by flags.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// `cluster.json`: the one place tools and tests learn a dev cluster from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterFile {
+    pub ca_cert: PathBuf,
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
+    pub nodes: Vec<NodeEntry>,
+    pub clients: Vec<ClientEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub id: u64,
+    pub region: String,
+    pub voter: bool,
+    pub api_url: String,
+    pub admin_url: String,
+    pub p2p_addr: String,
+    pub peer_id: String,
+    pub pid: u32,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientEntry {
+    pub name: String,
+    pub ods: String,
+    pub roles: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pointer_types: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl ClusterFile {
+    pub fn load(path: &std::path::Path) -> anyhow::Result<ClusterFile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    pub fn client_with_role(&self, role: &str) -> Option<&ClientEntry> {
+        self.clients.iter().find(|c| c.roles.iter().any(|r| r == role))
+    }
+}
+
+/// Where to send a request and as whom.
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// The dev cluster's cluster.json (used when --url is not given).
+    #[arg(long, env = "HIE_CLUSTER", default_value = ".hie-dev/cluster.json", global = true)]
+    pub cluster: PathBuf,
+    /// Which node of cluster.json to call (default: the first).
+    #[arg(long, global = true)]
+    pub node: Option<u64>,
+    /// Which client of cluster.json to act as (default: one with the needed role).
+    #[arg(long = "as", global = true)]
+    pub client: Option<String>,
+    /// The node's API base URL (https://HOST:PORT/fhir); with --ca, --cert and --key.
+    #[arg(long, global = true, requires_all = ["ca", "cert", "key"])]
+    pub url: Option<String>,
+    #[arg(long, global = true)]
+    pub ca: Option<PathBuf>,
+    #[arg(long, global = true)]
+    pub cert: Option<PathBuf>,
+    #[arg(long, global = true)]
+    pub key: Option<PathBuf>,
+    /// Print the raw JSON answer.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SearchArgs {
+    /// The patient's NHS Number.
+    pub nhs_number: String,
+    /// Only pointers of this SNOMED CT type.
+    #[arg(long = "type")]
+    pub type_code: Option<String>,
+    /// Read through the leader (linearizable) instead of the local replica.
+    #[arg(long)]
+    pub linearizable: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Args, Debug)]
+pub struct HoldersArgs {
+    pub nhs_number: String,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PointerCmd {
+    /// Read one pointer by id.
+    Get {
+        id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Publish a pointer (producer). Give --file, or --nhs and --url.
+    Create {
+        /// A DocumentReference JSON file.
+        #[arg(long, conflicts_with_all = ["nhs", "url"])]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        nhs: Option<String>,
+        /// Where the record is.
+        #[arg(long)]
+        url: Option<String>,
+        /// SNOMED CT type (default: 736253002, mental health crisis plan).
+        #[arg(long = "type", default_value = "736253002")]
+        type_code: String,
+        /// SNOMED CT category of the type (default: 734163000, care plan).
+        #[arg(long, default_value = "734163000")]
+        category: String,
+        #[arg(long, default_value = "application/pdf")]
+        content_type: String,
+        /// The producer's own id for the record (makes retries safe).
+        #[arg(long)]
+        master_id: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Delete a pointer (its custodian only).
+    Delete {
+        id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Nodes, regions, voters and learners, leader, applied index and lag.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Add a node as a non-voting learner (send to the leader).
+    AddLearner {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        peer_id: String,
+        #[arg(long)]
+        p2p_addr: String,
+        #[arg(long)]
+        region: String,
+        #[arg(long, default_value = "")]
+        api_url: String,
+        #[arg(long, default_value = "")]
+        admin_url: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Make a learner a voter.
+    Promote {
+        id: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove a node from the cluster.
+    Remove {
+        id: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Build a snapshot now (and purge the log behind it).
+    Snapshot {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The state digest of a node (equal on replicas at the same applied index).
+    Digest {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+pub enum Op {
+    Search(SearchArgs),
+    Holders(HoldersArgs),
+    Pointer(PointerCmd),
+    Cluster(ClusterCmd),
+}
+
+/// An HTTPS client for one node, acting as one client certificate.
+pub struct Api {
+    pub http: reqwest::Client,
+    pub base: String,
+}
+
+/// How long the CLI waits for an answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Api {
+    pub fn new(base: &str, ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Api> {
+        let tls = hie_pki::client_config(ca, Some((cert, key)))?;
+        let http = reqwest::Client::builder().use_preconfigured_tls(tls).timeout(CLIENT_TIMEOUT).build()?;
+        Ok(Api { http, base: base.trim_end_matches('/').to_owned() })
+    }
+
+    fn from_target(t: &Target, role: &str) -> anyhow::Result<Api> {
+        if let Some(url) = &t.url {
+            return Api::new(url, t.ca.as_ref().unwrap(), t.cert.as_ref().unwrap(), t.key.as_ref().unwrap());
+        }
+        let cluster = ClusterFile::load(&t.cluster)
+            .with_context(|| "no cluster to talk to: start one with `hie dev up`, or give --url, --ca, --cert and --key")?;
+        let node = match t.node {
+            Some(id) => cluster.nodes.iter().find(|n| n.id == id).with_context(|| format!("no node {id} in cluster.json"))?,
+            None => cluster.nodes.first().context("cluster.json lists no nodes")?,
+        };
+        let client = match &t.client {
+            Some(name) => cluster.clients.iter().find(|c| &c.name == name).with_context(|| format!("no client {name}"))?,
+            None => cluster.client_with_role(role).with_context(|| format!("no client with role {role}"))?,
+        };
+        Api::new(&node.api_url, &cluster.ca_cert, &client.cert, &client.key)
+    }
+
+    /// The admin routes live beside /fhir on the same listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("{}{}", self.base.trim_end_matches("/fhir"), path)
+    }
+
+    pub fn fhir_url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+}
+
+async fn answer(resp: reqwest::Response) -> anyhow::Result<(reqwest::StatusCode, reqwest::header::HeaderMap, Value)> {
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let text = resp.text().await?;
+    let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+    Ok((status, headers, body))
+}
+
+fn fail(status: reqwest::StatusCode, body: &Value) -> anyhow::Error {
+    let code = body.pointer("/issue/0/details/coding/0/code").and_then(Value::as_str).unwrap_or("");
+    let diag = body.pointer("/issue/0/diagnostics").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| body.to_string());
+    anyhow::anyhow!("{status} {code}: {diag}")
+}
+
+pub fn run(op: Op) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(run_async(op))
+}
+
+async fn run_async(op: Op) -> anyhow::Result<()> {
+    match op {
+        Op::Search(a) => {
+            let api = Api::from_target(&a.target, "consumer")?;
+            let mut form = vec![("subject:identifier".to_owned(), format!("https://fhir.nhs.uk/Id/nhs-number|{}", a.nhs_number))];
+            if let Some(t) = &a.type_code {
+                form.push(("type".into(), format!("http://snomed.info/sct|{t}")));
+            }
+            let mut req = api.http.post(api.fhir_url("/DocumentReference/_search")).form(&form);
+            if a.linearizable {
+                req = req.header("x-hie-consistency", "linearizable");
+            }
+            let (status, headers, body) = answer(req.send().await?).await?;
+            if !status.is_success() {
+                return Err(fail(status, &body));
+            }
+            if a.target.json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+                return Ok(());
+            }
+            let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("?").to_owned();
+            println!(
+                "{} pointer(s)  [applied index {}, stale {}, lag {} ms]",
+                body["total"],
+                h("x-hie-applied-index"),
+                h("x-hie-stale"),
+                h("x-hie-replication-lag-ms")
+            );
+            for e in body["entry"].as_array().into_iter().flatten() {
+                let r = &e["resource"];
+                println!(
+                    "  {}  custodian {}  type {} ({})  {}",
+                    r["id"].as_str().unwrap_or(""),
+                    r["custodian"]["identifier"]["value"].as_str().unwrap_or(""),
+                    r["type"]["coding"][0]["code"].as_str().unwrap_or(""),
+                    r["type"]["coding"][0]["display"].as_str().unwrap_or(""),
+                    r["content"][0]["attachment"]["url"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        Op::Holders(a) => {
+            let api = Api::from_target(&a.target, "consumer")?;
+            let url = api.fhir_url(&format!("/Patient/{}/$record-holders", a.nhs_number));
+            let (status, _, body) = answer(api.http.get(url).send().await?).await?;
+            if !status.is_success() {
+                return Err(fail(status, &body));
+            }
+            if a.target.json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+                return Ok(());
+            }
+            let holders = body["parameter"].as_array().cloned().unwrap_or_default();
+            println!("{} organisation(s) hold records:", holders.len());
+            for h in holders {
+                println!("  {}  {} pointer(s)", h["part"][0]["valueIdentifier"]["value"].as_str().unwrap_or(""), h["part"][1]["valueInteger"]);
+            }
+            Ok(())
+        }
+        Op::Pointer(PointerCmd::Get { id, target }) => {
+            let api = Api::from_target(&target, "consumer")?;
+            let (status, _, body) = answer(api.http.get(api.fhir_url(&format!("/DocumentReference/{id}"))).send().await?).await?;
+            if !status.is_success() {
+                return Err(fail(status, &body));
+            }
+            println!("{}", serde_json::to_string_pretty(&body)?);
+            Ok(())
+        }
+        Op::Pointer(PointerCmd::Delete { id, target }) => {
+            let api = Api::from_target(&target, "producer")?;
+            let (status, _, body) = answer(api.http.delete(api.fhir_url(&format!("/DocumentReference/{id}"))).send().await?).await?;
+            if !status.is_success() {
+                return Err(fail(status, &body));
+            }
+            println!("deleted {id}");
+            Ok(())
+        }
+        Op::Pointer(PointerCmd::Create { file, nhs, url, type_code, category, content_type, master_id, target }) => {
+            let api = Api::from_target(&target, "producer")?;
+            let body = match file {
+                Some(f) => std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?,
+                None => {
+                    let (Some(nhs), Some(url)) = (nhs, url) else { bail!("give --file, or --nhs and --url") };
+                    let ods = own_ods(&target)?;
+                    let mut doc = json!({
+                        "resourceType": "DocumentReference",
+                        "status": "current",
+                        "type": { "coding": [{ "system": "http://snomed.info/sct", "code": type_code }] },
+                        "category": [{ "coding": [{ "system": "http://snomed.info/sct", "code": category }] }],
+                        "subject": { "identifier": { "system": "https://fhir.nhs.uk/Id/nhs-number", "value": nhs } },
+                        "author": [{ "identifier": { "system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": ods } }],
+                        "custodian": { "identifier": { "system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": ods } },
+                        "content": [{ "attachment": { "contentType": content_type, "url": url } }]
+                    });
+                    if let Some(m) = master_id {
+                        doc["masterIdentifier"] = json!({ "system": "urn:ietf:rfc:3986", "value": m });
+                    }
+                    serde_json::to_vec(&doc)?
+                }
+            };
+            let req = api.http.post(api.fhir_url("/DocumentReference")).header("content-type", "application/fhir+json").body(body);
+            let (status, headers, body) = answer(req.send().await?).await?;
+            if !status.is_success() {
+                return Err(fail(status, &body));
+            }
+            println!("created {}", headers.get("location").and_then(|v| v.to_str().ok()).unwrap_or(""));
+            Ok(())
+        }
+        Op::Cluster(cmd) => cluster(cmd).await,
+    }
+}
+
+fn own_ods(t: &Target) -> anyhow::Result<String> {
+    if let Some(cert) = &t.cert {
+        let pem = std::fs::read(cert)?;
+        let der = rustls_pem_first(&pem)?;
+        return Ok(hie_pki::caller_from_cert(&der)?.ods.as_str().to_owned());
+    }
+    let cluster = ClusterFile::load(&t.cluster)?;
+    let c = match &t.client {
+        Some(n) => cluster.clients.iter().find(|c| &c.name == n),
+        None => cluster.client_with_role("producer"),
+    };
+    Ok(c.context("no producer client")?.ods.clone())
+}
+
+fn rustls_pem_first(pem: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    Ok(CertificateDer::from_pem_slice(pem).map_err(|e| anyhow::anyhow!("{e}"))?.to_vec())
+}
+
+async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
+    let (target, method, path, body) = match cmd {
+        ClusterCmd::Status { target } => (target, "GET", "/admin/status".to_owned(), None),
+        ClusterCmd::Digest { target } => (target, "GET", "/admin/digest".to_owned(), None),
+        ClusterCmd::Snapshot { target } => (target, "POST", "/admin/snapshot".to_owned(), None),
+        ClusterCmd::Promote { id, target } => (target, "POST", format!("/admin/nodes/{id}/promote"), None),
+        ClusterCmd::Remove { id, target } => (target, "DELETE", format!("/admin/nodes/{id}"), None),
+        ClusterCmd::AddLearner { id, peer_id, p2p_addr, region, api_url, admin_url, target } => (
+            target,
+            "POST",
+            "/admin/learners".to_owned(),
+            Some(json!({ "id": id, "peer_id": peer_id, "p2p_addr": p2p_addr, "region": region, "api_url": api_url, "admin_url": admin_url })),
+        ),
+    };
+    let api = Api::from_target(&target, "operator")?;
+    let (status, body) = operator_call(&api, method, &path, body.as_ref()).await?;
+    if !status.is_success() {
+        return Err(fail(status, &body));
+    }
+    if path == "/admin/status" && !target.json {
+        print_status(&body);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    }
+    Ok(())
+}
+
+/// Calls an operator route; if this node is not the leader, follows the
+/// leader's URL named in the answer once.
+pub async fn operator_call(api: &Api, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<(reqwest::StatusCode, Value)> {
+    let mut base = api.base.clone();
+    for _ in 0..2 {
+        let url = format!("{}{}", base.trim_end_matches("/fhir"), path);
+        let mut req = match method {
+            "GET" => api.http.get(&url),
+            "POST" => api.http.post(&url),
+            "DELETE" => api.http.delete(&url),
+            _ => bail!("unsupported method {method}"),
+        };
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(serde_json::to_vec(b)?);
+        }
+        let (status, _, value) = answer(req.send().await?).await?;
+        if status == reqwest::StatusCode::MISDIRECTED_REQUEST
+            && let Some(leader) = value
+                .pointer("/issue/0/diagnostics")
+                .and_then(Value::as_str)
+                .and_then(|d| d.split("send this to ").nth(1))
+        {
+            base = leader.to_owned();
+            continue;
+        }
+        return Ok((status, value));
+    }
+    bail!("the leader moved while the command was being sent; try again")
+}
+
+fn print_status(s: &Value) {
+    println!(
+        "node {} ({})  state {}  term {}  leader {}  applied {}  stale {}",
+        s["id"], s["region"].as_str().unwrap_or(""), s["state"].as_str().unwrap_or(""), s["term"], s["leader_id"],
+        s["applied_index"], s["freshness"]["stale"]
+    );
+    println!("{:<4} {:<16} {:<8} {:<10} {:<8} api", "id", "region", "role", "matched", "lag");
+    for m in s["members"].as_array().into_iter().flatten() {
+        println!(
+            "{:<4} {:<16} {:<8} {:<10} {:<8} {}",
+            m["id"],
+            m["region"].as_str().unwrap_or(""),
+            if m["voter"].as_bool() == Some(true) { "voter" } else { "learner" },
+            m["matched_index"].to_string(),
+            m["lag_entries"].to_string(),
+            m["api_url"].as_str().unwrap_or("")
+        );
+    }
+}

@@ -1,0 +1,462 @@
+//! The node's TOML configuration: one struct with sections, unknown fields
+//! refused, defaults in one place, and `validate()` errors that name the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use hie_api::{ApiConfig, ApiLimits};
+use hie_domain::raft::{NodeId, NodeInfo};
+use hie_p2p::{Multiaddr, P2pConfig, PeerId};
+use hie_replica::{RaftTuning, ReplicaConfig};
+use hie_store::StoreOptions;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeSection,
+    pub p2p: P2pSection,
+    pub api: ApiSection,
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub raft: RaftSection,
+    #[serde(default)]
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// This node's id in the cluster (1 and up, unique, never reused).
+    pub id: NodeId,
+    /// The region (integrated care system) this node serves.
+    pub region: String,
+    /// Where the node keeps its store, key, pid file and snapshots.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedPeer {
+    pub peer_id: String,
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct P2pSection {
+    /// libp2p listen address, e.g. `/ip4/0.0.0.0/tcp/7001`.
+    pub listen: String,
+    /// The address peers dial (defaults to `listen`).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Peers allowed to connect before the membership names them.
+    #[serde(default)]
+    pub seeds: Vec<SeedPeer>,
+    #[serde(default = "defaults::p2p_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    #[serde(default = "defaults::p2p_message_bytes_max")]
+    pub message_bytes_max: usize,
+    #[serde(default = "defaults::p2p_connections_max")]
+    pub connections_max: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// HTTPS listen address, e.g. `0.0.0.0:8443`.
+    pub listen: SocketAddr,
+    /// The public base URL of the FHIR API, `https://HOST:PORT/fhir`.
+    pub public_url: String,
+    /// PEM server certificate, its key, and the CA client certificates must chain to.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    #[serde(default = "defaults::body_bytes_max")]
+    pub body_bytes_max: usize,
+    #[serde(default = "defaults::json_depth_max")]
+    pub json_depth_max: usize,
+    #[serde(default = "defaults::header_bytes_max")]
+    pub header_bytes_max: usize,
+    #[serde(default = "defaults::page_size_max")]
+    pub page_size_max: usize,
+    #[serde(default = "defaults::connections_max")]
+    pub connections_max: usize,
+    #[serde(default = "defaults::request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    #[serde(default = "defaults::rate_per_client_per_sec")]
+    pub rate_per_client_per_sec: u32,
+    #[serde(default = "defaults::rate_burst")]
+    pub rate_burst: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Plain-HTTP listen address for metrics and health; keep it private.
+    pub listen: SocketAddr,
+    /// The URL operators and Prometheus use, `http://HOST:PORT`.
+    pub public_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaftSection {
+    #[serde(default = "defaults::heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    #[serde(default = "defaults::election_timeout_min_ms")]
+    pub election_timeout_min_ms: u64,
+    #[serde(default = "defaults::election_timeout_max_ms")]
+    pub election_timeout_max_ms: u64,
+    #[serde(default = "defaults::snapshot_logs_since_last")]
+    pub snapshot_logs_since_last: u64,
+    #[serde(default = "defaults::logs_kept_after_snapshot")]
+    pub logs_kept_after_snapshot: u64,
+    #[serde(default = "defaults::snapshot_chunk_bytes")]
+    pub snapshot_chunk_bytes: u64,
+    #[serde(default = "defaults::append_entries_max")]
+    pub append_entries_max: u64,
+    #[serde(default = "defaults::write_timeout_ms")]
+    pub write_timeout_ms: u64,
+}
+
+impl Default for RaftSection {
+    fn default() -> Self {
+        toml::from_str("").expect("every raft field has a default")
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Create the cluster from `initial_members` if this node has no state yet.
+    #[serde(default)]
+    pub bootstrap: bool,
+    #[serde(default)]
+    pub initial_members: Vec<Member>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub id: NodeId,
+    pub region: String,
+    pub peer_id: String,
+    pub p2p_addr: String,
+    #[serde(default)]
+    pub api_url: String,
+    #[serde(default)]
+    pub admin_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// `text` or `json`.
+    #[serde(default = "defaults::log_format")]
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `info,hie_replica=debug`.
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { format: defaults::log_format(), level: defaults::log_level() }
+    }
+}
+
+/// Defaults, in one place: shared by serde, `Default` and the template.
+pub mod defaults {
+    use hie_api::ApiLimits;
+    use hie_replica::RaftTuning;
+
+    fn api() -> ApiLimits {
+        ApiLimits::default()
+    }
+    fn raft() -> RaftTuning {
+        RaftTuning::default()
+    }
+    pub fn p2p_request_timeout_ms() -> u64 {
+        3_000
+    }
+    pub fn p2p_message_bytes_max() -> usize {
+        16 << 20
+    }
+    pub fn p2p_connections_max() -> u32 {
+        256
+    }
+    pub fn body_bytes_max() -> usize {
+        api().body_bytes_max
+    }
+    pub fn json_depth_max() -> usize {
+        api().json_depth_max
+    }
+    pub fn header_bytes_max() -> usize {
+        api().header_bytes_max
+    }
+    pub fn page_size_max() -> usize {
+        api().page_size_max
+    }
+    pub fn connections_max() -> usize {
+        api().connections_max
+    }
+    pub fn request_timeout_ms() -> u64 {
+        api().request_timeout.as_millis() as u64
+    }
+    pub fn rate_per_client_per_sec() -> u32 {
+        api().rate_per_client_per_sec
+    }
+    pub fn rate_burst() -> u32 {
+        api().rate_burst
+    }
+    pub fn heartbeat_interval_ms() -> u64 {
+        raft().heartbeat_interval.as_millis() as u64
+    }
+    pub fn election_timeout_min_ms() -> u64 {
+        raft().election_timeout_min.as_millis() as u64
+    }
+    pub fn election_timeout_max_ms() -> u64 {
+        raft().election_timeout_max.as_millis() as u64
+    }
+    pub fn snapshot_logs_since_last() -> u64 {
+        raft().snapshot_logs_since_last
+    }
+    pub fn logs_kept_after_snapshot() -> u64 {
+        raft().logs_kept_after_snapshot
+    }
+    pub fn snapshot_chunk_bytes() -> u64 {
+        raft().snapshot_chunk_bytes
+    }
+    pub fn append_entries_max() -> u64 {
+        raft().append_entries_max
+    }
+    pub fn write_timeout_ms() -> u64 {
+        4_000
+    }
+    pub fn log_format() -> String {
+        "text".into()
+    }
+    pub fn log_level() -> String {
+        "info".into()
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let config: Config = toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        config.validate().map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot; each error names its field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.node.id == 0 {
+            bail!("node.id: must be 1 or more");
+        }
+        if self.node.region.trim().is_empty() {
+            bail!("node.region: must not be empty");
+        }
+        if !self.node.data_dir.is_absolute() {
+            bail!("node.data_dir: must be an absolute path");
+        }
+        self.p2p.listen.parse::<Multiaddr>().map_err(|e| anyhow::anyhow!("p2p.listen: {e}"))?;
+        if let Some(a) = &self.p2p.advertise {
+            a.parse::<Multiaddr>().map_err(|e| anyhow::anyhow!("p2p.advertise: {e}"))?;
+        }
+        for (i, s) in self.p2p.seeds.iter().enumerate() {
+            s.peer_id.parse::<PeerId>().map_err(|e| anyhow::anyhow!("p2p.seeds[{i}].peer_id: {e}"))?;
+            s.addr.parse::<Multiaddr>().map_err(|e| anyhow::anyhow!("p2p.seeds[{i}].addr: {e}"))?;
+        }
+        if self.p2p.message_bytes_max < (self.raft.snapshot_chunk_bytes as usize) * 2 {
+            bail!("p2p.message_bytes_max: must be at least twice raft.snapshot_chunk_bytes");
+        }
+        if self.p2p.message_bytes_max < self.api.body_bytes_max * 4 {
+            bail!("p2p.message_bytes_max: must be at least four times api.body_bytes_max (a forwarded write carries the pointer)");
+        }
+        if !self.api.public_url.starts_with("https://") || !self.api.public_url.ends_with("/fhir") {
+            bail!("api.public_url: must be https://HOST:PORT/fhir");
+        }
+        for (name, p) in [("api.cert", &self.api.cert), ("api.key", &self.api.key), ("api.ca", &self.api.ca)] {
+            if !p.exists() {
+                bail!("{name}: {} does not exist", p.display());
+            }
+        }
+        if self.api.page_size_max == 0 {
+            bail!("api.page_size_max: must be 1 or more");
+        }
+        if self.api.rate_burst < 1 {
+            bail!("api.rate_burst: must be 1 or more");
+        }
+        let r = &self.raft;
+        if r.heartbeat_interval_ms == 0 || r.heartbeat_interval_ms * 3 > r.election_timeout_min_ms {
+            bail!("raft.heartbeat_interval_ms: must be above 0 and at most a third of raft.election_timeout_min_ms");
+        }
+        if r.election_timeout_min_ms >= r.election_timeout_max_ms {
+            bail!("raft.election_timeout_max_ms: must be greater than raft.election_timeout_min_ms");
+        }
+        if r.write_timeout_ms < r.election_timeout_max_ms || r.write_timeout_ms >= self.api.request_timeout_ms {
+            bail!("raft.write_timeout_ms: must be at least raft.election_timeout_max_ms and below api.request_timeout_ms");
+        }
+        if self.log.format != "text" && self.log.format != "json" {
+            bail!("log.format: must be text or json");
+        }
+        if self.cluster.bootstrap && self.cluster.initial_members.is_empty() {
+            bail!("cluster.initial_members: needed when cluster.bootstrap is true");
+        }
+        for (i, m) in self.cluster.initial_members.iter().enumerate() {
+            m.peer_id.parse::<PeerId>().map_err(|e| anyhow::anyhow!("cluster.initial_members[{i}].peer_id: {e}"))?;
+            m.p2p_addr.parse::<Multiaddr>().map_err(|e| anyhow::anyhow!("cluster.initial_members[{i}].p2p_addr: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn advertise(&self) -> &str {
+        self.p2p.advertise.as_deref().unwrap_or(&self.p2p.listen)
+    }
+
+    pub fn node_info(&self, peer_id: &PeerId) -> NodeInfo {
+        NodeInfo {
+            peer_id: peer_id.to_string(),
+            p2p_addr: self.advertise().to_owned(),
+            region: self.node.region.clone(),
+            api_url: self.api.public_url.clone(),
+            admin_url: self.admin.public_url.clone(),
+        }
+    }
+
+    pub fn replica_config(&self, peer_id: &PeerId) -> ReplicaConfig {
+        let r = &self.raft;
+        let mut seeds: Vec<(PeerId, Multiaddr)> = self
+            .p2p
+            .seeds
+            .iter()
+            .filter_map(|s| Some((s.peer_id.parse().ok()?, s.addr.parse().ok()?)))
+            .collect();
+        for m in &self.cluster.initial_members {
+            if let (Ok(p), Ok(a)) = (m.peer_id.parse(), m.p2p_addr.parse()) {
+                seeds.push((p, a));
+            }
+        }
+        seeds.retain(|(p, _)| p != peer_id);
+        ReplicaConfig {
+            node_id: self.node.id,
+            node: self.node_info(peer_id),
+            data_dir: self.node.data_dir.clone(),
+            raft: RaftTuning {
+                heartbeat_interval: Duration::from_millis(r.heartbeat_interval_ms),
+                election_timeout_min: Duration::from_millis(r.election_timeout_min_ms),
+                election_timeout_max: Duration::from_millis(r.election_timeout_max_ms),
+                snapshot_logs_since_last: r.snapshot_logs_since_last,
+                logs_kept_after_snapshot: r.logs_kept_after_snapshot,
+                snapshot_chunk_bytes: r.snapshot_chunk_bytes,
+                append_entries_max: r.append_entries_max,
+                ..RaftTuning::default()
+            },
+            p2p: P2pConfig {
+                listen: self.p2p.listen.parse().expect("validated"),
+                seeds,
+                request_timeout: Duration::from_millis(self.p2p.request_timeout_ms),
+                message_bytes_max: self.p2p.message_bytes_max,
+                connections_max: self.p2p.connections_max,
+                reconnect_backoff_min: Duration::from_millis(100),
+                reconnect_backoff_max: Duration::from_secs(10),
+                concurrent_streams_max: 256,
+            },
+            store: StoreOptions::default(),
+            write_timeout: Duration::from_millis(r.write_timeout_ms),
+        }
+    }
+
+    pub fn api_config(&self) -> ApiConfig {
+        let a = &self.api;
+        ApiConfig {
+            listen: a.listen,
+            cert: a.cert.clone(),
+            key: a.key.clone(),
+            ca: a.ca.clone(),
+            base_url: a.public_url.clone(),
+            limits: ApiLimits {
+                body_bytes_max: a.body_bytes_max,
+                json_depth_max: a.json_depth_max,
+                header_bytes_max: a.header_bytes_max,
+                page_size_max: a.page_size_max,
+                connections_max: a.connections_max,
+                request_timeout: Duration::from_millis(a.request_timeout_ms),
+                rate_per_client_per_sec: a.rate_per_client_per_sec,
+                rate_burst: a.rate_burst,
+                ..ApiLimits::default()
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal(dir: &Path) -> String {
+        let pem = dir.join("x.pem");
+        std::fs::write(&pem, "x").unwrap();
+        format!(
+            r#"
+[node]
+id = 1
+region = "north-east"
+data_dir = "{d}"
+[p2p]
+listen = "/ip4/127.0.0.1/tcp/7001"
+[api]
+listen = "127.0.0.1:8443"
+public_url = "https://127.0.0.1:8443/fhir"
+cert = "{p}"
+key = "{p}"
+ca = "{p}"
+[admin]
+listen = "127.0.0.1:9001"
+public_url = "http://127.0.0.1:9001"
+"#,
+            d = dir.display(),
+            p = pem.display()
+        )
+    }
+
+    #[test]
+    fn minimal_config_is_valid_and_defaults_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let c: Config = toml::from_str(&minimal(dir.path())).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.raft.write_timeout_ms, defaults::write_timeout_ms());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = minimal(dir.path()).replace("[admin]", "[admin]\nlisten_port = 3");
+        let err = toml::from_str::<Config>(&text).unwrap_err().to_string();
+        assert!(err.contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = minimal(dir.path()).replace("id = 1", "id = 0");
+        let err = toml::from_str::<Config>(&text).unwrap().validate().unwrap_err().to_string();
+        assert!(err.starts_with("node.id"), "{err}");
+        let text = minimal(dir.path()).replace("[admin]", "[raft]\nelection_timeout_min_ms = 2000\n[admin]");
+        let err = toml::from_str::<Config>(&text).unwrap().validate().unwrap_err().to_string();
+        assert!(err.starts_with("raft.election_timeout_max_ms"), "{err}");
+    }
+
+    #[test]
+    fn the_template_parses() {
+        let text = include_str!("../../cluster/node.example.toml");
+        let c: Config = toml::from_str(text).expect("cluster/node.example.toml parses");
+        assert_eq!(c.raft.heartbeat_interval_ms, defaults::heartbeat_interval_ms());
+    }
+}

@@ -1,0 +1,559 @@
+//! `hie dev`: a local multi-region cluster on loopback, with a dev CA, node
+//! and client certificates, sample data and `cluster.json`.
+
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use hie_domain::mem::testkit;
+use hie_domain::{OdsCode, Role};
+use hie_pki::DevCa;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::json;
+
+use crate::client::{Api, ClientEntry, ClusterFile, NodeEntry, operator_call};
+use crate::config::{AdminSection, ApiSection, ClusterSection, Config, LogSection, Member, NodeSection, P2pSection, RaftSection, SeedPeer};
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    #[command(subcommand)]
+    command: Option<DevCmd>,
+    #[command(flatten)]
+    up: UpArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum DevCmd {
+    /// Start the cluster in the background and return once every node is ready.
+    Up(UpArgs),
+    /// Stop exactly the node processes of the cluster (by their pid files).
+    Down(DirArg),
+    /// Start one more region and add it as a learner (`--voter` promotes it once caught up).
+    AddNode(AddNodeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct DirArg {
+    /// The cluster's directory.
+    #[arg(long, default_value = ".hie-dev")]
+    dir: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+struct UpArgs {
+    #[arg(long, default_value = ".hie-dev")]
+    dir: PathBuf,
+    /// Voting regions.
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    /// Extra non-voting regions.
+    #[arg(long, default_value_t = 0)]
+    learners: u64,
+    /// Synthetic patients to create (each with pointers from one or more organisations).
+    #[arg(long, default_value_t = 1000)]
+    patients: u32,
+    /// Raft snapshot threshold for the dev nodes (entries since the last snapshot).
+    #[arg(long)]
+    snapshot_logs_since_last: Option<u64>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct AddNodeArgs {
+    #[arg(long, default_value = ".hie-dev")]
+    dir: PathBuf,
+    #[arg(long)]
+    region: String,
+    /// Promote the new node to voter once it has caught up.
+    #[arg(long)]
+    voter: bool,
+}
+
+/// Regions used for dev nodes, in order.
+const REGIONS: &[&str] = &[
+    "north-east", "north-west", "yorkshire", "midlands", "east", "london", "south-east", "south-west", "cumbria", "kent",
+];
+/// How long `hie dev up` waits for every node to be ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `hie dev down` waits for a node to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Writes in flight while seeding sample data.
+const SEED_CONCURRENCY: usize = 32;
+
+struct DevClient {
+    name: &'static str,
+    ods: &'static str,
+    roles: &'static [Role],
+    producer: bool,
+}
+
+const CLIENTS: &[DevClient] = &[
+    DevClient { name: "gp-practice-a", ods: "A81001", roles: &[Role::Producer], producer: true },
+    DevClient { name: "mental-health-trust", ods: "RV3", roles: &[Role::Producer], producer: true },
+    DevClient { name: "ambulance-service", ods: "RX9", roles: &[Role::Consumer], producer: false },
+    DevClient { name: "out-of-hours-111", ods: "NLO10", roles: &[Role::Consumer], producer: false },
+    DevClient { name: "consent-authority", ods: "X26", roles: &[Role::ConsentAuthority], producer: false },
+    DevClient { name: "patient-app", ods: "X27", roles: &[Role::PatientAccess], producer: false },
+    DevClient { name: "operator", ods: "X26OPS", roles: &[Role::Operator], producer: false },
+];
+
+pub fn main(args: DevArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    match args.command {
+        Some(DevCmd::Up(up)) => rt.block_on(up_cmd(up)).map(|_| ()),
+        Some(DevCmd::Down(d)) => down(&abs(&d.dir)?),
+        Some(DevCmd::AddNode(a)) => rt.block_on(add_node(a)),
+        None => {
+            let dir = abs(&args.up.dir)?;
+            rt.block_on(up_cmd(args.up))?;
+            println!("\nrunning in the foreground; Ctrl-C stops the cluster");
+            rt.block_on(async {
+                let _ = tokio::signal::ctrl_c().await;
+            });
+            down(&dir)
+        }
+    }
+}
+
+fn abs(p: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if p.is_absolute() { p.to_owned() } else { std::env::current_dir()?.join(p) })
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The pid in a node's pid file, if that process is alive and is a hie node.
+pub fn running_pid(data_dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(crate::node::pid_file(data_dir)).ok()?;
+    let pid: i32 = text.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    (kill(Pid::from_raw(pid), None).is_ok() && cmdline.contains("node\0run")).then_some(pid)
+}
+
+async fn up_cmd(args: UpArgs) -> anyhow::Result<ClusterFile> {
+    let dir = abs(&args.dir)?;
+    let cluster_json = dir.join("cluster.json");
+    let started = Instant::now();
+    let cluster = if cluster_json.exists() {
+        let mut cluster = ClusterFile::load(&cluster_json)?;
+        if let Some(n) = cluster.nodes.iter().find(|n| running_pid(&n.data_dir).is_some()) {
+            bail!("the cluster in {} is already running (node {} is up); `hie dev down --dir {}` stops it", dir.display(), n.id, dir.display());
+        }
+        println!("restarting the stopped cluster in {}", dir.display());
+        for n in &mut cluster.nodes {
+            n.pid = spawn_node(&n.command, &n.data_dir)?;
+        }
+        write_cluster(&dir, &cluster)?;
+        wait_ready(&cluster.nodes).await?;
+        cluster
+    } else {
+        create(&dir, &args).await?
+    };
+    println!("cluster ready in {:.1} s: {}", started.elapsed().as_secs_f64(), cluster_json.display());
+    print_hints(&dir, &cluster);
+    Ok(cluster)
+}
+
+fn write_pem(path: &Path, pem: &str) -> anyhow::Result<()> {
+    std::fs::write(path, pem).with_context(|| format!("writing {}", path.display()))
+}
+
+struct NodePlan {
+    id: u64,
+    region: String,
+    data_dir: PathBuf,
+    config_path: PathBuf,
+    api_port: u16,
+    admin_port: u16,
+    p2p_port: u16,
+    peer_id: String,
+}
+
+fn plan_node(dir: &Path, id: u64, region: &str) -> anyhow::Result<NodePlan> {
+    let data_dir = dir.join(format!("node-{id}"));
+    std::fs::create_dir_all(&data_dir)?;
+    let peer_id = hie_p2p::peer_id_of_key_file(&data_dir.join("node.key"))?.to_string();
+    Ok(NodePlan {
+        id,
+        region: region.to_owned(),
+        config_path: dir.join(format!("node-{id}.toml")),
+        data_dir,
+        api_port: free_port()?,
+        admin_port: free_port()?,
+        p2p_port: free_port()?,
+        peer_id,
+    })
+}
+
+impl NodePlan {
+    fn p2p_addr(&self) -> String {
+        format!("/ip4/127.0.0.1/tcp/{}", self.p2p_port)
+    }
+    fn api_url(&self) -> String {
+        format!("https://127.0.0.1:{}/fhir", self.api_port)
+    }
+    fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+    fn member(&self) -> Member {
+        Member {
+            id: self.id,
+            region: self.region.clone(),
+            peer_id: self.peer_id.clone(),
+            p2p_addr: self.p2p_addr(),
+            api_url: self.api_url(),
+            admin_url: self.admin_url(),
+        }
+    }
+}
+
+fn node_config(dir: &Path, plan: &NodePlan, members: &[Member], seeds: &[SeedPeer], bootstrap: bool, snapshot_logs: Option<u64>) -> Config {
+    let certs = dir.join("certs");
+    let mut raft = RaftSection::default();
+    if let Some(n) = snapshot_logs {
+        raft.snapshot_logs_since_last = n;
+    }
+    Config {
+        node: NodeSection { id: plan.id, region: plan.region.clone(), data_dir: plan.data_dir.clone() },
+        p2p: P2pSection {
+            listen: plan.p2p_addr(),
+            advertise: None,
+            seeds: seeds.to_vec(),
+            request_timeout_ms: crate::config::defaults::p2p_request_timeout_ms(),
+            message_bytes_max: crate::config::defaults::p2p_message_bytes_max(),
+            connections_max: crate::config::defaults::p2p_connections_max(),
+        },
+        api: ApiSection {
+            listen: format!("127.0.0.1:{}", plan.api_port).parse().expect("socket address"),
+            public_url: plan.api_url(),
+            cert: certs.join(format!("node-{}.pem", plan.id)),
+            key: certs.join(format!("node-{}.key", plan.id)),
+            ca: certs.join("ca.pem"),
+            body_bytes_max: crate::config::defaults::body_bytes_max(),
+            json_depth_max: crate::config::defaults::json_depth_max(),
+            header_bytes_max: crate::config::defaults::header_bytes_max(),
+            page_size_max: crate::config::defaults::page_size_max(),
+            connections_max: crate::config::defaults::connections_max(),
+            request_timeout_ms: crate::config::defaults::request_timeout_ms(),
+            rate_per_client_per_sec: crate::config::defaults::rate_per_client_per_sec(),
+            rate_burst: crate::config::defaults::rate_burst(),
+        },
+        admin: AdminSection {
+            listen: format!("127.0.0.1:{}", plan.admin_port).parse().expect("socket address"),
+            public_url: plan.admin_url(),
+        },
+        raft,
+        cluster: ClusterSection { bootstrap, initial_members: if bootstrap { members.to_vec() } else { vec![] } },
+        log: LogSection::default(),
+    }
+}
+
+fn write_config(path: &Path, config: &Config) -> anyhow::Result<()> {
+    let header = "# Generated by `hie dev`. Fields are documented in cluster/node.example.toml.\n";
+    std::fs::write(path, format!("{header}{}", toml::to_string_pretty(config)?)).with_context(|| format!("writing {}", path.display()))
+}
+
+fn issue_node_cert(ca: &DevCa, certs: &Path, id: u64) -> anyhow::Result<()> {
+    let pem = ca.issue_node(&format!("hie node {id}"), &["localhost"], &[IpAddr::V4(Ipv4Addr::LOCALHOST)])?;
+    write_pem(&certs.join(format!("node-{id}.pem")), &pem.cert)?;
+    write_pem(&certs.join(format!("node-{id}.key")), &pem.key)
+}
+
+fn command_for(config_path: &Path) -> anyhow::Result<Vec<String>> {
+    let exe = std::env::current_exe()?.canonicalize()?;
+    Ok(vec![exe.display().to_string(), "node".into(), "run".into(), "--config".into(), config_path.display().to_string()])
+}
+
+/// Starts a node process in its own process group, logging to `<data_dir>/hie.log`.
+fn spawn_node(command: &[String], data_dir: &Path) -> anyhow::Result<u32> {
+    let log_path = data_dir.join("hie.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let child = std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", command[0]))?;
+    Ok(child.id())
+}
+
+async fn wait_ready(nodes: &[NodeEntry]) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    for n in nodes {
+        loop {
+            let ok = http.get(format!("{}/readyz", n.admin_url)).send().await.map(|r| r.status().is_success()).unwrap_or(false);
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("node {} was not ready within {} s; see {}", n.id, READY_TIMEOUT.as_secs(), n.data_dir.join("hie.log").display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+fn write_cluster(dir: &Path, cluster: &ClusterFile) -> anyhow::Result<()> {
+    let tmp = dir.join("cluster.json.partial");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(cluster)?)?;
+    std::fs::rename(&tmp, dir.join("cluster.json"))?;
+    Ok(())
+}
+
+async fn create(dir: &Path, args: &UpArgs) -> anyhow::Result<ClusterFile> {
+    if args.nodes == 0 || args.nodes + args.learners > REGIONS.len() as u64 {
+        bail!("--nodes plus --learners must be 1 to {}", REGIONS.len());
+    }
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs)?;
+    println!("creating a {}-region cluster in {}", args.nodes, dir.display());
+    let ca = DevCa::generate()?;
+    write_pem(&certs.join("ca.pem"), &ca.pem.cert)?;
+    write_pem(&certs.join("ca.key"), &ca.pem.key)?;
+
+    let mut clients = Vec::new();
+    let producer_types = vec![
+        format!("http://snomed.info/sct|{}", testkit::MENTAL_HEALTH_CRISIS_PLAN),
+        format!("http://snomed.info/sct|{}", testkit::EMERGENCY_CARE_PLAN),
+    ];
+    for c in CLIENTS {
+        let pem = ca.issue_client(c.name, &OdsCode::parse(c.ods)?, c.roles)?;
+        let cert = certs.join(format!("client-{}.pem", c.name));
+        let key = certs.join(format!("client-{}.key", c.name));
+        write_pem(&cert, &pem.cert)?;
+        write_pem(&key, &pem.key)?;
+        clients.push(ClientEntry {
+            name: c.name.into(),
+            ods: c.ods.into(),
+            roles: c.roles.iter().map(|r| r.as_str().to_owned()).collect(),
+            pointer_types: if c.producer { producer_types.clone() } else { vec![] },
+            cert,
+            key,
+        });
+    }
+
+    let plans: Vec<NodePlan> = (1..=args.nodes).map(|id| plan_node(dir, id, REGIONS[(id - 1) as usize])).collect::<Result<_, _>>()?;
+    let members: Vec<Member> = plans.iter().map(NodePlan::member).collect();
+    let mut nodes = Vec::new();
+    for plan in &plans {
+        issue_node_cert(&ca, &certs, plan.id)?;
+        let config = node_config(dir, plan, &members, &[], true, args.snapshot_logs_since_last);
+        write_config(&plan.config_path, &config)?;
+        let command = command_for(&plan.config_path)?;
+        let pid = spawn_node(&command, &plan.data_dir)?;
+        nodes.push(entry(plan, true, pid, command));
+    }
+    let mut cluster = ClusterFile { ca_cert: certs.join("ca.pem"), ca_key: Some(certs.join("ca.key")), nodes, clients };
+    write_cluster(dir, &cluster)?;
+    wait_ready(&cluster.nodes).await?;
+    seed(&cluster, args.patients).await?;
+    for i in 0..args.learners {
+        let id = args.nodes + i + 1;
+        let region = REGIONS[(id - 1) as usize];
+        let node = start_learner(dir, &ca, &cluster, id, region, args.snapshot_logs_since_last).await?;
+        cluster.nodes.push(node);
+        write_cluster(dir, &cluster)?;
+    }
+    Ok(cluster)
+}
+
+fn entry(plan: &NodePlan, voter: bool, pid: u32, command: Vec<String>) -> NodeEntry {
+    NodeEntry {
+        id: plan.id,
+        region: plan.region.clone(),
+        voter,
+        api_url: plan.api_url(),
+        admin_url: plan.admin_url(),
+        p2p_addr: plan.p2p_addr(),
+        peer_id: plan.peer_id.clone(),
+        pid,
+        data_dir: plan.data_dir.clone(),
+        config: plan.config_path.clone(),
+        command,
+    }
+}
+
+fn operator_api(cluster: &ClusterFile, node: &NodeEntry) -> anyhow::Result<Api> {
+    let op = cluster.client_with_role("operator").context("no operator client")?;
+    Api::new(&node.api_url, &cluster.ca_cert, &op.cert, &op.key)
+}
+
+/// Starts a new region as a learner and adds it through the leader.
+async fn start_learner(dir: &Path, ca: &DevCa, cluster: &ClusterFile, id: u64, region: &str, snapshot_logs: Option<u64>) -> anyhow::Result<NodeEntry> {
+    let plan = plan_node(dir, id, region)?;
+    issue_node_cert(ca, &dir.join("certs"), id)?;
+    let seeds: Vec<SeedPeer> = cluster.nodes.iter().map(|n| SeedPeer { peer_id: n.peer_id.clone(), addr: n.p2p_addr.clone() }).collect();
+    let config = node_config(dir, &plan, &[], &seeds, false, snapshot_logs);
+    write_config(&plan.config_path, &config)?;
+    let command = command_for(&plan.config_path)?;
+    let pid = spawn_node(&command, &plan.data_dir)?;
+    let api = operator_api(cluster, &cluster.nodes[0])?;
+    let body = json!({
+        "id": id, "peer_id": plan.peer_id, "p2p_addr": plan.p2p_addr(), "region": region,
+        "api_url": plan.api_url(), "admin_url": plan.admin_url(),
+    });
+    let (status, answer) = operator_call(&api, "POST", "/admin/learners", Some(&body)).await?;
+    if !status.is_success() {
+        bail!("adding learner {id} failed: {status} {answer}");
+    }
+    let node = entry(&plan, false, pid, command);
+    wait_ready(std::slice::from_ref(&node)).await?;
+    println!("region {region} joined as learner {id}");
+    Ok(node)
+}
+
+async fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
+    let dir = abs(&args.dir)?;
+    let mut cluster = ClusterFile::load(&dir.join("cluster.json"))?;
+    let certs = dir.join("certs");
+    let ca = DevCa::load(&certs.join("ca.pem"), &certs.join("ca.key"))?;
+    let id = cluster.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+    let mut node = start_learner(&dir, &ca, &cluster, id, &args.region, None).await?;
+    if args.voter {
+        let api = operator_api(&cluster, &cluster.nodes[0])?;
+        let (status, answer) = operator_call(&api, "POST", &format!("/admin/nodes/{id}/promote"), None).await?;
+        if !status.is_success() {
+            bail!("promoting {id} failed: {status} {answer}");
+        }
+        node.voter = true;
+        println!("node {id} promoted to voter");
+    }
+    cluster.nodes.push(node);
+    write_cluster(&dir, &cluster)
+}
+
+/// Registers the pointer types and producers, then creates synthetic patients.
+async fn seed(cluster: &ClusterFile, patients: u32) -> anyhow::Result<()> {
+    let api = operator_api(cluster, &cluster.nodes[0])?;
+    for (code, display) in [
+        (testkit::MENTAL_HEALTH_CRISIS_PLAN, "Mental health crisis plan"),
+        (testkit::EMERGENCY_CARE_PLAN, "Emergency care plan"),
+    ] {
+        let body = json!({ "code": code, "display": display, "category": testkit::CARE_PLAN_CATEGORY, "category_display": "Care plan" });
+        let resp = api.http.put(api.admin_url("/admin/pointer-types")).json(&body).send().await?;
+        if !resp.status().is_success() {
+            bail!("registering pointer type {code}: {}", resp.text().await?);
+        }
+    }
+    for c in cluster.clients.iter().filter(|c| !c.pointer_types.is_empty()) {
+        let body = json!({ "pointer_types": c.pointer_types });
+        let resp = api.http.put(api.admin_url(&format!("/admin/producers/{}", c.ods))).json(&body).send().await?;
+        if !resp.status().is_success() {
+            bail!("allowing producer {}: {}", c.ods, resp.text().await?);
+        }
+    }
+    if patients == 0 {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let producers: Vec<&ClientEntry> = cluster.clients.iter().filter(|c| !c.pointer_types.is_empty()).collect();
+    let mut apis = Vec::new();
+    for (i, p) in producers.iter().enumerate() {
+        let node = &cluster.nodes[i % cluster.nodes.len()];
+        apis.push((Arc::new(Api::new(&node.api_url, &cluster.ca_cert, &p.cert, &p.key)?), p.ods.clone()));
+    }
+    let sem = Arc::new(tokio::sync::Semaphore::new(SEED_CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut planned = 0u32;
+    for i in 0..patients {
+        let nhs = testkit::nhs(i);
+        // Every patient has a GP pointer; every second one a mental-health pointer too.
+        for (k, (api, ods)) in apis.iter().enumerate() {
+            if k > 0 && i % 2 == 1 {
+                continue;
+            }
+            let code = if (i + k as u32) % 3 == 0 { testkit::EMERGENCY_CARE_PLAN } else { testkit::MENTAL_HEALTH_CRISIS_PLAN };
+            let doc = sample_pointer(nhs.as_str(), ods, code, i);
+            let (api, sem) = (api.clone(), sem.clone());
+            planned += 1;
+            tasks.spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                let resp = api
+                    .http
+                    .post(api.fhir_url("/DocumentReference"))
+                    .header("content-type", "application/fhir+json")
+                    .header("prefer", "return=minimal")
+                    .json(&doc)
+                    .send()
+                    .await?;
+                let status = resp.status();
+                if status.is_success() || status == reqwest::StatusCode::CONFLICT {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("seeding a pointer: {status} {}", resp.text().await.unwrap_or_default()))
+                }
+            });
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    println!("seeded {patients} patients with {planned} pointers in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+pub fn sample_pointer(nhs: &str, ods: &str, code: &str, i: u32) -> serde_json::Value {
+    let display = if code == testkit::EMERGENCY_CARE_PLAN { "Emergency care plan" } else { "Mental health crisis plan" };
+    json!({
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "masterIdentifier": { "system": "urn:ietf:rfc:3986", "value": format!("urn:hie:dev:{ods}:{i}") },
+        "type": { "coding": [{ "system": "http://snomed.info/sct", "code": code, "display": display }] },
+        "category": [{ "coding": [{ "system": "http://snomed.info/sct", "code": testkit::CARE_PLAN_CATEGORY, "display": "Care plan" }] }],
+        "subject": { "identifier": { "system": "https://fhir.nhs.uk/Id/nhs-number", "value": nhs } },
+        "author": [{ "identifier": { "system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": ods } }],
+        "custodian": { "identifier": { "system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": ods } },
+        "content": [{ "attachment": { "contentType": "application/pdf", "url": format!("https://{}.example.nhs.uk/records/{i}", ods.to_lowercase()) } }]
+    })
+}
+
+/// Stops the nodes found in the cluster's pid files: SIGTERM, then SIGKILL
+/// after a grace period. Processes it did not start are never touched.
+pub fn down(dir: &Path) -> anyhow::Result<()> {
+    let cluster = ClusterFile::load(&dir.join("cluster.json"))?;
+    let mut stopping = Vec::new();
+    for n in &cluster.nodes {
+        if let Some(pid) = running_pid(&n.data_dir) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            stopping.push((n.id, pid, n.data_dir.clone()));
+        }
+    }
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    for (id, pid, data_dir) in stopping {
+        while kill(Pid::from_raw(pid), None).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if kill(Pid::from_raw(pid), None).is_ok() {
+            eprintln!("node {id} (pid {pid}) did not stop within {} s; killing it", STOP_TIMEOUT.as_secs());
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = std::fs::remove_file(crate::node::pid_file(&data_dir));
+        }
+        println!("stopped node {id} (pid {pid})");
+    }
+    Ok(())
+}
+
+fn print_hints(dir: &Path, cluster: &ClusterFile) {
+    let c = dir.join("cluster.json");
+    let nhs = testkit::nhs(0);
+    println!("\nnodes:");
+    for n in &cluster.nodes {
+        println!("  {} {:<12} {}  api {}  admin {}", n.id, n.region, if n.voter { "voter  " } else { "learner" }, n.api_url, n.admin_url);
+    }
+    println!("\ntry:");
+    println!("  hie cluster status --cluster {}", c.display());
+    println!("  hie search {} --cluster {}", nhs.as_str(), c.display());
+    println!("  hie holders {} --cluster {} --node 2", nhs.as_str(), c.display());
+    println!("  curl -s {}/metrics | grep hie_raft", cluster.nodes[0].admin_url);
+    println!("  hie dev down --dir {}", dir.display());
+}

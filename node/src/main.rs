@@ -1,0 +1,91 @@
+//! `hie`: runs a regional node, a local dev cluster, and the command-line
+//! client for the record-locator API and the operator's admin commands.
+
+mod client;
+mod config;
+mod dev;
+mod node;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "hie", version, about = "hie: a federated record locator for the NHS", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run or inspect a regional node.
+    Node {
+        #[command(subcommand)]
+        command: NodeCmd,
+    },
+    /// A local multi-region cluster on loopback with sample data. Without a
+    /// subcommand: start it in the foreground until Ctrl-C.
+    Dev(dev::DevArgs),
+    /// Find a patient's current record pointers (consumer).
+    Search(client::SearchArgs),
+    /// Which organisations hold records for a patient (consumer).
+    Holders(client::HoldersArgs),
+    /// Create, read or delete a record pointer.
+    Pointer {
+        #[command(subcommand)]
+        command: client::PointerCmd,
+    },
+    /// Operator commands: status, membership, snapshots, digests.
+    Cluster {
+        #[command(subcommand)]
+        command: client::ClusterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Run a node until SIGTERM or Ctrl-C.
+    Run {
+        /// The node's TOML configuration (see cluster/node.example.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the node's libp2p PeerId (creating its key if it has none).
+    Id {
+        /// The node key file (default: <data_dir>/node.key of --config).
+        #[arg(long, conflicts_with = "config")]
+        key: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Check a configuration file and exit.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    hie_pki::install_default_provider();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Node { command: NodeCmd::Run { config } } => node::run_blocking(&config),
+        Cmd::Node { command: NodeCmd::Id { key, config } } => node::print_id(key, config),
+        Cmd::Node { command: NodeCmd::CheckConfig { config } } => {
+            config::Config::load(&config).map(|_| println!("{}: ok", config.display()))
+        }
+        Cmd::Dev(args) => dev::main(args),
+        Cmd::Search(args) => client::run(client::Op::Search(args)),
+        Cmd::Holders(args) => client::run(client::Op::Holders(args)),
+        Cmd::Pointer { command } => client::run(client::Op::Pointer(command)),
+        Cmd::Cluster { command } => client::run(client::Op::Cluster(command)),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Running a node: load config, start the replica and both listeners, wait
+//! for SIGTERM or Ctrl-C, shut down in order.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use hie_domain::raft::NodeInfo;
+use hie_metrics::Metrics;
+use hie_replica::Replica;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::config::Config;
+
+pub fn run_blocking(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    init_logging(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("hie").build()?;
+    runtime.block_on(run(config))
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},openraft=warn,libp2p=warn", config.log.level)));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if config.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.with_ansi(false).init();
+    }
+}
+
+pub fn pid_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("hie.pid")
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let data_dir = config.node.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let key = hie_p2p::load_or_create_key(&data_dir.join("node.key"))?;
+    let peer_id = key.public().to_peer_id();
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let metrics = Arc::new(Metrics::new());
+
+    let replica = Replica::start(config.replica_config(&peer_id), metrics, shutdown_rx.clone()).await?;
+    std::fs::write(pid_file(&data_dir), format!("{}\n", std::process::id())).context("writing the pid file")?;
+    tracing::info!(id = config.node.id, region = %config.node.region, %peer_id, "node started");
+
+    if config.cluster.bootstrap {
+        let members: BTreeMap<u64, NodeInfo> = config
+            .cluster
+            .initial_members
+            .iter()
+            .map(|m| {
+                (m.id, NodeInfo {
+                    peer_id: m.peer_id.clone(),
+                    p2p_addr: m.p2p_addr.clone(),
+                    region: m.region.clone(),
+                    api_url: m.api_url.clone(),
+                    admin_url: m.admin_url.clone(),
+                })
+            })
+            .collect();
+        match replica.bootstrap(members).await {
+            Ok(true) => tracing::info!("cluster initialized"),
+            Ok(false) => tracing::info!("cluster already initialized; joining"),
+            Err(e) => tracing::error!(error = %e, "bootstrap failed"),
+        }
+    }
+
+    let api = hie_api::serve_api(config.api_config(), replica.clone(), shutdown_rx.clone()).await.map_err(anyhow::Error::msg)?;
+    let admin = hie_api::serve_admin(config.admin.listen, replica.clone(), shutdown_rx.clone()).await.map_err(anyhow::Error::msg)?;
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let _ = api.await;
+        let _ = admin.await;
+    })
+    .await;
+    replica.shutdown().await;
+    let _ = std::fs::remove_file(pid_file(&data_dir));
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+pub fn print_id(key: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<()> {
+    let key = match (key, config) {
+        (Some(k), _) => k,
+        (None, Some(c)) => {
+            let text = std::fs::read_to_string(&c)?;
+            let cfg: Config = toml::from_str(&text)?;
+            cfg.node.data_dir.join("node.key")
+        }
+        (None, None) => anyhow::bail!("give --key or --config"),
+    };
+    println!("{}", hie_p2p::peer_id_of_key_file(&key)?);
+    Ok(())
+}
