@@ -474,10 +474,15 @@ async fn seed(cluster: &ClusterFile, patients: u32) -> anyhow::Result<()> {
             }
             let code = if (i + k as u32) % 3 == 0 { testkit::EMERGENCY_CARE_PLAN } else { testkit::MENTAL_HEALTH_CRISIS_PLAN };
             let doc = sample_pointer(nhs.as_str(), ods, code, i);
-            let (api, sem) = (api.clone(), sem.clone());
+            let api = api.clone();
+            // Bounded: wait for a slot before making the next task.
+            let permit = sem.clone().acquire_owned().await?;
+            while let Some(r) = tasks.try_join_next() {
+                r??;
+            }
             planned += 1;
             tasks.spawn(async move {
-                let _permit = sem.acquire_owned().await;
+                let _permit = permit;
                 let resp = api
                     .http
                     .post(api.fhir_url("/DocumentReference"))

@@ -185,6 +185,8 @@ async fn a_full_restart_keeps_the_state() -> anyhow::Result<()> {
     hie(&["dev", "down", "--dir", &c.dir_str()])?;
     for id in &ids {
         assert!(c.pid(*id).is_none(), "node {id} stopped");
+        let log = std::fs::read_to_string(c.dir.path().join(format!("node-{id}/hie.log")))?;
+        assert!(log.contains("SIGTERM: shutting down") && log.contains("node stopped"), "node {id} shut down cleanly");
     }
     // `dev up` on a stopped cluster starts it again on its data; on a running one it refuses.
     hie(&["dev", "up", "--dir", &c.dir_str()])?;

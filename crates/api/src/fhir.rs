@@ -65,7 +65,9 @@ struct CodingIn {
 #[serde(deny_unknown_fields)]
 struct CodeableConceptIn {
     coding: Vec<CodingIn>,
+    /// Accepted (FHIR defines it) but not stored: the coding is authoritative.
     #[serde(default)]
+    #[allow(dead_code)]
     text: Option<String>,
 }
 
@@ -76,7 +78,9 @@ struct ReferenceIn {
     identifier: Option<IdentifierIn>,
     #[serde(default)]
     reference: Option<String>,
+    /// Accepted (FHIR defines it) but not stored: the identifier is authoritative.
     #[serde(default)]
+    #[allow(dead_code)]
     display: Option<String>,
 }
 

@@ -597,6 +597,7 @@ async fn do_search(
     let scan_max = limits.search_scan_max;
     let is_consumer = caller.has(Role::Consumer);
     let caller_ods = caller.ods.clone();
+    let (type_filter, custodian_filter) = (type_code.clone(), custodian.clone());
     let (matches, patient) = st
         .replica
         .read(move |r| {
@@ -605,8 +606,8 @@ async fn do_search(
             let (all, _) = r.search(&subject, None, scan_max, |p| {
                 let own = p.custodian == caller_ods;
                 (own || (is_consumer && !opted_out))
-                    && type_code.as_ref().is_none_or(|t| *t == p.type_code)
-                    && custodian.as_ref().is_none_or(|c| *c == p.custodian)
+                    && type_filter.as_ref().is_none_or(|t| *t == p.type_code)
+                    && custodian_filter.as_ref().is_none_or(|c| *c == p.custodian)
             })?;
             Ok((all, patient))
         })

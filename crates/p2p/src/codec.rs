@@ -68,3 +68,45 @@ impl Codec for HieCodec {
         write_frame(io, &hie_domain::codec::encode(&res), self.message_bytes_max).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::io::Cursor;
+
+    use super::*;
+
+    fn codec(max: usize) -> HieCodec {
+        HieCodec { message_bytes_max: max }
+    }
+
+    #[test]
+    fn round_trip_and_limits() {
+        futures::executor::block_on(async {
+            let mut buf = Cursor::new(Vec::new());
+            codec(1024).write_request(&PROTOCOL, &mut buf, Request::ReadIndex).await.unwrap();
+            let bytes = buf.into_inner();
+            let got = codec(1024).read_request(&PROTOCOL, &mut Cursor::new(bytes.clone())).await.unwrap();
+            assert!(matches!(got, Request::ReadIndex));
+
+            // A frame claiming more than the limit is refused before it is read.
+            let mut huge = (u32::MAX).to_be_bytes().to_vec();
+            huge.extend_from_slice(&[0; 8]);
+            let err = codec(1024).read_request(&PROTOCOL, &mut Cursor::new(huge)).await.unwrap_err();
+            assert!(err.to_string().contains("exceeds message_bytes_max"), "{err}");
+
+            // Garbage inside a well-sized frame is refused as invalid data.
+            let mut garbage = 4u32.to_be_bytes().to_vec();
+            garbage.extend_from_slice(&[0xff, 0x00, 0x13, 0x37]);
+            let err = codec(1024).read_request(&PROTOCOL, &mut Cursor::new(garbage)).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+
+            // A truncated frame is an error, not a hang or a panic.
+            let err = codec(1024).read_request(&PROTOCOL, &mut Cursor::new(bytes[..bytes.len() - 1].to_vec())).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+
+            // The writer refuses to send an oversized message too.
+            let err = codec(2).write_request(&PROTOCOL, &mut Cursor::new(Vec::new()), Request::ReadIndex).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        });
+    }
+}

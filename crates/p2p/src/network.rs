@@ -41,7 +41,7 @@ pub struct P2pNetwork {
 #[error("{0}")]
 struct Msg(String);
 
-type RpcResult<T, E = std::convert::Infallible> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
+type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
 
 impl P2pNetwork {
     async fn call<E: std::error::Error>(

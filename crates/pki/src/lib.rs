@@ -223,7 +223,7 @@ pub fn days_until_expiry(cert_path: &Path) -> Result<i64, PkiError> {
     let der = load_certs(cert_path)?.remove(0);
     let (_, cert) = X509Certificate::from_der(&der).map_err(|_| PkiError::Identity("not an X.509 certificate".into()))?;
     let not_after = cert.validity().not_after.timestamp();
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
     Ok((not_after - now) / 86_400)
 }
 

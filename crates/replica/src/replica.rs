@@ -99,9 +99,8 @@ pub struct ClusterStatus {
 /// Propose a command on this node, which must be the leader.
 pub(crate) async fn propose_local(core: &Core, command: Command) -> Result<Outcome, ForwardError> {
     let m = core.raft.metrics().borrow().clone();
-    if m.state == ServerState::Leader
-        && m.millis_since_quorum_ack.is_none_or(|ms| ms > core.stale_after.as_millis() as u64)
-    {
+    // `None` right after an election: the votes were a quorum's contact.
+    if m.state == ServerState::Leader && m.millis_since_quorum_ack.is_some_and(|ms| ms > core.stale_after.as_millis() as u64) {
         return Err(ForwardError::NoQuorum("the leader has not heard from a quorum recently".into()));
     }
     let kind = command.kind();
@@ -239,7 +238,7 @@ impl Replica {
         let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
         let stale_ms = self.core.stale_after.as_millis() as u64;
         let (stale, lag) = if m.state == ServerState::Leader {
-            (m.millis_since_quorum_ack.is_none_or(|ms| ms > stale_ms), 0)
+            (m.millis_since_quorum_ack.is_some_and(|ms| ms > stale_ms), 0)
         } else {
             let stale = m.current_leader.is_none() || self.clock.since_leader_contact_ms().is_none_or(|ms| ms > stale_ms);
             (stale, self.clock.lag_ms(applied))

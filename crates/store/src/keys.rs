@@ -44,7 +44,6 @@ pub fn producer(ods: &OdsCode) -> Vec<u8> {
     [b"p/".as_slice(), ods.as_str().as_bytes()].concat()
 }
 
-pub const PRODUCER_PREFIX: &[u8] = b"p/";
 pub const TYPE_PREFIX: &[u8] = b"t/";
 
 pub const VOTE: &[u8] = b"vote";

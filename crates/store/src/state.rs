@@ -18,10 +18,6 @@ use serde::de::DeserializeOwned;
 use crate::snapshot::{self, OwnedSnapshot, SnapshotFile};
 use crate::{StoreError, cf, handle, keys};
 
-fn sm_read(e: impl std::error::Error + 'static) -> StorageError {
-    StorageIOError::read_state_machine(AnyError::new(&e)).into()
-}
-
 fn sm_write(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::write_state_machine(AnyError::new(&e)).into()
 }
