@@ -219,14 +219,19 @@ impl Api {
         if let Some(url) = &t.url {
             return Api::new(url, t.ca.as_ref().unwrap(), t.cert.as_ref().unwrap(), t.key.as_ref().unwrap());
         }
-        let cluster = ClusterFile::load(&t.cluster)
-            .with_context(|| "no cluster to talk to: start one with `hie dev up`, or give --url, --ca, --cert and --key")?;
+        let cluster = ClusterFile::load(&t.cluster).with_context(
+            || "no cluster to talk to: start one with `hie dev up`, or give --url, --ca, --cert and --key",
+        )?;
         let node = match t.node {
-            Some(id) => cluster.nodes.iter().find(|n| n.id == id).with_context(|| format!("no node {id} in cluster.json"))?,
+            Some(id) => {
+                cluster.nodes.iter().find(|n| n.id == id).with_context(|| format!("no node {id} in cluster.json"))?
+            }
             None => cluster.nodes.first().context("cluster.json lists no nodes")?,
         };
         let client = match &t.client {
-            Some(name) => cluster.clients.iter().find(|c| &c.name == name).with_context(|| format!("no client {name}"))?,
+            Some(name) => {
+                cluster.clients.iter().find(|c| &c.name == name).with_context(|| format!("no client {name}"))?
+            }
             None => cluster.client_with_role(role).with_context(|| format!("no client with role {role}"))?,
         };
         Api::new(&node.api_url, &cluster.ca_cert, &client.cert, &client.key)
@@ -252,7 +257,11 @@ async fn answer(resp: reqwest::Response) -> anyhow::Result<(reqwest::StatusCode,
 
 fn fail(status: reqwest::StatusCode, body: &Value) -> anyhow::Error {
     let code = body.pointer("/issue/0/details/coding/0/code").and_then(Value::as_str).unwrap_or("");
-    let diag = body.pointer("/issue/0/diagnostics").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| body.to_string());
+    let diag = body
+        .pointer("/issue/0/diagnostics")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| body.to_string());
     anyhow::anyhow!("{status} {code}: {diag}")
 }
 
@@ -265,7 +274,8 @@ async fn run_async(op: Op) -> anyhow::Result<()> {
     match op {
         Op::Search(a) => {
             let api = Api::from_target(&a.target, "consumer")?;
-            let mut form = vec![("subject:identifier".to_owned(), format!("https://fhir.nhs.uk/Id/nhs-number|{}", a.nhs_number))];
+            let mut form =
+                vec![("subject:identifier".to_owned(), format!("https://fhir.nhs.uk/Id/nhs-number|{}", a.nhs_number))];
             if let Some(t) = &a.type_code {
                 form.push(("type".into(), format!("http://snomed.info/sct|{t}")));
             }
@@ -316,13 +326,18 @@ async fn run_async(op: Op) -> anyhow::Result<()> {
             let holders = body["parameter"].as_array().cloned().unwrap_or_default();
             println!("{} organisation(s) hold records:", holders.len());
             for h in holders {
-                println!("  {}  {} pointer(s)", h["part"][0]["valueIdentifier"]["value"].as_str().unwrap_or(""), h["part"][1]["valueInteger"]);
+                println!(
+                    "  {}  {} pointer(s)",
+                    h["part"][0]["valueIdentifier"]["value"].as_str().unwrap_or(""),
+                    h["part"][1]["valueInteger"]
+                );
             }
             Ok(())
         }
         Op::Pointer(PointerCmd::Get { id, target }) => {
             let api = Api::from_target(&target, "consumer")?;
-            let (status, _, body) = answer(api.http.get(api.fhir_url(&format!("/DocumentReference/{id}"))).send().await?).await?;
+            let (status, _, body) =
+                answer(api.http.get(api.fhir_url(&format!("/DocumentReference/{id}"))).send().await?).await?;
             if !status.is_success() {
                 return Err(fail(status, &body));
             }
@@ -331,7 +346,8 @@ async fn run_async(op: Op) -> anyhow::Result<()> {
         }
         Op::Pointer(PointerCmd::Delete { id, target }) => {
             let api = Api::from_target(&target, "producer")?;
-            let (status, _, body) = answer(api.http.delete(api.fhir_url(&format!("/DocumentReference/{id}"))).send().await?).await?;
+            let (status, _, body) =
+                answer(api.http.delete(api.fhir_url(&format!("/DocumentReference/{id}"))).send().await?).await?;
             if !status.is_success() {
                 return Err(fail(status, &body));
             }
@@ -361,7 +377,11 @@ async fn run_async(op: Op) -> anyhow::Result<()> {
                     serde_json::to_vec(&doc)?
                 }
             };
-            let req = api.http.post(api.fhir_url("/DocumentReference")).header("content-type", "application/fhir+json").body(body);
+            let req = api
+                .http
+                .post(api.fhir_url("/DocumentReference"))
+                .header("content-type", "application/fhir+json")
+                .body(body);
             let (status, headers, body) = answer(req.send().await?).await?;
             if !status.is_success() {
                 return Err(fail(status, &body));
@@ -404,7 +424,9 @@ async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
             target,
             "POST",
             "/admin/learners".to_owned(),
-            Some(json!({ "id": id, "peer_id": peer_id, "p2p_addr": p2p_addr, "region": region, "api_url": api_url, "admin_url": admin_url })),
+            Some(
+                json!({ "id": id, "peer_id": peer_id, "p2p_addr": p2p_addr, "region": region, "api_url": api_url, "admin_url": admin_url }),
+            ),
         ),
     };
     let api = Api::from_target(&target, "operator")?;
@@ -422,7 +444,12 @@ async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
 
 /// Calls an operator route; if this node is not the leader, follows the
 /// leader's URL named in the answer once.
-pub async fn operator_call(api: &Api, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<(reqwest::StatusCode, Value)> {
+pub async fn operator_call(
+    api: &Api,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<(reqwest::StatusCode, Value)> {
     let mut base = api.base.clone();
     for _ in 0..2 {
         let url = format!("{}{}", base.trim_end_matches("/fhir"), path);
@@ -453,8 +480,13 @@ pub async fn operator_call(api: &Api, method: &str, path: &str, body: Option<&Va
 fn print_status(s: &Value) {
     println!(
         "node {} ({})  state {}  term {}  leader {}  applied {}  stale {}",
-        s["id"], s["region"].as_str().unwrap_or(""), s["state"].as_str().unwrap_or(""), s["term"], s["leader_id"],
-        s["applied_index"], s["freshness"]["stale"]
+        s["id"],
+        s["region"].as_str().unwrap_or(""),
+        s["state"].as_str().unwrap_or(""),
+        s["term"],
+        s["leader_id"],
+        s["applied_index"],
+        s["freshness"]["stale"]
     );
     println!("{:<4} {:<16} {:<8} {:<10} {:<8} api", "id", "region", "role", "matched", "lag");
     for m in s["members"].as_array().into_iter().flatten() {

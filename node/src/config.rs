@@ -277,7 +277,9 @@ impl Config {
             bail!("p2p.message_bytes_max: must be at least twice raft.snapshot_chunk_bytes");
         }
         if self.p2p.message_bytes_max < self.api.body_bytes_max * 4 {
-            bail!("p2p.message_bytes_max: must be at least four times api.body_bytes_max (a forwarded write carries the pointer)");
+            bail!(
+                "p2p.message_bytes_max: must be at least four times api.body_bytes_max (a forwarded write carries the pointer)"
+            );
         }
         if !self.api.public_url.starts_with("https://") || !self.api.public_url.ends_with("/fhir") {
             bail!("api.public_url: must be https://HOST:PORT/fhir");
@@ -301,7 +303,9 @@ impl Config {
             bail!("raft.election_timeout_max_ms: must be greater than raft.election_timeout_min_ms");
         }
         if r.write_timeout_ms < r.election_timeout_max_ms || r.write_timeout_ms >= self.api.request_timeout_ms {
-            bail!("raft.write_timeout_ms: must be at least raft.election_timeout_max_ms and below api.request_timeout_ms");
+            bail!(
+                "raft.write_timeout_ms: must be at least raft.election_timeout_max_ms and below api.request_timeout_ms"
+            );
         }
         if self.log.format != "text" && self.log.format != "json" {
             bail!("log.format: must be text or json");
@@ -311,7 +315,9 @@ impl Config {
         }
         for (i, m) in self.cluster.initial_members.iter().enumerate() {
             m.peer_id.parse::<PeerId>().map_err(|e| anyhow::anyhow!("cluster.initial_members[{i}].peer_id: {e}"))?;
-            m.p2p_addr.parse::<Multiaddr>().map_err(|e| anyhow::anyhow!("cluster.initial_members[{i}].p2p_addr: {e}"))?;
+            m.p2p_addr
+                .parse::<Multiaddr>()
+                .map_err(|e| anyhow::anyhow!("cluster.initial_members[{i}].p2p_addr: {e}"))?;
         }
         Ok(())
     }
@@ -332,12 +338,8 @@ impl Config {
 
     pub fn replica_config(&self, peer_id: &PeerId) -> ReplicaConfig {
         let r = &self.raft;
-        let mut seeds: Vec<(PeerId, Multiaddr)> = self
-            .p2p
-            .seeds
-            .iter()
-            .filter_map(|s| Some((s.peer_id.parse().ok()?, s.addr.parse().ok()?)))
-            .collect();
+        let mut seeds: Vec<(PeerId, Multiaddr)> =
+            self.p2p.seeds.iter().filter_map(|s| Some((s.peer_id.parse().ok()?, s.addr.parse().ok()?))).collect();
         for m in &self.cluster.initial_members {
             if let (Ok(p), Ok(a)) = (m.peer_id.parse(), m.p2p_addr.parse()) {
                 seeds.push((p, a));

@@ -22,8 +22,9 @@ pub fn run_blocking(config_path: &Path) -> anyhow::Result<()> {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},openraft=warn,libp2p=warn", config.log.level)));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{},openraft=warn,libp2p=warn", config.log.level))
+    });
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if config.log.format == "json" {
         builder.json().init();
@@ -54,13 +55,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .initial_members
             .iter()
             .map(|m| {
-                (m.id, NodeInfo {
-                    peer_id: m.peer_id.clone(),
-                    p2p_addr: m.p2p_addr.clone(),
-                    region: m.region.clone(),
-                    api_url: m.api_url.clone(),
-                    admin_url: m.admin_url.clone(),
-                })
+                (
+                    m.id,
+                    NodeInfo {
+                        peer_id: m.peer_id.clone(),
+                        p2p_addr: m.p2p_addr.clone(),
+                        region: m.region.clone(),
+                        api_url: m.api_url.clone(),
+                        admin_url: m.admin_url.clone(),
+                    },
+                )
             })
             .collect();
         match replica.bootstrap(members).await {
@@ -70,8 +74,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let api = hie_api::serve_api(config.api_config(), replica.clone(), shutdown_rx.clone()).await.map_err(anyhow::Error::msg)?;
-    let admin = hie_api::serve_admin(config.admin.listen, replica.clone(), shutdown_rx.clone()).await.map_err(anyhow::Error::msg)?;
+    let api = hie_api::serve_api(config.api_config(), replica.clone(), shutdown_rx.clone())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let admin = hie_api::serve_admin(config.admin.listen, replica.clone(), shutdown_rx.clone())
+        .await
+        .map_err(anyhow::Error::msg)?;
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -57,6 +57,8 @@ impl Reply {
 impl Cluster {
     /// `hie dev up` in a new temporary directory.
     pub fn up(extra: &[&str]) -> anyhow::Result<Cluster> {
+        // Every HTTP client in a test (TLS or not) uses the ring provider.
+        hie_pki::install_default_provider();
         let dir = tempfile::Builder::new().prefix("hie-test-").tempdir()?;
         let d = dir.path().display().to_string();
         let mut args = vec!["dev", "up", "--dir", &d];
@@ -93,7 +95,12 @@ impl Cluster {
     }
 
     pub fn node(&self, id: u64) -> &Value {
-        self.file["nodes"].as_array().unwrap().iter().find(|n| n["id"].as_u64() == Some(id)).expect("node in cluster.json")
+        self.file["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"].as_u64() == Some(id))
+            .expect("node in cluster.json")
     }
 
     fn data_dir(&self, id: u64) -> PathBuf {
@@ -131,10 +138,17 @@ impl Cluster {
     /// Runs the node's `command` from cluster.json again, on the same data.
     pub fn restart(&self, id: u64) -> anyhow::Result<()> {
         let node = self.node(id);
-        let cmd: Vec<String> = node["command"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+        let cmd: Vec<String> =
+            node["command"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir(id).join("hie.log"))?;
         use std::os::unix::process::CommandExt;
-        Command::new(&cmd[0]).args(&cmd[1..]).stdout(log.try_clone()?).stderr(log).stdin(std::process::Stdio::null()).process_group(0).spawn()?;
+        Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()?;
         Ok(())
     }
 
@@ -207,7 +221,9 @@ impl Cluster {
         loop {
             let mut digests = vec![];
             for &id in ids {
-                digests.push(self.admin(id, "/digest").await.map(|d| (d["applied_index"].as_u64().unwrap_or(0), d["digest"].as_str().unwrap_or("").to_owned())));
+                digests.push(self.admin(id, "/digest").await.map(|d| {
+                    (d["applied_index"].as_u64().unwrap_or(0), d["digest"].as_str().unwrap_or("").to_owned())
+                }));
             }
             if let Some(Some(first)) = digests.first()
                 && digests.iter().all(|d| d.as_ref() == Some(first))
@@ -235,7 +251,10 @@ impl Cluster {
 
     /// Every node's whole log.
     pub fn all_logs(&self) -> String {
-        self.node_ids().iter().map(|id| std::fs::read_to_string(self.data_dir(*id).join("hie.log")).unwrap_or_default()).collect()
+        self.node_ids()
+            .iter()
+            .map(|id| std::fs::read_to_string(self.data_dir(*id).join("hie.log")).unwrap_or_default())
+            .collect()
     }
 }
 
@@ -300,11 +319,19 @@ pub fn pointer_body(nhs: &str, ods: &str, master: &str) -> Value {
 
 /// POST a pointer as the given client to a node. Ok(id) when created.
 pub async fn create_pointer(http: &reqwest::Client, api_url: &str, body: &Value) -> anyhow::Result<Reply> {
-    reply(http.post(format!("{api_url}/DocumentReference")).header("content-type", "application/fhir+json").json(body)).await
+    reply(http.post(format!("{api_url}/DocumentReference")).header("content-type", "application/fhir+json").json(body))
+        .await
 }
 
-pub async fn search(http: &reqwest::Client, api_url: &str, nhs: &str, extra_headers: &[(&str, &str)]) -> anyhow::Result<Reply> {
-    let mut r = http.get(format!("{api_url}/DocumentReference")).query(&[("subject:identifier", format!("{NHS_SYSTEM}|{nhs}"))]);
+pub async fn search(
+    http: &reqwest::Client,
+    api_url: &str,
+    nhs: &str,
+    extra_headers: &[(&str, &str)],
+) -> anyhow::Result<Reply> {
+    let mut r = http
+        .get(format!("{api_url}/DocumentReference"))
+        .query(&[("subject:identifier", format!("{NHS_SYSTEM}|{nhs}"))]);
     for (k, v) in extra_headers {
         r = r.header(*k, *v);
     }

@@ -18,8 +18,26 @@ struct Case {
     code: &'static str,
 }
 
-fn case(name: &'static str, client: &'static str, method: &'static str, path: String, body: Value, status: u16, code: &'static str) -> Case {
-    Case { name, client, method, path, content_type: "application/fhir+json", body: serde_json::to_vec(&body).unwrap(), headers: vec![], status, code }
+fn case(
+    name: &'static str,
+    client: &'static str,
+    method: &'static str,
+    path: String,
+    body: Value,
+    status: u16,
+    code: &'static str,
+) -> Case {
+    Case {
+        name,
+        client,
+        method,
+        path,
+        content_type: "application/fhir+json",
+        body: serde_json::to_vec(&body).unwrap(),
+        headers: vec![],
+        status,
+        code,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,50 +53,201 @@ async fn bad_input_gets_a_clear_operation_outcome_and_changes_nothing() -> anyho
         v
     };
     let mut cases = vec![
-        case("invalid NHS Number in body", "gp-practice-a", "POST", "/DocumentReference".into(),
-            with(&|v| v["subject"]["identifier"]["value"] = json!("9434765918")), 400, "INVALID_NHS_NUMBER"),
-        case("wrong resourceType", "gp-practice-a", "POST", "/DocumentReference".into(),
-            with(&|v| v["resourceType"] = json!("Patient")), 400, "INVALID_RESOURCE"),
-        case("missing custodian", "gp-practice-a", "POST", "/DocumentReference".into(),
-            with(&|v| { v.as_object_mut().unwrap().remove("custodian"); }), 400, "INVALID_RESOURCE"),
-        case("missing content url", "gp-practice-a", "POST", "/DocumentReference".into(),
-            with(&|v| { v["content"][0]["attachment"].as_object_mut().unwrap().remove("url"); }), 400, "INVALID_RESOURCE"),
-        case("category not the registered one", "gp-practice-a", "POST", "/DocumentReference".into(),
-            with(&|v| v["category"][0]["coding"][0]["code"] = json!("419891008")), 400, "INVALID_RESOURCE"),
-        case("consumer writing", "ambulance-service", "POST", "/DocumentReference".into(), good.clone(), 403, "AUTHOR_CREDENTIALS_ERROR"),
-        case("producer publishing for another organisation", "mental-health-trust", "POST", "/DocumentReference".into(),
-            good.clone(), 403, "AUTHOR_CREDENTIALS_ERROR"),
-        case("type not in the registry", "gp-practice-a", "POST", "/DocumentReference".into(),
-            with(&|v| v["type"]["coding"][0]["code"] = json!("861421000000109")), 400, "INVALID_RESOURCE"),
-        case("invalid NHS Number in a search", "ambulance-service", "GET",
-            "/DocumentReference?subject:identifier=https://fhir.nhs.uk/Id/nhs-number|1234567890".into(), Value::Null, 400, "INVALID_NHS_NUMBER"),
-        case("unknown search parameter", "ambulance-service", "GET",
-            format!("/DocumentReference?subject:identifier=https://fhir.nhs.uk/Id/nhs-number|{}&colour=blue", nhs(1)), Value::Null, 400, "INVALID_PARAMETER"),
-        case("search without a subject", "ambulance-service", "GET", "/DocumentReference?type=736253002".into(), Value::Null, 400, "INVALID_PARAMETER"),
-        case("invalid NHS Number for record holders", "ambulance-service", "GET", "/Patient/0000000000/$record-holders".into(), Value::Null, 400, "INVALID_NHS_NUMBER"),
-        case("no such pointer", "ambulance-service", "GET", "/DocumentReference/A81001-nope".into(), Value::Null, 404, "NO_RECORD_FOUND"),
-        case("operator route as a consumer", "ambulance-service", "GET", "/../admin/status".into(), Value::Null, 403, "AUTHOR_CREDENTIALS_ERROR"),
+        case(
+            "invalid NHS Number in body",
+            "gp-practice-a",
+            "POST",
+            "/DocumentReference".into(),
+            with(&|v| v["subject"]["identifier"]["value"] = json!("9434765918")),
+            400,
+            "INVALID_NHS_NUMBER",
+        ),
+        case(
+            "wrong resourceType",
+            "gp-practice-a",
+            "POST",
+            "/DocumentReference".into(),
+            with(&|v| v["resourceType"] = json!("Patient")),
+            400,
+            "INVALID_RESOURCE",
+        ),
+        case(
+            "missing custodian",
+            "gp-practice-a",
+            "POST",
+            "/DocumentReference".into(),
+            with(&|v| {
+                v.as_object_mut().unwrap().remove("custodian");
+            }),
+            400,
+            "INVALID_RESOURCE",
+        ),
+        case(
+            "missing content url",
+            "gp-practice-a",
+            "POST",
+            "/DocumentReference".into(),
+            with(&|v| {
+                v["content"][0]["attachment"].as_object_mut().unwrap().remove("url");
+            }),
+            400,
+            "INVALID_RESOURCE",
+        ),
+        case(
+            "category not the registered one",
+            "gp-practice-a",
+            "POST",
+            "/DocumentReference".into(),
+            with(&|v| v["category"][0]["coding"][0]["code"] = json!("419891008")),
+            400,
+            "INVALID_RESOURCE",
+        ),
+        case(
+            "consumer writing",
+            "ambulance-service",
+            "POST",
+            "/DocumentReference".into(),
+            good.clone(),
+            403,
+            "AUTHOR_CREDENTIALS_ERROR",
+        ),
+        case(
+            "producer publishing for another organisation",
+            "mental-health-trust",
+            "POST",
+            "/DocumentReference".into(),
+            good.clone(),
+            403,
+            "AUTHOR_CREDENTIALS_ERROR",
+        ),
+        case(
+            "type not in the registry",
+            "gp-practice-a",
+            "POST",
+            "/DocumentReference".into(),
+            with(&|v| v["type"]["coding"][0]["code"] = json!("861421000000109")),
+            400,
+            "INVALID_RESOURCE",
+        ),
+        case(
+            "invalid NHS Number in a search",
+            "ambulance-service",
+            "GET",
+            "/DocumentReference?subject:identifier=https://fhir.nhs.uk/Id/nhs-number|1234567890".into(),
+            Value::Null,
+            400,
+            "INVALID_NHS_NUMBER",
+        ),
+        case(
+            "unknown search parameter",
+            "ambulance-service",
+            "GET",
+            format!("/DocumentReference?subject:identifier=https://fhir.nhs.uk/Id/nhs-number|{}&colour=blue", nhs(1)),
+            Value::Null,
+            400,
+            "INVALID_PARAMETER",
+        ),
+        case(
+            "search without a subject",
+            "ambulance-service",
+            "GET",
+            "/DocumentReference?type=736253002".into(),
+            Value::Null,
+            400,
+            "INVALID_PARAMETER",
+        ),
+        case(
+            "invalid NHS Number for record holders",
+            "ambulance-service",
+            "GET",
+            "/Patient/0000000000/$record-holders".into(),
+            Value::Null,
+            400,
+            "INVALID_NHS_NUMBER",
+        ),
+        case(
+            "no such pointer",
+            "ambulance-service",
+            "GET",
+            "/DocumentReference/A81001-nope".into(),
+            Value::Null,
+            404,
+            "NO_RECORD_FOUND",
+        ),
+        case(
+            "operator route as a consumer",
+            "ambulance-service",
+            "GET",
+            "/../admin/status".into(),
+            Value::Null,
+            403,
+            "AUTHOR_CREDENTIALS_ERROR",
+        ),
     ];
-    let mut malformed = case("malformed JSON", "gp-practice-a", "POST", "/DocumentReference".into(), Value::Null, 400, "MESSAGE_NOT_WELL_FORMED");
+    let mut malformed = case(
+        "malformed JSON",
+        "gp-practice-a",
+        "POST",
+        "/DocumentReference".into(),
+        Value::Null,
+        400,
+        "MESSAGE_NOT_WELL_FORMED",
+    );
     malformed.body = b"{\"resourceType\": \"DocumentReference\", ".to_vec();
     cases.push(malformed);
-    let mut deep = case("JSON nested too deep", "gp-practice-a", "POST", "/DocumentReference".into(), Value::Null, 400, "MESSAGE_NOT_WELL_FORMED");
+    let mut deep = case(
+        "JSON nested too deep",
+        "gp-practice-a",
+        "POST",
+        "/DocumentReference".into(),
+        Value::Null,
+        400,
+        "MESSAGE_NOT_WELL_FORMED",
+    );
     deep.body = format!("{}{}", "[".repeat(100), "]".repeat(100)).into_bytes();
     cases.push(deep);
-    let mut big = case("body over 1 MiB", "gp-practice-a", "POST", "/DocumentReference".into(), Value::Null, 413, "PAYLOAD_TOO_LARGE");
+    let mut big = case(
+        "body over 1 MiB",
+        "gp-practice-a",
+        "POST",
+        "/DocumentReference".into(),
+        Value::Null,
+        413,
+        "PAYLOAD_TOO_LARGE",
+    );
     big.body = format!("{{\"x\":\"{}\"}}", "a".repeat(1 << 20)).into_bytes();
     cases.push(big);
-    let mut ct = case("wrong Content-Type", "gp-practice-a", "POST", "/DocumentReference".into(), good.clone(), 415, "UNSUPPORTED_MEDIA_TYPE");
+    let mut ct = case(
+        "wrong Content-Type",
+        "gp-practice-a",
+        "POST",
+        "/DocumentReference".into(),
+        good.clone(),
+        415,
+        "UNSUPPORTED_MEDIA_TYPE",
+    );
     ct.content_type = "text/plain";
     cases.push(ct);
-    let mut rid = case("bad X-Request-ID", "ambulance-service", "GET", "/metadata".into(), Value::Null, 400, "MISSING_OR_INVALID_HEADER");
+    let mut rid = case(
+        "bad X-Request-ID",
+        "ambulance-service",
+        "GET",
+        "/metadata".into(),
+        Value::Null,
+        400,
+        "MISSING_OR_INVALID_HEADER",
+    );
     rid.headers.push(("x-request-id", "has spaces and ;".into()));
     cases.push(rid);
 
     let api = c.api_url(ids[1]);
     for k in &cases {
         let http = c.http(k.client);
-        let url = if let Some(rest) = k.path.strip_prefix("/..") { format!("{}{rest}", api.trim_end_matches("/fhir")) } else { format!("{api}{}", k.path) };
+        let url = if let Some(rest) = k.path.strip_prefix("/..") {
+            format!("{}{rest}", api.trim_end_matches("/fhir"))
+        } else {
+            format!("{api}{}", k.path)
+        };
         let mut req = match k.method {
             "POST" => http.post(&url).header("content-type", k.content_type).body(k.body.clone()),
             _ => http.get(&url),
@@ -95,7 +264,8 @@ async fn bad_input_gets_a_clear_operation_outcome_and_changes_nothing() -> anyho
     }
 
     // A request id is echoed back.
-    let r = reply(c.http("ambulance-service").get(format!("{api}/metadata")).header("x-request-id", "abc-123.X_y")).await?;
+    let r =
+        reply(c.http("ambulance-service").get(format!("{api}/metadata")).header("x-request-id", "abc-123.X_y")).await?;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-request-id"), Some("abc-123.X_y"));
     assert_eq!(r.body["fhirVersion"], "4.0.1");
@@ -106,11 +276,15 @@ async fn bad_input_gets_a_clear_operation_outcome_and_changes_nothing() -> anyho
     assert!(anonymous.get(format!("{api}/metadata")).send().await.is_err(), "no certificate, no answer");
     let other = tempfile::tempdir()?;
     let other_ca = hie_pki::DevCa::generate()?;
-    let pem = other_ca.issue_client("intruder", &hie_domain::OdsCode::parse("A81001")?, &[hie_domain::Role::Consumer])?;
+    let pem =
+        other_ca.issue_client("intruder", &hie_domain::OdsCode::parse("A81001")?, &[hie_domain::Role::Consumer])?;
     std::fs::write(other.path().join("c.pem"), &pem.cert)?;
     std::fs::write(other.path().join("c.key"), &pem.key)?;
     let intruder = https_client(&ca, Some((&other.path().join("c.pem"), &other.path().join("c.key"))));
-    assert!(intruder.get(format!("{api}/metadata")).send().await.is_err(), "a certificate from another CA gets no answer");
+    assert!(
+        intruder.get(format!("{api}/metadata")).send().await.is_err(),
+        "a certificate from another CA gets no answer"
+    );
 
     // Nothing changed, and every node is still healthy.
     let (_, digest_after) = c.wait_converged(&ids, Duration::from_secs(20)).await?;

@@ -18,7 +18,8 @@ async fn a_write_to_any_node_is_readable_on_every_node() -> anyhow::Result<()> {
     let leader = c.wait_leader(Duration::from_secs(10)).await?;
     for (i, id) in c.node_ids().into_iter().enumerate() {
         let patient = nhs(500 + i as u32);
-        let r = create_pointer(&gp, &c.api_url(id), &pointer_body(&patient, "A81001", &format!("any-node-{id}"))).await?;
+        let r =
+            create_pointer(&gp, &c.api_url(id), &pointer_body(&patient, "A81001", &format!("any-node-{id}"))).await?;
         assert_eq!(r.status, 201, "create on node {id} (leader {leader}): {}", r.body);
         assert!(r.header("location").unwrap().contains("/_history/1"));
         assert_eq!(r.header("etag"), Some("W/\"1\""));
@@ -59,7 +60,8 @@ async fn killing_the_leader_loses_no_acknowledged_write() -> anyhow::Result<()> 
     let failures = Arc::new(AtomicU64::new(0));
     let mut writers = vec![];
     for w in 0..4u32 {
-        let (c, stop, acked, failures, followers) = (c.clone(), stop.clone(), acked.clone(), failures.clone(), followers.clone());
+        let (c, stop, acked, failures, followers) =
+            (c.clone(), stop.clone(), acked.clone(), failures.clone(), followers.clone());
         writers.push(tokio::spawn(async move {
             let gp = c.http("gp-practice-a");
             let mut i = 0u32;
@@ -69,7 +71,9 @@ async fn killing_the_leader_loses_no_acknowledged_write() -> anyhow::Result<()> 
                 let patient = nhs(1000 + w * 100_000 + i);
                 let body = pointer_body(&patient, "A81001", &format!("stream-{w}-{i}"));
                 match create_pointer(&gp, &c.api_url(node), &body).await {
-                    Ok(r) if r.status == 201 => acked.lock().unwrap().push((patient, r.body["id"].as_str().unwrap().to_owned())),
+                    Ok(r) if r.status == 201 => {
+                        acked.lock().unwrap().push((patient, r.body["id"].as_str().unwrap().to_owned()))
+                    }
                     _ => {
                         failures.fetch_add(1, Ordering::Relaxed);
                     }
@@ -146,7 +150,9 @@ async fn a_node_cut_off_from_the_majority_serves_stale_reads_and_refuses_writes(
         assert!(s.body["total"].as_u64().unwrap() >= 1);
 
         let started = Instant::now();
-        let w = create_pointer(&gp, &c.api_url(isolated), &pointer_body(&nhs(7), "A81001", &format!("cut-off-{isolated}"))).await?;
+        let w =
+            create_pointer(&gp, &c.api_url(isolated), &pointer_body(&nhs(7), "A81001", &format!("cut-off-{isolated}")))
+                .await?;
         let took = started.elapsed();
         assert_eq!(w.status, 503, "{}", w.body);
         assert_eq!(w.code(), "NO_QUORUM");
@@ -165,7 +171,12 @@ async fn a_node_cut_off_from_the_majority_serves_stale_reads_and_refuses_writes(
         // Healed: the write goes through now.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let w = create_pointer(&gp, &c.api_url(isolated), &pointer_body(&nhs(7), "A81001", &format!("healed-{isolated}"))).await?;
+            let w = create_pointer(
+                &gp,
+                &c.api_url(isolated),
+                &pointer_body(&nhs(7), "A81001", &format!("healed-{isolated}")),
+            )
+            .await?;
             if w.status == 201 {
                 break;
             }

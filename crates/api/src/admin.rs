@@ -15,6 +15,8 @@ use hie_replica::Replica;
 use serde_json::json;
 use tokio::sync::watch;
 
+/// `/readyz` fails when the replica is more entries than this behind the leader's commit.
+pub const READY_BEHIND_ENTRIES_MAX: u64 = 1_000;
 /// `/readyz` fails when the replica has been behind the leader for longer than this.
 pub const READY_LAG_MS_MAX: u64 = 5_000;
 
@@ -30,7 +32,8 @@ pub async fn serve_admin(
         .route("/status", get(status))
         .route("/digest", get(digest))
         .with_state(replica);
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     tracing::info!(%listen, "admin listening (http)");
     Ok(tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -52,13 +55,19 @@ async fn readyz(State(r): State<Arc<Replica>>) -> Response {
         (false, "no leader")
     } else if f.stale {
         (false, "no recent contact with a quorum")
-    } else if f.replication_lag_ms > READY_LAG_MS_MAX {
+    } else if f.behind_entries > READY_BEHIND_ENTRIES_MAX || f.replication_lag_ms > READY_LAG_MS_MAX {
         (false, "behind the leader")
     } else {
         (true, "ready")
     };
     let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, axum::Json(json!({ "ready": ok, "reason": reason, "leader_id": s.leader_id, "applied_index": f.applied_index }))).into_response()
+    (
+        code,
+        axum::Json(
+            json!({ "ready": ok, "reason": reason, "leader_id": s.leader_id, "applied_index": f.applied_index }),
+        ),
+    )
+        .into_response()
 }
 
 async fn status(State(r): State<Arc<Replica>>) -> Response {
@@ -67,7 +76,9 @@ async fn status(State(r): State<Arc<Replica>>) -> Response {
 
 async fn digest(State(r): State<Arc<Replica>>) -> Response {
     match r.digest().await {
-        Ok((applied, digest, records)) => axum::Json(json!({ "applied_index": applied, "digest": digest, "records": records })).into_response(),
+        Ok((applied, digest, records)) => {
+            axum::Json(json!({ "applied_index": applied, "digest": digest, "records": records })).into_response()
+        }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

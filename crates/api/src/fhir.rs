@@ -357,7 +357,8 @@ pub fn document_reference(p: &RecordPointer) -> Value {
         doc["masterIdentifier"] = json!({ "system": m.system, "value": m.value });
     }
     if let Some(r) = &p.replaces {
-        doc["relatesTo"] = json!([{ "code": "replaces", "target": { "reference": format!("DocumentReference/{}", r.as_str()) } }]);
+        doc["relatesTo"] =
+            json!([{ "code": "replaces", "target": { "reference": format!("DocumentReference/{}", r.as_str()) } }]);
     }
     if let Some(ctx) = &p.context {
         let mut c = json!({});
@@ -366,8 +367,12 @@ pub fn document_reference(p: &RecordPointer) -> Value {
         }
         if ctx.period_start.is_some() || ctx.period_end.is_some() {
             let mut period = json!({});
-            if let Some(s) = &ctx.period_start { period["start"] = json!(s); }
-            if let Some(e) = &ctx.period_end { period["end"] = json!(e); }
+            if let Some(s) = &ctx.period_start {
+                period["start"] = json!(s);
+            }
+            if let Some(e) = &ctx.period_end {
+                period["end"] = json!(e);
+            }
             c["period"] = period;
         }
         doc["context"] = c;
@@ -479,13 +484,22 @@ mod tests {
         assert!(matches!(parse_document_reference(b"{not json"), Err(ApiError::NotWellFormed(_))));
         let mut v = sample("9434765919");
         v["resourceType"] = json!("Patient");
-        assert!(matches!(parse_document_reference(&serde_json::to_vec(&v).unwrap()), Err(ApiError::InvalidResource(_))));
+        assert!(matches!(
+            parse_document_reference(&serde_json::to_vec(&v).unwrap()),
+            Err(ApiError::InvalidResource(_))
+        ));
         let mut v = sample("9434765919");
         v.as_object_mut().unwrap().remove("custodian");
-        assert!(matches!(parse_document_reference(&serde_json::to_vec(&v).unwrap()), Err(ApiError::InvalidResource(_))));
+        assert!(matches!(
+            parse_document_reference(&serde_json::to_vec(&v).unwrap()),
+            Err(ApiError::InvalidResource(_))
+        ));
         let mut v = sample("9434765919");
         v["unknownField"] = json!(1);
-        assert!(matches!(parse_document_reference(&serde_json::to_vec(&v).unwrap()), Err(ApiError::InvalidResource(_))));
+        assert!(matches!(
+            parse_document_reference(&serde_json::to_vec(&v).unwrap()),
+            Err(ApiError::InvalidResource(_))
+        ));
     }
 
     #[test]
@@ -494,6 +508,9 @@ mod tests {
         assert!(json_depth_exceeds(deep.as_bytes(), 64));
         let ok = "[".repeat(64) + &"]".repeat(64);
         assert!(!json_depth_exceeds(ok.as_bytes(), 64));
-        assert!(!json_depth_exceeds(br#"{"a":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}"#, 2));
+        assert!(!json_depth_exceeds(
+            br#"{"a":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}"#,
+            2
+        ));
     }
 }

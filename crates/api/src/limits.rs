@@ -61,7 +61,11 @@ const RATE_LIMITER_CLIENTS_MAX: usize = 100_000;
 
 impl RateLimiter {
     pub fn new(rate_per_sec: u32, burst: u32) -> Self {
-        RateLimiter { rate: f64::from(rate_per_sec), burst: f64::from(burst.max(1)), buckets: Mutex::new(HashMap::new()) }
+        RateLimiter {
+            rate: f64::from(rate_per_sec),
+            burst: f64::from(burst.max(1)),
+            buckets: Mutex::new(HashMap::new()),
+        }
     }
 
     /// True if the client may make one more request now.

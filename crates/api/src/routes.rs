@@ -11,11 +11,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use hie_domain::{
-    Caller, Command, CommandV1, NhsNumber, OdsCode, Outcome, PointerId, PointerStatus, PointerType, RecordPointer, Role,
-    SnomedCode, Timestamp,
-};
 use hie_domain::raft::NodeInfo;
+use hie_domain::{
+    Caller, Command, CommandV1, NhsNumber, OdsCode, Outcome, PointerId, PointerStatus, PointerType, RecordPointer,
+    Role, SnomedCode, Timestamp,
+};
 use hie_replica::{MembershipError, Replica};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -71,14 +71,22 @@ async fn not_found() -> ApiError {
 pub(crate) struct RequestId(pub String);
 
 fn valid_request_id(s: &str, max: usize) -> bool {
-    !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 /// Around every request: request id, authentication, rate limit, timeout,
 /// metrics and an access log line (never with an NHS Number).
-async fn envelope(State(st): St, Extension(identity): Extension<ConnIdentity>, mut req: Request, next: Next) -> Response {
+async fn envelope(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
-    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let route =
+        req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let method = req.method().clone();
     let limits = &st.config.limits;
     let mut request_id = None;
@@ -105,7 +113,11 @@ async fn envelope(State(st): St, Extension(identity): Extension<ConnIdentity>, m
     let caller = identity.0.clone();
     if early.is_none() {
         match &caller {
-            Err(reason) => early = Some(ApiError::Forbidden(format!("the client certificate names no organisation and role: {reason}"))),
+            Err(reason) => {
+                early = Some(ApiError::Forbidden(format!(
+                    "the client certificate names no organisation and role: {reason}"
+                )))
+            }
             Ok(c) if !st.limiter.allow(&c.ods) => early = Some(ApiError::RateLimited),
             Ok(_) => {}
         }
@@ -144,11 +156,7 @@ fn caller(identity: &ConnIdentity) -> Result<Caller, ApiError> {
 }
 
 fn require(caller: &Caller, role: Role) -> Result<(), ApiError> {
-    if caller.has(role) {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden(format!("this needs the {} role", role.as_str())))
-    }
+    if caller.has(role) { Ok(()) } else { Err(ApiError::Forbidden(format!("this needs the {} role", role.as_str()))) }
 }
 
 fn now() -> Timestamp {
@@ -262,9 +270,10 @@ fn written(status: StatusCode, st: &AppState, headers: &HeaderMap, p: &RecordPoi
     let location = format!("{}/DocumentReference/{}/_history/{}", st.config.base_url, p.id.as_str(), p.version);
     let mut resp = match prefer(headers) {
         "return=minimal" => status.into_response(),
-        "return=OperationOutcome" => {
-            fhir_json(status, &operation_outcome("information", "informational", "RESOURCE_CREATED", &format!("pointer {} stored", p.id)))
-        }
+        "return=OperationOutcome" => fhir_json(
+            status,
+            &operation_outcome("information", "informational", "RESOURCE_CREATED", &format!("pointer {} stored", p.id)),
+        ),
         _ => fhir_json(status, &fhir::document_reference(p)),
     };
     let h = resp.headers_mut();
@@ -275,7 +284,12 @@ fn written(status: StatusCode, st: &AppState, headers: &HeaderMap, p: &RecordPoi
     resp
 }
 
-async fn run_write(st: &AppState, caller: &Caller, command: Command, request_id: &RequestId) -> Result<Outcome, ApiError> {
+async fn run_write(
+    st: &AppState,
+    caller: &Caller,
+    command: Command,
+    request_id: &RequestId,
+) -> Result<Outcome, ApiError> {
     match st.replica.write(caller, command, &request_id.0).await? {
         Outcome::Rejected(r) => Err(r.into()),
         o => Ok(o),
@@ -294,7 +308,9 @@ async fn create(
     let body = read_body(body, &headers, &st.config.limits, false).await?;
     let parsed = fhir::parse_document_reference(&body)?;
     if parsed.id.is_some() {
-        return Err(ApiError::InvalidResource("a create by POST must not carry an id (use PUT to choose your own)".into()));
+        return Err(ApiError::InvalidResource(
+            "a create by POST must not carry an id (use PUT to choose your own)".into(),
+        ));
     }
     let mut pointer = parsed.pointer;
     if pointer.status != PointerStatus::Current {
@@ -307,7 +323,9 @@ async fn create(
     let at = now();
     pointer.created = at;
     pointer.updated = at;
-    match run_write(&st, &caller, Command::V1(CommandV1::CreatePointer { caller: caller.clone(), pointer }), &rid).await? {
+    match run_write(&st, &caller, Command::V1(CommandV1::CreatePointer { caller: caller.clone(), pointer }), &rid)
+        .await?
+    {
         Outcome::Created { pointer } => Ok(written(StatusCode::CREATED, &st, &headers, &pointer)),
         other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
     }
@@ -317,7 +335,9 @@ fn parse_if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
     let s = v.to_str().map_err(|_| ApiError::InvalidHeader("If-Match is not text".into()))?;
     let s = s.trim().trim_start_matches("W/").trim_matches('"');
-    s.parse::<u64>().map(Some).map_err(|_| ApiError::InvalidHeader("If-Match must be W/\"<version>\" or \"<version>\"".into()))
+    s.parse::<u64>()
+        .map(Some)
+        .map_err(|_| ApiError::InvalidHeader("If-Match must be W/\"<version>\" or \"<version>\"".into()))
 }
 
 fn path_id(id: &str) -> Result<PointerId, ApiError> {
@@ -357,7 +377,9 @@ async fn update(
         }
         None => {
             if id.custodian() != caller.ods {
-                return Err(ApiError::Forbidden("a producer may only choose ids beginning with its own ODS code".into()));
+                return Err(ApiError::Forbidden(
+                    "a producer may only choose ids beginning with its own ODS code".into(),
+                ));
             }
             pointer.version = 1;
             pointer.created = at;
@@ -521,7 +543,9 @@ async fn search_post(
     caller(&identity)?;
     let body = read_body(body, &headers, &st.config.limits, true).await?;
     let mut pairs = parse_query(uri.query().unwrap_or(""))?;
-    pairs.extend(parse_query(std::str::from_utf8(&body).map_err(|_| ApiError::NotWellFormed("form is not UTF-8".into()))?)?);
+    pairs.extend(parse_query(
+        std::str::from_utf8(&body).map_err(|_| ApiError::NotWellFormed("form is not UTF-8".into()))?,
+    )?);
     do_search(&st, &identity, &headers, pairs, false).await
 }
 
@@ -540,7 +564,8 @@ fn parse_query(q: &str) -> Result<Vec<(String, String)>, ApiError> {
     for part in q.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = part.split_once('=').unwrap_or((part, ""));
         let dec = |s: &str| {
-            percent_decode(s).ok_or_else(|| ApiError::InvalidParameter("malformed percent-encoding in the query".into()))
+            percent_decode(s)
+                .ok_or_else(|| ApiError::InvalidParameter("malformed percent-encoding in the query".into()))
         };
         out.push((dec(k)?, dec(v)?));
     }
@@ -587,7 +612,9 @@ async fn do_search(
                 .get(token)
                 .filter(|(at, c)| at.elapsed() < limits.cursor_ttl && c.owner == caller.ods)
                 .map(|(_, c)| c.clone())
-                .ok_or_else(|| ApiError::InvalidParameter("the next token is unknown or expired; search again".into()))?;
+                .ok_or_else(|| {
+                    ApiError::InvalidParameter("the next token is unknown or expired; search again".into())
+                })?;
             cursors.entries.remove(token);
             (c.subject, c.type_code, c.custodian, c.count, Some(c.after))
         }
@@ -736,18 +763,32 @@ async fn admin_add_learner(
         return Err(ApiError::InvalidParameter("node ids start at 1".into()));
     }
     let n = req.node;
-    let info = NodeInfo { peer_id: n.peer_id, p2p_addr: n.p2p_addr, region: n.region, api_url: n.api_url, admin_url: n.admin_url };
+    let info = NodeInfo {
+        peer_id: n.peer_id,
+        p2p_addr: n.p2p_addr,
+        region: n.region,
+        api_url: n.api_url,
+        admin_url: n.admin_url,
+    };
     st.replica.add_learner(req.id, info).await.map_err(membership_error)?;
     Ok(Json(json!({ "added_learner": req.id })).into_response())
 }
 
-async fn admin_promote(State(st): St, Extension(identity): Extension<ConnIdentity>, Path(id): Path<u64>) -> Result<Response, ApiError> {
+async fn admin_promote(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    Path(id): Path<u64>,
+) -> Result<Response, ApiError> {
     operator(&identity)?;
     st.replica.promote(id).await.map_err(membership_error)?;
     Ok(Json(json!({ "promoted": id })).into_response())
 }
 
-async fn admin_remove(State(st): St, Extension(identity): Extension<ConnIdentity>, Path(id): Path<u64>) -> Result<Response, ApiError> {
+async fn admin_remove(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    Path(id): Path<u64>,
+) -> Result<Response, ApiError> {
     operator(&identity)?;
     st.replica.remove(id).await.map_err(membership_error)?;
     Ok(Json(json!({ "removed": id })).into_response())

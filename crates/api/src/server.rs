@@ -41,7 +41,8 @@ pub async fn serve_api(
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let tls = hie_pki::server_config(&config.cert, &config.key, &config.ca).map_err(|e| e.to_string())?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let listener = TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let limits = config.limits.clone();
     let metrics = replica.metrics().clone();
     let app = routes::router(config.clone(), replica);

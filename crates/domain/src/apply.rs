@@ -120,7 +120,9 @@ fn check_producer<T: StateTxn>(
         }));
     }
     if pointer.id.custodian() != pointer.custodian {
-        return Ok(Some(Rejection::Invalid { reason: "the pointer id must begin with the custodian's ODS code".into() }));
+        return Ok(Some(Rejection::Invalid {
+            reason: "the pointer id must begin with the custodian's ODS code".into(),
+        }));
     }
     let Some(registered) = txn.pointer_type(&pointer.type_code).map_err(ApplyError::Storage)? else {
         return Ok(Some(Rejection::UnknownType { code: pointer.type_code.clone() }));
@@ -186,7 +188,9 @@ fn create<T: StateTxn>(txn: &mut T, caller: &Caller, pointer: &RecordPointer) ->
 
     if let Some(old_id) = &pointer.replaces {
         let Some(mut old) = txn.pointer(old_id).map_err(ApplyError::Storage)? else {
-            return Ok(Outcome::Rejected(Rejection::Invalid { reason: format!("relatesTo target {old_id} does not exist") }));
+            return Ok(Outcome::Rejected(Rejection::Invalid {
+                reason: format!("relatesTo target {old_id} does not exist"),
+            }));
         };
         if old.custodian != caller.ods {
             return Ok(forbidden("a pointer may only replace a pointer of the same custodian"));
@@ -197,7 +201,9 @@ fn create<T: StateTxn>(txn: &mut T, caller: &Caller, pointer: &RecordPointer) ->
             }));
         }
         if old.status != PointerStatus::Current {
-            return Ok(Outcome::Rejected(Rejection::Invalid { reason: format!("relatesTo target {old_id} is not current") }));
+            return Ok(Outcome::Rejected(Rejection::Invalid {
+                reason: format!("relatesTo target {old_id} is not current"),
+            }));
         }
         old.status = PointerStatus::Superseded;
         old.version += 1;
@@ -217,7 +223,12 @@ fn create<T: StateTxn>(txn: &mut T, caller: &Caller, pointer: &RecordPointer) ->
     Ok(Outcome::Created { pointer: pointer.clone() })
 }
 
-fn update<T: StateTxn>(txn: &mut T, caller: &Caller, new: &RecordPointer, if_match: u64) -> ApplyResult<Outcome, T::Error> {
+fn update<T: StateTxn>(
+    txn: &mut T,
+    caller: &Caller,
+    new: &RecordPointer,
+    if_match: u64,
+) -> ApplyResult<Outcome, T::Error> {
     let Some(old) = txn.pointer(&new.id).map_err(ApplyError::Storage)? else {
         return Ok(Outcome::Rejected(Rejection::NotFound { id: new.id.clone() }));
     };
@@ -239,7 +250,8 @@ fn update<T: StateTxn>(txn: &mut T, caller: &Caller, new: &RecordPointer, if_mat
         || old.status != new.status;
     if immutable_changed {
         return Ok(Outcome::Rejected(Rejection::Invalid {
-            reason: "an update may not change masterIdentifier, status, type, subject, custodian, author or relatesTo".into(),
+            reason: "an update may not change masterIdentifier, status, type, subject, custodian, author or relatesTo"
+                .into(),
         }));
     }
     let mut stored = new.clone();

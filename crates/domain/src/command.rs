@@ -63,16 +63,39 @@ pub enum Command {
 pub enum CommandV1 {
     /// Publish a pointer. If `pointer.replaces` is set, the replaced pointer
     /// is superseded in the same step.
-    CreatePointer { caller: Caller, pointer: RecordPointer },
+    CreatePointer {
+        caller: Caller,
+        pointer: RecordPointer,
+    },
     /// Replace the mutable parts of a pointer, if its version is `if_match`.
-    UpdatePointer { caller: Caller, pointer: RecordPointer, if_match: u64 },
-    DeletePointer { caller: Caller, id: PointerId, at: Timestamp },
+    UpdatePointer {
+        caller: Caller,
+        pointer: RecordPointer,
+        if_match: u64,
+    },
+    DeletePointer {
+        caller: Caller,
+        id: PointerId,
+        at: Timestamp,
+    },
     /// Register (or change) a pointer type. Operator only.
-    PutPointerType { caller: Caller, entry: PointerType },
+    PutPointerType {
+        caller: Caller,
+        entry: PointerType,
+    },
     /// Set the pointer types a producer organisation may publish. Operator only.
-    SetProducerTypes { caller: Caller, ods: OdsCode, types: Vec<SnomedCode> },
+    SetProducerTypes {
+        caller: Caller,
+        ods: OdsCode,
+        types: Vec<SnomedCode>,
+    },
     /// Record a patient's sharing preference. Consent authority only.
-    SetConsent { caller: Caller, subject: NhsNumber, opted_out: bool, at: Timestamp },
+    SetConsent {
+        caller: Caller,
+        subject: NhsNumber,
+        opted_out: bool,
+        at: Timestamp,
+    },
 }
 
 impl Command {
@@ -97,9 +120,15 @@ impl Command {
 pub enum Outcome {
     /// A blank or membership entry: nothing for the client.
     None,
-    Created { pointer: RecordPointer },
-    Updated { pointer: RecordPointer },
-    Deleted { id: PointerId },
+    Created {
+        pointer: RecordPointer,
+    },
+    Updated {
+        pointer: RecordPointer,
+    },
+    Deleted {
+        id: PointerId,
+    },
     Done,
     Rejected(Rejection),
 }

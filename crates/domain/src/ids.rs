@@ -56,11 +56,7 @@ impl NhsNumber {
     /// remainder makes the number invalid (a check value of 10).
     pub fn check_digit(nine: &[u8]) -> Option<u8> {
         debug_assert_eq!(nine.len(), 9);
-        let sum: u32 = nine
-            .iter()
-            .zip((2..=10).rev())
-            .map(|(d, w)| u32::from(d - b'0') * w)
-            .sum();
+        let sum: u32 = nine.iter().zip((2..=10).rev()).map(|(d, w)| u32::from(d - b'0') * w).sum();
         match 11 - (sum % 11) {
             11 => Some(0),
             10 => None,
@@ -118,9 +114,7 @@ impl OdsCode {
 
     /// Parses a code; lower-case letters are taken as upper-case.
     pub fn parse(s: &str) -> Result<Self, IdError> {
-        if !(Self::LEN_MIN..=Self::LEN_MAX).contains(&s.len())
-            || !s.bytes().all(|b| b.is_ascii_alphanumeric())
-        {
+        if !(Self::LEN_MIN..=Self::LEN_MAX).contains(&s.len()) || !s.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(IdError::OdsCode);
         }
         Ok(OdsCode(s.to_ascii_uppercase()))

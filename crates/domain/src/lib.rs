@@ -16,6 +16,6 @@ pub mod raft;
 pub use command::{Caller, Command, CommandV1, Outcome, Rejection, Role};
 pub use ids::{IdError, NhsNumber, OdsCode, PointerId, SnomedCode};
 pub use model::{
-    Coding, Content, Context, Identifier, PatientEntry, PointerStatus, PointerType, ProducerEntry,
-    RecordPointer, Timestamp,
+    Coding, Content, Context, Identifier, PatientEntry, PointerStatus, PointerType, ProducerEntry, RecordPointer,
+    Timestamp,
 };

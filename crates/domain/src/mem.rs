@@ -118,7 +118,9 @@ pub mod testkit {
     /// The commands that register the standard types and allow `producers` both.
     pub fn registry_commands(producers: &[&str]) -> Vec<Command> {
         let mut out = vec![];
-        for (code, display) in [(MENTAL_HEALTH_CRISIS_PLAN, "Mental health crisis plan"), (EMERGENCY_CARE_PLAN, "Emergency care plan")] {
+        for (code, display) in
+            [(MENTAL_HEALTH_CRISIS_PLAN, "Mental health crisis plan"), (EMERGENCY_CARE_PLAN, "Emergency care plan")]
+        {
             out.push(Command::V1(CommandV1::PutPointerType {
                 caller: operator(),
                 entry: PointerType {
@@ -150,7 +152,10 @@ pub mod testkit {
             type_display: Some("Mental health crisis plan".into()),
             category: snomed(CARE_PLAN_CATEGORY),
             category_display: Some("Care plan".into()),
-            master_identifier: Some(Identifier { system: "urn:ietf:rfc:3986".into(), value: format!("urn:oid:{local}") }),
+            master_identifier: Some(Identifier {
+                system: "urn:ietf:rfc:3986".into(),
+                value: format!("urn:oid:{local}"),
+            }),
             content: vec![Content {
                 url: format!("https://{}.example.nhs.uk/records/{local}", custodian.to_lowercase()),
                 content_type: "application/pdf".into(),
@@ -228,7 +233,10 @@ mod tests {
         // Category must match the registry.
         let mut p = pointer("A81001", "p9", nhs(1), 1);
         p.category = snomed("123456789");
-        assert!(matches!(apply(&mut s, &create("A81001", p)).unwrap(), Outcome::Rejected(Rejection::CategoryMismatch { .. })));
+        assert!(matches!(
+            apply(&mut s, &create("A81001", p)).unwrap(),
+            Outcome::Rejected(Rejection::CategoryMismatch { .. })
+        ));
         assert!(s.pointers.is_empty());
     }
 
@@ -278,7 +286,12 @@ mod tests {
     fn consent_needs_the_consent_authority() {
         let mut s = state();
         let cmd = |roles: &[Role]| {
-            Command::V1(CommandV1::SetConsent { caller: caller("X1234", roles), subject: nhs(5), opted_out: true, at: Timestamp(1) })
+            Command::V1(CommandV1::SetConsent {
+                caller: caller("X1234", roles),
+                subject: nhs(5),
+                opted_out: true,
+                at: Timestamp(1),
+            })
         };
         assert!(matches!(apply(&mut s, &cmd(&[Role::Consumer])).unwrap(), Outcome::Rejected(_)));
         assert_eq!(apply(&mut s, &cmd(&[Role::ConsentAuthority])).unwrap(), Outcome::Done);

@@ -65,59 +65,115 @@ impl Metrics {
         }
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
         let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
-        let counter_vec =
-            |name: &str, help: &str, labels: &[&str]| IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
         Metrics {
             raft_term: reg!(gauge("hie_raft_term", "Current Raft term.")),
             raft_leader_id: reg!(gauge("hie_raft_leader_id", "Node id of the current leader, 0 while there is none.")),
             raft_is_leader: reg!(gauge("hie_raft_is_leader", "1 if this node is the leader.")),
             raft_last_log_index: reg!(gauge("hie_raft_last_log_index", "Index of the last entry in this node's log.")),
-            raft_applied_index: reg!(gauge("hie_raft_applied_index", "Index of the last entry applied to the state machine.")),
-            raft_committed_index: reg!(gauge("hie_raft_committed_index", "Highest log index known committed (leader view).")),
-            raft_snapshot_index: reg!(gauge("hie_raft_snapshot_index", "Last log index included in the current snapshot.")),
+            raft_applied_index: reg!(gauge(
+                "hie_raft_applied_index",
+                "Index of the last entry applied to the state machine."
+            )),
+            raft_committed_index: reg!(gauge(
+                "hie_raft_committed_index",
+                "Highest log index known committed (leader view)."
+            )),
+            raft_snapshot_index: reg!(gauge(
+                "hie_raft_snapshot_index",
+                "Last log index included in the current snapshot."
+            )),
             raft_purged_index: reg!(gauge("hie_raft_purged_index", "Last purged log index.")),
-            raft_replication_lag_entries: reg!(IntGaugeVec::new(
-                Opts::new("hie_raft_replication_lag_entries", "Entries each peer is behind the leader's log (on the leader)."),
-                &["peer"]
-            )
-            .expect("valid metric")),
+            raft_replication_lag_entries: reg!(
+                IntGaugeVec::new(
+                    Opts::new(
+                        "hie_raft_replication_lag_entries",
+                        "Entries each peer is behind the leader's log (on the leader)."
+                    ),
+                    &["peer"]
+                )
+                .expect("valid metric")
+            ),
             raft_voters: reg!(gauge("hie_raft_voters", "Voters in the membership.")),
             raft_learners: reg!(gauge("hie_raft_learners", "Learners in the membership.")),
             raft_millis_since_quorum_ack: reg!(gauge(
                 "hie_raft_millis_since_quorum_ack",
                 "On the leader, milliseconds since a quorum last acknowledged it; -1 elsewhere."
             )),
-            raft_stale: reg!(gauge("hie_raft_stale", "1 when this node cannot confirm contact with a quorum (reads are stale).")),
-            raft_leader_changes_total: reg!(counter("hie_raft_leader_changes_total", "Times this node saw the leader change.")),
-            raft_commit_seconds: reg!(Histogram::with_opts(
-                HistogramOpts::new("hie_raft_commit_seconds", "Time from proposing a write to its being applied.")
-                    .buckets(LATENCY_BUCKETS.to_vec())
-            )
-            .expect("valid metric")),
-            raft_log_fsyncs_total: reg!(gauge("hie_raft_log_fsyncs_total", "WAL fsyncs made for log appends (group commits).")),
-            raft_log_entries_appended_total: reg!(gauge("hie_raft_log_entries_appended_total", "Log entries appended.")),
-            writes_total: reg!(counter_vec("hie_writes_total", "Writes by command kind and result.", &["kind", "result"])),
+            raft_stale: reg!(gauge(
+                "hie_raft_stale",
+                "1 when this node cannot confirm contact with a quorum (reads are stale)."
+            )),
+            raft_leader_changes_total: reg!(counter(
+                "hie_raft_leader_changes_total",
+                "Times this node saw the leader change."
+            )),
+            raft_commit_seconds: reg!(
+                Histogram::with_opts(
+                    HistogramOpts::new("hie_raft_commit_seconds", "Time from proposing a write to its being applied.")
+                        .buckets(LATENCY_BUCKETS.to_vec())
+                )
+                .expect("valid metric")
+            ),
+            raft_log_fsyncs_total: reg!(gauge(
+                "hie_raft_log_fsyncs_total",
+                "WAL fsyncs made for log appends (group commits)."
+            )),
+            raft_log_entries_appended_total: reg!(gauge(
+                "hie_raft_log_entries_appended_total",
+                "Log entries appended."
+            )),
+            writes_total: reg!(counter_vec(
+                "hie_writes_total",
+                "Writes by command kind and result.",
+                &["kind", "result"]
+            )),
             forwarded_writes_total: reg!(counter_vec(
                 "hie_forwarded_writes_total",
                 "Writes forwarded to the leader (direction out) or received from another node (in).",
                 &["direction"]
             )),
-            api_requests_total: reg!(counter_vec("hie_api_requests_total", "API requests by route and status.", &["route", "status"])),
-            api_request_duration_seconds: reg!(HistogramVec::new(
-                HistogramOpts::new("hie_api_request_duration_seconds", "API request duration by route.").buckets(LATENCY_BUCKETS.to_vec()),
-                &["route"]
-            )
-            .expect("valid metric")),
-            api_rejected_total: reg!(counter_vec("hie_api_rejected_total", "API requests refused, by reason code.", &["reason"])),
-            api_tls_handshake_failures_total: reg!(counter("hie_api_tls_handshake_failures_total", "Client TLS handshakes that failed.")),
+            api_requests_total: reg!(counter_vec(
+                "hie_api_requests_total",
+                "API requests by route and status.",
+                &["route", "status"]
+            )),
+            api_request_duration_seconds: reg!(
+                HistogramVec::new(
+                    HistogramOpts::new("hie_api_request_duration_seconds", "API request duration by route.")
+                        .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["route"]
+                )
+                .expect("valid metric")
+            ),
+            api_rejected_total: reg!(counter_vec(
+                "hie_api_rejected_total",
+                "API requests refused, by reason code.",
+                &["reason"]
+            )),
+            api_tls_handshake_failures_total: reg!(counter(
+                "hie_api_tls_handshake_failures_total",
+                "Client TLS handshakes that failed."
+            )),
             pointers: reg!(gauge("hie_pointers", "Record pointers in this replica (estimate).")),
             patients: reg!(gauge("hie_patients", "Patients in this replica's index (estimate).")),
             rocksdb_size_bytes: reg!(gauge("hie_rocksdb_size_bytes", "Size of the RocksDB SST files.")),
             rocksdb_memtable_bytes: reg!(gauge("hie_rocksdb_memtable_bytes", "Bytes in RocksDB memtables.")),
             p2p_connected_peers: reg!(gauge("hie_p2p_connected_peers", "Peers with an open libp2p connection.")),
-            p2p_refused_connections_total: reg!(gauge("hie_p2p_refused_connections_total", "Incoming p2p connections refused.")),
-            p2p_inbound_failures_total: reg!(gauge("hie_p2p_inbound_failures_total", "Inbound p2p messages refused or failed.")),
-            p2p_outbound_failures_total: reg!(gauge("hie_p2p_outbound_failures_total", "Outbound p2p requests that failed.")),
+            p2p_refused_connections_total: reg!(gauge(
+                "hie_p2p_refused_connections_total",
+                "Incoming p2p connections refused."
+            )),
+            p2p_inbound_failures_total: reg!(gauge(
+                "hie_p2p_inbound_failures_total",
+                "Inbound p2p messages refused or failed."
+            )),
+            p2p_outbound_failures_total: reg!(gauge(
+                "hie_p2p_outbound_failures_total",
+                "Outbound p2p requests that failed."
+            )),
             audit_events_total: reg!(counter("hie_audit_events_total", "Audit events written.")),
             break_glass_total: reg!(counter("hie_break_glass_total", "Emergency (break-glass) accesses.")),
             registry,

@@ -1,6 +1,8 @@
 //! Length-prefixed CBOR messages, each bounded by a size limit.
 
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
@@ -14,6 +16,14 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/hie/rpc/1");
 pub struct HieCodec {
     /// Largest message read or written, in bytes (prefix excluded).
     pub message_bytes_max: usize,
+    /// Inbound requests refused as oversized, malformed or truncated.
+    pub refused: Arc<AtomicU64>,
+}
+
+impl HieCodec {
+    pub fn new(message_bytes_max: usize) -> Self {
+        HieCodec { message_bytes_max, refused: Arc::new(AtomicU64::new(0)) }
+    }
 }
 
 async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
@@ -52,19 +62,47 @@ impl Codec for HieCodec {
     type Request = Request;
     type Response = Response;
 
-    async fn read_request<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Request> {
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Request> {
+        let result = match read_frame(io, self.message_bytes_max).await {
+            Ok(frame) => decode(&frame),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            // libp2p drops a request that fails to read without an event, so
+            // the refusal is counted and logged here.
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "refused inbound message");
+        }
+        result
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Response> {
         decode(&read_frame(io, self.message_bytes_max).await?)
     }
 
-    async fn read_response<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Response> {
-        decode(&read_frame(io, self.message_bytes_max).await?)
-    }
-
-    async fn write_request<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, req: Request) -> io::Result<()> {
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Request,
+    ) -> io::Result<()> {
         write_frame(io, &hie_domain::codec::encode(&req), self.message_bytes_max).await
     }
 
-    async fn write_response<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, res: Response) -> io::Result<()> {
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Response,
+    ) -> io::Result<()> {
         write_frame(io, &hie_domain::codec::encode(&res), self.message_bytes_max).await
     }
 }
@@ -76,7 +114,7 @@ mod tests {
     use super::*;
 
     fn codec(max: usize) -> HieCodec {
-        HieCodec { message_bytes_max: max }
+        HieCodec::new(max)
     }
 
     #[test]
@@ -101,11 +139,15 @@ mod tests {
             assert_eq!(err.kind(), io::ErrorKind::InvalidData);
 
             // A truncated frame is an error, not a hang or a panic.
-            let err = codec(1024).read_request(&PROTOCOL, &mut Cursor::new(bytes[..bytes.len() - 1].to_vec())).await.unwrap_err();
+            let err = codec(1024)
+                .read_request(&PROTOCOL, &mut Cursor::new(bytes[..bytes.len() - 1].to_vec()))
+                .await
+                .unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
 
             // The writer refuses to send an oversized message too.
-            let err = codec(2).write_request(&PROTOCOL, &mut Cursor::new(Vec::new()), Request::ReadIndex).await.unwrap_err();
+            let err =
+                codec(2).write_request(&PROTOCOL, &mut Cursor::new(Vec::new()), Request::ReadIndex).await.unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         });
     }

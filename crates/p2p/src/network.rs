@@ -6,7 +6,10 @@ use hie_domain::raft::{NodeId, NodeInfo, TypeConfig};
 use libp2p::PeerId;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
 use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
 
 use crate::service::{P2p, SendError};
 use crate::wire::{Request, Response};
@@ -60,7 +63,9 @@ impl P2pNetwork {
             Ok(Ok(Response::Refused(reason))) => Err(RPCError::Network(NetworkError::new(&Msg(reason)))),
             Ok(Ok(r)) => Ok(r),
             Ok(Err(SendError::Timeout(_))) => Err(RPCError::Timeout(timeout(ttl))),
-            Ok(Err(e @ (SendError::Unreachable(..) | SendError::Stopped))) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Ok(Err(e @ (SendError::Unreachable(..) | SendError::Stopped))) => {
+                Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
             Ok(Err(e @ SendError::Failed(..))) => Err(RPCError::Network(NetworkError::new(&e))),
         }
     }

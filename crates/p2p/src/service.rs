@@ -9,12 +9,14 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, dial_opts::DialOpts};
-use libp2p::{Multiaddr, PeerId, Swarm, allow_block_list, connection_limits, identify, identity::Keypair, noise, ping, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, Swarm, allow_block_list, connection_limits, identify, identity::Keypair, noise, ping, tcp, yamux,
+};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::P2pError;
 use crate::codec::{HieCodec, PROTOCOL};
 use crate::wire::{Request, Response};
-use crate::P2pError;
 
 /// Handles requests from peers.
 pub trait Inbound: Send + Sync + 'static {
@@ -53,6 +55,8 @@ pub struct P2pCounters {
     pub connected_peers: AtomicU64,
     pub refused_connections: AtomicU64,
     pub inbound_failures: AtomicU64,
+    /// Inbound messages refused as oversized, malformed or truncated.
+    pub refused_messages: Arc<AtomicU64>,
     pub outbound_failures: AtomicU64,
     pub requests_sent: AtomicU64,
     pub requests_received: AtomicU64,
@@ -101,7 +105,8 @@ impl P2p {
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Result<P2p, P2pError> {
         let local = key.public().to_peer_id();
-        let codec = HieCodec { message_bytes_max: config.message_bytes_max };
+        let codec = HieCodec::new(config.message_bytes_max);
+        let refused_messages = codec.refused.clone();
         let rr_config = request_response::Config::default()
             .with_request_timeout(config.request_timeout)
             .with_max_concurrent_streams(config.concurrent_streams_max);
@@ -129,12 +134,15 @@ impl P2p {
             .map_err(|e| P2pError::Listen { addr: config.listen.to_string(), message: e.to_string() })?;
 
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE_MAX);
-        let counters = Arc::new(P2pCounters::default());
+        let counters = Arc::new(P2pCounters { refused_messages, ..P2pCounters::default() });
         let handle = P2p { tx: tx.clone(), local, counters: counters.clone() };
         let mut peers = HashMap::new();
         for (peer, addr) in &config.seeds {
             swarm.behaviour_mut().allow.allow_peer(*peer);
-            peers.insert(*peer, Peer { addr: Some(addr.clone()), backoff: config.reconnect_backoff_min, next_dial: Instant::now() });
+            peers.insert(
+                *peer,
+                Peer { addr: Some(addr.clone()), backoff: config.reconnect_backoff_min, next_dial: Instant::now() },
+            );
         }
         let task = SwarmTask { swarm, rx, tx, inbound, peers, pending: HashMap::new(), counters, config, shutdown };
         tokio::spawn(task.run());
@@ -205,7 +213,9 @@ impl SwarmTask {
                 }
                 self.counters.requests_sent.fetch_add(1, Ordering::Relaxed);
                 let id = match self.peers.get(&peer).and_then(|p| p.addr.clone()) {
-                    Some(addr) => self.swarm.behaviour_mut().rpc.send_request_with_addresses(&peer, request, vec![addr]),
+                    Some(addr) => {
+                        self.swarm.behaviour_mut().rpc.send_request_with_addresses(&peer, request, vec![addr])
+                    }
                     None => self.swarm.behaviour_mut().rpc.send_request(&peer, request),
                 };
                 self.pending.insert(id, reply);
@@ -308,8 +318,12 @@ impl SwarmTask {
             Event::OutboundFailure { peer, request_id, error, .. } => {
                 self.counters.outbound_failures.fetch_add(1, Ordering::Relaxed);
                 let err = match error {
-                    request_response::OutboundFailure::DialFailure => SendError::Unreachable(peer, "dial failed".into()),
-                    request_response::OutboundFailure::ConnectionClosed => SendError::Unreachable(peer, "connection closed".into()),
+                    request_response::OutboundFailure::DialFailure => {
+                        SendError::Unreachable(peer, "dial failed".into())
+                    }
+                    request_response::OutboundFailure::ConnectionClosed => {
+                        SendError::Unreachable(peer, "connection closed".into())
+                    }
                     request_response::OutboundFailure::Timeout => SendError::Timeout(peer),
                     other => SendError::Failed(peer, other.to_string()),
                 };

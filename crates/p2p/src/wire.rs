@@ -3,7 +3,10 @@
 use hie_domain::raft::{NodeId, NodeInfo, SnapshotMeta, TypeConfig, Vote};
 use hie_domain::{Caller, Command, Outcome};
 use openraft::error::{InstallSnapshotError, RaftError};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
 use serde::{Deserialize, Serialize};
 
 /// A snapshot chunk, with its bytes encoded compactly.
@@ -35,7 +38,11 @@ pub enum Request {
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(SnapshotChunk),
     /// A client write accepted by another node, carrying the original caller.
-    ClientWrite { caller: Caller, command: Command, request_id: String },
+    ClientWrite {
+        caller: Caller,
+        command: Command,
+        request_id: String,
+    },
     /// Asks the leader for a linearizable read point.
     ReadIndex,
 }

@@ -87,7 +87,8 @@ impl DevCa {
     /// Loads a CA written by [`DevCa::generate`] (to issue more certificates).
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<DevCa, PkiError> {
         let read = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|e| PkiError::File { path: p.display().to_string(), message: e.to_string() })
+            std::fs::read_to_string(p)
+                .map_err(|e| PkiError::File { path: p.display().to_string(), message: e.to_string() })
         };
         let cert = read(cert_path)?;
         let key_pem = read(key_path)?;
@@ -145,7 +146,8 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
 }
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| PkiError::File { path: path.display().to_string(), message: e.to_string() })
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| PkiError::File { path: path.display().to_string(), message: e.to_string() })
 }
 
 fn roots(ca_path: &Path) -> Result<RootCertStore, PkiError> {
@@ -180,7 +182,9 @@ pub fn client_config(ca: &Path, cert: Option<(&Path, &Path)>) -> Result<ClientCo
         .map_err(|e| PkiError::Tls(e.to_string()))?
         .with_root_certificates(roots(ca)?);
     let mut config = match cert {
-        Some((c, k)) => builder.with_client_auth_cert(load_certs(c)?, load_key(k)?).map_err(|e| PkiError::Tls(e.to_string()))?,
+        Some((c, k)) => {
+            builder.with_client_auth_cert(load_certs(c)?, load_key(k)?).map_err(|e| PkiError::Tls(e.to_string()))?
+        }
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -221,7 +225,8 @@ pub fn caller_from_cert(der: &[u8]) -> Result<Caller, PkiError> {
 pub fn days_until_expiry(cert_path: &Path) -> Result<i64, PkiError> {
     use x509_parser::prelude::*;
     let der = load_certs(cert_path)?.remove(0);
-    let (_, cert) = X509Certificate::from_der(&der).map_err(|_| PkiError::Identity("not an X.509 certificate".into()))?;
+    let (_, cert) =
+        X509Certificate::from_der(&der).map_err(|_| PkiError::Identity("not an X.509 certificate".into()))?;
     let not_after = cert.validity().not_after.timestamp();
     let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
     Ok((not_after - now) / 86_400)

@@ -11,8 +11,9 @@ pub(crate) struct ContactClock {
     last_leader_contact_ms: AtomicU64,
     /// The leader's commit index as last heard.
     leader_commit: AtomicU64,
-    /// Milliseconds since `origin` when this replica was last caught up.
-    caught_up_at_ms: AtomicU64,
+    /// Milliseconds since `origin` when this replica fell behind the leader's
+    /// commit as last heard (0: not behind).
+    behind_since_ms: AtomicU64,
 }
 
 impl ContactClock {
@@ -21,7 +22,7 @@ impl ContactClock {
             origin: Instant::now(),
             last_leader_contact_ms: AtomicU64::new(0),
             leader_commit: AtomicU64::new(0),
-            caught_up_at_ms: AtomicU64::new(0),
+            behind_since_ms: AtomicU64::new(0),
         }
     }
 
@@ -44,15 +45,22 @@ impl ContactClock {
         }
     }
 
+    /// Entries the replica is behind the leader's commit as last heard.
+    pub(crate) fn behind_entries(&self, applied: u64) -> u64 {
+        self.leader_commit.load(Ordering::Relaxed).saturating_sub(applied)
+    }
+
     /// Notes the applied index and returns how long (ms) the replica has been
     /// behind the leader's commit as last heard (0 when caught up).
     pub(crate) fn lag_ms(&self, applied: u64) -> u64 {
         let now = self.now_ms();
-        if applied >= self.leader_commit.load(Ordering::Relaxed) {
-            self.caught_up_at_ms.store(now, Ordering::Relaxed);
-            0
-        } else {
-            now.saturating_sub(self.caught_up_at_ms.load(Ordering::Relaxed))
+        if self.behind_entries(applied) == 0 {
+            self.behind_since_ms.store(0, Ordering::Relaxed);
+            return 0;
+        }
+        match self.behind_since_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => 0,
+            Err(since) => now.saturating_sub(since),
         }
     }
 }
@@ -64,4 +72,6 @@ pub struct Freshness {
     /// True when this node cannot confirm contact with a quorum.
     pub stale: bool,
     pub replication_lag_ms: u64,
+    /// Entries behind the leader's commit index as last heard (0 on the leader).
+    pub behind_entries: u64,
 }

@@ -42,13 +42,9 @@ async fn handle(core: Arc<Core>, clock: Arc<ContactClock>, peer: PeerId, request
             Response::AppendEntries(result)
         }
         Request::Vote(req) => Response::Vote(raft.vote(req).await),
-        Request::InstallSnapshot(chunk) => {
-            let result = raft.install_snapshot(chunk.into()).await;
-            if result.is_ok() {
-                clock.leader_contact(None);
-            }
-            Response::InstallSnapshot(result)
-        }
+        // A node receiving a snapshot is not fresh until the leader's next
+        // append-entries (which tells it the commit index) reaches it.
+        Request::InstallSnapshot(chunk) => Response::InstallSnapshot(raft.install_snapshot(chunk.into()).await),
         Request::ClientWrite { caller, command, request_id } => {
             core.metrics.forwarded_writes_total.with_label_values(&["in"]).inc();
             tracing::debug!(%peer, request_id, kind = command.kind(), ods = %caller.ods, "forwarded write");

@@ -100,7 +100,9 @@ pub struct ClusterStatus {
 pub(crate) async fn propose_local(core: &Core, command: Command) -> Result<Outcome, ForwardError> {
     let m = core.raft.metrics().borrow().clone();
     // `None` right after an election: the votes were a quorum's contact.
-    if m.state == ServerState::Leader && m.millis_since_quorum_ack.is_some_and(|ms| ms > core.stale_after.as_millis() as u64) {
+    if m.state == ServerState::Leader
+        && m.millis_since_quorum_ack.is_some_and(|ms| ms > core.stale_after.as_millis() as u64)
+    {
         return Err(ForwardError::NoQuorum("the leader has not heard from a quorum recently".into()));
     }
     let kind = command.kind();
@@ -115,7 +117,9 @@ pub(crate) async fn propose_local(core: &Core, command: Command) -> Result<Outco
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
             Err(ForwardError::NotLeader { leader: f.leader_id, leader_node: f.leader_node })
         }
-        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(ForwardError::Refused(e.to_string())),
+        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+            Err(ForwardError::Refused(e.to_string()))
+        }
         Ok(Err(RaftError::Fatal(e))) => Err(ForwardError::NoQuorum(format!("raft stopped: {e}"))),
     };
     let result_label = match &outcome {
@@ -140,7 +144,8 @@ impl Replica {
     ) -> anyhow_free::Result<Arc<Replica>> {
         let store = Store::open(&config.data_dir.join("store"), config.store.clone())
             .map_err(|e| anyhow_free::Error(format!("opening the store in {}: {e}", config.data_dir.display())))?;
-        let key = hie_p2p::load_or_create_key(&config.data_dir.join("node.key")).map_err(|e| anyhow_free::Error(e.to_string()))?;
+        let key = hie_p2p::load_or_create_key(&config.data_dir.join("node.key"))
+            .map_err(|e| anyhow_free::Error(e.to_string()))?;
         let local_peer = key.public().to_peer_id();
         if config.node.peer_id != local_peer.to_string() {
             return Err(anyhow_free::Error(format!(
@@ -176,12 +181,8 @@ impl Replica {
         let raft = Raft::new(config.node_id, Arc::new(raft_config), network, store.log, store.state_machine)
             .await
             .map_err(|e| anyhow_free::Error(format!("starting raft: {e}")))?;
-        let core = Arc::new(Core {
-            raft,
-            metrics,
-            write_timeout: config.write_timeout,
-            stale_after: config.stale_after(),
-        });
+        let core =
+            Arc::new(Core { raft, metrics, write_timeout: config.write_timeout, stale_after: config.stale_after() });
         let _ = inbound.core.set(core.clone());
         let replica = Arc::new(Replica {
             core,
@@ -237,13 +238,14 @@ impl Replica {
         let m = self.core.raft.metrics().borrow().clone();
         let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
         let stale_ms = self.core.stale_after.as_millis() as u64;
-        let (stale, lag) = if m.state == ServerState::Leader {
-            (m.millis_since_quorum_ack.is_some_and(|ms| ms > stale_ms), 0)
+        let (stale, lag, behind) = if m.state == ServerState::Leader {
+            (m.millis_since_quorum_ack.is_some_and(|ms| ms > stale_ms), 0, 0)
         } else {
-            let stale = m.current_leader.is_none() || self.clock.since_leader_contact_ms().is_none_or(|ms| ms > stale_ms);
-            (stale, self.clock.lag_ms(applied))
+            let stale =
+                m.current_leader.is_none() || self.clock.since_leader_contact_ms().is_none_or(|ms| ms > stale_ms);
+            (stale, self.clock.lag_ms(applied), self.clock.behind_entries(applied))
         };
-        Freshness { applied_index: applied, stale, replication_lag_ms: lag }
+        Freshness { applied_index: applied, stale, replication_lag_ms: lag, behind_entries: behind }
     }
 
     /// Runs a read against the local replica on a blocking thread.
@@ -328,7 +330,11 @@ impl Replica {
                 continue;
             };
             self.core.metrics.forwarded_writes_total.with_label_values(&["out"]).inc();
-            let request = Request::ClientWrite { caller: caller.clone(), command: command.clone(), request_id: request_id.to_owned() };
+            let request = Request::ClientWrite {
+                caller: caller.clone(),
+                command: command.clone(),
+                request_id: request_id.to_owned(),
+            };
             match tokio::time::timeout(remaining, self.p2p.request(leader, request)).await {
                 Ok(Ok(Response::ClientWrite(Ok(outcome)))) => return Ok(outcome),
                 Ok(Ok(Response::ClientWrite(Err(ForwardError::NotLeader { .. })))) => {
@@ -337,7 +343,9 @@ impl Replica {
                 }
                 Ok(Ok(Response::ClientWrite(Err(e)))) => return Err(e.into()),
                 Ok(Ok(other)) => return Err(WriteError::Internal { reason: format!("unexpected answer {other:?}") }),
-                Ok(Err(e)) => return Err(WriteError::NoQuorum { reason: format!("forwarding to the leader failed: {e}") }),
+                Ok(Err(e)) => {
+                    return Err(WriteError::NoQuorum { reason: format!("forwarding to the leader failed: {e}") });
+                }
                 Err(_) => return Err(WriteError::NoQuorum { reason: "the leader did not answer in time".into() }),
             }
         }
@@ -359,7 +367,9 @@ impl Replica {
 
     fn map_change_err(&self, e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> MembershipError {
         match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => MembershipError::NotLeader { leader: self.leader_info() },
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                MembershipError::NotLeader { leader: self.leader_info() }
+            }
             other => MembershipError::Failed(other.to_string()),
         }
     }
@@ -368,8 +378,12 @@ impl Replica {
     /// (by snapshot when the log it needs was purged).
     pub async fn add_learner(&self, id: NodeId, info: NodeInfo) -> Result<(), MembershipError> {
         self.require_leader()?;
-        let peer: PeerId = info.peer_id.parse().map_err(|_| MembershipError::Invalid(format!("bad peer id {}", info.peer_id)))?;
-        let addr = info.p2p_addr.parse().map_err(|_| MembershipError::Invalid(format!("bad p2p address {}", info.p2p_addr)))?;
+        let peer: PeerId =
+            info.peer_id.parse().map_err(|_| MembershipError::Invalid(format!("bad peer id {}", info.peer_id)))?;
+        let addr = info
+            .p2p_addr
+            .parse()
+            .map_err(|_| MembershipError::Invalid(format!("bad p2p address {}", info.p2p_addr)))?;
         self.p2p.allow(peer, Some(addr)).await;
         self.core.raft.add_learner(id, info, false).await.map_err(|e| self.map_change_err(e))?;
         Ok(())
@@ -530,7 +544,9 @@ impl Replica {
             let mut committed = Vec::new();
             for (peer, matched) in rep.iter() {
                 let idx = matched.map(|l| l.index).unwrap_or(0);
-                g.raft_replication_lag_entries.with_label_values(&[&peer.to_string()]).set(last.saturating_sub(idx) as i64);
+                g.raft_replication_lag_entries
+                    .with_label_values(&[&peer.to_string()])
+                    .set(last.saturating_sub(idx) as i64);
                 if membership.voter_ids().any(|v| v == *peer) {
                     committed.push(idx);
                 }
@@ -547,7 +563,7 @@ impl Replica {
         use std::sync::atomic::Ordering::Relaxed;
         g.p2p_connected_peers.set(c.connected_peers.load(Relaxed) as i64);
         g.p2p_refused_connections_total.set(c.refused_connections.load(Relaxed) as i64);
-        g.p2p_inbound_failures_total.set(c.inbound_failures.load(Relaxed) as i64);
+        g.p2p_inbound_failures_total.set((c.inbound_failures.load(Relaxed) + c.refused_messages.load(Relaxed)) as i64);
         g.p2p_outbound_failures_total.set(c.outbound_failures.load(Relaxed) as i64);
         let lc = self.log.counters();
         g.raft_log_fsyncs_total.set(lc.fsyncs.load(Relaxed) as i64);

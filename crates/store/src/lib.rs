@@ -103,7 +103,8 @@ impl Store {
         });
         let db = Arc::new(DB::open_cf_descriptors(&db_opts, &db_path, cfs)?);
         let snapshot_dir = dir.join("snapshots");
-        std::fs::create_dir_all(&snapshot_dir).map_err(|source| StoreError::Io { path: snapshot_dir.clone(), source })?;
+        std::fs::create_dir_all(&snapshot_dir)
+            .map_err(|source| StoreError::Io { path: snapshot_dir.clone(), source })?;
         let log = LogStore::new(db.clone(), options.clone())?;
         let state_machine = StateMachine::new(db.clone(), snapshot_dir)?;
         let reads = ReadView::new(db);

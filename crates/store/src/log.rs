@@ -138,11 +138,9 @@ fn read_range<RB: RangeBounds<u64>>(db: &DB, range: RB, limit: usize) -> Result<
     it.seek(keys::log_key(start));
     while it.valid() && out.len() < limit {
         let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
-        let index = keys::log_index(k).ok_or_else(|| io_read(StoreError::Corrupt {
-            cf: cf::LOG,
-            key: hex_key(k),
-            message: "log key is not 8 bytes".into(),
-        }))?;
+        let index = keys::log_index(k).ok_or_else(|| {
+            io_read(StoreError::Corrupt { cf: cf::LOG, key: hex_key(k), message: "log key is not 8 bytes".into() })
+        })?;
         if !range.contains(&index) {
             break;
         }
@@ -219,7 +217,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 return Err(io_write(StoreError::Corrupt {
                     cf: cf::LOG,
                     key: entry.get_log_id().index.to_string(),
-                    message: format!("entry of {} bytes exceeds entry_bytes_max {}", buf.len(), self.inner.options.entry_bytes_max),
+                    message: format!(
+                        "entry of {} bytes exceeds entry_bytes_max {}",
+                        buf.len(),
+                        self.inner.options.entry_bytes_max
+                    ),
                 }));
             }
             batch.put_cf(log_cf, keys::log_key(entry.get_log_id().index), &buf);

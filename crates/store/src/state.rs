@@ -8,7 +8,9 @@ use std::sync::Arc;
 use hie_domain::apply::{ApplyError, StateTxn, apply};
 use hie_domain::codec;
 use hie_domain::raft::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
-use hie_domain::{NhsNumber, OdsCode, Outcome, PatientEntry, PointerId, PointerType, ProducerEntry, RecordPointer, SnomedCode};
+use hie_domain::{
+    NhsNumber, OdsCode, Outcome, PatientEntry, PointerId, PointerType, ProducerEntry, RecordPointer, SnomedCode,
+};
 use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, RaftLogId, RaftSnapshotBuilder, StorageIOError};
 use rocksdb::{DB, WriteBatch};
@@ -387,7 +389,8 @@ impl ReadView {
             let Some(raw) = snap.get_cf(pointers, id_bytes)? else {
                 return Err(corrupt(cf::INDEX, &String::from_utf8_lossy(id_bytes), "index names a missing pointer"));
             };
-            let p: RecordPointer = codec::decode(&raw).map_err(|e| corrupt(cf::POINTERS, &String::from_utf8_lossy(id_bytes), e))?;
+            let p: RecordPointer =
+                codec::decode(&raw).map_err(|e| corrupt(cf::POINTERS, &String::from_utf8_lossy(id_bytes), e))?;
             if keep(&p) {
                 if out.len() == limit {
                     return Ok((out, true));
