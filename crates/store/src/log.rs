@@ -54,7 +54,8 @@ impl LogStore {
     pub(crate) fn new(db: Arc<DB>, options: StoreOptions) -> Result<LogStore, StoreError> {
         let (flush_tx, flush_rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
         let counters = Arc::new(LogCounters::default());
-        let flusher_db = db.clone();
+        // Weak: the fsync thread must not keep the database open after the store is dropped.
+        let flusher_db = Arc::downgrade(&db);
         let flusher_counters = counters.clone();
         std::thread::Builder::new()
             .name("hie-log-fsync".into())
@@ -91,14 +92,17 @@ impl LogStore {
 }
 
 /// The group-commit loop: one WAL fsync for every append waiting.
-fn flusher(db: Arc<DB>, rx: mpsc::Receiver<LogFlushed<TypeConfig>>, counters: Arc<LogCounters>) {
+fn flusher(db: std::sync::Weak<DB>, rx: mpsc::Receiver<LogFlushed<TypeConfig>>, counters: Arc<LogCounters>) {
     while let Ok(first) = rx.recv() {
         let mut waiting = vec![first];
         while let Ok(more) = rx.try_recv() {
             waiting.push(more);
         }
         let started = std::time::Instant::now();
-        let result = db.flush_wal(true);
+        let result = match db.upgrade() {
+            Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
+            None => Err("the store was closed".to_owned()),
+        };
         counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         counters.fsync_micros_total.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         if let Err(e) = &result {
@@ -107,7 +111,7 @@ fn flusher(db: Arc<DB>, rx: mpsc::Receiver<LogFlushed<TypeConfig>>, counters: Ar
         for callback in waiting {
             let r = match &result {
                 Ok(()) => Ok(()),
-                Err(e) => Err(std::io::Error::other(e.to_string())),
+                Err(e) => Err(std::io::Error::other(e.clone())),
             };
             callback.log_io_completed(r);
         }
