@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . cluster/setup.sh
-cargo build --workspace --bins
+cargo build --workspace --all-targets
 if [ "${1:-}" = "down" ]; then
   exec "$HIE_BIN" dev down --dir .hie-dev
 fi

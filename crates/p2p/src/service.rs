@@ -39,6 +39,7 @@ pub struct P2pConfig {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SendError {
+    /// The request was not delivered (no connection could be made): safe to retry.
     #[error("peer {0} is unreachable: {1}")]
     Unreachable(PeerId, String),
     #[error("request to {0} timed out")]
@@ -321,8 +322,9 @@ impl SwarmTask {
                     request_response::OutboundFailure::DialFailure => {
                         SendError::Unreachable(peer, "dial failed".into())
                     }
+                    // The request may have been delivered: not `Unreachable`, which promises it was not.
                     request_response::OutboundFailure::ConnectionClosed => {
-                        SendError::Unreachable(peer, "connection closed".into())
+                        SendError::Failed(peer, "connection closed".into())
                     }
                     request_response::OutboundFailure::Timeout => SendError::Timeout(peer),
                     other => SendError::Failed(peer, other.to_string()),

@@ -343,6 +343,12 @@ impl Replica {
                 }
                 Ok(Ok(Response::ClientWrite(Err(e)))) => return Err(e.into()),
                 Ok(Ok(other)) => return Err(WriteError::Internal { reason: format!("unexpected answer {other:?}") }),
+                Ok(Err(hie_p2p::SendError::Unreachable(..))) => {
+                    // Not delivered, so not applied: wait for the next leader
+                    // (a failover takes about one election timeout) and retry.
+                    let mut rx = self.core.raft.metrics();
+                    let _ = tokio::time::timeout(remaining.min(Duration::from_millis(200)), rx.changed()).await;
+                }
                 Ok(Err(e)) => {
                     return Err(WriteError::NoQuorum { reason: format!("forwarding to the leader failed: {e}") });
                 }
