@@ -286,6 +286,12 @@ async fn bad_input_gets_a_clear_operation_outcome_and_changes_nothing() -> anyho
         "a certificate from another CA gets no answer"
     );
 
+    // Neither the valid nor the invalid NHS Numbers sent appear in any log.
+    let logs = c.all_logs();
+    for n in [nhs(1), "9434765918".to_owned(), "1234567890".to_owned(), "0000000000".to_owned()] {
+        assert!(!logs.contains(&n), "an NHS Number appears in a log");
+    }
+
     // Nothing changed, and every node is still healthy.
     let (_, digest_after) = c.wait_converged(&ids, Duration::from_secs(20)).await?;
     assert_eq!(digest_after, digest_before, "bad input changed nothing");

@@ -42,6 +42,11 @@ async fn a_write_to_any_node_is_readable_on_every_node() -> anyhow::Result<()> {
     assert_eq!(h.status, 200);
     assert_eq!(h.body["resourceType"], "Parameters");
     assert!(!h.body["parameter"].as_array().unwrap().is_empty());
+    // No NHS Number in clear in any node's log.
+    let logs = c.all_logs();
+    for i in (0..10).chain(500..503) {
+        assert!(!logs.contains(&nhs(i)), "a test NHS Number appears in a log");
+    }
     Ok(())
 }
 
