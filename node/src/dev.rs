@@ -63,6 +63,30 @@ struct UpArgs {
     /// Raft snapshot threshold for the dev nodes (entries since the last snapshot).
     #[arg(long)]
     snapshot_logs_since_last: Option<u64>,
+    /// Requests per second each client organisation may make (api.rate_per_client_per_sec).
+    #[arg(long)]
+    rate_per_client_per_sec: Option<u32>,
+    /// Burst above that rate (api.rate_burst).
+    #[arg(long)]
+    rate_burst: Option<u32>,
+}
+
+/// Settings `hie dev up` passes to every node it configures.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tuning {
+    snapshot_logs_since_last: Option<u64>,
+    rate_per_client_per_sec: Option<u32>,
+    rate_burst: Option<u32>,
+}
+
+impl UpArgs {
+    fn tuning(&self) -> Tuning {
+        Tuning {
+            snapshot_logs_since_last: self.snapshot_logs_since_last,
+            rate_per_client_per_sec: self.rate_per_client_per_sec,
+            rate_burst: self.rate_burst,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -236,11 +260,11 @@ fn node_config(
     members: &[Member],
     seeds: &[SeedPeer],
     bootstrap: bool,
-    snapshot_logs: Option<u64>,
+    tuning: Tuning,
 ) -> Config {
     let certs = dir.join("certs");
     let mut raft = RaftSection::default();
-    if let Some(n) = snapshot_logs {
+    if let Some(n) = tuning.snapshot_logs_since_last {
         raft.snapshot_logs_since_last = n;
     }
     Config {
@@ -265,8 +289,10 @@ fn node_config(
             page_size_max: crate::config::defaults::page_size_max(),
             connections_max: crate::config::defaults::connections_max(),
             request_timeout_ms: crate::config::defaults::request_timeout_ms(),
-            rate_per_client_per_sec: crate::config::defaults::rate_per_client_per_sec(),
-            rate_burst: crate::config::defaults::rate_burst(),
+            rate_per_client_per_sec: tuning
+                .rate_per_client_per_sec
+                .unwrap_or_else(crate::config::defaults::rate_per_client_per_sec),
+            rate_burst: tuning.rate_burst.unwrap_or_else(crate::config::defaults::rate_burst),
         },
         admin: AdminSection {
             listen: format!("127.0.0.1:{}", plan.admin_port).parse().expect("socket address"),
@@ -389,7 +415,7 @@ async fn create(dir: &Path, args: &UpArgs) -> anyhow::Result<ClusterFile> {
     let mut nodes = Vec::new();
     for plan in &plans {
         issue_node_cert(&ca, &certs, plan.id)?;
-        let config = node_config(dir, plan, &members, &[], true, args.snapshot_logs_since_last);
+        let config = node_config(dir, plan, &members, &[], true, args.tuning());
         write_config(&plan.config_path, &config)?;
         let command = command_for(&plan.config_path)?;
         let pid = spawn_node(&command, &plan.data_dir)?;
@@ -402,7 +428,7 @@ async fn create(dir: &Path, args: &UpArgs) -> anyhow::Result<ClusterFile> {
     for i in 0..args.learners {
         let id = args.nodes + i + 1;
         let region = REGIONS[(id - 1) as usize];
-        let node = start_learner(dir, &ca, &cluster, id, region, args.snapshot_logs_since_last).await?;
+        let node = start_learner(dir, &ca, &cluster, id, region, args.tuning()).await?;
         cluster.nodes.push(node);
         write_cluster(dir, &cluster)?;
     }
@@ -437,13 +463,13 @@ async fn start_learner(
     cluster: &ClusterFile,
     id: u64,
     region: &str,
-    snapshot_logs: Option<u64>,
+    tuning: Tuning,
 ) -> anyhow::Result<NodeEntry> {
     let plan = plan_node(dir, id, region)?;
     issue_node_cert(ca, &dir.join("certs"), id)?;
     let seeds: Vec<SeedPeer> =
         cluster.nodes.iter().map(|n| SeedPeer { peer_id: n.peer_id.clone(), addr: n.p2p_addr.clone() }).collect();
-    let config = node_config(dir, &plan, &[], &seeds, false, snapshot_logs);
+    let config = node_config(dir, &plan, &[], &seeds, false, tuning);
     write_config(&plan.config_path, &config)?;
     let command = command_for(&plan.config_path)?;
     let pid = spawn_node(&command, &plan.data_dir)?;
@@ -468,7 +494,7 @@ async fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
     let certs = dir.join("certs");
     let ca = DevCa::load(&certs.join("ca.pem"), &certs.join("ca.key"))?;
     let id = cluster.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
-    let mut node = start_learner(&dir, &ca, &cluster, id, &args.region, None).await?;
+    let mut node = start_learner(&dir, &ca, &cluster, id, &args.region, Tuning::default()).await?;
     if args.voter {
         let api = operator_api(&cluster, &cluster.nodes[0])?;
         let (status, answer) = operator_call(&api, "POST", &format!("/admin/nodes/{id}/promote"), None).await?;
