@@ -5,6 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . cluster/setup.sh
 cargo build --workspace --all-targets
+
+# A real FHIR R4 library and a stock FHIR client, for the conformance test.
+VENV="$HOME/.cache/hie-venv"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/pip" install -q -r tests/fhir/requirements.txt; then
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -r tests/fhir/requirements.txt
+fi
+export HIE_FHIR_PYTHON="$VENV/bin/python"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --profile ci --no-fail-fast "$@"
 else

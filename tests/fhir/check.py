@@ -1,0 +1,66 @@
+"""Validates what a live hie node answers with a real FHIR R4 library
+(fhir.resources, FHIR 4.0.1 models) and uses a stock FHIR client (fhirpy)
+to search and read pointers, following `next` links.
+
+Usage: check.py CLUSTER_JSON NHS_NUMBER POINTER_ID
+Exits non-zero, naming what failed, if anything does not validate.
+"""
+
+import json
+import sys
+
+import fhir.resources
+import requests
+from fhir.resources import construct_fhir_element
+from fhirpy import SyncFHIRClient
+
+NHS = "https://fhir.nhs.uk/Id/nhs-number"
+
+
+def main(cluster_json, nhs, pointer_id):
+    assert fhir.resources.__fhir_version__ == "4.0.1", fhir.resources.__fhir_version__
+    cluster = json.load(open(cluster_json))
+    consumer = next(c for c in cluster["clients"] if "consumer" in c["roles"])
+    tls = {"cert": (consumer["cert"], consumer["key"]), "verify": cluster["ca_cert"]}
+    base = cluster["nodes"][1]["api_url"]
+    session = requests.Session()
+    # Not from the environment: REQUESTS_CA_BUNDLE would replace the cluster CA.
+    session.trust_env = False
+    session.cert, session.verify = tls["cert"], tls["verify"]
+
+    expected = [
+        ("CapabilityStatement", f"{base}/metadata", {}),
+        ("DocumentReference", f"{base}/DocumentReference/{pointer_id}", {}),
+        ("Bundle", f"{base}/DocumentReference", {"subject:identifier": f"{NHS}|{nhs}"}),
+        ("Bundle", f"{base}/DocumentReference", {"subject:identifier": f"{NHS}|{nhs}", "_count": "1"}),
+        ("Bundle", f"{base}/DocumentReference/_count", {"subject:identifier": f"{NHS}|{nhs}"}),
+        ("Parameters", f"{base}/Patient/{nhs}/$record-holders", {}),
+        ("OperationOutcome", f"{base}/DocumentReference/A81001-no-such-pointer", {}),
+        ("OperationOutcome", f"{base}/DocumentReference", {"subject:identifier": f"{NHS}|1234567890"}),
+    ]
+    validated = 0
+    for resource_type, url, params in expected:
+        r = session.get(url, params=params)
+        body = r.json()
+        if body.get("resourceType") != resource_type:
+            sys.exit(f"{url}: expected {resource_type}, got {body.get('resourceType')}")
+        construct_fhir_element(resource_type, body)  # raises if it is not valid FHIR R4
+        validated += 1
+        if resource_type == "Bundle":
+            for entry in body.get("entry", []):
+                construct_fhir_element(entry["resource"]["resourceType"], entry["resource"])
+                validated += 1
+
+    client = SyncFHIRClient(base, requests_config=tls)
+    found = client.resources("DocumentReference").search(subject__identifier=f"{NHS}|{nhs}").limit(1).fetch_all()
+    ids = sorted(r["id"] for r in found)
+    if pointer_id not in ids:
+        sys.exit(f"fhirpy search did not find {pointer_id}: {ids}")
+    one = client.reference("DocumentReference", pointer_id).to_resource()
+    if one["id"] != pointer_id or one["status"] != "current":
+        sys.exit(f"fhirpy read returned {one}")
+    print(f"fhir: {validated} resources valid FHIR R4; fhirpy found {len(ids)} pointers over pages of 1 and read {pointer_id}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
