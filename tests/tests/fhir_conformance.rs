@@ -11,7 +11,10 @@ use hie_tests::*;
 async fn responses_are_valid_fhir_r4_and_a_stock_client_works() -> anyhow::Result<()> {
     let python = std::env::var("HIE_FHIR_PYTHON")
         .unwrap_or_else(|_| format!("{}/.cache/hie-venv/bin/python", std::env::var("HOME").unwrap_or_default()));
-    assert!(std::path::Path::new(&python).exists(), "{python} missing: tests/run.sh installs tests/fhir/requirements.txt");
+    assert!(
+        std::path::Path::new(&python).exists(),
+        "{python} missing: tests/run.sh installs tests/fhir/requirements.txt"
+    );
     let c = Cluster::up(&["--patients", "0"])?;
     c.wait_leader(Duration::from_secs(10)).await?;
     let gp = c.http("gp-practice-a");
@@ -26,7 +29,8 @@ async fn responses_are_valid_fhir_r4_and_a_stock_client_works() -> anyhow::Resul
     assert_eq!(r.status, 201, "{}", r.body);
     let id = r.body["id"].as_str().unwrap().to_owned();
     let mut replacement = pointer_body(&patient, "A81001", "fhir-2");
-    replacement["relatesTo"] = serde_json::json!([{ "code": "replaces", "target": { "reference": format!("DocumentReference/{id}") } }]);
+    replacement["relatesTo"] =
+        serde_json::json!([{ "code": "replaces", "target": { "reference": format!("DocumentReference/{id}") } }]);
     let r = create_pointer(&gp, &c.api_url(1), &replacement).await?;
     assert_eq!(r.status, 201);
     let current = r.body["id"].as_str().unwrap().to_owned();

@@ -6,7 +6,7 @@ use hie_domain::{IdError, Rejection};
 use hie_replica::{ReadError, WriteError};
 use serde_json::json;
 
-use crate::fhir::FHIR_JSON;
+use hie_fhir::{FHIR_JSON, FhirError};
 
 /// Seconds a client should wait before retrying after a 503 or 429.
 pub const RETRY_AFTER_SECS: u64 = 1;
@@ -133,6 +133,17 @@ impl From<Rejection> for ApiError {
             Rejection::VersionConflict { .. } => ApiError::VersionConflict(r.to_string()),
             Rejection::Invalid { .. } => ApiError::InvalidResource(r.to_string()),
             Rejection::UnknownVersion => ApiError::Internal(r.to_string()),
+        }
+    }
+}
+
+impl From<FhirError> for ApiError {
+    fn from(e: FhirError) -> Self {
+        match e {
+            FhirError::InvalidNhsNumber(e) => ApiError::InvalidNhsNumber(e),
+            FhirError::InvalidResource(m) => ApiError::InvalidResource(m),
+            FhirError::InvalidParameter(m) => ApiError::InvalidParameter(m),
+            FhirError::NotWellFormed(m) => ApiError::NotWellFormed(m),
         }
     }
 }

@@ -9,7 +9,6 @@
 
 mod admin;
 pub mod error;
-pub mod fhir;
 mod limits;
 mod routes;
 mod server;

@@ -21,9 +21,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::error::{ApiError, ErrorCode, operation_outcome};
-use crate::fhir::{self, FHIR_JSON, NHS_NUMBER_SYSTEM, ODS_SYSTEM};
 use crate::limits::RateLimiter;
 use crate::server::{ApiConfig, ConnIdentity};
+use hie_fhir::{self as fhir, FHIR_JSON, SearchLimits, parse_query, parse_search};
 
 pub(crate) struct AppState {
     replica: Arc<Replica>,
@@ -450,62 +450,6 @@ async fn read(
     Ok(with_freshness(resp, &st.replica))
 }
 
-/// Search parameters, checked: unknown ones are refused, never ignored.
-struct SearchParams {
-    subject: NhsNumber,
-    type_code: Option<SnomedCode>,
-    custodian: Option<OdsCode>,
-    count: usize,
-    cursor: Option<String>,
-}
-
-fn parse_search(pairs: Vec<(String, String)>, limits: &crate::ApiLimits) -> Result<SearchParams, ApiError> {
-    let mut subject = None;
-    let mut type_code = None;
-    let mut custodian = None;
-    let mut count = limits.page_size_default;
-    let mut cursor = None;
-    let bad = |m: String| ApiError::InvalidParameter(m);
-    for (k, v) in pairs {
-        match k.as_str() {
-            "subject:identifier" | "subject.identifier" => {
-                let value = v
-                    .strip_prefix(&format!("{NHS_NUMBER_SYSTEM}|"))
-                    .ok_or_else(|| bad(format!("subject:identifier must be {NHS_NUMBER_SYSTEM}|<NHS Number>")))?;
-                subject = Some(NhsNumber::parse(value).map_err(ApiError::InvalidNhsNumber)?);
-            }
-            "type" => {
-                let code = v.strip_prefix(&format!("{}|", SnomedCode::SYSTEM)).unwrap_or(&v);
-                type_code = Some(SnomedCode::parse(code).map_err(|e| bad(format!("type: {e}")))?);
-            }
-            "custodian:identifier" | "custodian.identifier" => {
-                let code = v.strip_prefix(&format!("{ODS_SYSTEM}|")).unwrap_or(&v);
-                custodian = Some(OdsCode::parse(code).map_err(|e| bad(format!("custodian:identifier: {e}")))?);
-            }
-            "_count" => {
-                let n: usize = v.parse().map_err(|_| bad("_count must be a positive whole number".into()))?;
-                if n == 0 {
-                    return Err(bad("_count must be at least 1".into()));
-                }
-                count = n.min(limits.page_size_max);
-            }
-            "next" | "_cursor" => cursor = Some(v),
-            other => return Err(bad(format!("unknown search parameter {other}"))),
-        }
-    }
-    // A continuation token stands in for the parameters it was made from.
-    if subject.is_none() && cursor.is_none() {
-        return Err(bad("subject:identifier is required".into()));
-    }
-    Ok(SearchParams {
-        subject: subject.unwrap_or_else(|| NhsNumber::from_stem(900_000_000).expect("valid placeholder")),
-        type_code,
-        custodian,
-        count,
-        cursor,
-    })
-}
-
 /// Continuation tokens: opaque ids standing for a search and a position,
 /// so no NHS Number ever appears in a URL. Held on this node for a while.
 #[derive(Default)]
@@ -559,38 +503,6 @@ async fn count(
     do_search(&st, &identity, &headers, pairs, true).await
 }
 
-fn parse_query(q: &str) -> Result<Vec<(String, String)>, ApiError> {
-    let mut out = Vec::new();
-    for part in q.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').unwrap_or((part, ""));
-        let dec = |s: &str| {
-            percent_decode(s)
-                .ok_or_else(|| ApiError::InvalidParameter("malformed percent-encoding in the query".into()))
-        };
-        out.push((dec(k)?, dec(v)?));
-    }
-    Ok(out)
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
-}
-
 async fn do_search(
     st: &AppState,
     identity: &ConnIdentity,
@@ -603,9 +515,12 @@ async fn do_search(
         return Err(ApiError::Forbidden("searching pointers needs the consumer or producer role".into()));
     }
     let limits = &st.config.limits;
-    let params = parse_search(pairs, limits)?;
-    let (subject, type_code, custodian, count, after) = match &params.cursor {
-        Some(token) => {
+    let params = parse_search(
+        pairs,
+        SearchLimits { page_size_default: limits.page_size_default, page_size_max: limits.page_size_max },
+    )?;
+    let (subject, type_code, custodian, count, after) = match (&params.cursor, params.subject) {
+        (Some(token), _) => {
             let mut cursors = st.cursors.lock().expect("cursor lock");
             let c = cursors
                 .entries
@@ -618,7 +533,8 @@ async fn do_search(
             cursors.entries.remove(token);
             (c.subject, c.type_code, c.custodian, c.count, Some(c.after))
         }
-        None => (params.subject, params.type_code, params.custodian, params.count, None),
+        (None, Some(subject)) => (subject, params.type_code, params.custodian, params.count, None),
+        (None, None) => unreachable!("parse_search requires a subject or a token"),
     };
     consistency(headers, &st.replica).await?;
     let scan_max = limits.search_scan_max;

@@ -1,5 +1,12 @@
-//! FHIR R4 JSON for record pointers: parsing a `DocumentReference` into a
-//! [`RecordPointer`] (validated at the boundary) and rendering one back.
+//! FHIR R4 JSON for the record locator: parsing a `DocumentReference` into a
+//! [`RecordPointer`] (validated at the boundary) and rendering one back,
+//! Bundles, `$record-holders` Parameters, and search parameters.
+//!
+//! It knows nothing of HTTP or storage, so its parsers can be fuzzed alone.
+
+mod search;
+
+pub use search::{SearchLimits, SearchParams, parse_query, parse_search};
 
 use hie_domain::{
     Coding, Content, Context, Identifier, NhsNumber, OdsCode, PatientEntry, PointerId, PointerStatus, RecordPointer,
@@ -8,7 +15,20 @@ use hie_domain::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::error::ApiError;
+use hie_domain::IdError;
+
+/// Why a request body or parameter was refused. Messages never repeat an NHS Number.
+#[derive(Debug, thiserror::Error)]
+pub enum FhirError {
+    #[error("{0}")]
+    InvalidNhsNumber(IdError),
+    #[error("{0}")]
+    InvalidResource(String),
+    #[error("{0}")]
+    InvalidParameter(String),
+    #[error("{0}")]
+    NotWellFormed(String),
+}
 
 pub const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
 pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
@@ -130,11 +150,11 @@ struct ContextIn {
     period: Option<PeriodIn>,
 }
 
-fn invalid(msg: impl Into<String>) -> ApiError {
-    ApiError::InvalidResource(msg.into())
+fn invalid(msg: impl Into<String>) -> FhirError {
+    FhirError::InvalidResource(msg.into())
 }
 
-fn text_field(field: &str, s: Option<String>) -> Result<String, ApiError> {
+fn text_field(field: &str, s: Option<String>) -> Result<String, FhirError> {
     let s = s.ok_or_else(|| invalid(format!("{field} is required")))?;
     if s.is_empty() || s.len() > RecordPointer::TEXT_LEN_MAX {
         return Err(invalid(format!("{field} must be 1 to {} characters", RecordPointer::TEXT_LEN_MAX)));
@@ -142,14 +162,14 @@ fn text_field(field: &str, s: Option<String>) -> Result<String, ApiError> {
     Ok(s)
 }
 
-fn optional_text(field: &str, s: Option<String>) -> Result<Option<String>, ApiError> {
+fn optional_text(field: &str, s: Option<String>) -> Result<Option<String>, FhirError> {
     match s {
         None => Ok(None),
         Some(s) => text_field(field, Some(s)).map(Some),
     }
 }
 
-fn snomed_coding(field: &str, c: &CodeableConceptIn) -> Result<(SnomedCode, Option<String>), ApiError> {
+fn snomed_coding(field: &str, c: &CodeableConceptIn) -> Result<(SnomedCode, Option<String>), FhirError> {
     let coding = c
         .coding
         .iter()
@@ -160,7 +180,7 @@ fn snomed_coding(field: &str, c: &CodeableConceptIn) -> Result<(SnomedCode, Opti
     Ok((code, coding.display.clone()))
 }
 
-fn ods_reference(field: &str, r: &ReferenceIn) -> Result<OdsCode, ApiError> {
+fn ods_reference(field: &str, r: &ReferenceIn) -> Result<OdsCode, FhirError> {
     let ident = r.identifier.as_ref().ok_or_else(|| invalid(format!("{field}.identifier is required")))?;
     if ident.system.as_deref() != Some(ODS_SYSTEM) {
         return Err(invalid(format!("{field}.identifier.system must be {ODS_SYSTEM}")));
@@ -169,7 +189,7 @@ fn ods_reference(field: &str, r: &ReferenceIn) -> Result<OdsCode, ApiError> {
     OdsCode::parse(value).map_err(|e| invalid(format!("{field}: {e}")))
 }
 
-fn status(s: &str) -> Result<PointerStatus, ApiError> {
+fn status(s: &str) -> Result<PointerStatus, FhirError> {
     match s {
         "current" => Ok(PointerStatus::Current),
         "superseded" => Ok(PointerStatus::Superseded),
@@ -180,17 +200,17 @@ fn status(s: &str) -> Result<PointerStatus, ApiError> {
 
 /// Parses an NHS Number from a subject reference: the error is the
 /// contract's INVALID_NHS_NUMBER when the number itself is wrong.
-fn subject(r: &ReferenceIn) -> Result<NhsNumber, ApiError> {
+fn subject(r: &ReferenceIn) -> Result<NhsNumber, FhirError> {
     let ident = r.identifier.as_ref().ok_or_else(|| invalid("subject.identifier is required"))?;
     if ident.system.as_deref() != Some(NHS_NUMBER_SYSTEM) {
         return Err(invalid(format!("subject.identifier.system must be {NHS_NUMBER_SYSTEM}")));
     }
     let value = ident.value.as_deref().ok_or_else(|| invalid("subject.identifier.value is required"))?;
-    NhsNumber::parse(value).map_err(ApiError::InvalidNhsNumber)
+    NhsNumber::parse(value).map_err(FhirError::InvalidNhsNumber)
 }
 
 /// The id in a `relatesTo.target`: `reference` `DocumentReference/<id>`, or an identifier value.
-fn relates_to_target(r: &ReferenceIn) -> Result<PointerId, ApiError> {
+fn relates_to_target(r: &ReferenceIn) -> Result<PointerId, FhirError> {
     let raw = if let Some(reference) = &r.reference {
         reference.rsplit_once("DocumentReference/").map(|(_, id)| id.to_owned()).unwrap_or_else(|| reference.clone())
     } else if let Some(value) = r.identifier.as_ref().and_then(|i| i.value.clone()) {
@@ -209,8 +229,8 @@ pub struct ParsedPointer {
 
 /// Parses a DocumentReference. `id`, `version`, `created` and `updated` are
 /// placeholders the caller replaces.
-pub fn parse_document_reference(body: &[u8]) -> Result<ParsedPointer, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::NotWellFormed(e.to_string()))?;
+pub fn parse_document_reference(body: &[u8]) -> Result<ParsedPointer, FhirError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| FhirError::NotWellFormed(e.to_string()))?;
     match value.get("resourceType").and_then(Value::as_str) {
         Some("DocumentReference") => {}
         Some(other) => return Err(invalid(format!("resourceType must be DocumentReference, not {other}"))),
@@ -480,25 +500,25 @@ mod tests {
     #[test]
     fn refusals() {
         let bad_nhs = serde_json::to_vec(&sample("9434765918")).unwrap();
-        assert!(matches!(parse_document_reference(&bad_nhs), Err(ApiError::InvalidNhsNumber(_))));
-        assert!(matches!(parse_document_reference(b"{not json"), Err(ApiError::NotWellFormed(_))));
+        assert!(matches!(parse_document_reference(&bad_nhs), Err(FhirError::InvalidNhsNumber(_))));
+        assert!(matches!(parse_document_reference(b"{not json"), Err(FhirError::NotWellFormed(_))));
         let mut v = sample("9434765919");
         v["resourceType"] = json!("Patient");
         assert!(matches!(
             parse_document_reference(&serde_json::to_vec(&v).unwrap()),
-            Err(ApiError::InvalidResource(_))
+            Err(FhirError::InvalidResource(_))
         ));
         let mut v = sample("9434765919");
         v.as_object_mut().unwrap().remove("custodian");
         assert!(matches!(
             parse_document_reference(&serde_json::to_vec(&v).unwrap()),
-            Err(ApiError::InvalidResource(_))
+            Err(FhirError::InvalidResource(_))
         ));
         let mut v = sample("9434765919");
         v["unknownField"] = json!(1);
         assert!(matches!(
             parse_document_reference(&serde_json::to_vec(&v).unwrap()),
-            Err(ApiError::InvalidResource(_))
+            Err(FhirError::InvalidResource(_))
         ));
     }
 
