@@ -188,6 +188,41 @@ async fn every_endpoint_behaves_as_the_contract_says() -> anyhow::Result<()> {
     let own = search(&mh, &n1, &patient, &[LIN]).await?;
     assert_eq!(own.body["total"], 1);
 
+    // The registry is data: an operator registers a type and allows it to a
+    // producer, without a restart; before that the producer is refused.
+    const END_OF_LIFE: &str = "861421000000109";
+    let op = c.http("operator");
+    let admin = |path: &str| format!("{}{path}", n2.trim_end_matches("/fhir"));
+    let r = reply(op.put(admin("/admin/pointer-types")).json(&json!({
+        "code": END_OF_LIFE, "display": "End of life care coordination summary",
+        "category": "734163000", "category_display": "Care plan"
+    })))
+    .await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut eol = pointer_body(&patient, "A81001", "contract-eol");
+    eol["type"]["coding"][0]["code"] = json!(END_OF_LIFE);
+    let r = create_pointer(&gp, &n3, &eol).await?;
+    assert_eq!(
+        (r.status, r.code()),
+        (403, "AUTHOR_CREDENTIALS_ERROR"),
+        "a registered type the producer is not allowed"
+    );
+    let r = reply(op.put(admin("/admin/producers/A81001")).json(&json!({
+        "pointer_types": ["http://snomed.info/sct|736253002", "http://snomed.info/sct|736373009", format!("http://snomed.info/sct|{END_OF_LIFE}")]
+    })))
+    .await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = create_pointer(&gp, &n3, &eol).await?;
+    assert_eq!(r.status, 201, "allowed now: {}", r.body);
+    let r = reply(gp.put(admin("/admin/producers/A81001")).json(&json!({ "pointer_types": [] }))).await?;
+    assert_eq!(r.status, 403, "only an operator changes the registry");
+
+    // The command-line client finds the same pointers.
+    let out = hie(&["search", &patient, "--cluster", &c.cluster_json(), "--node", "3", "--linearizable"])?;
+    assert!(out.starts_with("6 pointer(s)"), "{out}");
+    let out = hie(&["holders", &patient, "--cluster", &c.cluster_json()])?;
+    assert!(out.contains("A81001  5 pointer(s)") && out.contains("RV3  1 pointer(s)"), "{out}");
+
     // delete: custodian only
     let r = reply(mh.delete(format!("{n1}/DocumentReference/A81001-local-42"))).await?;
     assert_eq!(r.status, 403);
