@@ -6,6 +6,13 @@ cd "$(dirname "$0")/.."
 . cluster/setup.sh
 cargo build --workspace --all-targets
 
+# promtool, for the checks of metrics, alert rules and Prometheus config.
+if ! command -v promtool >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
 # A real FHIR R4 library and a stock FHIR client, for the conformance test.
 VENV="$HOME/.cache/hie-venv"
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/pip" install -q -r tests/fhir/requirements.txt; then

@@ -370,11 +370,27 @@ async fn wait_ready(nodes: &[NodeEntry]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes cluster.json, and the Prometheus file-discovery targets beside it
+/// (ops/prometheus/prometheus.yml reads them).
 fn write_cluster(dir: &Path, cluster: &ClusterFile) -> anyhow::Result<()> {
-    let tmp = dir.join("cluster.json.partial");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(cluster)?)?;
-    std::fs::rename(&tmp, dir.join("cluster.json"))?;
-    Ok(())
+    let write = |name: &str, bytes: Vec<u8>| -> anyhow::Result<()> {
+        let tmp = dir.join(format!("{name}.partial"));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, dir.join(name))?;
+        Ok(())
+    };
+    write("cluster.json", serde_json::to_vec_pretty(cluster)?)?;
+    let targets: Vec<serde_json::Value> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "targets": [n.admin_url.trim_start_matches("http://")],
+                "labels": { "node": n.id.to_string(), "region": n.region },
+            })
+        })
+        .collect();
+    write("prometheus-targets.json", serde_json::to_vec_pretty(&targets)?)
 }
 
 async fn create(dir: &Path, args: &UpArgs) -> anyhow::Result<ClusterFile> {

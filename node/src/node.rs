@@ -45,6 +45,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
 
+    match hie_pki::not_after_unix(&config.api.cert) {
+        Ok(t) => metrics.tls_cert_expiry_timestamp_seconds.set(t),
+        Err(e) => tracing::warn!(error = %e, "cannot read the api certificate's expiry"),
+    }
     let replica = Replica::start(config.replica_config(&peer_id), metrics, shutdown_rx.clone()).await?;
     std::fs::write(pid_file(&data_dir), format!("{}\n", std::process::id())).context("writing the pid file")?;
     tracing::info!(id = config.node.id, region = %config.node.region, %peer_id, "node started");

@@ -19,6 +19,7 @@ use hie_domain::{
 use hie_replica::{MembershipError, Replica};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use crate::error::{ApiError, ErrorCode, operation_outcome};
 use crate::limits::RateLimiter;
@@ -124,7 +125,13 @@ async fn envelope(
     }
     let mut resp = match early {
         Some(e) => e.into_response(),
-        None => match tokio::time::timeout(limits.request_timeout, next.run(req)).await {
+        // Every line logged while serving the request carries its id.
+        None => match tokio::time::timeout(
+            limits.request_timeout,
+            next.run(req).instrument(tracing::info_span!("request", request_id = %request_id)),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => ApiError::Timeout { millis: limits.request_timeout.as_millis() as u64 }.into_response(),
         },

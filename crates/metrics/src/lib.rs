@@ -25,8 +25,19 @@ pub struct Metrics {
     pub raft_stale: IntGauge,
     pub raft_leader_changes_total: IntCounter,
     pub raft_commit_seconds: Histogram,
-    pub raft_log_fsyncs_total: IntGauge,
-    pub raft_log_entries_appended_total: IntGauge,
+    pub raft_log_fsyncs_total: IntCounter,
+    pub raft_log_entries_appended_total: IntCounter,
+
+    pub raft_apply_lag_entries: IntGauge,
+    pub raft_apply_lag_seconds: prometheus::Gauge,
+    pub snapshots_built_total: IntCounter,
+    pub snapshots_installed_total: IntCounter,
+    pub snapshot_last_size_bytes: IntGauge,
+    pub snapshot_last_build_seconds: prometheus::Gauge,
+    pub snapshot_last_install_seconds: prometheus::Gauge,
+    pub disk_free_bytes: IntGauge,
+    pub disk_total_bytes: IntGauge,
+    pub tls_cert_expiry_timestamp_seconds: IntGauge,
 
     pub writes_total: IntCounterVec,
     pub forwarded_writes_total: IntCounterVec,
@@ -42,9 +53,9 @@ pub struct Metrics {
     pub rocksdb_memtable_bytes: IntGauge,
 
     pub p2p_connected_peers: IntGauge,
-    pub p2p_refused_connections_total: IntGauge,
-    pub p2p_inbound_failures_total: IntGauge,
-    pub p2p_outbound_failures_total: IntGauge,
+    pub p2p_refused_connections_total: IntCounter,
+    pub p2p_inbound_failures_total: IntCounter,
+    pub p2p_outbound_failures_total: IntCounter,
 
     pub audit_events_total: IntCounter,
     pub break_glass_total: IntCounter,
@@ -117,13 +128,47 @@ impl Metrics {
                 )
                 .expect("valid metric")
             ),
-            raft_log_fsyncs_total: reg!(gauge(
+            raft_log_fsyncs_total: reg!(counter(
                 "hie_raft_log_fsyncs_total",
                 "WAL fsyncs made for log appends (group commits)."
             )),
-            raft_log_entries_appended_total: reg!(gauge(
+            raft_log_entries_appended_total: reg!(counter(
                 "hie_raft_log_entries_appended_total",
                 "Log entries appended."
+            )),
+            raft_apply_lag_entries: reg!(gauge(
+                "hie_raft_apply_lag_entries",
+                "Entries this replica has yet to apply of the leader's commit index as last heard (0 on the leader)."
+            )),
+            raft_apply_lag_seconds: reg!(
+                prometheus::Gauge::new(
+                    "hie_raft_apply_lag_seconds",
+                    "How long this replica has been behind the leader's commit."
+                )
+                .expect("valid metric")
+            ),
+            snapshots_built_total: reg!(counter("hie_snapshots_built_total", "Snapshots built by this node.")),
+            snapshots_installed_total: reg!(counter(
+                "hie_snapshots_installed_total",
+                "Snapshots received and installed."
+            )),
+            snapshot_last_size_bytes: reg!(gauge(
+                "hie_snapshot_last_size_bytes",
+                "Size of the last snapshot built or installed."
+            )),
+            snapshot_last_build_seconds: reg!(
+                prometheus::Gauge::new("hie_snapshot_last_build_seconds", "How long the last snapshot build took.")
+                    .expect("valid metric")
+            ),
+            snapshot_last_install_seconds: reg!(
+                prometheus::Gauge::new("hie_snapshot_last_install_seconds", "How long the last snapshot install took.")
+                    .expect("valid metric")
+            ),
+            disk_free_bytes: reg!(gauge("hie_disk_free_bytes", "Free bytes on the filesystem of the data directory.")),
+            disk_total_bytes: reg!(gauge("hie_disk_total_bytes", "Size of the filesystem of the data directory.")),
+            tls_cert_expiry_timestamp_seconds: reg!(gauge(
+                "hie_tls_cert_expiry_timestamp_seconds",
+                "When the API server certificate expires (Unix time)."
             )),
             writes_total: reg!(counter_vec(
                 "hie_writes_total",
@@ -162,15 +207,15 @@ impl Metrics {
             rocksdb_size_bytes: reg!(gauge("hie_rocksdb_size_bytes", "Size of the RocksDB SST files.")),
             rocksdb_memtable_bytes: reg!(gauge("hie_rocksdb_memtable_bytes", "Bytes in RocksDB memtables.")),
             p2p_connected_peers: reg!(gauge("hie_p2p_connected_peers", "Peers with an open libp2p connection.")),
-            p2p_refused_connections_total: reg!(gauge(
+            p2p_refused_connections_total: reg!(counter(
                 "hie_p2p_refused_connections_total",
                 "Incoming p2p connections refused."
             )),
-            p2p_inbound_failures_total: reg!(gauge(
+            p2p_inbound_failures_total: reg!(counter(
                 "hie_p2p_inbound_failures_total",
                 "Inbound p2p messages refused or failed."
             )),
-            p2p_outbound_failures_total: reg!(gauge(
+            p2p_outbound_failures_total: reg!(counter(
                 "hie_p2p_outbound_failures_total",
                 "Outbound p2p requests that failed."
             )),
@@ -184,6 +229,15 @@ impl Metrics {
     pub fn render(&self) -> String {
         let families = self.registry.gather();
         prometheus::TextEncoder::new().encode_to_string(&families).unwrap_or_default()
+    }
+}
+
+/// Brings a counter up to a total kept elsewhere (an atomic in a crate that
+/// does not know Prometheus). Totals only grow, so this only adds.
+pub fn sync_counter(counter: &IntCounter, total: u64) {
+    let current = counter.get();
+    if total > current {
+        counter.inc_by(total - current);
     }
 }
 

@@ -221,15 +221,13 @@ pub fn caller_from_cert(der: &[u8]) -> Result<Caller, PkiError> {
     Ok(Caller { ods, roles })
 }
 
-/// Days until a PEM certificate expires (negative when expired).
-pub fn days_until_expiry(cert_path: &Path) -> Result<i64, PkiError> {
+/// When a PEM certificate expires, in Unix seconds.
+pub fn not_after_unix(cert_path: &Path) -> Result<i64, PkiError> {
     use x509_parser::prelude::*;
     let der = load_certs(cert_path)?.remove(0);
     let (_, cert) =
         X509Certificate::from_der(&der).map_err(|_| PkiError::Identity("not an X.509 certificate".into()))?;
-    let not_after = cert.validity().not_after.timestamp();
-    let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
-    Ok((not_after - now) / 86_400)
+    Ok(cert.validity().not_after.timestamp())
 }
 
 #[cfg(test)]

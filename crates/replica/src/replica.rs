@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use hie_domain::raft::{NodeId, NodeInfo, Raft};
 use hie_domain::{Caller, Command, Outcome};
-use hie_metrics::Metrics;
+use hie_metrics::{Metrics, sync_counter};
 use hie_p2p::{ForwardError, P2p, P2pNetworkFactory, PeerId, ReadIndexError, Request, Response};
 use hie_store::{LogStore, ReadView, StateStats, Store};
 use openraft::error::{ClientWriteError, RaftError};
@@ -63,6 +63,8 @@ pub struct Replica {
     p2p: P2p,
     clock: Arc<ContactClock>,
     log: LogStore,
+    snapshots: Arc<hie_store::SnapshotCounters>,
+    data_dir: std::path::PathBuf,
     seeds: HashSet<PeerId>,
 }
 
@@ -177,6 +179,7 @@ impl Replica {
         .map_err(|e| anyhow_free::Error(format!("raft settings: {e}")))?;
 
         let log = store.log.clone();
+        let snapshots = store.state_machine.counters();
         let network = P2pNetworkFactory { p2p: p2p.clone(), local_id: config.node_id };
         let raft = Raft::new(config.node_id, Arc::new(raft_config), network, store.log, store.state_machine)
             .await
@@ -192,6 +195,8 @@ impl Replica {
             p2p,
             clock,
             log,
+            snapshots,
+            data_dir: config.data_dir.clone(),
             seeds,
         });
         tokio::spawn(replica.clone().watch_membership(shutdown.clone()));
@@ -568,12 +573,24 @@ impl Replica {
         let c = self.p2p.counters();
         use std::sync::atomic::Ordering::Relaxed;
         g.p2p_connected_peers.set(c.connected_peers.load(Relaxed) as i64);
-        g.p2p_refused_connections_total.set(c.refused_connections.load(Relaxed) as i64);
-        g.p2p_inbound_failures_total.set((c.inbound_failures.load(Relaxed) + c.refused_messages.load(Relaxed)) as i64);
-        g.p2p_outbound_failures_total.set(c.outbound_failures.load(Relaxed) as i64);
+        sync_counter(&g.p2p_refused_connections_total, c.refused_connections.load(Relaxed));
+        sync_counter(
+            &g.p2p_inbound_failures_total,
+            c.inbound_failures.load(Relaxed) + c.refused_messages.load(Relaxed),
+        );
+        sync_counter(&g.p2p_outbound_failures_total, c.outbound_failures.load(Relaxed));
         let lc = self.log.counters();
-        g.raft_log_fsyncs_total.set(lc.fsyncs.load(Relaxed) as i64);
-        g.raft_log_entries_appended_total.set(lc.entries_appended.load(Relaxed) as i64);
+        sync_counter(&g.raft_log_fsyncs_total, lc.fsyncs.load(Relaxed));
+        sync_counter(&g.raft_log_entries_appended_total, lc.entries_appended.load(Relaxed));
+        let f = self.freshness();
+        g.raft_apply_lag_entries.set(f.behind_entries as i64);
+        g.raft_apply_lag_seconds.set(f.replication_lag_ms as f64 / 1000.0);
+        let sc = &self.snapshots;
+        sync_counter(&g.snapshots_built_total, sc.built_total.load(Relaxed));
+        sync_counter(&g.snapshots_installed_total, sc.installed_total.load(Relaxed));
+        g.snapshot_last_size_bytes.set(sc.last_bytes.load(Relaxed) as i64);
+        g.snapshot_last_build_seconds.set(sc.last_build_millis.load(Relaxed) as f64 / 1000.0);
+        g.snapshot_last_install_seconds.set(sc.last_install_millis.load(Relaxed) as f64 / 1000.0);
     }
 
     async fn refresh_stats(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
@@ -582,6 +599,11 @@ impl Replica {
             tokio::select! {
                 _ = tick.tick() => {},
                 _ = shutdown.changed() => return,
+            }
+            if let Ok(fs) = nix::sys::statvfs::statvfs(&self.data_dir) {
+                let block = fs.fragment_size() as i64;
+                self.core.metrics.disk_free_bytes.set(fs.blocks_available() as i64 * block);
+                self.core.metrics.disk_total_bytes.set(fs.blocks() as i64 * block);
             }
             if let Ok(s) = self.stats().await {
                 let g = &self.core.metrics;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use rocksdb::{ColumnFamilyDescriptor, DB, Options};
 
 pub use crate::log::LogStore;
-pub use crate::state::{ReadView, StateMachine, StateStats};
+pub use crate::state::{ReadView, SnapshotCounters, StateMachine, StateStats};
 
 /// Storage errors that are not openraft's.
 #[derive(Debug, thiserror::Error)]

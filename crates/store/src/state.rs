@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use hie_domain::apply::{ApplyError, StateTxn, apply};
 use hie_domain::codec;
@@ -28,7 +29,18 @@ fn snap_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::write_snapshot(None, AnyError::new(&e)).into()
 }
 
+/// Counters of snapshot work, for metrics.
+#[derive(Debug, Default)]
+pub struct SnapshotCounters {
+    pub built_total: AtomicU64,
+    pub installed_total: AtomicU64,
+    pub last_bytes: AtomicU64,
+    pub last_build_millis: AtomicU64,
+    pub last_install_millis: AtomicU64,
+}
+
 pub struct StateMachine {
+    counters: Arc<SnapshotCounters>,
     db: Arc<DB>,
     snapshot_dir: PathBuf,
     applied: Option<LogId>,
@@ -48,7 +60,11 @@ impl StateMachine {
             None => StoredMembership::default(),
         };
         snapshot::remove_partial_files(&snapshot_dir)?;
-        Ok(StateMachine { db, snapshot_dir, applied, membership, snapshot_seq: 0 })
+        Ok(StateMachine { counters: Arc::default(), db, snapshot_dir, applied, membership, snapshot_seq: 0 })
+    }
+
+    pub fn counters(&self) -> Arc<SnapshotCounters> {
+        self.counters.clone()
     }
 }
 
@@ -213,6 +229,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             membership: self.membership.clone(),
             snapshot_dir: self.snapshot_dir.clone(),
             seq: self.snapshot_seq,
+            counters: self.counters.clone(),
         }
     }
 
@@ -240,6 +257,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             millis = started.elapsed().as_millis() as u64,
             "installed snapshot"
         );
+        let c = &self.counters;
+        c.installed_total.fetch_add(1, Ordering::Relaxed);
+        c.last_bytes.store(size as u64, Ordering::Relaxed);
+        c.last_install_millis.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         Ok(())
@@ -262,6 +283,7 @@ pub struct SnapshotBuilder {
     membership: StoredMembership,
     snapshot_dir: PathBuf,
     seq: u64,
+    counters: Arc<SnapshotCounters>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -289,6 +311,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             millis = started.elapsed().as_millis() as u64,
             "built snapshot"
         );
+        let c = &self.counters;
+        c.built_total.fetch_add(1, Ordering::Relaxed);
+        c.last_bytes.store(data.len() as u64, Ordering::Relaxed);
+        c.last_build_millis.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
