@@ -190,6 +190,15 @@ pub enum ClusterCmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Take a consistent backup of a node's state into a file
+    /// (restore it into a new node with `hie node restore`).
+    Backup {
+        /// Where to write the backup.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 pub enum Op {
@@ -414,7 +423,11 @@ fn rustls_pem_first(pem: &[u8]) -> anyhow::Result<Vec<u8>> {
 }
 
 async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
+    if let ClusterCmd::Backup { out, target } = &cmd {
+        return backup(out, target).await;
+    }
     let (target, method, path, body) = match cmd {
+        ClusterCmd::Backup { .. } => unreachable!("handled above"),
         ClusterCmd::Status { target } => (target, "GET", "/admin/status".to_owned(), None),
         ClusterCmd::Digest { target } => (target, "GET", "/admin/digest".to_owned(), None),
         ClusterCmd::Snapshot { target } => (target, "POST", "/admin/snapshot".to_owned(), None),
@@ -475,6 +488,31 @@ pub async fn operator_call(
         return Ok((status, value));
     }
     bail!("the leader moved while the command was being sent; try again")
+}
+
+async fn backup(out: &std::path::Path, target: &Target) -> anyhow::Result<()> {
+    use std::io::Write;
+    let api = Api::from_target(target, "operator")?;
+    let started = std::time::Instant::now();
+    let resp = api.http.get(api.admin_url("/admin/backup")).send().await?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        return Err(fail(status, &body));
+    }
+    let bytes = resp.bytes().await?;
+    let tmp = out.with_extension("partial");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, out)?;
+    println!(
+        "backup of {} bytes written to {} in {:.1} s",
+        bytes.len(),
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn print_status(s: &Value) {

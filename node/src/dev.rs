@@ -98,6 +98,9 @@ struct AddNodeArgs {
     /// Promote the new node to voter once it has caught up.
     #[arg(long)]
     voter: bool,
+    /// Start the new node from this backup (`hie cluster backup`) instead of empty.
+    #[arg(long)]
+    restore_from: Option<PathBuf>,
 }
 
 /// Regions used for dev nodes, in order.
@@ -444,7 +447,7 @@ async fn create(dir: &Path, args: &UpArgs) -> anyhow::Result<ClusterFile> {
     for i in 0..args.learners {
         let id = args.nodes + i + 1;
         let region = REGIONS[(id - 1) as usize];
-        let node = start_learner(dir, &ca, &cluster, id, region, args.tuning()).await?;
+        let node = start_learner(dir, &ca, &cluster, id, region, args.tuning(), None).await?;
         cluster.nodes.push(node);
         write_cluster(dir, &cluster)?;
     }
@@ -480,6 +483,7 @@ async fn start_learner(
     id: u64,
     region: &str,
     tuning: Tuning,
+    restore_from: Option<&Path>,
 ) -> anyhow::Result<NodeEntry> {
     let plan = plan_node(dir, id, region)?;
     issue_node_cert(ca, &dir.join("certs"), id)?;
@@ -487,6 +491,9 @@ async fn start_learner(
         cluster.nodes.iter().map(|n| SeedPeer { peer_id: n.peer_id.clone(), addr: n.p2p_addr.clone() }).collect();
     let config = node_config(dir, &plan, &[], &seeds, false, tuning);
     write_config(&plan.config_path, &config)?;
+    if let Some(backup) = restore_from {
+        crate::node::restore(&plan.config_path, backup)?;
+    }
     let command = command_for(&plan.config_path)?;
     let pid = spawn_node(&command, &plan.data_dir)?;
     let api = operator_api(cluster, &cluster.nodes[0])?;
@@ -510,7 +517,9 @@ async fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
     let certs = dir.join("certs");
     let ca = DevCa::load(&certs.join("ca.pem"), &certs.join("ca.key"))?;
     let id = cluster.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
-    let mut node = start_learner(&dir, &ca, &cluster, id, &args.region, Tuning::default()).await?;
+    let restore_from = args.restore_from.as_ref().map(|p| abs(p)).transpose()?;
+    let mut node =
+        start_learner(&dir, &ca, &cluster, id, &args.region, Tuning::default(), restore_from.as_deref()).await?;
     if args.voter {
         let api = operator_api(&cluster, &cluster.nodes[0])?;
         let (status, answer) = operator_call(&api, "POST", &format!("/admin/nodes/{id}/promote"), None).await?;

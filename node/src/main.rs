@@ -64,6 +64,16 @@ enum NodeCmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Load a backup (`hie cluster backup`) into a new node's empty data
+    /// directory, before its first start; then add it as a learner.
+    Restore {
+        /// The new node's TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -75,6 +85,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Node { command: NodeCmd::CheckConfig { config } } => {
             config::Config::load(&config).map(|_| println!("{}: ok", config.display()))
         }
+        Cmd::Node { command: NodeCmd::Restore { config, from } } => node::restore(&config, &from),
         Cmd::Dev(args) => dev::main(args),
         Cmd::Search(args) => client::run(client::Op::Search(args)),
         Cmd::Holders(args) => client::run(client::Op::Holders(args)),

@@ -116,3 +116,17 @@ pub fn print_id(key: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result
     println!("{}", hie_p2p::peer_id_of_key_file(&key)?);
     Ok(())
 }
+
+/// Loads a backup into the (new, empty) data directory of `config_path`.
+pub fn restore(config_path: &Path, backup: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let bytes = std::fs::read(backup).with_context(|| format!("reading {}", backup.display()))?;
+    let meta = hie_store::Store::restore(&config.node.data_dir.join("store"), &bytes)?;
+    println!(
+        "restored {} bytes at log index {} into {}",
+        bytes.len(),
+        meta.last_log_id.map(|l| l.index).unwrap_or(0),
+        config.node.data_dir.display()
+    );
+    Ok(())
+}

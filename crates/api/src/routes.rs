@@ -56,6 +56,7 @@ pub(crate) fn router(config: ApiConfig, replica: Arc<Replica>) -> Router {
         .route("/admin/nodes/{id}/promote", post(admin_promote))
         .route("/admin/nodes/{id}", axum::routing::delete(admin_remove))
         .route("/admin/snapshot", post(admin_snapshot))
+        .route("/admin/backup", get(admin_backup))
         .route("/admin/pointer-types", axum::routing::put(admin_put_type))
         .route("/admin/producers/{ods}", axum::routing::put(admin_put_producer))
         .fallback(not_found)
@@ -721,6 +722,14 @@ async fn admin_snapshot(State(st): St, Extension(identity): Extension<ConnIdenti
     operator(&identity)?;
     st.replica.trigger_snapshot().await.map_err(membership_error)?;
     Ok(Json(json!({ "snapshot": "triggered" })).into_response())
+}
+
+/// A consistent backup of this node's state, in the snapshot file format.
+async fn admin_backup(State(st): St, Extension(identity): Extension<ConnIdentity>) -> Result<Response, ApiError> {
+    operator(&identity)?;
+    let bytes = st.replica.backup().await?;
+    tracing::info!(bytes = bytes.len(), "backup taken");
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
 #[derive(Deserialize)]

@@ -483,6 +483,11 @@ impl Replica {
         self.read(|r| r.digest()).await.map(|(applied, d, n)| (applied.map(|l| l.index).unwrap_or(0), d, n))
     }
 
+    /// A consistent backup of this replica's state (see `Store::restore`).
+    pub async fn backup(&self) -> Result<Vec<u8>, ReadError> {
+        self.read(|r| r.backup()).await
+    }
+
     pub async fn stats(&self) -> Result<StateStats, ReadError> {
         self.read(|r| Ok(r.stats())).await
     }

@@ -112,6 +112,35 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Loads a backup (from `ReadView::backup`) into a new node's empty
+    /// store, as if it had installed that snapshot: state, applied index and
+    /// membership from the backup, the log purged up to it. The node then
+    /// joins as a learner and catches up from there.
+    pub fn restore(dir: &Path, backup: &[u8]) -> Result<hie_domain::raft::SnapshotMeta, StoreError> {
+        let (meta, data) = snapshot::SnapshotFile::decode(backup)?;
+        let store = Store::open(dir, StoreOptions::default())?;
+        let db = store.reads.db();
+        let log_empty = db.iterator_cf(handle(db, cf::LOG), rocksdb::IteratorMode::Start).next().is_none();
+        let state_empty =
+            cf::STATE.iter().all(|c| db.iterator_cf(handle(db, c), rocksdb::IteratorMode::Start).next().is_none());
+        if !log_empty || !state_empty || db.get_cf(handle(db, cf::RAFT_META), keys::VOTE)?.is_some() {
+            return Err(StoreError::BadSnapshot(format!(
+                "{} already holds a node's state; restore only into a new data directory",
+                dir.display()
+            )));
+        }
+        snapshot::install(db, &meta, &data)?;
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(handle(db, cf::RAFT_META), keys::LAST_PURGED, hie_domain::codec::encode(&meta.last_log_id));
+        let mut sync = rocksdb::WriteOptions::default();
+        sync.set_sync(true);
+        db.write_opt(batch, &sync)?;
+        snapshot::SnapshotFile::save(&dir.join("snapshots"), &meta, &data)?;
+        Ok(meta)
+    }
+}
+
 pub(crate) fn handle<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
     db.cf_handle(name).expect("column families are created at open")
 }

@@ -80,6 +80,30 @@ impl OwnedSnapshot {
         Ok(())
     }
 
+    /// The membership as of this view.
+    pub(crate) fn membership(&self) -> Result<hie_domain::raft::StoredMembership, StoreError> {
+        let inner = &self.0;
+        match inner.snap.get_cf(handle(&inner.db, cf::SM_META), keys::MEMBERSHIP)? {
+            None => Ok(Default::default()),
+            Some(b) => codec::decode(&b).map_err(|e| StoreError::Corrupt {
+                cf: cf::SM_META,
+                key: "membership".into(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// A consistent backup: the snapshot file format, from this one view.
+    pub(crate) fn backup(&self) -> Result<Vec<u8>, StoreError> {
+        let last_log_id = self.applied()?;
+        let meta = SnapshotMeta {
+            last_log_id,
+            last_membership: self.membership()?,
+            snapshot_id: format!("backup-{}", last_log_id.map(|l| l.index).unwrap_or(0)),
+        };
+        Ok(SnapshotFile::encode(&meta, &self.serialize_state()?))
+    }
+
     pub(crate) fn serialize_state(&self) -> Result<Vec<u8>, StoreError> {
         let mut out = Vec::with_capacity(1 << 20);
         out.extend_from_slice(MAGIC);
@@ -202,13 +226,28 @@ impl SnapshotFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StoreError::Io { path, source }),
         };
-        let bad = |m: &str| StoreError::BadSnapshot(format!("{}: {m}", path.display()));
+        Self::decode(&bytes).map(Some).map_err(|e| StoreError::BadSnapshot(format!("{}: {e}", path.display())))
+    }
+
+    /// `[meta len u32][meta cbor][stream]`: the file and backup format.
+    pub(crate) fn encode(meta: &SnapshotMeta, data: &[u8]) -> Vec<u8> {
+        let meta_bytes = codec::encode(meta);
+        let mut out = Vec::with_capacity(4 + meta_bytes.len() + data.len());
+        out.extend_from_slice(&(meta_bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(&meta_bytes);
+        out.extend_from_slice(data);
+        out
+    }
+
+    /// Splits and checks the file format (the stream's checksum included).
+    pub(crate) fn decode(bytes: &[u8]) -> Result<(SnapshotMeta, Vec<u8>), StoreError> {
+        let bad = |m: &str| StoreError::BadSnapshot(m.to_owned());
         let len = u32::from_le_bytes(bytes.get(..4).ok_or_else(|| bad("truncated"))?.try_into().unwrap()) as usize;
         let meta_bytes = bytes.get(4..4 + len).ok_or_else(|| bad("truncated meta"))?;
         let meta: SnapshotMeta = codec::decode(meta_bytes).map_err(|e| bad(&e.to_string()))?;
         let data = bytes[4 + len..].to_vec();
         parse(&data, |_, _, _| {})?;
-        Ok(Some((meta, data)))
+        Ok((meta, data))
     }
 }
 

@@ -341,6 +341,10 @@ impl ReadView {
         ReadView { db }
     }
 
+    pub(crate) fn db(&self) -> &DB {
+        &self.db
+    }
+
     fn get<T: DeserializeOwned>(&self, cf_name: &'static str, key: &[u8]) -> Result<Option<T>, StoreError> {
         match self.db.get_cf(handle(&self.db, cf_name), key)? {
             None => Ok(None),
@@ -447,5 +451,11 @@ impl ReadView {
     /// from one consistent view. Replicas at the same applied index must agree.
     pub fn digest(&self) -> Result<(Option<LogId>, String, u64), StoreError> {
         OwnedSnapshot::new(self.db.clone()).digest()
+    }
+
+    /// A consistent backup of the state (meta and tables from one view), in
+    /// the snapshot file format. `Store::restore` loads it into a new node.
+    pub fn backup(&self) -> Result<Vec<u8>, StoreError> {
+        OwnedSnapshot::new(self.db.clone()).backup()
     }
 }
