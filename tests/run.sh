@@ -6,11 +6,15 @@ cd "$(dirname "$0")/.."
 . cluster/setup.sh
 cargo build --workspace --all-targets
 
-# promtool, for the checks of metrics, alert rules and Prometheus config.
-if ! command -v promtool >/dev/null 2>&1; then
+# promtool (metrics, alert rules, Prometheus config) and headless Chromium
+# (the status page), from Debian's packages.
+missing=""
+command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+if [ -n "$missing" ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
 # A real FHIR R4 library and a stock FHIR client, for the conformance test.

@@ -1,5 +1,5 @@
-//! The admin listener (plain HTTP): `/metrics`, `/healthz`, `/readyz`,
-//! `/status` and `/digest`. It serves no patient data; bind it to a private
+//! The admin listener (plain HTTP): the status page `/`, `/metrics`,
+//! `/healthz`, `/readyz`, `/status` and `/digest`. It serves no patient data; bind it to a private
 //! interface. Changes to the cluster go through the API listener's
 //! operator-only `/admin/*` routes, which need a client certificate.
 
@@ -26,12 +26,18 @@ pub async fn serve_admin(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let app = Router::new()
+        .route("/", get(status_page))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/digest", get(digest))
-        .with_state(replica);
+        .with_state(replica)
+        // The status page of any node reads the others' /status and /metrics.
+        .layer(axum::middleware::map_response(|mut r: Response| async move {
+            r.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, axum::http::HeaderValue::from_static("*"));
+            r
+        }));
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     tracing::info!(%listen, "admin listening (http)");
@@ -42,6 +48,11 @@ pub async fn serve_admin(
             })
             .await;
     }))
+}
+
+/// A live map of the cluster that refreshes itself (served as one file).
+async fn status_page() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("status.html")).into_response()
 }
 
 async fn metrics(State(r): State<Arc<Replica>>) -> Response {
