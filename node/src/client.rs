@@ -72,10 +72,13 @@ pub struct Target {
     /// The node's API base URL (https://HOST:PORT/fhir); with --ca, --cert and --key.
     #[arg(long, global = true, requires_all = ["ca", "cert", "key"])]
     pub url: Option<String>,
+    /// The cluster CA certificate (PEM), with --url.
     #[arg(long, global = true)]
     pub ca: Option<PathBuf>,
+    /// This client's certificate (PEM), with --url.
     #[arg(long, global = true)]
     pub cert: Option<PathBuf>,
+    /// This client's private key (PEM), with --url.
     #[arg(long, global = true)]
     pub key: Option<PathBuf>,
     /// Print the raw JSON answer.
@@ -99,6 +102,7 @@ pub struct SearchArgs {
 
 #[derive(Args, Debug)]
 pub struct HoldersArgs {
+    /// The patient's NHS Number.
     pub nhs_number: String,
     #[command(flatten)]
     pub target: Target,
@@ -108,26 +112,29 @@ pub struct HoldersArgs {
 pub enum PointerCmd {
     /// Read one pointer by id.
     Get {
+        /// The pointer id (`<ODS>-<id>`).
         id: String,
         #[command(flatten)]
         target: Target,
     },
-    /// Publish a pointer (producer). Give --file, or --nhs and --url.
+    /// Publish a pointer (producer). Give --file, or --nhs and --record-url.
     Create {
         /// A DocumentReference JSON file.
-        #[arg(long, conflicts_with_all = ["nhs", "url"])]
+        #[arg(long, conflicts_with_all = ["nhs", "record_url"])]
         file: Option<PathBuf>,
+        /// The patient's NHS Number.
         #[arg(long)]
         nhs: Option<String>,
-        /// Where the record is.
-        #[arg(long)]
-        url: Option<String>,
+        /// Where the record is (the pointer's content URL).
+        #[arg(long = "record-url")]
+        record_url: Option<String>,
         /// SNOMED CT type (default: 736253002, mental health crisis plan).
         #[arg(long = "type", default_value = "736253002")]
         type_code: String,
         /// SNOMED CT category of the type (default: 734163000, care plan).
         #[arg(long, default_value = "734163000")]
         category: String,
+        /// The MIME type of the record.
         #[arg(long, default_value = "application/pdf")]
         content_type: String,
         /// The producer's own id for the record (makes retries safe).
@@ -138,6 +145,7 @@ pub enum PointerCmd {
     },
     /// Delete a pointer (its custodian only).
     Delete {
+        /// The pointer id (`<ODS>-<id>`).
         id: String,
         #[command(flatten)]
         target: Target,
@@ -153,16 +161,22 @@ pub enum ClusterCmd {
     },
     /// Add a node as a non-voting learner (send to the leader).
     AddLearner {
+        /// The new node's id (unique, never reused).
         #[arg(long)]
         id: u64,
+        /// Its libp2p PeerId (`hie node id --config FILE` prints it).
         #[arg(long)]
         peer_id: String,
+        /// The libp2p address other nodes dial, e.g. /ip4/10.0.0.4/tcp/7001.
         #[arg(long)]
         p2p_addr: String,
+        /// The region it serves.
         #[arg(long)]
         region: String,
+        /// Its FHIR base URL, shown in status.
         #[arg(long, default_value = "")]
         api_url: String,
+        /// Its admin URL, shown in status and used by the status page.
         #[arg(long, default_value = "")]
         admin_url: String,
         #[command(flatten)]
@@ -170,12 +184,14 @@ pub enum ClusterCmd {
     },
     /// Make a learner a voter.
     Promote {
+        /// The learner's node id.
         id: u64,
         #[command(flatten)]
         target: Target,
     },
     /// Remove a node from the cluster.
     Remove {
+        /// The node id to remove.
         id: u64,
         #[command(flatten)]
         target: Target,
@@ -363,12 +379,23 @@ async fn run_async(op: Op) -> anyhow::Result<()> {
             println!("deleted {id}");
             Ok(())
         }
-        Op::Pointer(PointerCmd::Create { file, nhs, url, type_code, category, content_type, master_id, target }) => {
+        Op::Pointer(PointerCmd::Create {
+            file,
+            nhs,
+            record_url,
+            type_code,
+            category,
+            content_type,
+            master_id,
+            target,
+        }) => {
             let api = Api::from_target(&target, "producer")?;
             let body = match file {
                 Some(f) => std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?,
                 None => {
-                    let (Some(nhs), Some(url)) = (nhs, url) else { bail!("give --file, or --nhs and --url") };
+                    let (Some(nhs), Some(url)) = (nhs, record_url) else {
+                        bail!("give --file, or --nhs and --record-url")
+                    };
                     let ods = own_ods(&target)?;
                     let mut doc = json!({
                         "resourceType": "DocumentReference",
@@ -500,18 +527,20 @@ async fn backup(out: &std::path::Path, target: &Target) -> anyhow::Result<()> {
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         return Err(fail(status, &body));
     }
-    let bytes = resp.bytes().await?;
+    let bar = crate::progress::bytes(resp.content_length().unwrap_or(0), "backup");
     let tmp = out.with_extension("partial");
     let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(&bytes)?;
+    let mut resp = resp;
+    let mut total = 0u64;
+    while let Some(chunk) = resp.chunk().await? {
+        f.write_all(&chunk)?;
+        total += chunk.len() as u64;
+        bar.inc(chunk.len() as u64);
+    }
     f.sync_all()?;
     std::fs::rename(&tmp, out)?;
-    println!(
-        "backup of {} bytes written to {} in {:.1} s",
-        bytes.len(),
-        out.display(),
-        started.elapsed().as_secs_f64()
-    );
+    bar.finish_and_clear();
+    println!("backup of {total} bytes written to {} in {:.1} s", out.display(), started.elapsed().as_secs_f64());
     Ok(())
 }
 

@@ -462,3 +462,50 @@ public_url = "http://127.0.0.1:9001"
         assert_eq!(c.raft.heartbeat_interval_ms, defaults::heartbeat_interval_ms());
     }
 }
+
+#[cfg(test)]
+mod template_tests {
+    use super::*;
+
+    /// Every field of the configuration appears in the commented template.
+    #[test]
+    fn the_template_documents_every_field() {
+        let template = include_str!("../../cluster/node.example.toml");
+        let mut c: Config = toml::from_str(template).unwrap();
+        c.p2p.advertise = Some("/ip4/10.0.0.1/tcp/7001".into());
+        c.p2p.seeds = vec![SeedPeer { peer_id: "p".into(), addr: "a".into() }];
+        c.cluster.initial_members = vec![Member {
+            id: 1,
+            region: "r".into(),
+            peer_id: "p".into(),
+            p2p_addr: "a".into(),
+            api_url: "u".into(),
+            admin_url: "v".into(),
+        }];
+        let full = toml::Value::try_from(&c).unwrap();
+        fn keys(v: &toml::Value, out: &mut Vec<String>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        out.push(k.clone());
+                        keys(v, out);
+                    }
+                }
+                toml::Value::Array(a) => a.iter().for_each(|v| keys(v, out)),
+                _ => {}
+            }
+        }
+        let mut all = vec![];
+        keys(&full, &mut all);
+        let undocumented: Vec<_> = all
+            .iter()
+            .filter(|k| {
+                !template.contains(&format!("[{k}]"))
+                    && !template.contains(&format!("{k} ="))
+                    && !template.contains(&format!("[[{k}"))
+                    && !template.contains(&format!(".{k}]]"))
+            })
+            .collect();
+        assert!(undocumented.is_empty(), "fields missing from cluster/node.example.toml: {undocumented:?}");
+    }
+}

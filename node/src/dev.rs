@@ -49,6 +49,7 @@ struct DirArg {
 
 #[derive(Args, Debug, Clone)]
 struct UpArgs {
+    /// The cluster's directory (certificates, configs, data, cluster.json).
     #[arg(long, default_value = ".hie-dev")]
     dir: PathBuf,
     /// Voting regions.
@@ -91,8 +92,10 @@ impl UpArgs {
 
 #[derive(Args, Debug, Clone)]
 struct AddNodeArgs {
+    /// The cluster's directory.
     #[arg(long, default_value = ".hie-dev")]
     dir: PathBuf,
+    /// The new node's region.
     #[arg(long)]
     region: String,
     /// Promote the new node to voter once it has caught up.
@@ -373,6 +376,39 @@ async fn wait_ready(nodes: &[NodeEntry]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Shows a new node catching up with the leader's log (by snapshot or by
+/// log) until it is within the readiness bound.
+async fn wait_caught_up(node: &NodeEntry, others: &[NodeEntry]) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+    let status = |url: String| {
+        let http = http.clone();
+        async move { http.get(url).send().await.ok()?.json::<serde_json::Value>().await.ok() }
+    };
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let bar = crate::progress::items(0, "catch-up");
+    loop {
+        let mut target = 0;
+        for o in others {
+            if let Some(s) = status(format!("{}/status", o.admin_url)).await {
+                target = target.max(s["last_log_index"].as_u64().unwrap_or(0));
+            }
+        }
+        let applied =
+            status(format!("{}/status", node.admin_url)).await.and_then(|s| s["applied_index"].as_u64()).unwrap_or(0);
+        bar.set_length(target);
+        bar.set_position(applied.min(target));
+        if target > 0 && applied + hie_api::READY_BEHIND_ENTRIES_MAX >= target {
+            bar.finish_and_clear();
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bar.abandon();
+            bail!("node {} did not catch up within {} s", node.id, READY_TIMEOUT.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Writes cluster.json, and the Prometheus file-discovery targets beside it
 /// (ops/prometheus/prometheus.yml reads them).
 fn write_cluster(dir: &Path, cluster: &ClusterFile) -> anyhow::Result<()> {
@@ -506,6 +542,7 @@ async fn start_learner(
         bail!("adding learner {id} failed: {status} {answer}");
     }
     let node = entry(&plan, false, pid, command);
+    wait_caught_up(&node, &cluster.nodes).await?;
     wait_ready(std::slice::from_ref(&node)).await?;
     println!("region {region} joined as learner {id}");
     Ok(node)
@@ -563,6 +600,8 @@ async fn seed(cluster: &ClusterFile, patients: u32) -> anyhow::Result<()> {
         let node = &cluster.nodes[i % cluster.nodes.len()];
         apis.push((Arc::new(Api::new(&node.api_url, &cluster.ca_cert, &p.cert, &p.key)?), p.ods.clone()));
     }
+    let expected: u64 = (0..patients).map(|i| if i % 2 == 1 { 1 } else { apis.len() as u64 }).sum();
+    let bar = crate::progress::items(expected, "seeding");
     let sem = Arc::new(tokio::sync::Semaphore::new(SEED_CONCURRENCY));
     let mut tasks = tokio::task::JoinSet::new();
     let mut planned = 0u32;
@@ -581,6 +620,7 @@ async fn seed(cluster: &ClusterFile, patients: u32) -> anyhow::Result<()> {
             let permit = sem.clone().acquire_owned().await?;
             while let Some(r) = tasks.try_join_next() {
                 r??;
+                bar.inc(1);
             }
             planned += 1;
             tasks.spawn(async move {
@@ -604,7 +644,9 @@ async fn seed(cluster: &ClusterFile, patients: u32) -> anyhow::Result<()> {
     }
     while let Some(r) = tasks.join_next().await {
         r??;
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     println!("seeded {patients} patients with {planned} pointers in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -5,6 +5,7 @@ mod client;
 mod config;
 mod dev;
 mod node;
+mod progress;
 
 use std::path::PathBuf;
 
@@ -56,11 +57,13 @@ enum NodeCmd {
         /// The node key file (default: <data_dir>/node.key of --config).
         #[arg(long, conflicts_with = "config")]
         key: Option<PathBuf>,
+        /// The node's TOML configuration (its data_dir holds node.key).
         #[arg(long)]
         config: Option<PathBuf>,
     },
     /// Check a configuration file and exit.
     CheckConfig {
+        /// The TOML configuration to check.
         #[arg(long)]
         config: PathBuf,
     },
@@ -98,5 +101,42 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every command says what it does and every argument has help text.
+    #[test]
+    fn help_is_complete() {
+        let mut cli = Cli::command();
+        cli.build();
+        let mut missing = vec![];
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            if cmd.get_about().is_none() && path != "hie" {
+                missing.push(format!("{path}: no about"));
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() {
+                    missing.push(format!("{path} --{id}: no help"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() == "help" {
+                    continue;
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        walk(&cli, "hie", &mut missing);
+        assert!(missing.is_empty(), "help text missing:\n{}", missing.join("\n"));
     }
 }

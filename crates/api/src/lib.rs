@@ -13,6 +13,6 @@ mod limits;
 mod routes;
 mod server;
 
-pub use admin::serve_admin;
+pub use admin::{READY_BEHIND_ENTRIES_MAX, serve_admin};
 pub use limits::ApiLimits;
 pub use server::{ApiConfig, serve_api};
