@@ -39,6 +39,7 @@ def main(cluster_json, nhs, pointer_id):
         ("OperationOutcome", f"{base}/DocumentReference", {"subject:identifier": f"{NHS}|1234567890"}),
     ]
     validated = 0
+    checked = []
     for resource_type, url, params in expected:
         r = session.get(url, params=params)
         body = r.json()
@@ -46,10 +47,30 @@ def main(cluster_json, nhs, pointer_id):
             sys.exit(f"{url}: expected {resource_type}, got {body.get('resourceType')}")
         construct_fhir_element(resource_type, body)  # raises if it is not valid FHIR R4
         validated += 1
+        checked.append(resource_type)
         if resource_type == "Bundle":
             for entry in body.get("entry", []):
                 construct_fhir_element(entry["resource"]["resourceType"], entry["resource"])
                 validated += 1
+                checked.append(entry["resource"]["resourceType"])
+
+    # A Consent recorded by the consent authority (for another test patient).
+    authority = next(c for c in cluster["clients"] if "consent-authority" in c["roles"])
+    consent = {
+        "resourceType": "Consent", "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"identifier": {"system": NHS, "value": "9434765919"}},
+        "provision": {"type": "deny"},
+    }
+    construct_fhir_element("Consent", consent)
+    r = requests.post(f"{base}/Consent", json=consent, cert=(authority["cert"], authority["key"]), verify=tls["verify"],
+                      headers={"content-type": "application/fhir+json"})
+    if r.status_code != 201:
+        sys.exit(f"Consent: {r.status_code} {r.text}")
+    construct_fhir_element("Consent", r.json())
+    validated += 1
+    checked.append("Consent")
 
     client = SyncFHIRClient(base, requests_config=tls)
     found = client.resources("DocumentReference").search(subject__identifier=f"{NHS}|{nhs}").limit(1).fetch_all()
@@ -59,7 +80,7 @@ def main(cluster_json, nhs, pointer_id):
     one = client.reference("DocumentReference", pointer_id).to_resource()
     if one["id"] != pointer_id or one["status"] != "current":
         sys.exit(f"fhirpy read returned {one}")
-    print(f"fhir: {validated} resources valid FHIR R4; fhirpy found {len(ids)} pointers over pages of 1 and read {pointer_id}")
+    print(f"fhir: {validated} resources valid FHIR R4 ({', '.join(checked)}); fhirpy found {len(ids)} pointers over pages of 1 and read {pointer_id}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,15 @@ pub fn hie(args: &[&str]) -> anyhow::Result<String> {
     Ok(stdout)
 }
 
+/// This package's directory, read at run time (nextest and cargo set it), so
+/// a test binary built from another checkout sharing the target directory
+/// still reads this checkout's files.
+pub fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub file: Value,

@@ -37,8 +37,9 @@ async fn responses_are_valid_fhir_r4_and_a_stock_client_works() -> anyhow::Resul
     assert_eq!(create_pointer(&mh, &c.api_url(1), &pointer_body(&patient, "RV3", "fhir-3")).await?.status, 201);
     // The check reads node 2: wait until it has applied everything.
     c.wait_converged(&c.node_ids(), Duration::from_secs(10)).await?;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fhir/check.py");
-    let out = std::process::Command::new(&python).args([script, &c.cluster_json(), &patient, &current]).output()?;
+    let script = manifest_dir().join("fhir/check.py");
+    let out =
+        std::process::Command::new(&python).arg(&script).args([&c.cluster_json(), &patient, &current]).output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "FHIR conformance check failed");

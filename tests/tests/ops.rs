@@ -10,7 +10,7 @@ use std::time::Duration;
 use hie_tests::*;
 
 fn ops(path: &str) -> String {
-    format!("{}/../ops/{path}", env!("CARGO_MANIFEST_DIR"))
+    manifest_dir().join("../ops").join(path).display().to_string()
 }
 
 fn promtool(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {

@@ -50,6 +50,7 @@ pub(crate) fn router(config: ApiConfig, replica: Arc<Replica>) -> Router {
         .route("/fhir/DocumentReference/_count", get(count))
         .route("/fhir/DocumentReference/{id}", get(read).put(update).delete(delete))
         .route("/fhir/Patient/{nhs}/$record-holders", get(record_holders))
+        .route("/fhir/Consent", post(consent))
         .route("/admin/status", get(admin_status))
         .route("/admin/digest", get(admin_digest))
         .route("/admin/learners", post(admin_add_learner))
@@ -220,6 +221,37 @@ fn etag(version: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("W/\"{version}\"")).expect("digits")
 }
 
+/// Why a read happens: `directcare` (the default) or an emergency override
+/// that shows opted-out patients' pointers, audited and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    DirectCare,
+    BreakGlass,
+}
+
+/// Reads `X-HIE-Purpose-Of-Use` and `X-HIE-Break-Glass-Reason`.
+fn purpose(headers: &HeaderMap, caller: &Caller, st: &AppState, request_id: &RequestId) -> Result<Purpose, ApiError> {
+    let text = |name: &str| headers.get(name).map(|v| v.to_str().map(str::trim).unwrap_or(""));
+    match text("x-hie-purpose-of-use") {
+        None | Some("directcare") => Ok(Purpose::DirectCare),
+        Some("emergency") => {
+            let reason = text("x-hie-break-glass-reason").unwrap_or("");
+            if reason.is_empty() || reason.len() > BREAK_GLASS_REASON_LEN_MAX {
+                return Err(ApiError::InvalidHeader(format!(
+                    "breaking the glass needs X-HIE-Break-Glass-Reason (1 to {BREAK_GLASS_REASON_LEN_MAX} characters)"
+                )));
+            }
+            st.replica.metrics().break_glass_total.inc();
+            tracing::warn!(request_id = %request_id.0, ods = %caller.ods, reason, "break-glass access: emergency override");
+            Ok(Purpose::BreakGlass)
+        }
+        Some(_) => Err(ApiError::InvalidHeader("X-HIE-Purpose-Of-Use must be directcare or emergency".into())),
+    }
+}
+
+/// Longest break-glass reason accepted.
+const BREAK_GLASS_REASON_LEN_MAX: usize = 500;
+
 /// May this caller see this pointer?
 fn visible(caller: &Caller, p: &RecordPointer) -> bool {
     caller.has(Role::Consumer) || (caller.has(Role::Producer) && p.custodian == caller.ods)
@@ -257,6 +289,11 @@ async fn metadata(State(st): St, Extension(identity): Extension<ConnIdentity>) -
                     "updateCreate": true,
                     "conditionalCreate": false,
                     "searchParam": search_params
+                },
+                {
+                    "type": "Consent",
+                    "interaction": [{ "code": "create" }],
+                    "documentation": "consent-authority only: provision.type deny opts the patient out, permit opts back in"
                 },
                 {
                     "type": "Patient",
@@ -423,6 +460,7 @@ async fn delete(
 async fn read(
     State(st): St,
     Extension(identity): Extension<ConnIdentity>,
+    Extension(rid): Extension<RequestId>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -431,6 +469,7 @@ async fn read(
         return Err(ApiError::Forbidden("reading pointers needs the consumer or producer role".into()));
     }
     let id = path_id(&id)?;
+    let purpose = purpose(&headers, &caller, &st, &rid)?;
     consistency(&headers, &st.replica).await?;
     let lookup = id.clone();
     let (pointer, patient) = st
@@ -450,7 +489,7 @@ async fn read(
         return Err(not_found());
     }
     let opted_out = patient.is_some_and(|p| p.opted_out);
-    if opted_out && pointer.custodian != caller.ods {
+    if opted_out && pointer.custodian != caller.ods && purpose != Purpose::BreakGlass {
         return Err(not_found());
     }
     let mut resp = fhir_json(StatusCode::OK, &fhir::document_reference(&pointer));
@@ -478,16 +517,18 @@ struct CursorState {
 async fn search_get(
     State(st): St,
     Extension(identity): Extension<ConnIdentity>,
+    Extension(rid): Extension<RequestId>,
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
     let pairs = parse_query(uri.query().unwrap_or(""))?;
-    do_search(&st, &identity, &headers, pairs, false).await
+    do_search(&st, &identity, &rid, &headers, pairs, false).await
 }
 
 async fn search_post(
     State(st): St,
     Extension(identity): Extension<ConnIdentity>,
+    Extension(rid): Extension<RequestId>,
     headers: HeaderMap,
     uri: axum::http::Uri,
     body: Body,
@@ -498,22 +539,24 @@ async fn search_post(
     pairs.extend(parse_query(
         std::str::from_utf8(&body).map_err(|_| ApiError::NotWellFormed("form is not UTF-8".into()))?,
     )?);
-    do_search(&st, &identity, &headers, pairs, false).await
+    do_search(&st, &identity, &rid, &headers, pairs, false).await
 }
 
 async fn count(
     State(st): St,
     Extension(identity): Extension<ConnIdentity>,
+    Extension(rid): Extension<RequestId>,
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
     let pairs = parse_query(uri.query().unwrap_or(""))?;
-    do_search(&st, &identity, &headers, pairs, true).await
+    do_search(&st, &identity, &rid, &headers, pairs, true).await
 }
 
 async fn do_search(
     st: &AppState,
     identity: &ConnIdentity,
+    rid: &RequestId,
     headers: &HeaderMap,
     pairs: Vec<(String, String)>,
     count_only: bool,
@@ -523,6 +566,7 @@ async fn do_search(
         return Err(ApiError::Forbidden("searching pointers needs the consumer or producer role".into()));
     }
     let limits = &st.config.limits;
+    let break_glass = purpose(headers, &caller, st, rid)? == Purpose::BreakGlass;
     let params = parse_search(
         pairs,
         SearchLimits { page_size_default: limits.page_size_default, page_size_max: limits.page_size_max },
@@ -556,7 +600,7 @@ async fn do_search(
             let opted_out = patient.as_ref().is_some_and(|p| p.opted_out);
             let (all, _) = r.search(&subject, None, scan_max, |p| {
                 let own = p.custodian == caller_ods;
-                (own || (is_consumer && !opted_out))
+                (own || (is_consumer && (!opted_out || break_glass)))
                     && type_filter.as_ref().is_none_or(|t| *t == p.type_code)
                     && custodian_filter.as_ref().is_none_or(|c| *c == p.custodian)
             })?;
@@ -613,16 +657,49 @@ async fn do_search(
 async fn record_holders(
     State(st): St,
     Extension(identity): Extension<ConnIdentity>,
+    Extension(rid): Extension<RequestId>,
     Path(nhs): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let caller = caller(&identity)?;
     require(&caller, Role::Consumer)?;
     let subject = NhsNumber::parse(&nhs).map_err(ApiError::InvalidNhsNumber)?;
+    let break_glass = purpose(&headers, &caller, &st, &rid)? == Purpose::BreakGlass;
     consistency(&headers, &st.replica).await?;
     let entry = st.replica.read(move |r| r.patient(&subject)).await?;
-    let visible = entry.filter(|e| !e.opted_out);
+    let visible = entry.filter(|e| !e.opted_out || break_glass);
     Ok(with_freshness(fhir_json(StatusCode::OK, &fhir::record_holders(visible.as_ref())), &st.replica))
+}
+
+// ---------------------------------------------------------------- consent
+
+/// `POST /Consent`: a consent authority records a patient's sharing
+/// preference (`deny` opts out, `permit` opts back in), replicated by Raft.
+async fn consent(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let caller = caller(&identity)?;
+    require(&caller, Role::ConsentAuthority)?;
+    let body = read_body(body, &headers, &st.config.limits, false).await?;
+    let consent = fhir::parse_consent(&body)?;
+    let at = now();
+    let cmd = Command::V1(CommandV1::SetConsent {
+        caller: caller.clone(),
+        subject: consent.patient,
+        opted_out: consent.opted_out,
+        at,
+    });
+    run_write(&st, &caller, cmd, &rid).await?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut resp = fhir_json(StatusCode::CREATED, &fhir::consent_resource(&id, &consent, at));
+    if let Ok(v) = HeaderValue::from_str(&format!("{}/Consent/{id}", st.config.base_url)) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
 }
 
 // ---------------------------------------------------------------- operator

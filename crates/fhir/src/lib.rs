@@ -534,3 +534,55 @@ mod tests {
         ));
     }
 }
+
+/// A patient's sharing preference, from a FHIR `Consent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsentIn {
+    pub patient: NhsNumber,
+    /// `provision.type` `deny`: the patient opts out of sharing.
+    pub opted_out: bool,
+}
+
+/// Parses a `Consent` recording a sharing preference: `status` `active`, the
+/// patient by NHS Number, and `provision.type` `deny` (opt out) or `permit`
+/// (opt back in).
+pub fn parse_consent(body: &[u8]) -> Result<ConsentIn, FhirError> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| FhirError::NotWellFormed(e.to_string()))?;
+    match v.get("resourceType").and_then(Value::as_str) {
+        Some("Consent") => {}
+        Some(other) => return Err(invalid(format!("resourceType must be Consent, not {other}"))),
+        None => return Err(invalid("resourceType is required")),
+    }
+    if v.get("status").and_then(Value::as_str) != Some("active") {
+        return Err(invalid("status must be active"));
+    }
+    let ident = v.pointer("/patient/identifier").ok_or_else(|| invalid("patient.identifier is required"))?;
+    if ident.get("system").and_then(Value::as_str) != Some(NHS_NUMBER_SYSTEM) {
+        return Err(invalid(format!("patient.identifier.system must be {NHS_NUMBER_SYSTEM}")));
+    }
+    let value =
+        ident.get("value").and_then(Value::as_str).ok_or_else(|| invalid("patient.identifier.value is required"))?;
+    let patient = NhsNumber::parse(value).map_err(FhirError::InvalidNhsNumber)?;
+    let opted_out = match v.pointer("/provision/type").and_then(Value::as_str) {
+        Some("deny") => true,
+        Some("permit") => false,
+        _ => return Err(invalid("provision.type must be deny (opt out) or permit (opt in)")),
+    };
+    Ok(ConsentIn { patient, opted_out })
+}
+
+/// The stored Consent, as FHIR R4.
+pub fn consent_resource(id: &str, consent: &ConsentIn, at: Timestamp) -> Value {
+    json!({
+        "resourceType": "Consent",
+        "id": id,
+        "meta": { "lastUpdated": instant(at) },
+        "status": "active",
+        "scope": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy" }] },
+        "category": [{ "coding": [{ "system": "http://loinc.org", "code": "59284-0", "display": "Patient Consent" }] }],
+        "patient": { "identifier": { "system": NHS_NUMBER_SYSTEM, "value": consent.patient.as_str() } },
+        "dateTime": instant(at),
+        "policyRule": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": if consent.opted_out { "OPTOUT" } else { "OPTIN" } }] },
+        "provision": { "type": if consent.opted_out { "deny" } else { "permit" } },
+    })
+}
