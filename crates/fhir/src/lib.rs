@@ -229,13 +229,18 @@ pub struct ParsedPointer {
 
 /// Parses a DocumentReference. `id`, `version`, `created` and `updated` are
 /// placeholders the caller replaces.
-pub fn parse_document_reference(body: &[u8]) -> Result<ParsedPointer, FhirError> {
+/// Parses a request body as JSON and checks its `resourceType`.
+fn parse_resource(body: &[u8], resource_type: &str) -> Result<Value, FhirError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| FhirError::NotWellFormed(e.to_string()))?;
     match value.get("resourceType").and_then(Value::as_str) {
-        Some("DocumentReference") => {}
-        Some(other) => return Err(invalid(format!("resourceType must be DocumentReference, not {other}"))),
-        None => return Err(invalid("resourceType is required")),
+        Some(t) if t == resource_type => Ok(value),
+        Some(other) => Err(invalid(format!("resourceType must be {resource_type}, not {other}"))),
+        None => Err(invalid("resourceType is required")),
     }
+}
+
+pub fn parse_document_reference(body: &[u8]) -> Result<ParsedPointer, FhirError> {
+    let value = parse_resource(body, "DocumentReference")?;
     let doc: DocumentReferenceIn = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
     debug_assert_eq!(doc.resource_type, "DocumentReference");
     let _ = (&doc.meta, &doc.doc_status, &doc.date, &doc.description);
@@ -547,12 +552,7 @@ pub struct ConsentIn {
 /// patient by NHS Number, and `provision.type` `deny` (opt out) or `permit`
 /// (opt back in).
 pub fn parse_consent(body: &[u8]) -> Result<ConsentIn, FhirError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| FhirError::NotWellFormed(e.to_string()))?;
-    match v.get("resourceType").and_then(Value::as_str) {
-        Some("Consent") => {}
-        Some(other) => return Err(invalid(format!("resourceType must be Consent, not {other}"))),
-        None => return Err(invalid("resourceType is required")),
-    }
+    let v = parse_resource(body, "Consent")?;
     if v.get("status").and_then(Value::as_str) != Some("active") {
         return Err(invalid("status must be active"));
     }
