@@ -6,6 +6,7 @@
 //! clock and no randomness, only the command and the state it is given.
 
 pub mod apply;
+pub mod audit;
 pub mod codec;
 pub mod command;
 pub mod ids;

@@ -58,6 +58,9 @@ pub struct Metrics {
     pub p2p_outbound_failures_total: IntCounter,
 
     pub audit_events_total: IntCounter,
+    pub audit_write_failures_total: IntCounter,
+    pub audit_write_seconds: Histogram,
+    pub audit_queries_total: IntCounterVec,
     pub break_glass_total: IntCounter,
 }
 
@@ -220,6 +223,22 @@ impl Metrics {
                 "Outbound p2p requests that failed."
             )),
             audit_events_total: reg!(counter("hie_audit_events_total", "Audit events written.")),
+            audit_write_failures_total: reg!(counter(
+                "hie_audit_write_failures_total",
+                "Audit batches that could not be written; their requests failed (fail closed)."
+            )),
+            audit_write_seconds: reg!(
+                Histogram::with_opts(
+                    HistogramOpts::new("hie_audit_write_seconds", "Time to write and fsync one batch of audit events.")
+                        .buckets(LATENCY_BUCKETS.to_vec())
+                )
+                .expect("valid histogram")
+            ),
+            audit_queries_total: reg!(counter_vec(
+                "hie_audit_queries_total",
+                "Audit queries answered for other nodes or asked of them, by result.",
+                &["direction", "result"]
+            )),
             break_glass_total: reg!(counter("hie_break_glass_total", "Emergency (break-glass) accesses.")),
             registry,
         }

@@ -13,6 +13,7 @@
 
 mod keys;
 mod log;
+mod side;
 mod snapshot;
 mod state;
 
@@ -22,6 +23,7 @@ use std::sync::Arc;
 use rocksdb::{ColumnFamilyDescriptor, DB, Options};
 
 pub use crate::log::LogStore;
+pub use crate::side::SideTable;
 pub use crate::state::{ReadView, SnapshotCounters, StateMachine, StateStats};
 
 /// Storage errors that are not openraft's.

@@ -1,0 +1,475 @@
+//! The audit log of one node: a writer thread appending records in batches
+//! (one write and one fsync per batch: group commit), a patient index in a
+//! side table, and queries over both.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hie_domain::Timestamp;
+use hie_domain::audit::{AuditFuture, AuditPage, AuditQuery, AuditSource};
+use hie_metrics::Metrics;
+use hie_store::SideTable;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::chain::{self, GENESIS, Record};
+use crate::event::{recorded_millis, subject_of};
+
+/// Named limits and settings of the audit log.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Where the segments and the index live.
+    pub dir: PathBuf,
+    /// Prefix of every event id (`<prefix>-<seq>`); the node's id.
+    pub id_prefix: String,
+    /// A segment file is closed and a new one started past this size.
+    pub segment_bytes_max: u64,
+    /// Events waiting to be written; past this, requests fail (503).
+    pub queue_max: usize,
+    /// Most events written by one write and fsync.
+    pub batch_max: usize,
+    /// How long a request waits for its audit record to be durable.
+    pub write_timeout: Duration,
+    /// After a failed write, requests that change data are refused without
+    /// trying for this long; then one is let through to probe.
+    pub retry_after: Duration,
+}
+
+impl AuditConfig {
+    pub fn new(dir: PathBuf, id_prefix: String) -> AuditConfig {
+        AuditConfig {
+            dir,
+            id_prefix,
+            segment_bytes_max: 64 << 20,
+            queue_max: 10_000,
+            batch_max: 1024,
+            write_timeout: Duration::from_secs(2),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuditError {
+    #[error("the audit record could not be written: {0}")]
+    Write(String),
+    #[error("the audit queue is full ({0} events waiting)")]
+    QueueFull(usize),
+    #[error("the audit record was not written within {0} ms")]
+    Timeout(u128),
+    #[error("the audit log has stopped")]
+    Stopped,
+    #[error("audit log: {0}")]
+    Open(String),
+}
+
+struct Job {
+    event: Value,
+    ack: tokio::sync::oneshot::Sender<Result<u64, AuditError>>,
+}
+
+#[derive(Default)]
+struct Health {
+    failed_at: Option<Instant>,
+}
+
+pub struct AuditLog {
+    tx: SyncSender<Job>,
+    config: AuditConfig,
+    index: Arc<SideTable>,
+    health: Arc<Mutex<Health>>,
+}
+
+const HWM_KEY: &[u8] = b"\0hwm";
+
+/// 16 bytes standing for a patient in the index; the NHS Number itself is
+/// only in the records.
+fn patient_key(nhs: &str) -> [u8; 16] {
+    let mut h = Sha256::new();
+    h.update(b"hie-audit-index\0");
+    h.update(nhs.as_bytes());
+    h.finalize()[..16].try_into().expect("16 bytes")
+}
+
+/// Where a record is: segment, offset, length, and when it was recorded.
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    segment: u32,
+    offset: u64,
+    len: u32,
+    recorded: i64,
+}
+
+impl Loc {
+    fn encode(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[..4].copy_from_slice(&self.segment.to_be_bytes());
+        b[4..12].copy_from_slice(&self.offset.to_be_bytes());
+        b[12..16].copy_from_slice(&self.len.to_be_bytes());
+        b[16..].copy_from_slice(&self.recorded.to_be_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Loc> {
+        if b.len() != 24 {
+            return None;
+        }
+        Some(Loc {
+            segment: u32::from_be_bytes(b[..4].try_into().ok()?),
+            offset: u64::from_be_bytes(b[4..12].try_into().ok()?),
+            len: u32::from_be_bytes(b[12..16].try_into().ok()?),
+            recorded: i64::from_be_bytes(b[16..].try_into().ok()?),
+        })
+    }
+}
+
+fn index_entry(record: &Record, loc: Loc) -> Option<(Vec<u8>, [u8; 24])> {
+    let subject = subject_of(&record.event)?;
+    let mut key = patient_key(subject).to_vec();
+    key.extend_from_slice(&record.seq.to_be_bytes());
+    Some((key, loc.encode()))
+}
+
+fn hwm_value(seq: u64, segment: u32) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..8].copy_from_slice(&seq.to_be_bytes());
+    b[8..].copy_from_slice(&segment.to_be_bytes());
+    b
+}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> AuditError {
+    AuditError::Open(format!("{what} {}: {e}", path.display()))
+}
+
+/// Reads the last segment to find the head of the chain, cutting off a torn
+/// (incomplete, never acknowledged) last line.
+fn open_head(dir: &Path) -> Result<(u32, File, u64, u64, String), AuditError> {
+    let segs = chain::segments(dir).map_err(|e| io_err("listing", dir, e))?;
+    let mut seq = 0;
+    let mut prev = GENESIS.to_owned();
+    // The head is the last complete line of the last segment that has one.
+    for (_, path) in segs.iter().rev() {
+        let bytes = std::fs::read(path).map_err(|e| io_err("reading", path, e))?;
+        let complete = bytes.iter().rposition(|b| *b == b'\n').map(|i| i + 1).unwrap_or(0);
+        if complete < bytes.len() {
+            tracing::warn!(segment = %path.display(), bytes = bytes.len() - complete, "cutting off a torn audit record (never acknowledged)");
+            let f = OpenOptions::new().write(true).open(path).map_err(|e| io_err("opening", path, e))?;
+            f.set_len(complete as u64).and_then(|_| f.sync_all()).map_err(|e| io_err("truncating", path, e))?;
+        }
+        if complete == 0 {
+            continue;
+        }
+        let start = bytes[..complete - 1].iter().rposition(|b| *b == b'\n').map(|i| i + 1).unwrap_or(0);
+        let line = &bytes[start..complete - 1];
+        match chain::parse_record(line) {
+            Ok(r) => {
+                seq = r.seq;
+                prev = r.hash;
+            }
+            Err(reason) => {
+                return Err(AuditError::Open(format!(
+                    "the last audit record in {} is damaged ({reason}); run `hie audit verify`",
+                    path.display()
+                )));
+            }
+        }
+        break;
+    }
+    let segment = segs.last().map(|(n, _)| *n).unwrap_or(1);
+    let path = chain::segment_path(dir, segment);
+    let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io_err("opening", &path, e))?;
+    let len = file.metadata().map_err(|e| io_err("reading", &path, e))?.len();
+    if segs.is_empty() {
+        sync_dir(dir).map_err(|e| io_err("syncing", dir, e))?;
+    }
+    Ok((segment, file, len, seq, prev))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Indexes records the index has not seen (written before a crash).
+fn catch_up_index(dir: &Path, index: &SideTable) -> Result<u64, AuditError> {
+    let (hwm_seq, hwm_segment) = match index.get(HWM_KEY).map_err(|e| AuditError::Open(e.to_string()))? {
+        Some(v) if v.len() == 12 => {
+            (u64::from_be_bytes(v[..8].try_into().expect("8")), u32::from_be_bytes(v[8..].try_into().expect("4")))
+        }
+        _ => (0, 0),
+    };
+    let mut added = 0;
+    for (n, path) in chain::segments(dir).map_err(|e| io_err("listing", dir, e))? {
+        if n < hwm_segment {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(|e| io_err("reading", &path, e))?;
+        let mut entries = Vec::new();
+        let mut last = None;
+        let mut offset = 0usize;
+        for line in bytes.split_inclusive(|b| *b == b'\n') {
+            let here = offset;
+            offset += line.len();
+            let Ok(record) = chain::parse_record(line.strip_suffix(b"\n").unwrap_or(line)) else { continue };
+            if record.seq <= hwm_seq {
+                continue;
+            }
+            let recorded = recorded_millis(&record.event).unwrap_or(0);
+            let loc = Loc { segment: n, offset: here as u64, len: line.len() as u32, recorded };
+            if let Some(e) = index_entry(&record, loc) {
+                entries.push(e);
+            }
+            last = Some(record.seq);
+        }
+        if let Some(seq) = last {
+            added += entries.len() as u64;
+            let hwm = hwm_value(seq, n);
+            index
+                .put_all(
+                    entries
+                        .iter()
+                        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                        .chain(std::iter::once((HWM_KEY, hwm.as_slice()))),
+                )
+                .map_err(|e| AuditError::Open(e.to_string()))?;
+        }
+    }
+    Ok(added)
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log in `config.dir` and starts its writer thread.
+    pub fn open(config: AuditConfig, metrics: Arc<Metrics>) -> Result<Arc<AuditLog>, AuditError> {
+        std::fs::create_dir_all(&config.dir).map_err(|e| io_err("creating", &config.dir, e))?;
+        let (segment, file, len, seq, prev) = open_head(&config.dir)?;
+        let index = Arc::new(SideTable::open(&config.dir.join("index")).map_err(|e| AuditError::Open(e.to_string()))?);
+        let reindexed = catch_up_index(&config.dir, &index)?;
+        tracing::info!(dir = %config.dir.display(), records = seq, segment, reindexed, "audit log open");
+        let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_max);
+        let health = Arc::new(Mutex::new(Health::default()));
+        let writer = Writer {
+            config: config.clone(),
+            segment,
+            file,
+            len,
+            seq,
+            prev,
+            index: index.clone(),
+            metrics,
+            health: health.clone(),
+        };
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| AuditError::Open(format!("starting the writer thread: {e}")))?;
+        Ok(Arc::new(AuditLog { tx, config, index, health }))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.config.dir
+    }
+
+    /// Appends an event and waits until it is durable; its sequence number.
+    pub async fn append(&self, event: Value) -> Result<u64, AuditError> {
+        let (ack, rx) = tokio::sync::oneshot::channel();
+        self.tx.try_send(Job { event, ack }).map_err(|e| match e {
+            TrySendError::Full(_) => AuditError::QueueFull(self.config.queue_max),
+            TrySendError::Disconnected(_) => AuditError::Stopped,
+        })?;
+        match tokio::time::timeout(self.config.write_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(AuditError::Stopped),
+            Err(_) => Err(AuditError::Timeout(self.config.write_timeout.as_millis())),
+        }
+    }
+
+    /// True while the last write failed recently: requests that would change
+    /// data are refused before they do, rather than done and not audited.
+    pub fn failing(&self) -> bool {
+        let health = self.health.lock().expect("audit health lock");
+        health.failed_at.is_some_and(|t| t.elapsed() < self.config.retry_after)
+    }
+
+    /// One patient's events on this node (blocking: call off the async threads).
+    pub fn query_blocking(&self, q: &AuditQuery) -> Result<AuditPage, String> {
+        query(&self.index, &self.config.dir, q)
+    }
+}
+
+fn query(index: &SideTable, dir: &Path, q: &AuditQuery) -> Result<AuditPage, String> {
+    {
+        let key = patient_key(q.subject.as_str());
+        let (since, until) = (q.since.map(|t| t.0), q.until.map(|t| t.0));
+        let in_range = |loc: &Loc| since.is_none_or(|s| loc.recorded >= s) && until.is_none_or(|u| loc.recorded <= u);
+        let (found, truncated) = index
+            .scan_prefix_rev(&key, q.limit as usize, |_, v| Loc::decode(v).is_some_and(|l| in_range(&l)))
+            .map_err(|e| e.to_string())?;
+        let mut page = AuditPage { truncated, ..AuditPage::default() };
+        let mut open: Option<(u32, File)> = None;
+        let mut events = Vec::with_capacity(found.len());
+        // Newest first from the index; answered oldest first.
+        for (k, v) in found.iter().rev() {
+            let seq = u64::from_be_bytes(k[16..24].try_into().map_err(|_| "bad index key".to_string())?);
+            let loc = Loc::decode(v).ok_or("bad index value")?;
+            if open.as_ref().is_none_or(|(n, _)| *n != loc.segment) {
+                let path = chain::segment_path(dir, loc.segment);
+                open = Some((loc.segment, File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?));
+            }
+            let (_, file) = open.as_ref().expect("opened above");
+            let mut buf = vec![0u8; loc.len as usize];
+            let good = file
+                .read_exact_at(&mut buf, loc.offset)
+                .ok()
+                .and_then(|_| chain::parse_record(buf.strip_suffix(b"\n").unwrap_or(&buf)).ok())
+                .filter(|r| r.seq == seq && subject_of(&r.event) == Some(q.subject.as_str()));
+            match good {
+                Some(r) => {
+                    events.push((loc.recorded, seq, serde_json::to_string(&r.event).expect("a JSON value serialises")))
+                }
+                None => {
+                    tracing::error!(seq, "audit record failed its integrity check on a query; run `hie audit verify`");
+                    page.damaged.push(seq);
+                }
+            }
+        }
+        // Concurrent requests are numbered in the order their records
+        // reached the writer; answer in the order they were recorded.
+        events.sort();
+        page.events = events.into_iter().map(|(_, _, e)| e).collect();
+        Ok(page)
+    }
+}
+
+impl AuditSource for AuditLog {
+    fn query(&self, q: AuditQuery) -> AuditFuture {
+        let (index, dir) = (self.index.clone(), self.config.dir.clone());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || query(&index, &dir, &q)).await.map_err(|e| e.to_string())?
+        })
+    }
+}
+
+/// The writer thread's state: the open segment and the head of the chain.
+struct Writer {
+    config: AuditConfig,
+    segment: u32,
+    file: File,
+    len: u64,
+    seq: u64,
+    prev: String,
+    index: Arc<SideTable>,
+    metrics: Arc<Metrics>,
+    health: Arc<Mutex<Health>>,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < self.config.batch_max {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            let started = Instant::now();
+            let (events, acks): (Vec<Value>, Vec<_>) = jobs.into_iter().map(|j| (j.event, j.ack)).unzip();
+            let result = self.write_batch(events);
+            self.metrics.audit_write_seconds.observe(started.elapsed().as_secs_f64());
+            let mut health = self.health.lock().expect("audit health lock");
+            match result {
+                Ok(first_seq) => {
+                    if health.failed_at.take().is_some() {
+                        tracing::info!("audit log writable again");
+                    }
+                    drop(health);
+                    self.metrics.audit_events_total.inc_by(acks.len() as u64);
+                    for (i, ack) in acks.into_iter().enumerate() {
+                        let _ = ack.send(Ok(first_seq + i as u64));
+                    }
+                }
+                Err(e) => {
+                    health.failed_at = Some(Instant::now());
+                    drop(health);
+                    self.metrics.audit_write_failures_total.inc();
+                    tracing::error!(error = %e, events = acks.len(), "audit write failed; failing the requests (fail closed)");
+                    for ack in acks {
+                        let _ = ack.send(Err(AuditError::Write(e.clone())));
+                    }
+                }
+            }
+        }
+        tracing::info!("audit writer stopped");
+    }
+
+    fn roll(&mut self) -> std::io::Result<()> {
+        let next = self.segment + 1;
+        let path = chain::segment_path(&self.config.dir, next);
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        sync_dir(&self.config.dir)?;
+        self.segment = next;
+        self.file = file;
+        self.len = 0;
+        Ok(())
+    }
+
+    /// Writes the batch as one append and one fsync, then indexes it. On any
+    /// failure the segment is cut back to where it was, so the chain on disk
+    /// never holds a record whose request failed.
+    fn write_batch(&mut self, events: Vec<Value>) -> Result<u64, String> {
+        if self.len >= self.config.segment_bytes_max {
+            self.roll().map_err(|e| format!("starting a new segment: {e}"))?;
+        }
+        let (start_seq, start_prev, start_len) = (self.seq, self.prev.clone(), self.len);
+        let mut buf = Vec::with_capacity(events.len() * 2048);
+        let mut index = Vec::with_capacity(events.len());
+        let (mut seq, mut prev) = (start_seq, start_prev.clone());
+        for mut event in events {
+            seq += 1;
+            event["id"] = Value::String(format!("{}-{seq}", self.config.id_prefix));
+            let (line, hash) = chain::record_line(seq, &prev, &event);
+            let recorded = recorded_millis(&event).unwrap_or(0);
+            let loc =
+                Loc { segment: self.segment, offset: start_len + buf.len() as u64, len: line.len() as u32, recorded };
+            let record = Record { seq, prev, hash: hash.clone(), event };
+            if let Some(e) = index_entry(&record, loc) {
+                index.push(e);
+            }
+            buf.extend_from_slice(&line);
+            prev = hash;
+        }
+        let hwm = hwm_value(seq, self.segment);
+        let written =
+            self.file.write_all(&buf).and_then(|_| self.file.sync_data()).map_err(|e| e.to_string()).and_then(|_| {
+                self.index
+                    .put_all(
+                        index
+                            .iter()
+                            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                            .chain(std::iter::once((HWM_KEY, hwm.as_slice()))),
+                    )
+                    .map_err(|e| format!("indexing: {e}"))
+            });
+        if let Err(e) = written {
+            if let Err(cut) = self.file.set_len(start_len).and_then(|_| self.file.sync_data()) {
+                tracing::error!(error = %cut, "could not cut the audit segment back after a failed write");
+            }
+            return Err(e);
+        }
+        self.len = start_len + buf.len() as u64;
+        self.seq = seq;
+        self.prev = prev;
+        Ok(start_seq + 1)
+    }
+}
+
+#[doc(hidden)]
+pub fn now() -> Timestamp {
+    Timestamp(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0),
+    )
+}
