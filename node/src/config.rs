@@ -26,6 +26,40 @@ pub struct Config {
     pub cluster: ClusterSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// Record every access to patient data. Turn off only to measure what
+    /// auditing costs (benchmarks); a node without an audit log answers
+    /// "who looked" queries with an error.
+    #[serde(default = "defaults::audit_enabled")]
+    pub enabled: bool,
+    /// Where the hash-chained segments and their index live
+    /// (default: `<data_dir>/audit`).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    #[serde(default = "defaults::audit_segment_bytes_max")]
+    pub segment_bytes_max: u64,
+    #[serde(default = "defaults::audit_queue_max")]
+    pub queue_max: usize,
+    #[serde(default = "defaults::audit_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+    /// Most events one node returns for one "who looked" query.
+    #[serde(default = "defaults::audit_query_events_max")]
+    pub query_events_max: u32,
+    /// How long a "who looked" query waits for each other node.
+    #[serde(default = "defaults::audit_fanout_timeout_ms")]
+    pub fanout_timeout_ms: u64,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        toml::from_str("").expect("every audit field has a default")
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -238,6 +272,24 @@ pub mod defaults {
     pub fn write_timeout_ms() -> u64 {
         4_000
     }
+    pub fn audit_enabled() -> bool {
+        true
+    }
+    pub fn audit_segment_bytes_max() -> u64 {
+        64 << 20
+    }
+    pub fn audit_queue_max() -> usize {
+        10_000
+    }
+    pub fn audit_write_timeout_ms() -> u64 {
+        2_000
+    }
+    pub fn audit_query_events_max() -> u32 {
+        1_000
+    }
+    pub fn audit_fanout_timeout_ms() -> u64 {
+        2_000
+    }
     pub fn log_format() -> String {
         "text".into()
     }
@@ -310,6 +362,24 @@ impl Config {
         if self.log.format != "text" && self.log.format != "json" {
             bail!("log.format: must be text or json");
         }
+        let a = &self.audit;
+        if let Some(d) = &a.dir
+            && !d.is_absolute()
+        {
+            bail!("audit.dir: must be an absolute path");
+        }
+        if a.segment_bytes_max < 64 << 10 {
+            bail!("audit.segment_bytes_max: must be at least 65536");
+        }
+        if a.queue_max == 0 || a.query_events_max == 0 {
+            bail!("audit.queue_max and audit.query_events_max: must be 1 or more");
+        }
+        if a.write_timeout_ms == 0 || a.write_timeout_ms >= self.api.request_timeout_ms {
+            bail!("audit.write_timeout_ms: must be above 0 and below api.request_timeout_ms");
+        }
+        if a.fanout_timeout_ms == 0 || a.fanout_timeout_ms >= self.api.request_timeout_ms {
+            bail!("audit.fanout_timeout_ms: must be above 0 and below api.request_timeout_ms");
+        }
         if self.cluster.bootstrap && self.cluster.initial_members.is_empty() {
             bail!("cluster.initial_members: needed when cluster.bootstrap is true");
         }
@@ -375,6 +445,21 @@ impl Config {
         }
     }
 
+    pub fn audit_dir(&self) -> PathBuf {
+        self.audit.dir.clone().unwrap_or_else(|| self.node.data_dir.join("audit"))
+    }
+
+    /// The audit log's settings, or `None` when auditing is off.
+    pub fn audit_config(&self) -> Option<hie_audit::AuditConfig> {
+        let a = &self.audit;
+        a.enabled.then(|| hie_audit::AuditConfig {
+            segment_bytes_max: a.segment_bytes_max,
+            queue_max: a.queue_max,
+            write_timeout: Duration::from_millis(a.write_timeout_ms),
+            ..hie_audit::AuditConfig::new(self.audit_dir(), self.node.id.to_string())
+        })
+    }
+
     pub fn api_config(&self) -> ApiConfig {
         let a = &self.api;
         ApiConfig {
@@ -392,6 +477,8 @@ impl Config {
                 request_timeout: Duration::from_millis(a.request_timeout_ms),
                 rate_per_client_per_sec: a.rate_per_client_per_sec,
                 rate_burst: a.rate_burst,
+                audit_query_events_max: self.audit.query_events_max,
+                audit_fanout_timeout: Duration::from_millis(self.audit.fanout_timeout_ms),
                 ..ApiLimits::default()
             },
         }

@@ -18,7 +18,7 @@ use serde_json::json;
 
 use crate::client::{Api, ClientEntry, ClusterFile, NodeEntry, operator_call};
 use crate::config::{
-    AdminSection, ApiSection, ClusterSection, Config, LogSection, Member, NodeSection, P2pSection, RaftSection,
+    AdminSection, ApiSection, ClusterSection, Config, LogSection, AuditSection, Member, NodeSection, P2pSection, RaftSection,
     SeedPeer,
 };
 
@@ -70,6 +70,10 @@ struct UpArgs {
     /// Burst above that rate (api.rate_burst).
     #[arg(long)]
     rate_burst: Option<u32>,
+    /// Run the nodes without an audit log (audit.enabled = false): only to
+    /// measure what auditing costs.
+    #[arg(long)]
+    no_audit: bool,
 }
 
 /// Settings `hie dev up` passes to every node it configures.
@@ -78,6 +82,7 @@ struct Tuning {
     snapshot_logs_since_last: Option<u64>,
     rate_per_client_per_sec: Option<u32>,
     rate_burst: Option<u32>,
+    no_audit: bool,
 }
 
 impl UpArgs {
@@ -86,6 +91,7 @@ impl UpArgs {
             snapshot_logs_since_last: self.snapshot_logs_since_last,
             rate_per_client_per_sec: self.rate_per_client_per_sec,
             rate_burst: self.rate_burst,
+            no_audit: self.no_audit,
         }
     }
 }
@@ -307,6 +313,7 @@ fn node_config(
         raft,
         cluster: ClusterSection { bootstrap, initial_members: if bootstrap { members.to_vec() } else { vec![] } },
         log: LogSection::default(),
+        audit: AuditSection { enabled: !tuning.no_audit, ..AuditSection::default() },
     }
 }
 

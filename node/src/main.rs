@@ -1,6 +1,7 @@
 //! `hie`: runs a regional node, a local dev cluster, and the command-line
 //! client for the record-locator API and the operator's admin commands.
 
+mod audit;
 mod client;
 mod config;
 mod dev;
@@ -41,6 +42,11 @@ enum Cmd {
     Cluster {
         #[command(subcommand)]
         command: client::ClusterCmd,
+    },
+    /// A node's audit log: verify its hash chain, export it for a SIEM.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCmd,
     },
 }
 
@@ -94,6 +100,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Holders(args) => client::run(client::Op::Holders(args)),
         Cmd::Pointer { command } => client::run(client::Op::Pointer(command)),
         Cmd::Cluster { command } => client::run(client::Op::Cluster(command)),
+        Cmd::Audit { command } => audit::run(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -49,7 +49,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Ok(t) => metrics.tls_cert_expiry_timestamp_seconds.set(t),
         Err(e) => tracing::warn!(error = %e, "cannot read the api certificate's expiry"),
     }
-    let replica = Replica::start(config.replica_config(&peer_id), metrics, shutdown_rx.clone()).await?;
+    let audit = match config.audit_config() {
+        Some(c) => Some(hie_audit::AuditLog::open(c, metrics.clone()).context("opening the audit log")?),
+        None => {
+            tracing::warn!("audit is off (audit.enabled = false): accesses to patient data are not recorded");
+            None
+        }
+    };
+    let source = audit.clone().map(|a| a as Arc<dyn hie_domain::audit::AuditSource>);
+    let replica = Replica::start(config.replica_config(&peer_id), metrics, source, shutdown_rx.clone()).await?;
     std::fs::write(pid_file(&data_dir), format!("{}\n", std::process::id())).context("writing the pid file")?;
     tracing::info!(id = config.node.id, region = %config.node.region, %peer_id, "node started");
 
@@ -78,7 +86,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let api = hie_api::serve_api(config.api_config(), replica.clone(), shutdown_rx.clone())
+    let api = hie_api::serve_api(config.api_config(), replica.clone(), audit, shutdown_rx.clone())
         .await
         .map_err(anyhow::Error::msg)?;
     let admin = hie_api::serve_admin(config.admin.listen, replica.clone(), shutdown_rx.clone())

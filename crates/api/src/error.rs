@@ -49,6 +49,10 @@ pub enum ApiError {
     NotLeader(String),
     #[error("{0}")]
     Internal(String),
+    /// The audit record of this access could not be written, so the access
+    /// is refused (fail closed).
+    #[error("{0}")]
+    AuditUnavailable(String),
 }
 
 impl ApiError {
@@ -74,6 +78,7 @@ impl ApiError {
             Timeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout", "TIMEOUT"),
             NotLeader(_) => (StatusCode::MISDIRECTED_REQUEST, "transient", "NOT_LEADER"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "exception", "INTERNAL_SERVER_ERROR"),
+            AuditUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "transient", "AUDIT_UNAVAILABLE"),
         }
     }
 

@@ -26,6 +26,10 @@ pub struct ApiLimits {
     pub cursors_max: usize,
     pub cursor_ttl: Duration,
     pub request_id_len_max: usize,
+    /// Most audit events each node returns for one "who looked" query.
+    pub audit_query_events_max: u32,
+    /// How long a "who looked" query waits for each other node.
+    pub audit_fanout_timeout: Duration,
 }
 
 impl Default for ApiLimits {
@@ -45,6 +49,8 @@ impl Default for ApiLimits {
             cursors_max: 10_000,
             cursor_ttl: Duration::from_secs(600),
             request_id_len_max: 200,
+            audit_query_events_max: 1_000,
+            audit_fanout_timeout: Duration::from_secs(2),
         }
     }
 }

@@ -11,6 +11,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use hie_audit::{Access, Action, AuditLog};
+use hie_domain::audit::AuditQuery;
 use hie_domain::raft::NodeInfo;
 use hie_domain::{
     Caller, Command, CommandV1, NhsNumber, OdsCode, Outcome, PointerId, PointerStatus, PointerType, RecordPointer,
@@ -28,6 +30,7 @@ use hie_fhir::{self as fhir, FHIR_JSON, SearchLimits, parse_query, parse_search}
 
 pub(crate) struct AppState {
     replica: Arc<Replica>,
+    audit: Option<Arc<AuditLog>>,
     config: ApiConfig,
     limiter: RateLimiter,
     cursors: Mutex<Cursors>,
@@ -35,12 +38,13 @@ pub(crate) struct AppState {
 
 type St = State<Arc<AppState>>;
 
-pub(crate) fn router(config: ApiConfig, replica: Arc<Replica>) -> Router {
+pub(crate) fn router(config: ApiConfig, replica: Arc<Replica>, audit: Option<Arc<AuditLog>>) -> Router {
     let limits = &config.limits;
     let state = Arc::new(AppState {
         limiter: RateLimiter::new(limits.rate_per_client_per_sec, limits.rate_burst),
         cursors: Mutex::new(Cursors::default()),
         replica,
+        audit,
         config,
     });
     Router::new()
@@ -51,6 +55,7 @@ pub(crate) fn router(config: ApiConfig, replica: Arc<Replica>) -> Router {
         .route("/fhir/DocumentReference/{id}", get(read).put(update).delete(delete))
         .route("/fhir/Patient/{nhs}/$record-holders", get(record_holders))
         .route("/fhir/Consent", post(consent))
+        .route("/fhir/AuditEvent", get(audit_events))
         .route("/admin/status", get(admin_status))
         .route("/admin/digest", get(admin_digest))
         .route("/admin/learners", post(admin_add_learner))
@@ -113,6 +118,8 @@ async fn envelope(
     }
     let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     req.extensions_mut().insert(RequestId(request_id.clone()));
+    let slot = AuditSlot::default();
+    req.extensions_mut().insert(slot.clone());
     let caller = identity.0.clone();
     if early.is_none() {
         match &caller {
@@ -124,6 +131,18 @@ async fn envelope(
             Ok(c) if !st.limiter.allow(&c.ods) => early = Some(ApiError::RateLimited),
             Ok(_) => {}
         }
+    }
+    // Fail closed, before any effect: while the audit log cannot be written,
+    // refuse requests that would change patient data rather than change it
+    // and fail to record that.
+    if early.is_none()
+        && method != axum::http::Method::GET
+        && route.starts_with("/fhir/")
+        && st.audit.as_ref().is_some_and(|a| a.failing())
+    {
+        early = Some(ApiError::AuditUnavailable(
+            "the audit log of this node cannot be written at the moment; nothing was changed".into(),
+        ));
     }
     let mut resp = match early {
         Some(e) => e.into_response(),
@@ -138,6 +157,9 @@ async fn envelope(
             Err(_) => ApiError::Timeout { millis: limits.request_timeout.as_millis() as u64 }.into_response(),
         },
     };
+    if let (Some(access), Some(log), Ok(c)) = (slot.take(), &st.audit, &caller) {
+        resp = record_access(&st, log, access, c, &request_id, resp).await;
+    }
     let status = resp.status();
     let m = st.replica.metrics();
     m.api_requests_total.with_label_values(&[&route, status.as_str()]).inc();
@@ -158,6 +180,69 @@ async fn envelope(
         "api request"
     );
     resp
+}
+
+/// The access a handler made to one patient's data, for the envelope to
+/// record once the answer is known.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AuditSlot(Arc<Mutex<Option<Access>>>);
+
+impl AuditSlot {
+    fn set(&self, subject: &NhsNumber, action: Action, interaction: &'static str, purpose: &Purpose) {
+        let emergency_reason = match purpose {
+            Purpose::BreakGlass(reason) => Some(reason.clone()),
+            Purpose::DirectCare => None,
+        };
+        *self.0.lock().expect("audit slot lock") =
+            Some(Access { subject: subject.clone(), action, interaction, resource: None, emergency_reason });
+    }
+
+    fn resource(&self, resource: String) {
+        if let Some(a) = self.0.lock().expect("audit slot lock").as_mut() {
+            a.resource = Some(resource);
+        }
+    }
+
+    fn take(&self) -> Option<Access> {
+        self.0.lock().expect("audit slot lock").take()
+    }
+}
+
+/// Writes the audit record of an access and answers only once it is
+/// durable; if it cannot be written, the answer becomes a 503 (fail closed).
+async fn record_access(
+    st: &AppState,
+    log: &AuditLog,
+    access: Access,
+    caller: &Caller,
+    request_id: &str,
+    resp: Response,
+) -> Response {
+    let node = st.replica.node();
+    let node_label = format!("node-{} ({})", st.replica.id(), node.region);
+    let roles: Vec<&str> = caller.roles.iter().map(|r| r.as_str()).collect();
+    let ctx = hie_audit::Context {
+        caller_ods: caller.ods.as_str(),
+        caller_roles: roles,
+        request_id,
+        node: &node_label,
+        recorded: now(),
+        status: resp.status().as_u16(),
+        error_code: resp.extensions().get::<ErrorCode>().map(|c| c.0),
+    };
+    let event = hie_audit::audit_event(&access, &ctx);
+    match log.append(event).await {
+        Ok(_) => resp,
+        Err(e) => {
+            let changed = resp.status().is_success() && access.action != Action::Read && access.action != Action::Execute;
+            let msg = if changed {
+                format!("{e}; the change was applied but could not be audited, so it is reported as failed")
+            } else {
+                format!("{e}; the answer is withheld (fail closed)")
+            };
+            ApiError::AuditUnavailable(msg).into_response()
+        }
+    }
 }
 
 fn caller(identity: &ConnIdentity) -> Result<Caller, ApiError> {
@@ -223,10 +308,11 @@ fn etag(version: u64) -> HeaderValue {
 
 /// Why a read happens: `directcare` (the default) or an emergency override
 /// that shows opted-out patients' pointers, audited and counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Purpose {
     DirectCare,
-    BreakGlass,
+    /// With the reason given.
+    BreakGlass(String),
 }
 
 /// Reads `X-HIE-Purpose-Of-Use` and `X-HIE-Break-Glass-Reason`.
@@ -242,8 +328,10 @@ fn purpose(headers: &HeaderMap, caller: &Caller, st: &AppState, request_id: &Req
                 )));
             }
             st.replica.metrics().break_glass_total.inc();
-            tracing::warn!(request_id = %request_id.0, ods = %caller.ods, reason, "break-glass access: emergency override");
-            Ok(Purpose::BreakGlass)
+            // The reason is free text (it could name the patient): it goes to
+            // the audit record, never to the log.
+            tracing::warn!(request_id = %request_id.0, ods = %caller.ods, reason_chars = reason.chars().count(), "break-glass access: emergency override");
+            Ok(Purpose::BreakGlass(reason.to_owned()))
         }
         Some(_) => Err(ApiError::InvalidHeader("X-HIE-Purpose-Of-Use must be directcare or emergency".into())),
     }
@@ -345,6 +433,7 @@ async fn create(
     State(st): St,
     Extension(identity): Extension<ConnIdentity>,
     Extension(rid): Extension<RequestId>,
+    Extension(slot): Extension<AuditSlot>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -358,6 +447,7 @@ async fn create(
         ));
     }
     let mut pointer = parsed.pointer;
+    slot.set(&pointer.subject, Action::Create, "create", &Purpose::DirectCare);
     if pointer.status != PointerStatus::Current {
         return Err(ApiError::InvalidResource("a new pointer must have status current".into()));
     }
@@ -365,6 +455,7 @@ async fn create(
         return Err(ApiError::Forbidden(format!("custodian must be the caller's organisation {}", caller.ods)));
     }
     pointer.id = PointerId::new(&pointer.custodian, uuid::Uuid::new_v4());
+    slot.resource(format!("DocumentReference/{}", pointer.id));
     let at = now();
     pointer.created = at;
     pointer.updated = at;
@@ -393,6 +484,7 @@ async fn update(
     State(st): St,
     Extension(identity): Extension<ConnIdentity>,
     Extension(rid): Extension<RequestId>,
+    Extension(slot): Extension<AuditSlot>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
@@ -406,6 +498,8 @@ async fn update(
         return Err(ApiError::InvalidResource("the body's id must equal the id in the URL".into()));
     }
     let mut pointer = parsed.pointer;
+    slot.set(&pointer.subject, Action::Update, "update", &Purpose::DirectCare);
+    slot.resource(format!("DocumentReference/{id}"));
     pointer.id = id.clone();
     let lookup = id.clone();
     let existing = st.replica.read(move |r| r.pointer(&lookup)).await?;
@@ -442,11 +536,18 @@ async fn delete(
     State(st): St,
     Extension(identity): Extension<ConnIdentity>,
     Extension(rid): Extension<RequestId>,
+    Extension(slot): Extension<AuditSlot>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let caller = caller(&identity)?;
     require(&caller, Role::Producer)?;
     let id = path_id(&id)?;
+    // A pointer's subject never changes, so this replica's copy names it.
+    let lookup = id.clone();
+    if let Some(p) = st.replica.read(move |r| r.pointer(&lookup)).await? {
+        slot.set(&p.subject, Action::Delete, "delete", &Purpose::DirectCare);
+        slot.resource(format!("DocumentReference/{id}"));
+    }
     let cmd = Command::V1(CommandV1::DeletePointer { caller: caller.clone(), id: id.clone(), at: now() });
     run_write(&st, &caller, cmd, &rid).await?;
     Ok(fhir_json(
@@ -461,6 +562,7 @@ async fn read(
     State(st): St,
     Extension(identity): Extension<ConnIdentity>,
     Extension(rid): Extension<RequestId>,
+    Extension(slot): Extension<AuditSlot>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -485,11 +587,13 @@ async fn read(
         .await?;
     let not_found = || ApiError::NotFound(format!("no pointer {id}"));
     let pointer = pointer.ok_or_else(not_found)?;
+    slot.set(&pointer.subject, Action::Read, "read", &purpose);
+    slot.resource(format!("DocumentReference/{id}"));
     if !visible(&caller, &pointer) {
         return Err(not_found());
     }
     let opted_out = patient.is_some_and(|p| p.opted_out);
-    if opted_out && pointer.custodian != caller.ods && purpose != Purpose::BreakGlass {
+    if opted_out && pointer.custodian != caller.ods && !matches!(purpose, Purpose::BreakGlass(_)) {
         return Err(not_found());
     }
     let mut resp = fhir_json(StatusCode::OK, &fhir::document_reference(&pointer));
@@ -518,17 +622,19 @@ async fn search_get(
     State(st): St,
     Extension(identity): Extension<ConnIdentity>,
     Extension(rid): Extension<RequestId>,
+    Extension(slot): Extension<AuditSlot>,
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
     let pairs = parse_query(uri.query().unwrap_or(""))?;
-    do_search(&st, &identity, &rid, &headers, pairs, false).await
+    do_search(&st, &identity, &rid, &slot, &headers, pairs, false).await
 }
 
 async fn search_post(
     State(st): St,
     Extension(identity): Extension<ConnIdentity>,
     Extension(rid): Extension<RequestId>,
+    Extension(slot): Extension<AuditSlot>,
     headers: HeaderMap,
     uri: axum::http::Uri,
     body: Body,
@@ -539,24 +645,26 @@ async fn search_post(
     pairs.extend(parse_query(
         std::str::from_utf8(&body).map_err(|_| ApiError::NotWellFormed("form is not UTF-8".into()))?,
     )?);
-    do_search(&st, &identity, &rid, &headers, pairs, false).await
+    do_search(&st, &identity, &rid, &slot, &headers, pairs, false).await
 }
 
 async fn count(
     State(st): St,
     Extension(identity): Extension<ConnIdentity>,
     Extension(rid): Extension<RequestId>,
+    Extension(slot): Extension<AuditSlot>,
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
     let pairs = parse_query(uri.query().unwrap_or(""))?;
-    do_search(&st, &identity, &rid, &headers, pairs, true).await
+    do_search(&st, &identity, &rid, &slot, &headers, pairs, true).await
 }
 
 async fn do_search(
     st: &AppState,
     identity: &ConnIdentity,
     rid: &RequestId,
+    slot: &AuditSlot,
     headers: &HeaderMap,
     pairs: Vec<(String, String)>,
     count_only: bool,
@@ -566,7 +674,8 @@ async fn do_search(
         return Err(ApiError::Forbidden("searching pointers needs the consumer or producer role".into()));
     }
     let limits = &st.config.limits;
-    let break_glass = purpose(headers, &caller, st, rid)? == Purpose::BreakGlass;
+    let purpose = purpose(headers, &caller, st, rid)?;
+    let break_glass = matches!(purpose, Purpose::BreakGlass(_));
     let params = parse_search(
         pairs,
         SearchLimits { page_size_default: limits.page_size_default, page_size_max: limits.page_size_max },
@@ -588,6 +697,7 @@ async fn do_search(
         (None, Some(subject)) => (subject, params.type_code, params.custodian, params.count, None),
         (None, None) => unreachable!("parse_search requires a subject or a token"),
     };
+    slot.set(&subject, Action::Read, "search-type", &purpose);
     consistency(headers, &st.replica).await?;
     let scan_max = limits.search_scan_max;
     let is_consumer = caller.has(Role::Consumer);
@@ -658,13 +768,16 @@ async fn record_holders(
     State(st): St,
     Extension(identity): Extension<ConnIdentity>,
     Extension(rid): Extension<RequestId>,
+    Extension(slot): Extension<AuditSlot>,
     Path(nhs): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let caller = caller(&identity)?;
     require(&caller, Role::Consumer)?;
     let subject = NhsNumber::parse(&nhs).map_err(ApiError::InvalidNhsNumber)?;
-    let break_glass = purpose(&headers, &caller, &st, &rid)? == Purpose::BreakGlass;
+    let purpose = purpose(&headers, &caller, &st, &rid)?;
+    let break_glass = matches!(purpose, Purpose::BreakGlass(_));
+    slot.set(&subject, Action::Read, "operation", &purpose);
     consistency(&headers, &st.replica).await?;
     let entry = st.replica.read(move |r| r.patient(&subject)).await?;
     let visible = entry.filter(|e| !e.opted_out || break_glass);
@@ -679,6 +792,7 @@ async fn consent(
     State(st): St,
     Extension(identity): Extension<ConnIdentity>,
     Extension(rid): Extension<RequestId>,
+    Extension(slot): Extension<AuditSlot>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -686,6 +800,7 @@ async fn consent(
     require(&caller, Role::ConsentAuthority)?;
     let body = read_body(body, &headers, &st.config.limits, false).await?;
     let consent = fhir::parse_consent(&body)?;
+    slot.set(&consent.patient, Action::Create, "create", &Purpose::DirectCare);
     let at = now();
     let cmd = Command::V1(CommandV1::SetConsent {
         caller: caller.clone(),
@@ -695,11 +810,162 @@ async fn consent(
     });
     run_write(&st, &caller, cmd, &rid).await?;
     let id = uuid::Uuid::new_v4().to_string();
+    slot.resource(format!("Consent/{id}"));
     let mut resp = fhir_json(StatusCode::CREATED, &fhir::consent_resource(&id, &consent, at));
     if let Ok(v) = HeaderValue::from_str(&format!("{}/Consent/{id}", st.config.base_url)) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
     Ok(resp)
+}
+
+// ---------------------------------------------------------------- who looked
+
+/// Parses a `date` search value (`YYYY-MM-DD` or an RFC 3339 instant) with
+/// its prefix into an inclusive bound: (lower?, millis).
+fn date_bound(value: &str) -> Result<(bool, i64), ApiError> {
+    let bad = || ApiError::InvalidParameter(format!("date: {value} is not ge/gt/le/lt with a date or instant"));
+    let (prefix, rest) = value.split_at(value.len().min(2));
+    let (lower, strict, text) = match prefix {
+        "ge" => (true, false, rest),
+        "gt" => (true, true, rest),
+        "le" => (false, false, rest),
+        "lt" => (false, true, rest),
+        _ => return Err(bad()),
+    };
+    let millis = if let Ok(d) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        let day = d.and_hms_opt(0, 0, 0).ok_or_else(bad)?.and_utc().timestamp_millis();
+        // A whole day: ge/lt the day's start, le/gt the day's end.
+        match (lower, strict) {
+            (true, false) | (false, true) => day,
+            (false, false) | (true, true) => day + 86_400_000 - 1,
+        }
+    } else {
+        chrono::DateTime::parse_from_rfc3339(text).map_err(|_| bad())?.timestamp_millis()
+    };
+    Ok(match (lower, strict) {
+        (true, true) => (true, millis + 1),
+        (false, true) => (false, millis - 1),
+        (l, false) => (l, millis),
+    })
+}
+
+/// `GET /AuditEvent?entity.identifier=https://fhir.nhs.uk/Id/nhs-number|N`:
+/// who looked at a patient's record, from every node, merged by time.
+async fn audit_events(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    Extension(slot): Extension<AuditSlot>,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    let caller = caller(&identity)?;
+    if !(caller.has(Role::PatientAccess) || caller.has(Role::ConsentAuthority)) {
+        return Err(ApiError::Forbidden("reading audit events needs the patient-access or consent-authority role".into()));
+    }
+    let mut subject = None;
+    let (mut since, mut until) = (None, None);
+    for (name, value) in parse_query(uri.query().unwrap_or(""))? {
+        match name.as_str() {
+            "entity.identifier" | "entity:identifier" | "patient.identifier" => {
+                let nhs = value
+                    .strip_prefix(&format!("{}|", hie_audit::event::NHS_NUMBER_SYSTEM))
+                    .ok_or_else(|| {
+                        ApiError::InvalidParameter(format!(
+                            "{name} must be {}|<NHS Number>",
+                            hie_audit::event::NHS_NUMBER_SYSTEM
+                        ))
+                    })?;
+                if subject.replace(NhsNumber::parse(nhs).map_err(ApiError::InvalidNhsNumber)?).is_some() {
+                    return Err(ApiError::InvalidParameter(format!("{name} given more than once")));
+                }
+            }
+            "date" => match date_bound(&value)? {
+                (true, t) => since = Some(since.map_or(t, |s: i64| s.max(t))),
+                (false, t) => until = Some(until.map_or(t, |u: i64| u.min(t))),
+            },
+            other => {
+                return Err(ApiError::InvalidParameter(format!(
+                    "unknown search parameter {other} (supported: entity.identifier, date)"
+                )));
+            }
+        }
+    }
+    let subject = subject.ok_or_else(|| {
+        ApiError::InvalidParameter(format!(
+            "entity.identifier={}|<NHS Number> is required",
+            hie_audit::event::NHS_NUMBER_SYSTEM
+        ))
+    })?;
+    slot.set(&subject, Action::Execute, "search-type", &Purpose::DirectCare);
+    slot.resource("AuditEvent".into());
+    let limits = &st.config.limits;
+    let query = AuditQuery {
+        subject,
+        since: since.map(Timestamp),
+        until: until.map(Timestamp),
+        limit: limits.audit_query_events_max,
+    };
+    let answers = st.replica.audit_query_all(query, limits.audit_fanout_timeout).await;
+    let base = &st.config.base_url;
+    let mut events: Vec<(i64, u64, Value)> = Vec::new();
+    let mut outcomes: Vec<Value> = Vec::new();
+    for a in answers {
+        let who = format!("node {} ({})", a.id, a.region);
+        match a.result {
+            Err(e) => {
+                tracing::warn!(node = a.id, error = %e, "an audit query could not reach a node");
+                outcomes.push(operation_outcome(
+                    "warning",
+                    "incomplete",
+                    "NODE_UNREACHABLE",
+                    &format!("{who} could not be reached, so its audit events are missing: {e}"),
+                ));
+            }
+            Ok(page) => {
+                if page.truncated {
+                    outcomes.push(operation_outcome(
+                        "information",
+                        "too-costly",
+                        "RESULTS_TRUNCATED",
+                        &format!("{who} returned only its newest {} events; narrow the date range", query_limit(limits)),
+                    ));
+                }
+                if !page.damaged.is_empty() {
+                    outcomes.push(operation_outcome(
+                        "error",
+                        "exception",
+                        "AUDIT_RECORD_DAMAGED",
+                        &format!("{who}: {} audit records failed their integrity check and are left out", page.damaged.len()),
+                    ));
+                }
+                for text in page.events {
+                    let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
+                    let at = hie_audit::event::recorded_millis(&v).unwrap_or(0);
+                    events.push((at, a.id, v));
+                }
+            }
+        }
+    }
+    events.sort_by(|x, y| (x.0, x.1).cmp(&(y.0, y.1)));
+    let total = events.len();
+    let mut entry: Vec<Value> = events
+        .into_iter()
+        .map(|(_, _, v)| {
+            let id = v.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
+            json!({ "fullUrl": format!("{base}/AuditEvent/{id}"), "resource": v, "search": { "mode": "match" } })
+        })
+        .collect();
+    entry.extend(outcomes.into_iter().map(|o| json!({ "resource": o, "search": { "mode": "outcome" } })));
+    let body = json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": total,
+        "entry": entry,
+    });
+    Ok(fhir_json(StatusCode::OK, &body))
+}
+
+fn query_limit(limits: &crate::ApiLimits) -> u32 {
+    limits.audit_query_events_max
 }
 
 // ---------------------------------------------------------------- operator

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Extension;
+use hie_audit::AuditLog;
 use hie_domain::Caller;
 use hie_replica::Replica;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -37,6 +38,7 @@ pub(crate) struct ConnIdentity(pub Result<Caller, String>);
 pub async fn serve_api(
     config: ApiConfig,
     replica: Arc<Replica>,
+    audit: Option<Arc<AuditLog>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let tls = hie_pki::server_config(&config.cert, &config.key, &config.ca).map_err(|e| e.to_string())?;
@@ -45,7 +47,7 @@ pub async fn serve_api(
         TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let limits = config.limits.clone();
     let metrics = replica.metrics().clone();
-    let app = routes::router(config.clone(), replica);
+    let app = routes::router(config.clone(), replica, audit);
     let connections = Arc::new(Semaphore::new(limits.connections_max));
     tracing::info!(listen = %config.listen, "api listening (https, client certificates required)");
     Ok(tokio::spawn(async move {

@@ -1,6 +1,7 @@
 //! The messages nodes exchange.
 
 use hie_domain::raft::{NodeId, NodeInfo, SnapshotMeta, TypeConfig, Vote};
+use hie_domain::audit::{AuditPage, AuditQuery};
 use hie_domain::{Caller, Command, Outcome};
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
@@ -45,6 +46,8 @@ pub enum Request {
     },
     /// Asks the leader for a linearizable read point.
     ReadIndex,
+    /// Asks a node for one patient's events in its own audit log.
+    AuditQuery(AuditQuery),
 }
 
 impl Request {
@@ -55,6 +58,7 @@ impl Request {
             Request::InstallSnapshot(_) => "install_snapshot",
             Request::ClientWrite { .. } => "client_write",
             Request::ReadIndex => "read_index",
+            Request::AuditQuery(_) => "audit_query",
         }
     }
 }
@@ -86,6 +90,7 @@ pub enum Response {
     ClientWrite(Result<Outcome, ForwardError>),
     /// The log index a linearizable read must wait for.
     ReadIndex(Result<u64, ReadIndexError>),
+    AuditQuery(Result<AuditPage, String>),
     /// The request was not understood or not allowed.
     Refused(String),
 }

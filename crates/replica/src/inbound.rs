@@ -50,6 +50,15 @@ async fn handle(core: Arc<Core>, clock: Arc<ContactClock>, peer: PeerId, request
             tracing::debug!(%peer, request_id, kind = command.kind(), ods = %caller.ods, "forwarded write");
             Response::ClientWrite(propose_local(&core, command).await)
         }
+        Request::AuditQuery(q) => {
+            let result = match &core.audit {
+                Some(audit) => audit.query(q).await,
+                None => Err("this node keeps no audit log".into()),
+            };
+            let label = if result.is_ok() { "ok" } else { "error" };
+            core.metrics.audit_queries_total.with_label_values(&["in", label]).inc();
+            Response::AuditQuery(result)
+        }
         Request::ReadIndex => Response::ReadIndex(match raft.get_read_log_id().await {
             Ok((read_log_id, _)) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
             Err(openraft::error::RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {

@@ -13,4 +13,4 @@ mod replica;
 
 pub use config::{RaftTuning, ReplicaConfig};
 pub use freshness::Freshness;
-pub use replica::{ClusterStatus, MemberStatus, MembershipError, ReadError, Replica, WriteError};
+pub use replica::{AuditAnswer, ClusterStatus, MemberStatus, MembershipError, ReadError, Replica, WriteError};

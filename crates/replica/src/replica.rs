@@ -5,6 +5,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use hie_domain::raft::{NodeId, NodeInfo, Raft};
+use hie_domain::audit::{AuditPage, AuditQuery, AuditSource};
 use hie_domain::{Caller, Command, Outcome};
 use hie_metrics::{Metrics, sync_counter};
 use hie_p2p::{ForwardError, P2p, P2pNetworkFactory, PeerId, ReadIndexError, Request, Response};
@@ -53,6 +54,7 @@ pub(crate) struct Core {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) write_timeout: Duration,
     pub(crate) stale_after: Duration,
+    pub(crate) audit: Option<Arc<dyn AuditSource>>,
 }
 
 pub struct Replica {
@@ -81,6 +83,26 @@ pub struct MemberStatus {
     pub matched_index: Option<u64>,
     /// On the leader: entries this member is behind the leader's log.
     pub lag_entries: Option<u64>,
+}
+
+/// One member's answer to an audit query.
+#[derive(Debug, Clone)]
+pub struct AuditAnswer {
+    pub id: NodeId,
+    pub region: String,
+    pub result: Result<AuditPage, String>,
+}
+
+fn response_kind(r: &Response) -> &'static str {
+    match r {
+        Response::AppendEntries(_) => "append_entries",
+        Response::Vote(_) => "vote",
+        Response::InstallSnapshot(_) => "install_snapshot",
+        Response::ClientWrite(_) => "client_write",
+        Response::ReadIndex(_) => "read_index",
+        Response::AuditQuery(_) => "audit_query",
+        Response::Refused(_) => "refused",
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -142,6 +164,7 @@ impl Replica {
     pub async fn start(
         config: ReplicaConfig,
         metrics: Arc<Metrics>,
+        audit: Option<Arc<dyn AuditSource>>,
         shutdown: watch::Receiver<bool>,
     ) -> anyhow_free::Result<Arc<Replica>> {
         let store = Store::open(&config.data_dir.join("store"), config.store.clone())
@@ -184,8 +207,13 @@ impl Replica {
         let raft = Raft::new(config.node_id, Arc::new(raft_config), network, store.log, store.state_machine)
             .await
             .map_err(|e| anyhow_free::Error(format!("starting raft: {e}")))?;
-        let core =
-            Arc::new(Core { raft, metrics, write_timeout: config.write_timeout, stale_after: config.stale_after() });
+        let core = Arc::new(Core {
+            raft,
+            metrics,
+            write_timeout: config.write_timeout,
+            stale_after: config.stale_after(),
+            audit,
+        });
         let _ = inbound.core.set(core.clone());
         let replica = Arc::new(Replica {
             core,
@@ -360,6 +388,45 @@ impl Replica {
                 Err(_) => return Err(WriteError::NoQuorum { reason: "the leader did not answer in time".into() }),
             }
         }
+    }
+
+    /// Asks every member (voters and learners, this node included) for a
+    /// patient's audit events, all at once; each answers within `timeout`
+    /// or is reported as not reached.
+    pub async fn audit_query_all(&self, query: AuditQuery, timeout: Duration) -> Vec<AuditAnswer> {
+        let m = self.core.raft.metrics().borrow().clone();
+        let members: Vec<(NodeId, NodeInfo)> =
+            m.membership_config.membership().nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let asks = members.into_iter().map(|(id, node)| {
+            let query = query.clone();
+            async move {
+                let result = if id == self.id {
+                    match &self.core.audit {
+                        Some(audit) => audit.query(query).await,
+                        None => Err("this node keeps no audit log".into()),
+                    }
+                } else {
+                    match node.peer_id.parse::<PeerId>() {
+                        Err(_) => Err(format!("bad peer id {}", node.peer_id)),
+                        Ok(peer) => {
+                            let r = tokio::time::timeout(timeout, self.p2p.request(peer, Request::AuditQuery(query)))
+                                .await;
+                            let result = match r {
+                                Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+                                Ok(Err(e)) => Err(format!("not reached: {e}")),
+                                Ok(Ok(Response::AuditQuery(r))) => r,
+                                Ok(Ok(other)) => Err(format!("unexpected answer {}", response_kind(&other))),
+                            };
+                            let label = if result.is_ok() { "ok" } else { "error" };
+                            self.core.metrics.audit_queries_total.with_label_values(&["out", label]).inc();
+                            result
+                        }
+                    }
+                };
+                AuditAnswer { id, region: node.region, result }
+            }
+        });
+        futures::future::join_all(asks).await
     }
 
     fn leader_info(&self) -> Option<NodeInfo> {
