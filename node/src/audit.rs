@@ -61,10 +61,7 @@ pub fn run(cmd: AuditCmd) -> anyhow::Result<()> {
             check_dir(&dir)?;
             match hie_audit::chain::verify(&dir) {
                 Ok(v) => {
-                    println!(
-                        "audit chain intact: {} records in {} segments, head {}",
-                        v.records, v.segments, v.head
-                    );
+                    println!("audit chain intact: {} records in {} segments, head {}", v.records, v.segments, v.head);
                     Ok(())
                 }
                 Err(b) => bail!("audit chain broken: {b}"),

@@ -18,8 +18,8 @@ use serde_json::json;
 
 use crate::client::{Api, ClientEntry, ClusterFile, NodeEntry, operator_call};
 use crate::config::{
-    AdminSection, ApiSection, ClusterSection, Config, LogSection, AuditSection, Member, NodeSection, P2pSection, RaftSection,
-    SeedPeer,
+    AdminSection, ApiSection, AuditSection, ClusterSection, Config, LogSection, Member, NodeSection, P2pSection,
+    RaftSection, SeedPeer,
 };
 
 #[derive(Args, Debug)]

@@ -112,7 +112,7 @@ impl Cluster {
             .expect("node in cluster.json")
     }
 
-    fn data_dir(&self, id: u64) -> PathBuf {
+    pub fn data_dir(&self, id: u64) -> PathBuf {
         PathBuf::from(self.node(id)["data_dir"].as_str().unwrap())
     }
 
@@ -276,11 +276,66 @@ impl Drop for Cluster {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
+        // Every cluster of the suite is checked as it ends: no node may
+        // have logged a patient's NHS Number in clear.
+        if !std::thread::panicking() {
+            let found: Vec<String> = self
+                .node_ids()
+                .iter()
+                .flat_map(|id| {
+                    let text = std::fs::read_to_string(self.data_dir(*id).join("hie.log")).unwrap_or_default();
+                    nhs_numbers_in(&text).into_iter().map(move |(line, n)| format!("node {id} log line {line}: {n}"))
+                })
+                .collect();
+            if !found.is_empty() {
+                let path = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
+                panic!(
+                    "NHS Numbers in clear in node logs (kept in {}):\n{}",
+                    path.display(),
+                    found.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+                );
+            }
+        }
         if std::env::var("HIE_KEEP_TEST_DIRS").is_ok() {
             let path = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
             eprintln!("kept {}", path.display());
         }
     }
+}
+
+/// Test NHS Numbers the suite and the sample data use.
+fn test_nhs_numbers() -> &'static std::collections::HashSet<String> {
+    static SET: std::sync::OnceLock<std::collections::HashSet<String>> = std::sync::OnceLock::new();
+    SET.get_or_init(|| {
+        let mut set: std::collections::HashSet<String> = (0..200_000).map(nhs).collect();
+        set.extend(["9434765919".to_owned(), "9434765918".to_owned()]);
+        set
+    })
+}
+
+/// (line number, number) of every test NHS Number standing alone (not part
+/// of a longer run of digits) in a text.
+pub fn nhs_numbers_in(text: &str) -> Vec<(usize, String)> {
+    let set = test_nhs_numbers();
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let b = line.as_bytes();
+        let mut j = 0;
+        while j < b.len() {
+            if b[j].is_ascii_digit() {
+                let start = j;
+                while j < b.len() && b[j].is_ascii_digit() {
+                    j += 1;
+                }
+                if j - start == 10 && set.contains(&line[start..j]) {
+                    out.push((i + 1, line[start..j].to_owned()));
+                }
+            } else {
+                j += 1;
+            }
+        }
+    }
+    out
 }
 
 pub fn https_client(ca: &Path, cert: Option<(&Path, &Path)>) -> reqwest::Client {

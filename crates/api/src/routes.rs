@@ -234,7 +234,8 @@ async fn record_access(
     match log.append(event).await {
         Ok(_) => resp,
         Err(e) => {
-            let changed = resp.status().is_success() && access.action != Action::Read && access.action != Action::Execute;
+            let changed =
+                resp.status().is_success() && access.action != Action::Read && access.action != Action::Execute;
             let msg = if changed {
                 format!("{e}; the change was applied but could not be audited, so it is reported as failed")
             } else {
@@ -859,16 +860,17 @@ async fn audit_events(
 ) -> Result<Response, ApiError> {
     let caller = caller(&identity)?;
     if !(caller.has(Role::PatientAccess) || caller.has(Role::ConsentAuthority)) {
-        return Err(ApiError::Forbidden("reading audit events needs the patient-access or consent-authority role".into()));
+        return Err(ApiError::Forbidden(
+            "reading audit events needs the patient-access or consent-authority role".into(),
+        ));
     }
     let mut subject = None;
     let (mut since, mut until) = (None, None);
     for (name, value) in parse_query(uri.query().unwrap_or(""))? {
         match name.as_str() {
             "entity.identifier" | "entity:identifier" | "patient.identifier" => {
-                let nhs = value
-                    .strip_prefix(&format!("{}|", hie_audit::event::NHS_NUMBER_SYSTEM))
-                    .ok_or_else(|| {
+                let nhs =
+                    value.strip_prefix(&format!("{}|", hie_audit::event::NHS_NUMBER_SYSTEM)).ok_or_else(|| {
                         ApiError::InvalidParameter(format!(
                             "{name} must be {}|<NHS Number>",
                             hie_audit::event::NHS_NUMBER_SYSTEM
@@ -926,7 +928,10 @@ async fn audit_events(
                         "information",
                         "too-costly",
                         "RESULTS_TRUNCATED",
-                        &format!("{who} returned only its newest {} events; narrow the date range", query_limit(limits)),
+                        &format!(
+                            "{who} returned only its newest {} events; narrow the date range",
+                            query_limit(limits)
+                        ),
                     ));
                 }
                 if !page.damaged.is_empty() {
@@ -934,7 +939,10 @@ async fn audit_events(
                         "error",
                         "exception",
                         "AUDIT_RECORD_DAMAGED",
-                        &format!("{who}: {} audit records failed their integrity check and are left out", page.damaged.len()),
+                        &format!(
+                            "{who}: {} audit records failed their integrity check and are left out",
+                            page.damaged.len()
+                        ),
                     ));
                 }
                 for text in page.events {

@@ -35,8 +35,8 @@ pub struct AuditConfig {
     pub batch_max: usize,
     /// How long a request waits for its audit record to be durable.
     pub write_timeout: Duration,
-    /// After a failed write, requests that change data are refused without
-    /// trying for this long; then one is let through to probe.
+    /// After a failed write, how often the writer probes for space again
+    /// (requests that would change data are refused until a write succeeds).
     pub retry_after: Duration,
 }
 
@@ -287,11 +287,11 @@ impl AuditLog {
         }
     }
 
-    /// True while the last write failed recently: requests that would change
-    /// data are refused before they do, rather than done and not audited.
+    /// True from a failed write until a write or a probe succeeds: requests
+    /// that would change data are refused before they do, rather than done
+    /// and not audited.
     pub fn failing(&self) -> bool {
-        let health = self.health.lock().expect("audit health lock");
-        health.failed_at.is_some_and(|t| t.elapsed() < self.config.retry_after)
+        self.health.lock().expect("audit health lock").failed_at.is_some()
     }
 
     /// One patient's events on this node (blocking: call off the async threads).
@@ -368,7 +368,23 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, rx: Receiver<Job>) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            let failing = self.health.lock().expect("audit health lock").failed_at.is_some();
+            let first = if failing {
+                match rx.recv_timeout(self.config.retry_after) {
+                    Ok(j) => j,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        self.probe();
+                        continue;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                }
+            };
             let mut jobs = vec![first];
             while jobs.len() < self.config.batch_max {
                 match rx.try_recv() {
@@ -404,6 +420,20 @@ impl Writer {
             }
         }
         tracing::info!("audit writer stopped");
+    }
+
+    /// While failing with no requests coming: is there room again? Writes
+    /// a block past the end of the segment, fsyncs, and cuts it off again.
+    fn probe(&mut self) {
+        let ok = self.file.write_all(&[b'\n'; 4096]).and_then(|_| self.file.sync_data()).is_ok();
+        if let Err(e) = self.file.set_len(self.len).and_then(|_| self.file.sync_data()) {
+            tracing::error!(error = %e, "could not cut the audit segment back after a probe");
+            return;
+        }
+        if ok {
+            self.health.lock().expect("audit health lock").failed_at = None;
+            tracing::info!("audit log writable again (probe)");
+        }
     }
 
     fn roll(&mut self) -> std::io::Result<()> {

@@ -1,7 +1,7 @@
 //! The messages nodes exchange.
 
-use hie_domain::raft::{NodeId, NodeInfo, SnapshotMeta, TypeConfig, Vote};
 use hie_domain::audit::{AuditPage, AuditQuery};
+use hie_domain::raft::{NodeId, NodeInfo, SnapshotMeta, TypeConfig, Vote};
 use hie_domain::{Caller, Command, Outcome};
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use hie_domain::raft::{NodeId, NodeInfo, Raft};
 use hie_domain::audit::{AuditPage, AuditQuery, AuditSource};
+use hie_domain::raft::{NodeId, NodeInfo, Raft};
 use hie_domain::{Caller, Command, Outcome};
 use hie_metrics::{Metrics, sync_counter};
 use hie_p2p::{ForwardError, P2p, P2pNetworkFactory, PeerId, ReadIndexError, Request, Response};
@@ -409,8 +409,8 @@ impl Replica {
                     match node.peer_id.parse::<PeerId>() {
                         Err(_) => Err(format!("bad peer id {}", node.peer_id)),
                         Ok(peer) => {
-                            let r = tokio::time::timeout(timeout, self.p2p.request(peer, Request::AuditQuery(query)))
-                                .await;
+                            let r =
+                                tokio::time::timeout(timeout, self.p2p.request(peer, Request::AuditQuery(query))).await;
                             let result = match r {
                                 Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
                                 Ok(Err(e)) => Err(format!("not reached: {e}")),

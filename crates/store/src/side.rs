@@ -19,19 +19,22 @@ impl SideTable {
         o.set_max_background_jobs(1);
         o.set_write_buffer_size(4 << 20);
         o.set_keep_log_file_num(2);
+        o.set_manifest_preallocation_size(64 << 10);
         o.set_max_open_files(64);
         o.set_compression_type(rocksdb::DBCompressionType::Lz4);
         Ok(SideTable { db: DB::open(&o, dir)? })
     }
 
-    /// Writes all pairs at once. Not synced: the table can be rebuilt.
+    /// Writes all pairs at once, without the write-ahead log: they become
+    /// durable when the memtable is flushed, all together, so a crash loses
+    /// only a suffix of writes, which the owner rebuilds.
     pub fn put_all<'a>(&self, pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         for (k, v) in pairs {
             batch.put(k, v);
         }
         let mut w = WriteOptions::default();
-        w.set_sync(false);
+        w.disable_wal(true);
         Ok(self.db.write_opt(batch, &w)?)
     }
 

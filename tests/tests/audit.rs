@@ -1,0 +1,335 @@
+//! The audit log: accesses on every node in one "who looked" answer, a
+//! partial answer that names the node it misses, roles, tampering found by
+//! `hie audit verify`, and fail-closed behaviour on a full disk.
+
+use std::time::Duration;
+
+use hie_tests::*;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+fn audit_query(http: &reqwest::Client, api: &str, patient: &str) -> reqwest::RequestBuilder {
+    http.get(format!("{api}/AuditEvent")).query(&[("entity.identifier", format!("{NHS_SYSTEM}|{patient}"))])
+}
+
+/// The events of an AuditEvent Bundle, and its OperationOutcome entries.
+fn split(bundle: &Value) -> (Vec<Value>, Vec<Value>) {
+    let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
+    let (events, outcomes): (Vec<Value>, Vec<Value>) =
+        entries.into_iter().partition(|e| e["search"]["mode"] == "match");
+    (
+        events.into_iter().map(|e| e["resource"].clone()).collect(),
+        outcomes.into_iter().map(|e| e["resource"].clone()).collect(),
+    )
+}
+
+fn summary(e: &Value) -> (String, String, String, String) {
+    (
+        e["agent"][0]["who"]["identifier"]["value"].as_str().unwrap_or("").to_owned(),
+        e["subtype"][0]["code"].as_str().unwrap_or("").to_owned(),
+        e["purposeOfEvent"][0]["coding"][0]["code"].as_str().unwrap_or("").to_owned(),
+        e["source"]["observer"]["display"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+#[test]
+fn the_log_check_finds_test_numbers_standing_alone() {
+    let n = nhs(7);
+    let text = format!("ok\nsubject={n} x\n1{n}\n{n}5\nid=9434765919");
+    assert_eq!(nhs_numbers_in(&text), vec![(2, n.clone()), (5, "9434765919".to_owned())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accesses_on_every_node_appear_in_one_answer_and_a_missing_node_is_named() -> anyhow::Result<()> {
+    let c = Cluster::up(&["--patients", "0"])?;
+    c.wait_leader(Duration::from_secs(10)).await?;
+    let (n1, n2, n3) = (c.api_url(1), c.api_url(2), c.api_url(3));
+    let patient = nhs(4242);
+    let other = nhs(4243);
+    let gp = c.http("gp-practice-a");
+    let created = create_pointer(&gp, &n1, &pointer_body(&patient, "A81001", "audit-1")).await?;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(create_pointer(&gp, &n1, &pointer_body(&other, "A81001", "audit-2")).await?.status, 201);
+
+    let ambulance = c.http("ambulance-service");
+    let ooh = c.http("out-of-hours-111");
+    let lin = [("x-hie-consistency", "linearizable")];
+    assert_eq!(search(&ambulance, &n2, &patient, &lin).await?.body["total"], 1);
+    let glass = [("x-hie-purpose-of-use", "emergency"), ("x-hie-break-glass-reason", "collapsed at home")];
+    let holders = reply(ooh.get(format!("{n3}/Patient/{patient}/$record-holders")).headers(headers(&glass))).await?;
+    assert_eq!(holders.status, 200);
+    let read = reply(ambulance.get(format!("{n1}/DocumentReference/{id}"))).await?;
+    assert_eq!(read.status, 200);
+
+    // Who looked, asked of node 2 by the patient's app: every node's events.
+    let app = c.http("patient-app");
+    let r = reply(audit_query(&app, &n2, &patient)).await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["resourceType"], "Bundle");
+    assert_eq!(r.body["type"], "searchset");
+    let (events, outcomes) = split(&r.body);
+    assert!(outcomes.is_empty(), "every node answered: {outcomes:?}");
+    let seen: Vec<_> = events.iter().map(summary).collect();
+    assert_eq!(r.body["total"].as_u64(), Some(events.len() as u64));
+    assert!(
+        seen.contains(&("A81001".into(), "create".into(), "TREAT".into(), "node-1 (north-east)".into())),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&("RX9".into(), "search-type".into(), "TREAT".into(), "node-2 (north-west)".into())),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&("NLO10".into(), "operation".into(), "ETREAT".into(), "node-3 (yorkshire)".into())),
+        "{seen:?}"
+    );
+    assert!(seen.contains(&("RX9".into(), "read".into(), "TREAT".into(), "node-1 (north-east)".into())), "{seen:?}");
+    assert_eq!(seen.len(), 4, "only this patient's events: {seen:?}");
+    let glass_event = events.iter().find(|e| e["purposeOfEvent"][0]["coding"][0]["code"] == "ETREAT").unwrap();
+    assert_eq!(glass_event["subtype"][1]["code"], "110127");
+    assert_eq!(glass_event["purposeOfEvent"][0]["text"], "collapsed at home");
+    let times: Vec<&str> = events.iter().map(|e| e["recorded"].as_str().unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "merged by time: {times:?}");
+    for e in &events {
+        assert_eq!(e["entity"][0]["what"]["identifier"]["value"], patient.as_str());
+        assert_eq!(e["outcome"], "0");
+    }
+
+    // A date range that excludes everything; a range in the past.
+    let none = reply(audit_query(&app, &n1, &patient).query(&[("date", "le2000-01-01")])).await?;
+    assert_eq!((none.status, none.body["total"].as_u64()), (200, Some(0)), "{}", none.body);
+    let since = reply(audit_query(&app, &n1, &patient).query(&[("date", "ge2000-01-01")])).await?;
+    assert!(since.body["total"].as_u64().unwrap() >= 4);
+
+    // Roles that may not read the audit, and bad queries.
+    for who in ["gp-practice-a", "ambulance-service", "operator"] {
+        let r = reply(audit_query(&c.http(who), &n1, &patient)).await?;
+        assert_eq!((r.status, r.code()), (403, "AUTHOR_CREDENTIALS_ERROR"), "{who} read the audit");
+    }
+    let authority = c.http("consent-authority");
+    assert_eq!(reply(audit_query(&authority, &n3, &patient)).await?.status, 200);
+    let r = reply(app.get(format!("{n1}/AuditEvent"))).await?;
+    assert_eq!((r.status, r.code()), (400, "INVALID_PARAMETER"));
+    let r = reply(audit_query(&app, &n1, "9434765918")).await?;
+    assert_eq!((r.status, r.code()), (400, "INVALID_NHS_NUMBER"));
+    let r = reply(audit_query(&app, &n1, &patient).query(&[("date", "yesterday")])).await?;
+    assert_eq!((r.status, r.code()), (400, "INVALID_PARAMETER"));
+    let r = reply(audit_query(&app, &n1, &patient).query(&[("agent", "RX9")])).await?;
+    assert_eq!((r.status, r.code()), (400, "INVALID_PARAMETER"));
+
+    // With node 3 down the answer is partial and says which node is missing.
+    c.kill9(3);
+    let r = reply(audit_query(&app, &n1, &patient)).await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (events, outcomes) = split(&r.body);
+    assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+    assert_eq!(outcomes[0]["issue"][0]["code"], "incomplete");
+    let said = outcomes[0]["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(said.contains("node 3 (yorkshire)"), "{said}");
+    assert!(events.iter().all(|e| summary(e).3 != "node-3 (yorkshire)"));
+    assert!(events.iter().any(|e| summary(e).3 == "node-1 (north-east)"));
+
+    // The node comes back: the answer is whole again, and includes the
+    // queries themselves (reading the audit is an access too).
+    c.restart(3)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = reply(audit_query(&app, &n1, &patient)).await?;
+        let (events, outcomes) = split(&r.body);
+        if outcomes.is_empty() {
+            assert!(events.iter().any(|e| summary(e).3 == "node-3 (yorkshire)"));
+            assert!(events.iter().any(|e| summary(e).0 == "X27" && e["action"] == "E"));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "node 3 never answered again: {outcomes:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let m = c.metrics(1).await.unwrap_or_default();
+    assert!(m.contains("hie_audit_events_total"), "metric exported");
+    assert!(metric(&m, "hie_audit_events_total") >= 3.0, "{m}");
+    assert!(metric(&m, "hie_break_glass_total") == 0.0, "the override was on node 3");
+    Ok(())
+}
+
+fn headers(pairs: &[(&str, &str)]) -> reqwest::header::HeaderMap {
+    let mut h = reqwest::header::HeaderMap::new();
+    for (k, v) in pairs {
+        h.insert(reqwest::header::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    h
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_altered_byte_makes_verify_fail_at_that_record() -> anyhow::Result<()> {
+    let c = Cluster::up(&["--patients", "0"])?;
+    c.wait_leader(Duration::from_secs(10)).await?;
+    let n1 = c.api_url(1);
+    let consumer = c.http("ambulance-service");
+    for i in 0..12 {
+        assert_eq!(search(&consumer, &n1, &nhs(500 + i), &[]).await?.status, 200);
+    }
+    let config = c.dir.path().join("node-1.toml").display().to_string();
+    let ok = hie(&["audit", "verify", "--config", &config])?;
+    assert!(ok.contains("audit chain intact: 12 records"), "{ok}");
+    let export = c.dir.path().join("export.ndjson");
+    hie(&["audit", "export", "--config", &config, "--out", &export.display().to_string()])?;
+    let lines: Vec<Value> =
+        std::fs::read_to_string(&export)?.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 12);
+    assert!(lines.iter().all(|e| e["resourceType"] == "AuditEvent"));
+
+    // Alter one byte inside record 7 (a digit of its recorded time).
+    let segment = c.data_dir(1).join("audit/00000001.ndjson");
+    let original = std::fs::read(&segment)?;
+    let starts: Vec<usize> = std::iter::once(0)
+        .chain(original.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i + 1))
+        .collect();
+    let line7 = &original[starts[6]..starts[7]];
+    let at = starts[6] + find(line7, b"\"recorded\":\"2").unwrap() + 14;
+    let mut altered = original.clone();
+    altered[at] = if altered[at] == b'1' { b'2' } else { b'1' };
+    std::fs::write(&segment, &altered)?;
+    let err = hie(&["audit", "verify", "--config", &config]).expect_err("a broken chain must fail verify");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("first bad record: seq 7") && msg.contains("line 7"), "{msg}");
+    assert!(hie(&["audit", "export", "--config", &config, "--out", "/dev/null"]).is_err());
+    std::fs::write(&segment, &original)?;
+    assert!(hie(&["audit", "verify", "--config", &config])?.contains("intact"));
+    Ok(())
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A small tmpfs mounted for one test, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path, bytes: u64) -> anyhow::Result<SmallDisk> {
+        std::fs::create_dir_all(at)?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs", &at.display().to_string()])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(SmallDisk(at.to_owned()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_audit_disk_fails_requests_closed_and_the_node_recovers() -> anyhow::Result<()> {
+    let c = Cluster::up(&["--patients", "0"])?;
+    c.wait_leader(Duration::from_secs(10)).await?;
+    let (n1, n2) = (c.api_url(1), c.api_url(2));
+    let consumer = c.http("ambulance-service");
+    let gp = c.http("gp-practice-a");
+    let patient = nhs(777);
+    assert_eq!(create_pointer(&gp, &n2, &pointer_body(&patient, "A81001", "disk-0")).await?.status, 201);
+
+    // Node 1's audit directory moves onto a 32 MiB filesystem.
+    c.signal(1, Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while c.pid(1).is_some() {
+        assert!(std::time::Instant::now() < deadline, "node 1 did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let audit = c.data_dir(1).join("audit");
+    let saved = c.dir.path().join("audit-saved");
+    std::fs::rename(&audit, &saved)?;
+    let _disk = SmallDisk::mount(&audit, 32 << 20)?;
+    copy_dir(&saved, &audit)?;
+    c.restart(1)?;
+    wait_ready(&c, 1).await?;
+    assert_eq!(search(&consumer, &n1, &patient, &[]).await?.status, 200);
+
+    // Fill the disk: reads and writes on node 1 fail with 503, nothing is changed.
+    let filler = audit.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", &format!("of={}", filler.display()), "bs=64k"])
+        .output()?;
+    // The segment's last page may still hold a record or two.
+    let mut r = search(&consumer, &n1, &patient, &[]).await?;
+    for _ in 0..8 {
+        if r.status != 200 {
+            break;
+        }
+        r = search(&consumer, &n1, &patient, &[]).await?;
+    }
+    assert_eq!((r.status, r.code()), (503, "AUDIT_UNAVAILABLE"), "{}", r.body);
+    assert!(r.header("retry-after").is_some());
+    assert!(r.body.get("entry").is_none(), "no pointers in a failed answer");
+    let w = create_pointer(&gp, &n1, &pointer_body(&patient, "A81001", "disk-1")).await?;
+    assert_eq!((w.status, w.code()), (503, "AUDIT_UNAVAILABLE"), "{}", w.body);
+    // The refused create was refused before it was proposed.
+    let elsewhere = search(&gp, &n2, &patient, &[("x-hie-consistency", "linearizable")]).await?;
+    assert_eq!(elsewhere.body["total"], 1, "{}", elsewhere.body);
+    // Node 1 stays up and healthy apart from its audit.
+    assert!(c.pid(1).is_some());
+    let m = c.metrics(1).await.unwrap_or_default();
+    assert!(metric(&m, "hie_audit_write_failures_total") >= 1.0, "{m}");
+
+    // Space returns: node 1 serves again and its chain is intact.
+    std::fs::remove_file(&filler)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = search(&consumer, &n1, &patient, &[]).await?;
+        if r.status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "node 1 never recovered: {}", r.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(create_pointer(&gp, &n1, &pointer_body(&patient, "A81001", "disk-2")).await?.status, 201);
+    let config = c.dir.path().join("node-1.toml").display().to_string();
+    let v = hie(&["audit", "verify", "--config", &config])?;
+    assert!(v.contains("intact"), "{v}");
+    c.signal(1, Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while c.pid(1).is_some() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+async fn wait_ready(c: &Cluster, id: u64) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let http = reqwest::Client::new();
+    loop {
+        if let Ok(r) = http.get(format!("{}/readyz", c.admin_url(id))).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "node {id} not ready:\n{}", c.logs_tail(20));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
