@@ -2,6 +2,7 @@
 //! client for the record-locator API and the operator's admin commands.
 
 mod audit;
+mod bench;
 mod client;
 mod config;
 mod dev;
@@ -43,6 +44,9 @@ enum Cmd {
         #[command(subcommand)]
         command: client::ClusterCmd,
     },
+    /// The load generator: create, search, linearizable and mixed workloads
+    /// over HTTPS with client certificates, against hie or etcd.
+    Bench(bench::BenchArgs),
     /// A node's audit log: verify its hash chain, export it for a SIEM.
     Audit {
         #[command(subcommand)]
@@ -101,6 +105,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Pointer { command } => client::run(client::Op::Pointer(command)),
         Cmd::Cluster { command } => client::run(client::Op::Cluster(command)),
         Cmd::Audit { command } => audit::run(command),
+        Cmd::Bench(args) => bench::main(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
