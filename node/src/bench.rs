@@ -105,7 +105,8 @@ fn client(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -
 /// One connection's endpoints: (reader client, writer client) on one node.
 fn endpoints(args: &BenchArgs, cluster: &ClusterFile) -> anyhow::Result<Vec<(Endpoint, Endpoint)>> {
     let consumer = cluster.client_with_role("consumer").context("no consumer client in cluster.json")?;
-    let producer = cluster.clients.iter().find(|c| !c.pointer_types.is_empty()).context("no producer in cluster.json")?;
+    let producer =
+        cluster.clients.iter().find(|c| !c.pointer_types.is_empty()).context("no producer in cluster.json")?;
     let bases: Vec<String> = match args.target {
         TargetKind::Hie => cluster
             .nodes
@@ -173,7 +174,8 @@ async fn send(shared: &Shared, conn: &(Endpoint, Endpoint), op: Op, patient: u32
     let resp = match (shared.target, op) {
         (TargetKind::Hie, Op::Create) => {
             let master = format!("bench-{}-{n}", shared.run);
-            let mut doc = crate::dev::sample_pointer(nhs.as_str(), &shared.ods, testkit::MENTAL_HEALTH_CRISIS_PLAN, patient);
+            let mut doc =
+                crate::dev::sample_pointer(nhs.as_str(), &shared.ods, testkit::MENTAL_HEALTH_CRISIS_PLAN, patient);
             doc["masterIdentifier"]["value"] = json!(master);
             let w = &conn.1;
             w.http
@@ -197,7 +199,8 @@ async fn send(shared: &Shared, conn: &(Endpoint, Endpoint), op: Op, patient: u32
         }
         (TargetKind::Etcd, Op::Create) => {
             // A value the size of a pointer: the same DocumentReference JSON.
-            let doc = crate::dev::sample_pointer(nhs.as_str(), &shared.ods, testkit::MENTAL_HEALTH_CRISIS_PLAN, patient);
+            let doc =
+                crate::dev::sample_pointer(nhs.as_str(), &shared.ods, testkit::MENTAL_HEALTH_CRISIS_PLAN, patient);
             let key = if shared.args_workload == Workload::Preload {
                 format!("/bench/patient/{}", nhs.as_str())
             } else {
@@ -425,11 +428,7 @@ async fn preload(args: &BenchArgs, shared: Arc<Shared>, conns: Vec<Arc<(Endpoint
         r?;
     }
     let failed = failed.load(Ordering::Relaxed);
-    println!(
-        "preloaded {} records in {:.1} s ({failed} failed)",
-        args.patients,
-        started.elapsed().as_secs_f64()
-    );
+    println!("preloaded {} records in {:.1} s ({failed} failed)", args.patients, started.elapsed().as_secs_f64());
     if failed > 0 {
         bail!("{failed} preload writes failed");
     }

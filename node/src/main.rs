@@ -13,6 +13,11 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+// glibc's allocator showed as a quarter of a node's CPU time under load
+// (docs/BENCHMARKS.md); mimalloc's thread-local heaps avoid most of it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "hie", version, about = "hie: a federated record locator for the NHS", long_about = None)]
 struct Cli {

@@ -231,11 +231,13 @@ async fn record_access(
         error_code: resp.extensions().get::<ErrorCode>().map(|c| c.0),
     };
     let event = hie_audit::audit_event(&access, &ctx);
-    match log.append(event).await {
+    // A change's record is fsynced before the change is answered; a read's
+    // is written before the answer and fsynced within the sync interval.
+    let change = access.action != Action::Read && access.action != Action::Execute;
+    match log.append(event, change).await {
         Ok(_) => resp,
         Err(e) => {
-            let changed =
-                resp.status().is_success() && access.action != Action::Read && access.action != Action::Execute;
+            let changed = resp.status().is_success() && change;
             let msg = if changed {
                 format!("{e}; the change was applied but could not be audited, so it is reported as failed")
             } else {

@@ -33,8 +33,14 @@ pub struct AuditConfig {
     pub queue_max: usize,
     /// Most events written by one write and fsync.
     pub batch_max: usize,
-    /// How long a request waits for its audit record to be durable.
+    /// How long a request waits for its audit record to be written.
     pub write_timeout: Duration,
+    /// Records of reads are written (to the operating system) before the
+    /// read is answered and fsynced within this interval; records of
+    /// changes are fsynced before the change is answered.
+    pub sync_interval: Duration,
+    /// Fsync every record, reads' too, before answering.
+    pub sync_every_access: bool,
     /// After a failed write, how often the writer probes for space again
     /// (requests that would change data are refused until a write succeeds).
     pub retry_after: Duration,
@@ -49,6 +55,8 @@ impl AuditConfig {
             queue_max: 10_000,
             batch_max: 1024,
             write_timeout: Duration::from_secs(2),
+            sync_interval: Duration::from_millis(10),
+            sync_every_access: false,
             retry_after: Duration::from_secs(1),
         }
     }
@@ -70,6 +78,8 @@ pub enum AuditError {
 
 struct Job {
     event: Value,
+    /// Acknowledge only once fsynced.
+    durable: bool,
     ack: tokio::sync::oneshot::Sender<Result<u64, AuditError>>,
 }
 
@@ -195,13 +205,17 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Indexes records the index has not seen (written before a crash).
-fn catch_up_index(dir: &Path, index: &SideTable) -> Result<u64, AuditError> {
-    let (hwm_seq, hwm_segment) = match index.get(HWM_KEY).map_err(|e| AuditError::Open(e.to_string()))? {
+fn index_hwm(index: &SideTable) -> Result<(u64, u32), AuditError> {
+    Ok(match index.get(HWM_KEY).map_err(|e| AuditError::Open(e.to_string()))? {
         Some(v) if v.len() == 12 => {
             (u64::from_be_bytes(v[..8].try_into().expect("8")), u32::from_be_bytes(v[8..].try_into().expect("4")))
         }
         _ => (0, 0),
-    };
+    })
+}
+
+fn catch_up_index(dir: &Path, index: &SideTable) -> Result<u64, AuditError> {
+    let (hwm_seq, hwm_segment) = index_hwm(index)?;
     let mut added = 0;
     for (n, path) in chain::segments(dir).map_err(|e| io_err("listing", dir, e))? {
         if n < hwm_segment {
@@ -246,7 +260,17 @@ impl AuditLog {
     pub fn open(config: AuditConfig, metrics: Arc<Metrics>) -> Result<Arc<AuditLog>, AuditError> {
         std::fs::create_dir_all(&config.dir).map_err(|e| io_err("creating", &config.dir, e))?;
         let (segment, file, len, seq, prev) = open_head(&config.dir)?;
-        let index = Arc::new(SideTable::open(&config.dir.join("index")).map_err(|e| AuditError::Open(e.to_string()))?);
+        let index_dir = config.dir.join("index");
+        let mut index = SideTable::open(&index_dir).map_err(|e| AuditError::Open(e.to_string()))?;
+        if index_hwm(&index)?.0 > seq {
+            // The index names records the log lost (a power cut before their
+            // fsync): rebuild it from the log.
+            tracing::warn!(records = seq, "the audit index is ahead of the log; rebuilding it");
+            drop(index);
+            std::fs::remove_dir_all(&index_dir).map_err(|e| io_err("removing", &index_dir, e))?;
+            index = SideTable::open(&index_dir).map_err(|e| AuditError::Open(e.to_string()))?;
+        }
+        let index = Arc::new(index);
         let reindexed = catch_up_index(&config.dir, &index)?;
         tracing::info!(dir = %config.dir.display(), records = seq, segment, reindexed, "audit log open");
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_max);
@@ -261,6 +285,7 @@ impl AuditLog {
             index: index.clone(),
             metrics,
             health: health.clone(),
+            unsynced_since: None,
         };
         std::thread::Builder::new()
             .name("audit-writer".into())
@@ -273,10 +298,12 @@ impl AuditLog {
         &self.config.dir
     }
 
-    /// Appends an event and waits until it is durable; its sequence number.
-    pub async fn append(&self, event: Value) -> Result<u64, AuditError> {
+    /// Appends an event and waits until it is written (`durable`: fsynced
+    /// too); its sequence number.
+    pub async fn append(&self, event: Value, durable: bool) -> Result<u64, AuditError> {
         let (ack, rx) = tokio::sync::oneshot::channel();
-        self.tx.try_send(Job { event, ack }).map_err(|e| match e {
+        let durable = durable || self.config.sync_every_access;
+        self.tx.try_send(Job { event, durable, ack }).map_err(|e| match e {
             TrySendError::Full(_) => AuditError::QueueFull(self.config.queue_max),
             TrySendError::Disconnected(_) => AuditError::Stopped,
         })?;
@@ -364,26 +391,38 @@ struct Writer {
     index: Arc<SideTable>,
     metrics: Arc<Metrics>,
     health: Arc<Mutex<Health>>,
+    /// When the oldest record not yet fsynced was written.
+    unsynced_since: Option<Instant>,
 }
 
 impl Writer {
     fn run(mut self, rx: Receiver<Job>) {
         loop {
             let failing = self.health.lock().expect("audit health lock").failed_at.is_some();
-            let first = if failing {
-                match rx.recv_timeout(self.config.retry_after) {
+            // Written records not yet fsynced are fsynced when the interval
+            // since the oldest of them has passed, or sooner with a change.
+            let wait = if failing {
+                Some(self.config.retry_after)
+            } else {
+                self.unsynced_since.map(|t| self.config.sync_interval.saturating_sub(t.elapsed()))
+            };
+            let first = match wait {
+                Some(w) => match rx.recv_timeout(w) {
                     Ok(j) => j,
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        self.probe();
+                        if failing {
+                            self.probe();
+                        } else {
+                            self.sync();
+                        }
                         continue;
                     }
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match rx.recv() {
+                },
+                None => match rx.recv() {
                     Ok(j) => j,
                     Err(_) => break,
-                }
+                },
             };
             let mut jobs = vec![first];
             while jobs.len() < self.config.batch_max {
@@ -393,8 +432,15 @@ impl Writer {
                 }
             }
             let started = Instant::now();
+            let durable = jobs.iter().any(|j| j.durable);
             let (events, acks): (Vec<Value>, Vec<_>) = jobs.into_iter().map(|j| (j.event, j.ack)).unzip();
-            let result = self.write_batch(events);
+            let mut result = self.write_batch(events);
+            if result.is_ok()
+                && (durable || self.unsynced_since.is_some_and(|t| t.elapsed() >= self.config.sync_interval))
+                && !self.sync()
+            {
+                result = Err("fsync failed".into());
+            }
             self.metrics.audit_write_seconds.observe(started.elapsed().as_secs_f64());
             let mut health = self.health.lock().expect("audit health lock");
             match result {
@@ -422,6 +468,24 @@ impl Writer {
         tracing::info!("audit writer stopped");
     }
 
+    /// Fsyncs what was written; false (and failing) if that fails.
+    fn sync(&mut self) -> bool {
+        match self.file.sync_data() {
+            Ok(()) => {
+                self.unsynced_since = None;
+                true
+            }
+            Err(e) => {
+                // Records already answered may not be on disk: say so loudly;
+                // `hie audit verify` shows what survived.
+                tracing::error!(error = %e, "audit fsync failed; records written since the last fsync may be lost");
+                self.metrics.audit_write_failures_total.inc();
+                self.health.lock().expect("audit health lock").failed_at = Some(Instant::now());
+                false
+            }
+        }
+    }
+
     /// While failing with no requests coming: is there room again? Writes
     /// a block past the end of the segment, fsyncs, and cuts it off again.
     fn probe(&mut self) {
@@ -437,6 +501,7 @@ impl Writer {
     }
 
     fn roll(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()?;
         let next = self.segment + 1;
         let path = chain::segment_path(&self.config.dir, next);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
@@ -473,17 +538,16 @@ impl Writer {
             prev = hash;
         }
         let hwm = hwm_value(seq, self.segment);
-        let written =
-            self.file.write_all(&buf).and_then(|_| self.file.sync_data()).map_err(|e| e.to_string()).and_then(|_| {
-                self.index
-                    .put_all(
-                        index
-                            .iter()
-                            .map(|(k, v)| (k.as_slice(), v.as_slice()))
-                            .chain(std::iter::once((HWM_KEY, hwm.as_slice()))),
-                    )
-                    .map_err(|e| format!("indexing: {e}"))
-            });
+        let written = self.file.write_all(&buf).map_err(|e| e.to_string()).and_then(|_| {
+            self.index
+                .put_all(
+                    index
+                        .iter()
+                        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                        .chain(std::iter::once((HWM_KEY, hwm.as_slice()))),
+                )
+                .map_err(|e| format!("indexing: {e}"))
+        });
         if let Err(e) = written {
             if let Err(cut) = self.file.set_len(start_len).and_then(|_| self.file.sync_data()) {
                 tracing::error!(error = %cut, "could not cut the audit segment back after a failed write");
@@ -491,6 +555,7 @@ impl Writer {
             return Err(e);
         }
         self.len = start_len + buf.len() as u64;
+        self.unsynced_since.get_or_insert_with(Instant::now);
         self.seq = seq;
         self.prev = prev;
         Ok(start_seq + 1)
