@@ -48,6 +48,12 @@ pub struct AuditSection {
     pub queue_max: usize,
     #[serde(default = "defaults::audit_write_timeout_ms")]
     pub write_timeout_ms: u64,
+    /// Records of reads are fsynced within this many ms (changes' at once).
+    #[serde(default = "defaults::audit_sync_interval_ms")]
+    pub sync_interval_ms: u64,
+    /// Fsync every record before answering, reads' too.
+    #[serde(default)]
+    pub sync_every_access: bool,
     /// Most events one node returns for one "who looked" query.
     #[serde(default = "defaults::audit_query_events_max")]
     pub query_events_max: u32,
@@ -284,6 +290,9 @@ pub mod defaults {
     pub fn audit_write_timeout_ms() -> u64 {
         2_000
     }
+    pub fn audit_sync_interval_ms() -> u64 {
+        10
+    }
     pub fn audit_query_events_max() -> u32 {
         1_000
     }
@@ -374,6 +383,9 @@ impl Config {
         if a.queue_max == 0 || a.query_events_max == 0 {
             bail!("audit.queue_max and audit.query_events_max: must be 1 or more");
         }
+        if a.sync_interval_ms == 0 || a.sync_interval_ms > 1_000 {
+            bail!("audit.sync_interval_ms: must be 1 to 1000");
+        }
         if a.write_timeout_ms == 0 || a.write_timeout_ms >= self.api.request_timeout_ms {
             bail!("audit.write_timeout_ms: must be above 0 and below api.request_timeout_ms");
         }
@@ -456,7 +468,9 @@ impl Config {
             segment_bytes_max: a.segment_bytes_max,
             queue_max: a.queue_max,
             write_timeout: Duration::from_millis(a.write_timeout_ms),
-            ..hie_audit::AuditConfig::new(self.audit_dir(), self.node.id.to_string())
+            sync_interval: Duration::from_millis(a.sync_interval_ms),
+            sync_every_access: a.sync_every_access,
+            ..hie_audit::AuditConfig::new(self.audit_dir())
         })
     }
 

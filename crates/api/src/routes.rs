@@ -222,6 +222,7 @@ async fn record_access(
     let node_label = format!("node-{} ({})", st.replica.id(), node.region);
     let roles: Vec<&str> = caller.roles.iter().map(|r| r.as_str()).collect();
     let ctx = hie_audit::Context {
+        event_id: format!("{}-{}", st.replica.id(), uuid::Uuid::new_v4().simple()),
         caller_ods: caller.ods.as_str(),
         caller_roles: roles,
         request_id,

@@ -36,12 +36,11 @@ pub fn hash(prev: &str, seq: u64, event: &[u8]) -> String {
 /// The line (with its newline) for an event, and the record's hash. Built
 /// by hand in exactly the form `serde_json` gives the parsed record (keys
 /// sorted), which [`parse_record`] checks.
-pub fn record_line(seq: u64, prev: &str, event: &Value) -> (Vec<u8>, String) {
-    let event_bytes = serde_json::to_vec(event).expect("a JSON value serialises");
-    let hash = hash(prev, seq, &event_bytes);
+pub fn record_line(seq: u64, prev: &str, event_bytes: &[u8]) -> (Vec<u8>, String) {
+    let hash = hash(prev, seq, event_bytes);
     let mut line = Vec::with_capacity(event_bytes.len() + 180);
     line.extend_from_slice(b"{\"event\":");
-    line.extend_from_slice(&event_bytes);
+    line.extend_from_slice(event_bytes);
     line.extend_from_slice(b",\"hash\":\"");
     line.extend_from_slice(hash.as_bytes());
     line.extend_from_slice(b"\",\"prev\":\"");

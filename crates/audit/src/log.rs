@@ -14,19 +14,16 @@ use hie_domain::Timestamp;
 use hie_domain::audit::{AuditFuture, AuditPage, AuditQuery, AuditSource};
 use hie_metrics::Metrics;
 use hie_store::SideTable;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::chain::{self, GENESIS, Record};
-use crate::event::{recorded_millis, subject_of};
+use crate::event::{Event, recorded_millis, subject_of};
 
 /// Named limits and settings of the audit log.
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
     /// Where the segments and the index live.
     pub dir: PathBuf,
-    /// Prefix of every event id (`<prefix>-<seq>`); the node's id.
-    pub id_prefix: String,
     /// A segment file is closed and a new one started past this size.
     pub segment_bytes_max: u64,
     /// Events waiting to be written; past this, requests fail (503).
@@ -47,10 +44,9 @@ pub struct AuditConfig {
 }
 
 impl AuditConfig {
-    pub fn new(dir: PathBuf, id_prefix: String) -> AuditConfig {
+    pub fn new(dir: PathBuf) -> AuditConfig {
         AuditConfig {
             dir,
-            id_prefix,
             segment_bytes_max: 64 << 20,
             queue_max: 10_000,
             batch_max: 1024,
@@ -77,7 +73,7 @@ pub enum AuditError {
 }
 
 struct Job {
-    event: Value,
+    event: Event,
     /// Acknowledge only once fsynced.
     durable: bool,
     ack: tokio::sync::oneshot::Sender<Result<u64, AuditError>>,
@@ -300,7 +296,7 @@ impl AuditLog {
 
     /// Appends an event and waits until it is written (`durable`: fsynced
     /// too); its sequence number.
-    pub async fn append(&self, event: Value, durable: bool) -> Result<u64, AuditError> {
+    pub async fn append(&self, event: Event, durable: bool) -> Result<u64, AuditError> {
         let (ack, rx) = tokio::sync::oneshot::channel();
         let durable = durable || self.config.sync_every_access;
         self.tx.try_send(Job { event, durable, ack }).map_err(|e| match e {
@@ -433,7 +429,7 @@ impl Writer {
             }
             let started = Instant::now();
             let durable = jobs.iter().any(|j| j.durable);
-            let (events, acks): (Vec<Value>, Vec<_>) = jobs.into_iter().map(|j| (j.event, j.ack)).unzip();
+            let (events, acks): (Vec<Event>, Vec<_>) = jobs.into_iter().map(|j| (j.event, j.ack)).unzip();
             let mut result = self.write_batch(events);
             if result.is_ok()
                 && (durable || self.unsynced_since.is_some_and(|t| t.elapsed() >= self.config.sync_interval))
@@ -515,7 +511,7 @@ impl Writer {
     /// Writes the batch as one append and one fsync, then indexes it. On any
     /// failure the segment is cut back to where it was, so the chain on disk
     /// never holds a record whose request failed.
-    fn write_batch(&mut self, events: Vec<Value>) -> Result<u64, String> {
+    fn write_batch(&mut self, events: Vec<Event>) -> Result<u64, String> {
         if self.len >= self.config.segment_bytes_max {
             self.roll().map_err(|e| format!("starting a new segment: {e}"))?;
         }
@@ -523,17 +519,18 @@ impl Writer {
         let mut buf = Vec::with_capacity(events.len() * 2048);
         let mut index = Vec::with_capacity(events.len());
         let (mut seq, mut prev) = (start_seq, start_prev.clone());
-        for mut event in events {
+        for event in events {
             seq += 1;
-            event["id"] = Value::String(format!("{}-{seq}", self.config.id_prefix));
-            let (line, hash) = chain::record_line(seq, &prev, &event);
-            let recorded = recorded_millis(&event).unwrap_or(0);
-            let loc =
-                Loc { segment: self.segment, offset: start_len + buf.len() as u64, len: line.len() as u32, recorded };
-            let record = Record { seq, prev, hash: hash.clone(), event };
-            if let Some(e) = index_entry(&record, loc) {
-                index.push(e);
-            }
+            let (line, hash) = chain::record_line(seq, &prev, &event.json);
+            let loc = Loc {
+                segment: self.segment,
+                offset: start_len + buf.len() as u64,
+                len: line.len() as u32,
+                recorded: event.recorded,
+            };
+            let mut key = patient_key(&event.subject).to_vec();
+            key.extend_from_slice(&seq.to_be_bytes());
+            index.push((key, loc.encode()));
             buf.extend_from_slice(&line);
             prev = hash;
         }
