@@ -17,8 +17,11 @@ trap '"$HIE_BIN" dev down --dir "$DIR/on" >/dev/null 2>&1 || true; "$HIE_BIN" de
 run() { # DIR FLAGS... -> throughput
   local d="$1"; shift
   "$HIE_BIN" dev up --dir "$d" --patients 2000 --rate-per-client-per-sec 1000000 --rate-burst 1000000 "$@" >/dev/null
-  "$HIE_BIN" bench --cluster "$d/cluster.json" --workload search --connections "$CONNECTIONS" \
-    --seconds "$SECONDS_EACH" --warmup-seconds 2 --patients 2000 --json | tee /dev/stderr | tail -1 | jq .throughput
+  local out
+  out=$("$HIE_BIN" bench --cluster "$d/cluster.json" --workload search --connections "$CONNECTIONS" \
+    --seconds "$SECONDS_EACH" --warmup-seconds 2 --patients 2000 --json)
+  grep -v '^{' <<<"$out" >&2
+  tail -1 <<<"$out" | jq .throughput
   "$HIE_BIN" dev down --dir "$d" >/dev/null
   rm -rf "$d"
 }

@@ -71,7 +71,7 @@ for i in 0 1 2; do
     --listen-peer-urls "https://127.0.0.1:$p" --initial-advertise-peer-urls "https://127.0.0.1:$p" \
     --initial-cluster "$INITIAL" --initial-cluster-state new --initial-cluster-token hie-bench \
     --cert-file "$DIR/etcd.pem" --key-file "$DIR/etcd.key" --trusted-ca-file "$CERTS/ca.pem" --client-cert-auth \
-    --peer-auto-tls --logger zap --log-outputs "$DIR/etcd-e$n.log" &
+    --peer-auto-tls --logger zap --log-outputs "$DIR/etcd-e$n.log" >>"$DIR/etcd-e$n.out" 2>&1 &
   ETCD_PIDS+=($!)
   ENDPOINTS+="${ENDPOINTS:+,}https://127.0.0.1:$c"
 done
@@ -82,18 +82,23 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 curl -sf --cacert "$CERTS/ca.pem" --cert "$CONSUMER_CERT" --key "$CONSUMER_KEY" "https://127.0.0.1:${PORTS[0]}/health" >/dev/null \
-  || { echo "etcd did not become healthy" >&2; tail -5 "$DIR"/etcd-e1.log >&2; exit 1; }
+  || { echo "etcd did not become healthy" >&2; tail -5 "$DIR"/etcd-e1.log "$DIR"/etcd-e1.out >&2; exit 1; }
 "$HIE_BIN" bench --target etcd --cluster "$CLUSTER" --etcd-endpoints "$ENDPOINTS" --workload preload \
   --patients "$PATIENTS" --connections "$CONNS"
 
 bench() { # TARGET WORKLOAD -> prints the summary, returns the JSON line in $LAST
   local extra=()
   [ "$1" = etcd ] && extra=(--etcd-endpoints "$ENDPOINTS")
-  LAST=$("$HIE_BIN" bench --target "$1" --cluster "$CLUSTER" "${extra[@]}" --workload "$2" --connections "$CONNS" \
-    --seconds "$SECS" --warmup-seconds 2 --patients "$PATIENTS" --json | tee /dev/stderr | tail -1)
+  local out
+  out=$("$HIE_BIN" bench --target "$1" --cluster "$CLUSTER" "${extra[@]}" --workload "$2" --connections "$CONNS" \
+    --seconds "$SECS" --warmup-seconds 2 --patients "$PATIENTS" --json)
+  grep -v '^{' <<<"$out"
+  LAST=$(tail -1 <<<"$out")
 }
 declare -A TP P99
-for pair in "write create" "read search" "linearizable-read linearizable"; do
+# Reads first, while each patient has about as many pointers (1.5) as an etcd
+# get returns values (1); the writes then add pointers.
+for pair in "read search" "linearizable-read linearizable" "write create"; do
   set -- $pair
   name=$1; workload=$2
   bench hie "$workload"; TP[hie-$name]=$(jq .throughput <<<"$LAST"); P99[hie-$name]=$(jq .p99_ms <<<"$LAST")

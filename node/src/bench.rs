@@ -54,6 +54,7 @@ pub struct BenchArgs {
     /// etcd client URLs, comma separated (with --target etcd).
     #[arg(long, value_delimiter = ',')]
     etcd_endpoints: Vec<String>,
+    /// What each request does.
     #[arg(long, value_enum, default_value = "search")]
     workload: Workload,
     /// Concurrent connections (each its own TLS session, kept alive).
