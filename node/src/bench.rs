@@ -83,6 +83,8 @@ pub struct BenchArgs {
     threads: usize,
 }
 
+/// Open loop: requests due but not yet sent, at most.
+const OPEN_LOOP_BACKLOG_MAX: usize = 1 << 20;
 /// Per-request timeout of the generator's clients.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Latencies recorded up to this (µs); longer ones are clamped to it.
@@ -160,7 +162,7 @@ enum Op {
 }
 
 struct Shared {
-    args_workload: Workload,
+    workload: Workload,
     target: TargetKind,
     patients: u32,
     ods: String,
@@ -202,7 +204,7 @@ async fn send(shared: &Shared, conn: &(Endpoint, Endpoint), op: Op, patient: u32
             // A value the size of a pointer: the same DocumentReference JSON.
             let doc =
                 crate::dev::sample_pointer(nhs.as_str(), &shared.ods, testkit::MENTAL_HEALTH_CRISIS_PLAN, patient);
-            let key = if shared.args_workload == Workload::Preload {
+            let key = if shared.workload == Workload::Preload {
                 format!("/bench/patient/{}", nhs.as_str())
             } else {
                 format!("/bench/patient/{}/{}-{n}", nhs.as_str(), shared.run)
@@ -261,7 +263,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let conns: Vec<Arc<(Endpoint, Endpoint)>> = endpoints(&args, &cluster)?.into_iter().map(Arc::new).collect();
     let shared = Arc::new(Shared {
-        args_workload: args.workload,
+        workload: args.workload,
         target: args.target,
         patients: args.patients,
         ods: producer_ods(&cluster),
@@ -280,8 +282,10 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let end = measure_from + measured;
 
     // Open loop: a dispatcher hands out the times requests are due.
-    let (due_tx, due_rx) = async_channel::bounded::<Instant>(1 << 20);
+    let (due_tx, due_rx) = async_channel::bounded::<Instant>(OPEN_LOOP_BACKLOG_MAX);
+    let dropped = Arc::new(AtomicU64::new(0));
     if let Some(rate) = args.rate {
+        let dropped = dropped.clone();
         if rate == 0 {
             bail!("--rate must be above 0");
         }
@@ -298,8 +302,10 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     if due > now {
                         break;
                     }
+                    // A backlog beyond the limit is counted and reported,
+                    // not queued without bound.
                     if due_tx.try_send(due).is_err() {
-                        // Backlog beyond the channel: count it as due now.
+                        dropped.fetch_add(1, Ordering::Relaxed);
                     }
                     k += 1;
                 }
@@ -312,7 +318,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     let mut tasks = tokio::task::JoinSet::new();
-    for (i, conn) in conns.into_iter().enumerate() {
+    for conn in conns {
         let shared = shared.clone();
         let due_rx = due_rx.clone();
         let open = args.rate.is_some();
@@ -323,7 +329,6 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 ..Tally::default()
             };
             let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_rng(&mut rand::rng());
-            let _ = i;
             loop {
                 let began = if open {
                     match due_rx.recv().await {
@@ -373,6 +378,10 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.target, args.workload, args.connections, secs, args.warmup_seconds
     );
     println!("  ops {ok} ok, {failed} failed: {:.1} ok/s", ok as f64 / secs);
+    let dropped = dropped.load(Ordering::Relaxed);
+    if dropped > 0 {
+        println!("  {dropped} requests fell due beyond a backlog of {OPEN_LOOP_BACKLOG_MAX} and were never sent");
+    }
     println!(
         "  latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
         ms(0.5),

@@ -115,6 +115,9 @@ async fn accesses_on_every_node_appear_in_one_answer_and_a_missing_node_is_named
     assert_eq!((r.status, r.code()), (400, "INVALID_NHS_NUMBER"));
     let r = reply(audit_query(&app, &n1, &patient).query(&[("date", "yesterday")])).await?;
     assert_eq!((r.status, r.code()), (400, "INVALID_PARAMETER"));
+    // A multi-byte character where the prefix should be is refused, not a panic.
+    let r = reply(audit_query(&app, &n1, &patient).query(&[("date", "gé2026-01-01")])).await?;
+    assert_eq!((r.status, r.code()), (400, "INVALID_PARAMETER"));
     let r = reply(audit_query(&app, &n1, &patient).query(&[("agent", "RX9")])).await?;
     assert_eq!((r.status, r.code()), (400, "INVALID_PARAMETER"));
 

@@ -31,6 +31,8 @@ use hie_fhir::{self as fhir, FHIR_JSON, SearchLimits, parse_query, parse_search}
 pub(crate) struct AppState {
     replica: Arc<Replica>,
     audit: Option<Arc<AuditLog>>,
+    /// This node as audit events name it: `node-<id> (<region>)`.
+    node_label: String,
     config: ApiConfig,
     limiter: RateLimiter,
     cursors: Mutex<Cursors>,
@@ -43,6 +45,7 @@ pub(crate) fn router(config: ApiConfig, replica: Arc<Replica>, audit: Option<Arc
     let state = Arc::new(AppState {
         limiter: RateLimiter::new(limits.rate_per_client_per_sec, limits.rate_burst),
         cursors: Mutex::new(Cursors::default()),
+        node_label: format!("node-{} ({})", replica.id(), replica.node().region),
         replica,
         audit,
         config,
@@ -218,15 +221,13 @@ async fn record_access(
     request_id: &str,
     resp: Response,
 ) -> Response {
-    let node = st.replica.node();
-    let node_label = format!("node-{} ({})", st.replica.id(), node.region);
     let roles: Vec<&str> = caller.roles.iter().map(|r| r.as_str()).collect();
     let ctx = hie_audit::Context {
         event_id: format!("{}-{}", st.replica.id(), uuid::Uuid::new_v4().simple()),
         caller_ods: caller.ods.as_str(),
         caller_roles: roles,
         request_id,
-        node: &node_label,
+        node: &st.node_label,
         recorded: now(),
         status: resp.status().as_u16(),
         error_code: resp.extensions().get::<ErrorCode>().map(|c| c.0),
@@ -828,12 +829,11 @@ async fn consent(
 /// its prefix into an inclusive bound: (lower?, millis).
 fn date_bound(value: &str) -> Result<(bool, i64), ApiError> {
     let bad = || ApiError::InvalidParameter(format!("date: {value} is not ge/gt/le/lt with a date or instant"));
-    let (prefix, rest) = value.split_at(value.len().min(2));
-    let (lower, strict, text) = match prefix {
-        "ge" => (true, false, rest),
-        "gt" => (true, true, rest),
-        "le" => (false, false, rest),
-        "lt" => (false, true, rest),
+    let (lower, strict, text) = match (value.get(..2), value.get(2..)) {
+        (Some("ge"), Some(rest)) => (true, false, rest),
+        (Some("gt"), Some(rest)) => (true, true, rest),
+        (Some("le"), Some(rest)) => (false, false, rest),
+        (Some("lt"), Some(rest)) => (false, true, rest),
         _ => return Err(bad()),
     };
     let millis = if let Ok(d) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
@@ -872,13 +872,9 @@ async fn audit_events(
     for (name, value) in parse_query(uri.query().unwrap_or(""))? {
         match name.as_str() {
             "entity.identifier" | "entity:identifier" | "patient.identifier" => {
-                let nhs =
-                    value.strip_prefix(&format!("{}|", hie_audit::event::NHS_NUMBER_SYSTEM)).ok_or_else(|| {
-                        ApiError::InvalidParameter(format!(
-                            "{name} must be {}|<NHS Number>",
-                            hie_audit::event::NHS_NUMBER_SYSTEM
-                        ))
-                    })?;
+                let nhs = value.strip_prefix(&format!("{}|", fhir::NHS_NUMBER_SYSTEM)).ok_or_else(|| {
+                    ApiError::InvalidParameter(format!("{name} must be {}|<NHS Number>", fhir::NHS_NUMBER_SYSTEM))
+                })?;
                 if subject.replace(NhsNumber::parse(nhs).map_err(ApiError::InvalidNhsNumber)?).is_some() {
                     return Err(ApiError::InvalidParameter(format!("{name} given more than once")));
                 }
@@ -895,10 +891,7 @@ async fn audit_events(
         }
     }
     let subject = subject.ok_or_else(|| {
-        ApiError::InvalidParameter(format!(
-            "entity.identifier={}|<NHS Number> is required",
-            hie_audit::event::NHS_NUMBER_SYSTEM
-        ))
+        ApiError::InvalidParameter(format!("entity.identifier={}|<NHS Number> is required", fhir::NHS_NUMBER_SYSTEM))
     })?;
     slot.set(&subject, Action::Execute, "search-type", &Purpose::DirectCare);
     slot.resource("AuditEvent".into());
@@ -933,7 +926,7 @@ async fn audit_events(
                         "RESULTS_TRUNCATED",
                         &format!(
                             "{who} returned only its newest {} events; narrow the date range",
-                            query_limit(limits)
+                            limits.audit_query_events_max
                         ),
                     ));
                 }
@@ -973,10 +966,6 @@ async fn audit_events(
         "entry": entry,
     });
     Ok(fhir_json(StatusCode::OK, &body))
-}
-
-fn query_limit(limits: &crate::ApiLimits) -> u32 {
-    limits.audit_query_events_max
 }
 
 // ---------------------------------------------------------------- operator

@@ -3,11 +3,9 @@
 //! patient (NHS Number), why (purpose of use), outcome, request id, node, time.
 
 use hie_domain::{NhsNumber, Timestamp};
+use hie_fhir::{NHS_NUMBER_SYSTEM, ODS_SYSTEM, instant};
 use serde::Serialize;
 use serde_json::Value;
-
-pub const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
-const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
 
 /// What was done, as AuditEvent.action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,12 +57,6 @@ pub struct Context<'a> {
     pub status: u16,
     /// The error code when the request was refused.
     pub error_code: Option<&'a str>,
-}
-
-pub fn instant(t: Timestamp) -> String {
-    chrono::DateTime::from_timestamp_millis(t.0)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// An AuditEvent ready for the log: its JSON, and what the log indexes.

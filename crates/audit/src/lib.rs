@@ -14,4 +14,4 @@ pub mod event;
 mod log;
 
 pub use event::{Access, Action, Context, Event, audit_event};
-pub use log::{AuditConfig, AuditError, AuditLog, now};
+pub use log::{AuditConfig, AuditError, AuditLog};

@@ -6,11 +6,11 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hie_domain::Timestamp;
 use hie_domain::audit::{AuditFuture, AuditPage, AuditQuery, AuditSource};
 use hie_metrics::Metrics;
 use hie_store::SideTable;
@@ -79,16 +79,12 @@ struct Job {
     ack: tokio::sync::oneshot::Sender<Result<u64, AuditError>>,
 }
 
-#[derive(Default)]
-struct Health {
-    failed_at: Option<Instant>,
-}
-
 pub struct AuditLog {
     tx: SyncSender<Job>,
     config: AuditConfig,
     index: Arc<SideTable>,
-    health: Arc<Mutex<Health>>,
+    /// Set by a failed write or fsync, cleared by the next success.
+    failing: Arc<AtomicBool>,
 }
 
 const HWM_KEY: &[u8] = b"\0hwm";
@@ -134,11 +130,15 @@ impl Loc {
     }
 }
 
-fn index_entry(record: &Record, loc: Loc) -> Option<(Vec<u8>, [u8; 24])> {
-    let subject = subject_of(&record.event)?;
+/// The index key of a record: its patient's key, then its sequence number.
+fn index_key(subject: &str, seq: u64) -> Vec<u8> {
     let mut key = patient_key(subject).to_vec();
-    key.extend_from_slice(&record.seq.to_be_bytes());
-    Some((key, loc.encode()))
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn index_entry(record: &Record, loc: Loc) -> Option<(Vec<u8>, [u8; 24])> {
+    Some((index_key(subject_of(&record.event)?, record.seq), loc.encode()))
 }
 
 fn hwm_value(seq: u64, segment: u32) -> [u8; 12] {
@@ -270,7 +270,7 @@ impl AuditLog {
         let reindexed = catch_up_index(&config.dir, &index)?;
         tracing::info!(dir = %config.dir.display(), records = seq, segment, reindexed, "audit log open");
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_max);
-        let health = Arc::new(Mutex::new(Health::default()));
+        let failing = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             config: config.clone(),
             segment,
@@ -280,14 +280,14 @@ impl AuditLog {
             prev,
             index: index.clone(),
             metrics,
-            health: health.clone(),
+            failing: failing.clone(),
             unsynced_since: None,
         };
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| AuditError::Open(format!("starting the writer thread: {e}")))?;
-        Ok(Arc::new(AuditLog { tx, config, index, health }))
+        Ok(Arc::new(AuditLog { tx, config, index, failing }))
     }
 
     pub fn dir(&self) -> &Path {
@@ -314,7 +314,7 @@ impl AuditLog {
     /// that would change data are refused before they do, rather than done
     /// and not audited.
     pub fn failing(&self) -> bool {
-        self.health.lock().expect("audit health lock").failed_at.is_some()
+        self.failing.load(Ordering::Acquire)
     }
 
     /// One patient's events on this node (blocking: call off the async threads).
@@ -386,7 +386,7 @@ struct Writer {
     prev: String,
     index: Arc<SideTable>,
     metrics: Arc<Metrics>,
-    health: Arc<Mutex<Health>>,
+    failing: Arc<AtomicBool>,
     /// When the oldest record not yet fsynced was written.
     unsynced_since: Option<Instant>,
 }
@@ -394,7 +394,7 @@ struct Writer {
 impl Writer {
     fn run(mut self, rx: Receiver<Job>) {
         loop {
-            let failing = self.health.lock().expect("audit health lock").failed_at.is_some();
+            let failing = self.failing.load(Ordering::Acquire);
             // Written records not yet fsynced are fsynced when the interval
             // since the oldest of them has passed, or sooner with a change.
             let wait = if failing {
@@ -431,30 +431,26 @@ impl Writer {
             let durable = jobs.iter().any(|j| j.durable);
             let (events, acks): (Vec<Event>, Vec<_>) = jobs.into_iter().map(|j| (j.event, j.ack)).unzip();
             let mut result = self.write_batch(events);
-            if result.is_ok()
-                && (durable || self.unsynced_since.is_some_and(|t| t.elapsed() >= self.config.sync_interval))
+            if let Err(e) = &result {
+                tracing::error!(error = %e, events = acks.len(), "audit write failed; failing the requests (fail closed)");
+                self.mark_failed();
+            } else if (durable || self.unsynced_since.is_some_and(|t| t.elapsed() >= self.config.sync_interval))
                 && !self.sync()
             {
                 result = Err("fsync failed".into());
             }
             self.metrics.audit_write_seconds.observe(started.elapsed().as_secs_f64());
-            let mut health = self.health.lock().expect("audit health lock");
             match result {
                 Ok(first_seq) => {
-                    if health.failed_at.take().is_some() {
+                    if self.failing.swap(false, Ordering::AcqRel) {
                         tracing::info!("audit log writable again");
                     }
-                    drop(health);
                     self.metrics.audit_events_total.inc_by(acks.len() as u64);
                     for (i, ack) in acks.into_iter().enumerate() {
                         let _ = ack.send(Ok(first_seq + i as u64));
                     }
                 }
                 Err(e) => {
-                    health.failed_at = Some(Instant::now());
-                    drop(health);
-                    self.metrics.audit_write_failures_total.inc();
-                    tracing::error!(error = %e, events = acks.len(), "audit write failed; failing the requests (fail closed)");
                     for ack in acks {
                         let _ = ack.send(Err(AuditError::Write(e.clone())));
                     }
@@ -462,6 +458,13 @@ impl Writer {
             }
         }
         tracing::info!("audit writer stopped");
+    }
+
+    /// Counts a failed write or fsync; requests that would change data are
+    /// refused until a write or a probe succeeds.
+    fn mark_failed(&self) {
+        self.metrics.audit_write_failures_total.inc();
+        self.failing.store(true, Ordering::Release);
     }
 
     /// Fsyncs what was written; false (and failing) if that fails.
@@ -475,8 +478,7 @@ impl Writer {
                 // Records already answered may not be on disk: say so loudly;
                 // `hie audit verify` shows what survived.
                 tracing::error!(error = %e, "audit fsync failed; records written since the last fsync may be lost");
-                self.metrics.audit_write_failures_total.inc();
-                self.health.lock().expect("audit health lock").failed_at = Some(Instant::now());
+                self.mark_failed();
                 false
             }
         }
@@ -491,7 +493,7 @@ impl Writer {
             return;
         }
         if ok {
-            self.health.lock().expect("audit health lock").failed_at = None;
+            self.failing.store(false, Ordering::Release);
             tracing::info!("audit log writable again (probe)");
         }
     }
@@ -528,9 +530,7 @@ impl Writer {
                 len: line.len() as u32,
                 recorded: event.recorded,
             };
-            let mut key = patient_key(&event.subject).to_vec();
-            key.extend_from_slice(&seq.to_be_bytes());
-            index.push((key, loc.encode()));
+            index.push((index_key(&event.subject, seq), loc.encode()));
             buf.extend_from_slice(&line);
             prev = hash;
         }
@@ -557,11 +557,4 @@ impl Writer {
         self.prev = prev;
         Ok(start_seq + 1)
     }
-}
-
-#[doc(hidden)]
-pub fn now() -> Timestamp {
-    Timestamp(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0),
-    )
 }

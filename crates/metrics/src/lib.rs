@@ -229,8 +229,11 @@ impl Metrics {
             )),
             audit_write_seconds: reg!(
                 Histogram::with_opts(
-                    HistogramOpts::new("hie_audit_write_seconds", "Time to write and fsync one batch of audit events.")
-                        .buckets(LATENCY_BUCKETS.to_vec())
+                    HistogramOpts::new(
+                        "hie_audit_write_seconds",
+                        "Time to write one batch of audit events (and fsync it when due)."
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec())
                 )
                 .expect("valid histogram")
             ),

@@ -94,3 +94,17 @@ pub enum Response {
     /// The request was not understood or not allowed.
     Refused(String),
 }
+
+impl Response {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Response::AppendEntries(_) => "append_entries",
+            Response::Vote(_) => "vote",
+            Response::InstallSnapshot(_) => "install_snapshot",
+            Response::ClientWrite(_) => "client_write",
+            Response::ReadIndex(_) => "read_index",
+            Response::AuditQuery(_) => "audit_query",
+            Response::Refused(_) => "refused",
+        }
+    }
+}

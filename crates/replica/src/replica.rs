@@ -93,18 +93,6 @@ pub struct AuditAnswer {
     pub result: Result<AuditPage, String>,
 }
 
-fn response_kind(r: &Response) -> &'static str {
-    match r {
-        Response::AppendEntries(_) => "append_entries",
-        Response::Vote(_) => "vote",
-        Response::InstallSnapshot(_) => "install_snapshot",
-        Response::ClientWrite(_) => "client_write",
-        Response::ReadIndex(_) => "read_index",
-        Response::AuditQuery(_) => "audit_query",
-        Response::Refused(_) => "refused",
-    }
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterStatus {
     pub id: NodeId,
@@ -415,7 +403,7 @@ impl Replica {
                                 Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
                                 Ok(Err(e)) => Err(format!("not reached: {e}")),
                                 Ok(Ok(Response::AuditQuery(r))) => r,
-                                Ok(Ok(other)) => Err(format!("unexpected answer {}", response_kind(&other))),
+                                Ok(Ok(other)) => Err(format!("unexpected answer {}", other.kind())),
                             };
                             let label = if result.is_ok() { "ok" } else { "error" };
                             self.core.metrics.audit_queries_total.with_label_values(&["out", label]).inc();
