@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What auditing costs the read path: local-search throughput of a 3-region dev
 # cluster with audit on, then the same cluster with audit off
-# (`hie dev up --no-audit`), in one run, alternating ROUNDS times.
+# (`hie dev up --no-audit`), in one run, ROUNDS times, alternating which goes first.
 # Usage: benches/audit-cost.sh [SECONDS] [CONNECTIONS] [ROUNDS]  (default 10 32 2)
 # Last line: `audit cost: X% of search throughput`.
 set -euo pipefail
@@ -28,7 +28,12 @@ run() { # DIR FLAGS... -> throughput
 
 on_total=0; off_total=0
 for r in $(seq "$ROUNDS"); do
-  on=$(run "$DIR/on"); off=$(run "$DIR/off" --no-audit)
+  # Alternate which goes first, so neither always runs on a warmer machine.
+  if [ $((r % 2)) -eq 1 ]; then
+    on=$(run "$DIR/on"); off=$(run "$DIR/off" --no-audit)
+  else
+    off=$(run "$DIR/off" --no-audit); on=$(run "$DIR/on")
+  fi
   echo "round $r: audit on $on ops/s, audit off $off ops/s"
   on_total=$(echo "$on_total + $on" | bc -l); off_total=$(echo "$off_total + $off" | bc -l)
 done
