@@ -129,6 +129,8 @@ const REGIONS: &[&str] = &[
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `hie dev down` waits for a node to exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Attempts to find a loopback port not yet handed out.
+const FREE_PORT_TRIES: usize = 100;
 /// Writes in flight while seeding sample data.
 const SEED_CONCURRENCY: usize = 32;
 
@@ -171,8 +173,21 @@ fn abs(p: &Path) -> anyhow::Result<PathBuf> {
     Ok(if p.is_absolute() { p.to_owned() } else { std::env::current_dir()?.join(p) })
 }
 
+/// A loopback port nothing listens on, and not handed out before by this
+/// process: the kernel may return a port it just released to the next
+/// bind, which would give two nodes (or a node's API and a peer's p2p) the
+/// same port.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().expect("port set lock");
+    for _ in 0..FREE_PORT_TRIES {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if given.insert(port) {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port found in {FREE_PORT_TRIES} tries")
 }
 
 /// The pid in a node's pid file, if that process is alive and is a hie node.

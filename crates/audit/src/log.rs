@@ -81,6 +81,8 @@ struct Job {
 
 pub struct AuditLog {
     tx: SyncSender<Job>,
+    /// Joined on drop, so the index is closed before the process exits.
+    writer: Option<std::thread::JoinHandle<()>>,
     config: AuditConfig,
     index: Arc<SideTable>,
     /// Set by a failed write or fsync, cleared by the next success.
@@ -283,11 +285,11 @@ impl AuditLog {
             failing: failing.clone(),
             unsynced_since: None,
         };
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| AuditError::Open(format!("starting the writer thread: {e}")))?;
-        Ok(Arc::new(AuditLog { tx, config, index, failing }))
+        Ok(Arc::new(AuditLog { tx, writer: Some(writer), config, index, failing }))
     }
 
     pub fn dir(&self) -> &Path {
@@ -364,6 +366,17 @@ fn query(index: &SideTable, dir: &Path, q: &AuditQuery) -> Result<AuditPage, Str
         events.sort();
         page.events = events.into_iter().map(|(_, _, e)| e).collect();
         Ok(page)
+    }
+}
+
+impl Drop for AuditLog {
+    /// Stops the writer (it finishes what it has) and waits for it.
+    fn drop(&mut self) {
+        let (closed, _) = std::sync::mpsc::sync_channel(0);
+        drop(std::mem::replace(&mut self.tx, closed));
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
     }
 }
 
