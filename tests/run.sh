@@ -25,8 +25,12 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/pip" install -q -r tests/fhir/req
   "$VENV/bin/pip" install -q -r tests/fhir/requirements.txt
 fi
 export HIE_FHIR_PYTHON="$VENV/bin/python"
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --profile ci --no-fail-fast "$@"
+  cargo nextest run --workspace --profile ci --no-fail-fast "$@" || status=$?
 else
-  cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@" || status=$?
 fi
+# The deterministic simulation, 1,000 seeds (its own build; see the script).
+tests/sim.sh 1000 || status=$?
+exit $status

@@ -8,7 +8,7 @@ use crate::apply::StateTxn;
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
 use crate::model::{PatientEntry, PointerType, ProducerEntry, RecordPointer};
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemState {
     pub pointers: BTreeMap<PointerId, RecordPointer>,
     pub patients: BTreeMap<NhsNumber, PatientEntry>,
