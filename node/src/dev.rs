@@ -74,7 +74,16 @@ struct UpArgs {
     /// measure what auditing costs.
     #[arg(long)]
     no_audit: bool,
+    /// Run node N inside the existing network namespace `<PREFIX>N`, at
+    /// 10.77.0.N (the fault harness, tests/faults/run.sh, creates them).
+    #[arg(long, value_name = "PREFIX")]
+    netns: Option<String>,
 }
+
+/// Where the fault harness's namespaces put node N: 10.77.0.N.
+const NETNS_SUBNET: [u8; 3] = [10, 77, 0];
+/// Ports inside a node's own namespace (nothing else listens there).
+const NETNS_PORTS: (u16, u16, u16) = (8443, 9100, 7000);
 
 /// Settings `hie dev up` passes to every node it configures.
 #[derive(Debug, Clone, Copy, Default)]
@@ -237,37 +246,50 @@ struct NodePlan {
     region: String,
     data_dir: PathBuf,
     config_path: PathBuf,
+    host: Ipv4Addr,
+    /// The network namespace the node runs in, if any.
+    netns: Option<String>,
     api_port: u16,
     admin_port: u16,
     p2p_port: u16,
     peer_id: String,
 }
 
-fn plan_node(dir: &Path, id: u64, region: &str) -> anyhow::Result<NodePlan> {
+fn plan_node(dir: &Path, id: u64, region: &str, netns: Option<&str>) -> anyhow::Result<NodePlan> {
     let data_dir = dir.join(format!("node-{id}"));
     std::fs::create_dir_all(&data_dir)?;
     let peer_id = hie_p2p::peer_id_of_key_file(&data_dir.join("node.key"))?.to_string();
+    let (host, (api_port, admin_port, p2p_port)) = match netns {
+        Some(_) => {
+            let [a, b, c] = NETNS_SUBNET;
+            let last = u8::try_from(id).ok().filter(|n| (1..=250).contains(n)).context("netns node ids are 1 to 250")?;
+            (Ipv4Addr::new(a, b, c, last), NETNS_PORTS)
+        }
+        None => (Ipv4Addr::LOCALHOST, (free_port()?, free_port()?, free_port()?)),
+    };
     Ok(NodePlan {
         id,
         region: region.to_owned(),
         config_path: dir.join(format!("node-{id}.toml")),
         data_dir,
-        api_port: free_port()?,
-        admin_port: free_port()?,
-        p2p_port: free_port()?,
+        host,
+        netns: netns.map(|p| format!("{p}{id}")),
+        api_port,
+        admin_port,
+        p2p_port,
         peer_id,
     })
 }
 
 impl NodePlan {
     fn p2p_addr(&self) -> String {
-        format!("/ip4/127.0.0.1/tcp/{}", self.p2p_port)
+        format!("/ip4/{}/tcp/{}", self.host, self.p2p_port)
     }
     fn api_url(&self) -> String {
-        format!("https://127.0.0.1:{}/fhir", self.api_port)
+        format!("https://{}:{}/fhir", self.host, self.api_port)
     }
     fn admin_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.admin_port)
+        format!("http://{}:{}", self.host, self.admin_port)
     }
     fn member(&self) -> Member {
         Member {
@@ -305,7 +327,7 @@ fn node_config(
             connections_max: crate::config::defaults::p2p_connections_max(),
         },
         api: ApiSection {
-            listen: format!("127.0.0.1:{}", plan.api_port).parse().expect("socket address"),
+            listen: std::net::SocketAddr::from((plan.host, plan.api_port)),
             public_url: plan.api_url(),
             cert: certs.join(format!("node-{}.pem", plan.id)),
             key: certs.join(format!("node-{}.key", plan.id)),
@@ -322,7 +344,7 @@ fn node_config(
             rate_burst: tuning.rate_burst.unwrap_or_else(crate::config::defaults::rate_burst),
         },
         admin: AdminSection {
-            listen: format!("127.0.0.1:{}", plan.admin_port).parse().expect("socket address"),
+            listen: std::net::SocketAddr::from((plan.host, plan.admin_port)),
             public_url: plan.admin_url(),
         },
         raft,
@@ -338,21 +360,31 @@ fn write_config(path: &Path, config: &Config) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-fn issue_node_cert(ca: &DevCa, certs: &Path, id: u64) -> anyhow::Result<()> {
-    let pem = ca.issue_node(&format!("hie node {id}"), &["localhost"], &[IpAddr::V4(Ipv4Addr::LOCALHOST)])?;
+fn issue_node_cert(ca: &DevCa, certs: &Path, id: u64, host: Ipv4Addr) -> anyhow::Result<()> {
+    let mut ips = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+    if host != Ipv4Addr::LOCALHOST {
+        ips.push(IpAddr::V4(host));
+    }
+    let pem = ca.issue_node(&format!("hie node {id}"), &["localhost"], &ips)?;
     write_pem(&certs.join(format!("node-{id}.pem")), &pem.cert)?;
     write_pem(&certs.join(format!("node-{id}.key")), &pem.key)
 }
 
-fn command_for(config_path: &Path) -> anyhow::Result<Vec<String>> {
+fn command_for(plan: &NodePlan) -> anyhow::Result<Vec<String>> {
     let exe = std::env::current_exe()?.canonicalize()?;
-    Ok(vec![
+    // `ip netns exec` execs the node, so the pid started is the node's.
+    let mut command = match &plan.netns {
+        Some(ns) => vec!["ip".into(), "netns".into(), "exec".into(), ns.clone()],
+        None => vec![],
+    };
+    command.extend([
         exe.display().to_string(),
         "node".into(),
         "run".into(),
         "--config".into(),
-        config_path.display().to_string(),
-    ])
+        plan.config_path.display().to_string(),
+    ]);
+    Ok(command)
 }
 
 /// Starts a node process in its own process group, logging to `<data_dir>/hie.log`.
@@ -487,14 +519,16 @@ async fn create(dir: &Path, args: &UpArgs) -> anyhow::Result<ClusterFile> {
     }
 
     let plans: Vec<NodePlan> =
-        (1..=args.nodes).map(|id| plan_node(dir, id, REGIONS[(id - 1) as usize])).collect::<Result<_, _>>()?;
+        (1..=args.nodes)
+            .map(|id| plan_node(dir, id, REGIONS[(id - 1) as usize], args.netns.as_deref()))
+            .collect::<Result<_, _>>()?;
     let members: Vec<Member> = plans.iter().map(NodePlan::member).collect();
     let mut nodes = Vec::new();
     for plan in &plans {
-        issue_node_cert(&ca, &certs, plan.id)?;
+        issue_node_cert(&ca, &certs, plan.id, plan.host)?;
         let config = node_config(dir, plan, &members, &[], true, args.tuning());
         write_config(&plan.config_path, &config)?;
-        let command = command_for(&plan.config_path)?;
+        let command = command_for(plan)?;
         let pid = spawn_node(&command, &plan.data_dir)?;
         nodes.push(entry(plan, true, pid, command));
     }
@@ -543,8 +577,8 @@ async fn start_learner(
     tuning: Tuning,
     restore_from: Option<&Path>,
 ) -> anyhow::Result<NodeEntry> {
-    let plan = plan_node(dir, id, region)?;
-    issue_node_cert(ca, &dir.join("certs"), id)?;
+    let plan = plan_node(dir, id, region, None)?;
+    issue_node_cert(ca, &dir.join("certs"), id, plan.host)?;
     let seeds: Vec<SeedPeer> =
         cluster.nodes.iter().map(|n| SeedPeer { peer_id: n.peer_id.clone(), addr: n.p2p_addr.clone() }).collect();
     let config = node_config(dir, &plan, &[], &seeds, false, tuning);
@@ -552,7 +586,7 @@ async fn start_learner(
     if let Some(backup) = restore_from {
         crate::node::restore(&plan.config_path, backup)?;
     }
-    let command = command_for(&plan.config_path)?;
+    let command = command_for(&plan)?;
     let pid = spawn_node(&command, &plan.data_dir)?;
     let api = operator_api(cluster, &cluster.nodes[0])?;
     let body = json!({

@@ -284,6 +284,7 @@ impl AuditLog {
             metrics,
             failing: failing.clone(),
             unsynced_since: None,
+            index_behind: None,
         };
         let writer = std::thread::Builder::new()
             .name("audit-writer".into())
@@ -402,6 +403,9 @@ struct Writer {
     failing: Arc<AtomicBool>,
     /// When the oldest record not yet fsynced was written.
     unsynced_since: Option<Instant>,
+    /// Set when an index write failed (the records are in the log; the
+    /// index catches up from its high-water mark), with the last attempt.
+    index_behind: Option<Instant>,
 }
 
 impl Writer {
@@ -424,6 +428,7 @@ impl Writer {
                         } else {
                             self.sync();
                         }
+                        self.index_catch_up();
                         continue;
                     }
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
@@ -453,6 +458,7 @@ impl Writer {
                 result = Err("fsync failed".into());
             }
             self.metrics.audit_write_seconds.observe(started.elapsed().as_secs_f64());
+            self.index_catch_up();
             match result {
                 Ok(first_seq) => {
                     if self.failing.swap(false, Ordering::AcqRel) {
@@ -471,6 +477,25 @@ impl Writer {
             }
         }
         tracing::info!("audit writer stopped");
+    }
+
+    /// While the index is behind, tries (once per `retry_after`) to index
+    /// the records written since its high-water mark.
+    fn index_catch_up(&mut self) {
+        let Some(last) = self.index_behind else { return };
+        if last.elapsed() < self.config.retry_after {
+            return;
+        }
+        match catch_up_index(&self.config.dir, &self.index) {
+            Ok(n) => {
+                tracing::info!(records = n, "audit index caught up");
+                self.index_behind = None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "audit index still behind");
+                self.index_behind = Some(Instant::now());
+            }
+        }
     }
 
     /// Counts a failed write or fsync; requests that would change data are
@@ -548,16 +573,21 @@ impl Writer {
             prev = hash;
         }
         let hwm = hwm_value(seq, self.segment);
-        let written = self.file.write_all(&buf).map_err(|e| e.to_string()).and_then(|_| {
-            self.index
-                .put_all(
-                    index
-                        .iter()
-                        .map(|(k, v)| (k.as_slice(), v.as_slice()))
-                        .chain(std::iter::once((HWM_KEY, hwm.as_slice()))),
-                )
-                .map_err(|e| format!("indexing: {e}"))
-        });
+        let written = self.file.write_all(&buf).map_err(|e| e.to_string());
+        if written.is_ok() && self.index_behind.is_none() {
+            let indexed = self.index.put_all(
+                index.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).chain(std::iter::once((HWM_KEY, hwm.as_slice()))),
+            );
+            // The record is in the log, which is what the request needs; the
+            // index is derived from it and catches up once it can be written
+            // (a full disk stops its flushes, and RocksDB then refuses writes
+            // until it recovers).
+            if let Err(e) = indexed {
+                tracing::error!(error = %e, "audit index write failed; records stay in the log and are indexed when it can be written");
+                self.metrics.audit_write_failures_total.inc();
+                self.index_behind = Some(Instant::now());
+            }
+        }
         if let Err(e) = written {
             if let Err(cut) = self.file.set_len(start_len).and_then(|_| self.file.sync_data()) {
                 tracing::error!(error = %cut, "could not cut the audit segment back after a failed write");

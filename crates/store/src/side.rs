@@ -35,6 +35,9 @@ impl SideTable {
         }
         let mut w = WriteOptions::default();
         w.disable_wal(true);
+        // Fail rather than stall: with a full disk the memtable cannot flush,
+        // and a stalled write would wedge its caller for good.
+        w.set_no_slowdown(true);
         Ok(self.db.write_opt(batch, &w)?)
     }
 

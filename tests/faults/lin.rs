@@ -1,0 +1,285 @@
+//! A linearizability checker for one patient's pointers, modelled as a set
+//! of masterIdentifier values: create adds one, delete removes one, a
+//! linearizable search reads the whole set.
+//!
+//! The search is Wing and Gong's, with Lowe's memoisation (the algorithm of
+//! Knossos and Porcupine): linearize, one at a time, an operation that could
+//! come next (one invoked before every pending operation's completion),
+//! backtracking on a result the model contradicts. An operation whose outcome
+//! is unknown (a timeout, a 5xx) never completes: it may take effect at any
+//! point after it was invoked, or never.
+
+use std::collections::{BTreeSet, HashSet};
+
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// Create the pointer with this masterIdentifier.
+    Add(String),
+    /// Delete it; `present` is false when the delete answered 404.
+    Remove { item: String, present: bool },
+    /// A linearizable search returned exactly these.
+    Read(BTreeSet<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Op {
+    pub kind: Kind,
+    /// Nanoseconds since the run began.
+    pub invoke: u64,
+    /// None: the outcome is unknown (a timeout, a 5xx): it may take effect
+    /// at any point after its invocation and before `settled`, or never.
+    pub complete: Option<u64>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Linearizable,
+    /// No order explains the history; `op` is the earliest completed operation
+    /// that no explanation got past.
+    Violation { op: usize },
+    /// The search hit its state budget without an answer.
+    Unknown,
+}
+
+/// Most distinct search states explored per history.
+pub const SEARCH_STATES_MAX: usize = 1_000_000;
+
+/// An operation as the search sees it: items interned, unknown ones bounded.
+struct Step {
+    kind: StepKind,
+    invoke: u64,
+    complete: u64,
+    /// May be left out (its outcome was unknown).
+    optional: bool,
+}
+
+enum StepKind {
+    Add(usize),
+    Remove(usize, bool),
+    Read(Vec<u64>),
+}
+
+/// Checks `ops`. `settled` is a time by which every operation that was ever
+/// going to take effect has (the cluster had converged with no client
+/// running); unknown operations take effect before it or never.
+pub fn check(ops: &[Op], settled: u64) -> Verdict {
+    // An unknown create whose pointer no read ever saw, and that no
+    // acknowledged delete found, is left out: taking effect could only
+    // contradict reads. This keeps the search small.
+    let seen: HashSet<&str> = ops
+        .iter()
+        .flat_map(|o| match &o.kind {
+            Kind::Read(s) => s.iter().map(String::as_str).collect::<Vec<_>>(),
+            Kind::Remove { item, present: true } if o.complete.is_some() => vec![item.as_str()],
+            _ => vec![],
+        })
+        .collect();
+    let keep: Vec<usize> = (0..ops.len())
+        .filter(|&i| !(ops[i].complete.is_none() && matches!(&ops[i].kind, Kind::Add(m) if !seen.contains(m.as_str()))))
+        .collect();
+    let mut items: Vec<&str> = ops
+        .iter()
+        .flat_map(|o| match &o.kind {
+            Kind::Add(m) | Kind::Remove { item: m, .. } => vec![m.as_str()],
+            Kind::Read(s) => s.iter().map(String::as_str).collect(),
+        })
+        .collect();
+    items.sort_unstable();
+    items.dedup();
+    let words = items.len().div_ceil(64).max(1);
+    let index = |m: &str| items.binary_search(&m).expect("interned");
+    let steps: Vec<Step> = keep
+        .iter()
+        .map(|&i| {
+            let o = &ops[i];
+            let kind = match &o.kind {
+                Kind::Add(m) => StepKind::Add(index(m)),
+                Kind::Remove { item, present } => StepKind::Remove(index(item), *present),
+                Kind::Read(set) => {
+                    let mut bits = vec![0u64; words];
+                    for m in set {
+                        let j = index(m);
+                        bits[j / 64] |= 1 << (j % 64);
+                    }
+                    StepKind::Read(bits)
+                }
+            };
+            Step { kind, invoke: o.invoke, complete: o.complete.unwrap_or(settled.max(o.invoke)), optional: o.complete.is_none() }
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..steps.len()).collect();
+    order.sort_by_key(|&i| steps[i].invoke);
+    let mut search = Search {
+        steps: &steps,
+        order,
+        seen: HashSet::new(),
+        done: vec![0u64; steps.len().div_ceil(64).max(1)],
+        state: vec![0u64; words],
+        stuck: None,
+    };
+    match search.run() {
+        Some(true) => Verdict::Linearizable,
+        Some(false) => Verdict::Violation { op: search.stuck.map_or(0, |s| keep[s]) },
+        None => Verdict::Unknown,
+    }
+}
+
+struct Search<'a> {
+    steps: &'a [Step],
+    order: Vec<usize>,
+    seen: HashSet<(Vec<u64>, Vec<u64>)>,
+    done: Vec<u64>,
+    state: Vec<u64>,
+    stuck: Option<usize>,
+}
+
+fn bit(v: &[u64], i: usize) -> bool {
+    v[i / 64] & (1 << (i % 64)) != 0
+}
+
+fn flip(v: &mut [u64], i: usize) {
+    v[i / 64] ^= 1 << (i % 64);
+}
+
+impl Search<'_> {
+    /// Applies step `i` if the model allows its result; returns what to undo.
+    fn apply(&mut self, i: usize) -> Option<Option<usize>> {
+        match &self.steps[i].kind {
+            StepKind::Add(m) => {
+                if bit(&self.state, *m) {
+                    return Some(None);
+                }
+                flip(&mut self.state, *m);
+                Some(Some(*m))
+            }
+            StepKind::Remove(m, present) => {
+                if bit(&self.state, *m) != *present {
+                    return None;
+                }
+                if *present {
+                    flip(&mut self.state, *m);
+                    return Some(Some(*m));
+                }
+                Some(None)
+            }
+            StepKind::Read(bits) => (*bits == self.state).then_some(None),
+        }
+    }
+
+    /// Some(true): the rest linearizes. Some(false): it cannot. None: budget spent.
+    fn run(&mut self) -> Option<bool> {
+        let pending: Vec<usize> = self.order.iter().copied().filter(|&i| !bit(&self.done, i)).collect();
+        if pending.iter().all(|&i| self.steps[i].optional) {
+            return Some(true);
+        }
+        if !self.seen.insert((self.done.clone(), self.state.clone())) {
+            return Some(false);
+        }
+        if self.seen.len() > SEARCH_STATES_MAX {
+            return None;
+        }
+        // An operation may go next only if it was invoked before every
+        // pending operation completed.
+        let horizon = pending.iter().map(|&i| self.steps[i].complete).min().unwrap_or(u64::MAX);
+        for &i in &pending {
+            if self.steps[i].invoke > horizon {
+                break;
+            }
+            // Take effect now...
+            if let Some(undo) = self.apply(i) {
+                flip(&mut self.done, i);
+                let r = self.run();
+                flip(&mut self.done, i);
+                if let Some(m) = undo {
+                    flip(&mut self.state, m);
+                }
+                if r != Some(false) {
+                    return r;
+                }
+            }
+            // ...or, for an unknown outcome, never.
+            if self.steps[i].optional {
+                flip(&mut self.done, i);
+                let r = self.run();
+                flip(&mut self.done, i);
+                if r != Some(false) {
+                    return r;
+                }
+            }
+        }
+        let first =
+            pending.iter().copied().filter(|&i| !self.steps[i].optional).min_by_key(|&i| self.steps[i].complete);
+        if self.stuck.is_none_or(|s| first.is_some_and(|f| self.steps[f].complete > self.steps[s].complete)) {
+            self.stuck = first;
+        }
+        Some(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+    fn op(kind: Kind, invoke: u64, complete: Option<u64>) -> Op {
+        Op { kind, invoke, complete }
+    }
+    fn add(s: &str) -> Kind {
+        Kind::Add(s.into())
+    }
+
+    #[test]
+    fn sequential_history_is_linearizable() {
+        let h = [
+            op(add("a"), 0, Some(1)),
+            op(Kind::Read(set(&["a"])), 2, Some(3)),
+            op(Kind::Remove { item: "a".into(), present: true }, 4, Some(5)),
+            op(Kind::Read(set(&[])), 6, Some(7)),
+        ];
+        assert_eq!(check(&h, 1000), Verdict::Linearizable);
+    }
+
+    #[test]
+    fn a_stale_read_after_an_acknowledged_write_is_a_violation() {
+        let h = [op(add("a"), 0, Some(1)), op(Kind::Read(set(&[])), 2, Some(3))];
+        assert!(matches!(check(&h, 1000), Verdict::Violation { .. }));
+    }
+
+    #[test]
+    fn a_lost_write_is_a_violation_and_a_reappearing_one_too() {
+        let lost = [op(add("a"), 0, Some(1)), op(Kind::Read(set(&["a"])), 2, Some(3)), op(Kind::Read(set(&[])), 4, Some(5))];
+        assert!(matches!(check(&lost, 1000), Verdict::Violation { .. }));
+        let invented = [op(Kind::Read(set(&["b"])), 0, Some(1))];
+        assert!(matches!(check(&invented, 1000), Verdict::Violation { .. }));
+    }
+
+    #[test]
+    fn concurrent_operations_may_take_either_order() {
+        let h = [
+            op(add("a"), 0, Some(10)),
+            op(Kind::Read(set(&[])), 1, Some(2)),
+            op(Kind::Read(set(&["a"])), 3, Some(4)),
+        ];
+        assert_eq!(check(&h, 1000), Verdict::Linearizable);
+    }
+
+    #[test]
+    fn an_unknown_operation_may_have_happened_or_not_but_only_once() {
+        let happened = [op(add("a"), 0, None), op(Kind::Read(set(&["a"])), 5, Some(6))];
+        assert_eq!(check(&happened, 1000), Verdict::Linearizable);
+        let not = [op(add("a"), 0, None), op(Kind::Read(set(&[])), 5, Some(6))];
+        assert_eq!(check(&not, 1000), Verdict::Linearizable);
+        // Seen, then gone with no delete: not explained by any order.
+        let flicker = [op(add("a"), 0, None), op(Kind::Read(set(&["a"])), 5, Some(6)), op(Kind::Read(set(&[])), 7, Some(8))];
+        assert!(matches!(check(&flicker, 1000), Verdict::Violation { .. }));
+        // An unknown op takes effect before the history settles, or never.
+        let late = [op(add("a"), 0, None), op(Kind::Read(set(&[])), 2000, Some(2001)), op(Kind::Read(set(&["a"])), 2002, Some(2003))];
+        assert!(matches!(check(&late, 1000), Verdict::Violation { .. }));
+        // An unknown op cannot take effect before it was invoked.
+        let early = [op(Kind::Read(set(&["a"])), 0, Some(1)), op(add("a"), 2, None)];
+        assert!(matches!(check(&early, 1000), Verdict::Violation { .. }));
+    }
+}

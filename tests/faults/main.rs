@@ -1,0 +1,717 @@
+//! `hie-faults`: Jepsen-style tests of real node processes. Each node runs in
+//! its own network namespace (tests/faults/run.sh makes them); concurrent
+//! clients create, delete and read pointers through the API while faults are
+//! injected on a seeded schedule; every operation's invoke and completion
+//! times are recorded and the history is checked: linearizable per patient,
+//! no acknowledged write lost, nothing seen that later disappears, and every
+//! replica converged to one state digest after healing.
+
+mod lin;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hie_tests::{Cluster, NHS_SYSTEM, create_pointer, nhs, pointer_body, reply};
+use nix::sys::signal::Signal;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+use lin::{Kind, Op, Verdict};
+
+const USAGE: &str = "usage: hie-faults --netns PREFIX --seconds N [--seed S] [--nodes 3|5] [--clients C] [--patients P] [--unsafe-local-reads] [--only KIND]";
+/// The subnet run.sh gives the namespaces; node N is .N.
+const SUBNET: &str = "10.77.0";
+/// How long one client request may take before its outcome counts as unknown.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long the cluster has to converge once every fault is healed.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Size of each node's data filesystem (the disk-full fault fills it).
+const DATA_FS_BYTES: &str = "256m";
+/// A patient with this many pointers gets deletes rather than creates.
+const POINTERS_PER_PATIENT_MAX: usize = 30;
+/// Each client pauses this long (ms, uniform) between operations.
+const CLIENT_PAUSE_MS: std::ops::Range<u64> = 5..40;
+/// Where each node's log is copied at the end of a run.
+const LOGS_DIR: &str = "/tmp/hie-faults-logs";
+const PRODUCER: &str = "gp-practice-a";
+const PRODUCER_ODS: &str = "A81001";
+const CONSUMER: &str = "ambulance-service";
+
+struct Args {
+    netns: String,
+    seconds: u64,
+    seed: u64,
+    nodes: u64,
+    clients: u32,
+    patients: u32,
+    /// Self-test of the checker: read locally but check those reads as if
+    /// they were linearizable. Stale follower reads must then be caught.
+    unsafe_local_reads: bool,
+    /// Only faults whose name starts with this (for chasing one kind).
+    only: Option<String>,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut a =
+        Args { netns: String::new(), seconds: 60, seed: 0, nodes: 3, clients: 4, patients: 6, unsafe_local_reads: false, only: None };
+    let mut seed = None;
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        if k == "--unsafe-local-reads" {
+            a.unsafe_local_reads = true;
+            continue;
+        }
+        let v = it.next().with_context(|| format!("{k} needs a value\n{USAGE}"))?;
+        match k.as_str() {
+            "--netns" => a.netns = v,
+            "--seconds" => a.seconds = v.parse()?,
+            "--seed" => seed = Some(v.parse()?),
+            "--nodes" => a.nodes = v.parse()?,
+            "--clients" => a.clients = v.parse()?,
+            "--patients" => a.patients = v.parse()?,
+            "--only" => a.only = Some(v),
+            _ => bail!("unknown argument {k}\n{USAGE}"),
+        }
+    }
+    if a.netns.is_empty() {
+        bail!("--netns is required (run tests/faults/run.sh)\n{USAGE}");
+    }
+    a.seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs())
+    });
+    Ok(a)
+}
+
+fn sh(cmd: &str) -> anyhow::Result<String> {
+    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
+    if !out.status.success() {
+        bail!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The faults the schedule draws from.
+#[derive(Debug, Clone)]
+enum Fault {
+    Kill(u64),
+    KillLeader,
+    Pause(u64),
+    /// One node cut off from all others.
+    Isolate(u64),
+    /// Two groups that cannot reach each other.
+    Split(Vec<u64>),
+    /// a and b cannot reach each other; both still reach the rest.
+    Bridge(u64, u64),
+    /// a's packets to b are dropped; b's to a still arrive.
+    OneWay(u64, u64),
+    /// Every node drops this percent of packets from the others.
+    Loss(u32),
+    /// The node's data filesystem is full.
+    DiskFull(u64),
+    /// The node restarts with fsync and fdatasync failing at random (libfiu).
+    FsyncErrors(u64),
+    /// The node restarts with its wall clock this many seconds off (libfaketime).
+    ClockSkew(u64, i64),
+}
+
+struct Faults {
+    cluster: Arc<Cluster>,
+    netns: String,
+    nodes: u64,
+    /// The nodes this fault stopped or restarted under a wrapper.
+    killed: BTreeSet<u64>,
+    paused: BTreeSet<u64>,
+    wrapped: BTreeSet<u64>,
+    filled: BTreeSet<u64>,
+}
+
+impl Faults {
+    fn ns(&self, id: u64) -> String {
+        format!("{}{id}", self.netns)
+    }
+
+    fn nft(&self, id: u64, rules: &str) -> anyhow::Result<()> {
+        let ns = self.ns(id);
+        sh(&format!("ip netns exec {ns} nft -f - <<'EOF'\n{rules}\nEOF"))?;
+        Ok(())
+    }
+
+    fn drop_between(&self, a: u64, b: u64, both_ways: bool) -> anyhow::Result<()> {
+        self.nft(a, &format!("add rule inet hiefault output ip daddr {SUBNET}.{b} drop"))?;
+        if both_ways {
+            self.nft(a, &format!("add rule inet hiefault input ip saddr {SUBNET}.{b} drop"))?;
+        }
+        Ok(())
+    }
+
+    fn base_command(&self, id: u64) -> Vec<String> {
+        self.cluster.node(id)["command"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect()
+    }
+
+    /// Restarts a node, its command wrapped after `ip netns exec NS`.
+    fn start_wrapped(&self, id: u64, wrapper: &[String]) -> anyhow::Result<()> {
+        let mut cmd = self.base_command(id);
+        let at = if cmd.first().map(String::as_str) == Some("ip") { 4 } else { 0 };
+        for (i, w) in wrapper.iter().enumerate() {
+            cmd.insert(at + i, w.clone());
+        }
+        let old = self.cluster.pid(id);
+        // Logs go to the root filesystem, not the node's own (small) disk, so
+        // a full disk does not cost the log of what happened while full.
+        std::fs::create_dir_all(LOGS_DIR)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(format!("{LOGS_DIR}/node-{id}.log"))?;
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()?;
+        // Reap it when it exits: a zombie still answers kill(pid, 0), and a
+        // dead node would look alive.
+        std::thread::spawn(move || child.wait());
+        // Wait for the new pid file (a node that cannot start is left down
+        // and counted when the cluster fails to converge).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(p) = self.cluster.pid(id)
+                && Some(p) != old
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn kill(&mut self, id: u64) {
+        self.cluster.kill9(id);
+        self.killed.insert(id);
+    }
+
+    fn inject(&mut self, fault: &Fault, leader: Option<u64>) -> anyhow::Result<()> {
+        match fault {
+            Fault::Kill(id) => self.kill(*id),
+            Fault::KillLeader => {
+                if let Some(l) = leader {
+                    self.kill(l)
+                }
+            }
+            Fault::Pause(id) => {
+                self.cluster.signal(*id, Signal::SIGSTOP);
+                self.paused.insert(*id);
+            }
+            Fault::Isolate(id) => {
+                for other in (1..=self.nodes).filter(|o| o != id) {
+                    self.drop_between(*id, other, true)?;
+                }
+            }
+            Fault::Split(side) => {
+                for a in side {
+                    for b in (1..=self.nodes).filter(|b| !side.contains(b)) {
+                        self.drop_between(*a, b, true)?;
+                    }
+                }
+            }
+            Fault::Bridge(a, b) => self.drop_between(*a, *b, true)?,
+            Fault::OneWay(a, b) => self.drop_between(*a, *b, false)?,
+            Fault::Loss(p) => {
+                for id in 1..=self.nodes {
+                    self.nft(
+                        id,
+                        &format!("add rule inet hiefault input ip saddr {SUBNET}.0/24 ip saddr != {SUBNET}.254 numgen random mod 100 < {p} drop"),
+                    )?;
+                }
+            }
+            Fault::DiskFull(id) => {
+                let dir = self.cluster.data_dir(*id);
+                // Fill what is left; dd stops at ENOSPC.
+                let _ = sh(&format!("dd if=/dev/zero of={}/filler bs=1M status=none 2>/dev/null; sync", dir.display()));
+                self.filled.insert(*id);
+            }
+            Fault::FsyncErrors(id) => {
+                self.cluster.kill9(*id);
+                let wrapper = ["fiu-run", "-x", "-c", "enable_random name=posix/io/sync/*,probability=0.05"];
+                self.start_wrapped(*id, &wrapper.map(String::from))?;
+                self.wrapped.insert(*id);
+            }
+            Fault::ClockSkew(id, secs) => {
+                self.cluster.kill9(*id);
+                let wrapper = [
+                    "env".to_owned(),
+                    "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".to_owned(),
+                    format!("FAKETIME={secs:+}s"),
+                    "FAKETIME_DONT_FAKE_MONOTONIC=1".to_owned(),
+                ];
+                self.start_wrapped(*id, &wrapper)?;
+                self.wrapped.insert(*id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes every fault: links, pauses, filled disks, crashed and wrapped nodes.
+    fn heal(&mut self) -> anyhow::Result<()> {
+        for id in 1..=self.nodes {
+            self.nft(id, "flush table inet hiefault")?;
+        }
+        for id in std::mem::take(&mut self.paused) {
+            self.cluster.signal(id, Signal::SIGCONT);
+        }
+        for id in std::mem::take(&mut self.filled) {
+            let _ = std::fs::remove_file(self.cluster.data_dir(id).join("filler"));
+        }
+        for id in std::mem::take(&mut self.wrapped) {
+            self.cluster.kill9(id);
+            self.killed.insert(id);
+        }
+        for id in std::mem::take(&mut self.killed) {
+            if self.cluster.pid(id).is_none() {
+                self.start_wrapped(id, &[])?;
+            }
+        }
+        // A node that died on its own (fsync errors may stop it) is restarted too.
+        for id in 1..=self.nodes {
+            if self.cluster.pid(id).is_none() {
+                eprintln!("faults: node {id} was down without being killed; restarting it");
+                self.start_wrapped(id, &[])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn draw(rng: &mut StdRng, nodes: u64) -> Fault {
+    let pick = |rng: &mut StdRng| rng.random_range(1..=nodes);
+    let two = |rng: &mut StdRng| {
+        let a = rng.random_range(1..=nodes);
+        let b = (a + rng.random_range(1..nodes) - 1) % nodes + 1;
+        (a, b)
+    };
+    match rng.random_range(0..11) {
+        0 => Fault::Kill(pick(rng)),
+        1 => Fault::KillLeader,
+        2 => Fault::Pause(pick(rng)),
+        3 => Fault::Isolate(pick(rng)),
+        4 => {
+            let mut side: Vec<u64> = (1..=nodes).filter(|_| rng.random_bool(0.5)).collect();
+            if side.is_empty() {
+                side.push(pick(rng));
+            }
+            Fault::Split(side)
+        }
+        5 => {
+            let (a, b) = two(rng);
+            Fault::Bridge(a, b)
+        }
+        6 => {
+            let (a, b) = two(rng);
+            Fault::OneWay(a, b)
+        }
+        7 => Fault::Loss(rng.random_range(5..40)),
+        8 => Fault::DiskFull(pick(rng)),
+        9 => Fault::FsyncErrors(pick(rng)),
+        _ => Fault::ClockSkew(pick(rng), if rng.random_bool(0.5) { 1 } else { -1 } * rng.random_range(30..600)),
+    }
+}
+
+/// One recorded client operation on a patient.
+#[derive(Debug, Clone)]
+struct Record {
+    patient: u32,
+    op: Op,
+}
+
+#[derive(Default)]
+struct History {
+    records: Vec<Record>,
+    /// Pointers whose creation was acknowledged: masterIdentifier → (patient, id).
+    created: BTreeMap<String, (u32, String)>,
+    /// masterIdentifiers a create was attempted for.
+    attempted: BTreeSet<String>,
+    /// masterIdentifiers a delete was attempted for.
+    delete_attempted: BTreeSet<String>,
+    /// masterIdentifiers seen by any read (local or linearizable).
+    seen: BTreeMap<String, u32>,
+    /// Local (non-linearizable) reads that returned a pointer never written.
+    invented: Vec<String>,
+    acknowledged: u64,
+}
+
+struct Clients {
+    cluster: Arc<Cluster>,
+    producer: reqwest::Client,
+    consumer: reqwest::Client,
+    started: Instant,
+    history: Mutex<History>,
+    counter: AtomicU64,
+    /// Every operation a client started (reads that failed included).
+    operations: AtomicU64,
+    nodes: u64,
+    patients: u32,
+    unsafe_local_reads: bool,
+    stop: AtomicBool,
+}
+
+enum Outcome<T> {
+    Ok(T),
+    Failed,
+    Unknown,
+}
+
+fn masters(bundle: &Value) -> Option<BTreeSet<String>> {
+    if bundle["link"].as_array().is_some_and(|l| l.iter().any(|l| l["relation"] == "next")) {
+        return None; // More than one page: not a whole read.
+    }
+    Some(
+        bundle["entry"]
+            .as_array()
+            .map(|es| {
+                es.iter()
+                    .filter(|e| e["resource"]["resourceType"] == "DocumentReference")
+                    .filter_map(|e| e["resource"]["masterIdentifier"]["value"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    )
+}
+
+impl Clients {
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
+
+    async fn read(&self, node: u64, patient: u32, linearizable: bool) -> Outcome<BTreeSet<String>> {
+        let headers: &[(&str, &str)] = if linearizable { &[("X-HIE-Consistency", "linearizable")] } else { &[] };
+        let mut req = self
+            .consumer
+            .get(format!("{}/DocumentReference", self.cluster.api_url(node)))
+            .query(&[("subject:identifier", format!("{NHS_SYSTEM}|{}", nhs(patient))), ("_count", "100".to_owned())]);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, reply(req)).await {
+            Ok(Ok(r)) if r.status == 200 => masters(&r.body).map_or(Outcome::Failed, Outcome::Ok),
+            _ => Outcome::Failed,
+        }
+    }
+
+    async fn create(&self, node: u64, patient: u32, master: &str) -> Outcome<String> {
+        let body = pointer_body(&nhs(patient), PRODUCER_ODS, master);
+        match tokio::time::timeout(REQUEST_TIMEOUT, create_pointer(&self.producer, &self.cluster.api_url(node), &body)).await {
+            Ok(Ok(r)) if r.status == 201 => r.body["id"].as_str().map_or(Outcome::Unknown, |id| Outcome::Ok(id.to_owned())),
+            // A refusal before anything was proposed: definitely not applied.
+            Ok(Ok(r)) if (400..500).contains(&r.status) && r.status != 408 && r.status != 429 => Outcome::Failed,
+            Ok(Ok(r)) if r.status == 429 => Outcome::Failed,
+            _ => Outcome::Unknown,
+        }
+    }
+
+    async fn delete(&self, node: u64, id: &str) -> Outcome<bool> {
+        let req = self.producer.delete(format!("{}/DocumentReference/{id}", self.cluster.api_url(node)));
+        match tokio::time::timeout(REQUEST_TIMEOUT, reply(req)).await {
+            Ok(Ok(r)) if r.status == 200 || r.status == 204 => Outcome::Ok(true),
+            Ok(Ok(r)) if r.status == 404 => Outcome::Ok(false),
+            Ok(Ok(r)) if r.status == 429 || r.status == 403 || r.status == 400 => Outcome::Failed,
+            _ => Outcome::Unknown,
+        }
+    }
+
+    async fn run(self: Arc<Self>, c: u32, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(7919).wrapping_add(c as u64));
+        while !self.stop.load(Ordering::SeqCst) {
+            let node = rng.random_range(1..=self.nodes);
+            let patient = rng.random_range(0..self.patients) + 900_000;
+            let roll = rng.random_range(0..100);
+            // Paced, so a failing node does not spin a client.
+            tokio::time::sleep(Duration::from_millis(rng.random_range(CLIENT_PAUSE_MS))).await;
+            let invoke = self.now();
+            self.operations.fetch_add(1, Ordering::SeqCst);
+            if roll < 45 {
+                let linearizable = roll < 35;
+                let r = self.read(node, patient, linearizable && !self.unsafe_local_reads).await;
+                let complete = self.now();
+                if let Outcome::Ok(set) = r {
+                    let mut h = self.history.lock().unwrap();
+                    for m in &set {
+                        if !h.attempted.contains(m) {
+                            h.invented.push(m.clone());
+                        }
+                        h.seen.insert(m.clone(), patient);
+                    }
+                    if linearizable {
+                        h.records.push(Record { patient, op: Op { kind: Kind::Read(set), invoke, complete: Some(complete) } });
+                    }
+                }
+                continue;
+            }
+            let mine: Vec<(String, String)> = {
+                let h = self.history.lock().unwrap();
+                h.created
+                    .iter()
+                    .filter(|(m, (p, _))| *p == patient && !h.delete_attempted.contains(*m))
+                    .map(|(m, (_, id))| (m.clone(), id.clone()))
+                    .collect()
+            };
+            if roll < 80 && mine.len() < POINTERS_PER_PATIENT_MAX {
+                let master = format!("urn:oid:2.25.77{}", self.counter.fetch_add(1, Ordering::SeqCst));
+                self.history.lock().unwrap().attempted.insert(master.clone());
+                let r = self.create(node, patient, &master).await;
+                let complete = self.now();
+                let mut h = self.history.lock().unwrap();
+                let kind = Kind::Add(master.clone());
+                match r {
+                    Outcome::Ok(id) => {
+                        h.acknowledged += 1;
+                        h.created.insert(master, (patient, id));
+                        h.records.push(Record { patient, op: Op { kind, invoke, complete: Some(complete) } });
+                    }
+                    Outcome::Unknown => h.records.push(Record { patient, op: Op { kind, invoke, complete: None } }),
+                    Outcome::Failed => {}
+                }
+            } else if let Some((master, id)) = mine.get(rng.random_range(0..mine.len().max(1))).cloned() {
+                self.history.lock().unwrap().delete_attempted.insert(master.clone());
+                let r = self.delete(node, &id).await;
+                let complete = self.now();
+                let mut h = self.history.lock().unwrap();
+                match r {
+                    Outcome::Ok(present) => {
+                        h.acknowledged += 1;
+                        let kind = Kind::Remove { item: master, present };
+                        h.records.push(Record { patient, op: Op { kind, invoke, complete: Some(complete) } });
+                    }
+                    Outcome::Unknown => {
+                        let kind = Kind::Remove { item: master, present: true };
+                        h.records.push(Record { patient, op: Op { kind, invoke, complete: None } });
+                    }
+                    Outcome::Failed => {}
+                }
+            }
+        }
+    }
+}
+
+/// Moves each node's data onto its own small filesystem, so a disk can fill.
+fn give_each_node_a_small_disk(cluster: &Cluster, faults: &Faults) -> anyhow::Result<()> {
+    for id in cluster.node_ids() {
+        let dir: PathBuf = cluster.data_dir(id);
+        cluster.kill9(id);
+        let keep = dir.with_extension("keep");
+        sh(&format!(
+            "mv {d} {k} && mkdir {d} && mount -t tmpfs -o size={DATA_FS_BYTES} hie-faults-{id} {d} && cp -a {k}/. {d}/ && rm -rf {k}",
+            d = dir.display(),
+            k = keep.display()
+        ))?;
+        faults.start_wrapped(id, &[])?;
+    }
+    Ok(())
+}
+
+/// Unmounts the small disks, keeping each node's log (the harness checks
+/// every log for NHS Numbers in clear when the cluster is dropped).
+fn unmount_disks(cluster: &Cluster) {
+    for id in cluster.node_ids() {
+        let dir = cluster.data_dir(id);
+        let _ = sh(&format!("umount -l {}", dir.display()));
+        let mut log = std::fs::read(format!("{LOGS_DIR}/node-{id}.log")).unwrap_or_default();
+        log.extend(std::fs::read(dir.join("hie.log")).unwrap_or_default());
+        let _ = std::fs::write(dir.join("hie.log"), log);
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let _ = std::fs::remove_dir_all(LOGS_DIR);
+    println!("faults: seed {} (replay the schedule with --seed {})", args.seed, args.seed);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let nodes = args.nodes.to_string();
+    let cluster = Arc::new(Cluster::up(&["--nodes", &nodes, "--patients", "0", "--netns", &args.netns])?);
+    let mut faults = Faults {
+        cluster: cluster.clone(),
+        netns: args.netns.clone(),
+        nodes: args.nodes,
+        killed: BTreeSet::new(),
+        paused: BTreeSet::new(),
+        wrapped: BTreeSet::new(),
+        filled: BTreeSet::new(),
+    };
+    for id in 1..=args.nodes {
+        let ns = faults.ns(id);
+        sh(&format!(
+            "ip netns exec {ns} nft add table inet hiefault && \
+             ip netns exec {ns} nft add chain inet hiefault input '{{ type filter hook input priority 0; }}' && \
+             ip netns exec {ns} nft add chain inet hiefault output '{{ type filter hook output priority 0; }}'"
+        ))?;
+    }
+    let result = rt.block_on(async {
+        give_each_node_a_small_disk(&cluster, &faults)?;
+        cluster.wait_leader(Duration::from_secs(30)).await?;
+        run(&args, &cluster, &mut faults).await
+    });
+    rt.block_on(async {
+        let _ = faults.heal();
+    });
+    let _ = hie_tests::hie(&["dev", "down", "--dir", &cluster.dir_str()]);
+    unmount_disks(&cluster);
+    result
+}
+
+async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults) -> anyhow::Result<()> {
+    let clients = Arc::new(Clients {
+        cluster: cluster.clone(),
+        producer: cluster.http(PRODUCER),
+        consumer: cluster.http(CONSUMER),
+        started: Instant::now(),
+        history: Mutex::default(),
+        counter: AtomicU64::new(args.seed % 1_000_000 * 1_000_000),
+        operations: AtomicU64::new(0),
+        nodes: args.nodes,
+        patients: args.patients,
+        unsafe_local_reads: args.unsafe_local_reads,
+        stop: AtomicBool::new(false),
+    });
+    let tasks: Vec<_> = (0..args.clients).map(|c| tokio::spawn(clients.clone().run(c, args.seed))).collect();
+
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let mut injected = 0u64;
+    let mut kinds: BTreeMap<&'static str, u64> = BTreeMap::new();
+    while Instant::now() < deadline {
+        let fault = draw(&mut rng, args.nodes);
+        if args.only.as_ref().is_some_and(|o| !format!("{fault:?}").starts_with(o.as_str())) {
+            continue;
+        }
+        let hold = Duration::from_millis(rng.random_range(1000..6000));
+        let leader = cluster.leader().await;
+        let name = format!("{fault:?}");
+        let kind: &'static str = Box::leak(name.split(['(', ' ']).next().unwrap_or("").to_owned().into_boxed_str());
+        println!("faults: {:>6.1}s inject {name} for {:.1}s", clients.started.elapsed().as_secs_f64(), hold.as_secs_f64());
+        if let Err(e) = faults.inject(&fault, leader) {
+            eprintln!("faults: injecting {name} failed: {e:#}");
+        } else {
+            injected += 1;
+            *kinds.entry(kind).or_default() += 1;
+        }
+        tokio::time::sleep(hold).await;
+        faults.heal()?;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(500..2500))).await;
+    }
+    faults.heal()?;
+    // Quiet time for the clients after the last fault, then stop them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    clients.stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        let _ = t.await;
+    }
+
+    let ids = cluster.node_ids();
+    let converged = cluster.wait_converged(&ids, CONVERGE_TIMEOUT).await;
+    // Every operation that was going to take effect has: the replicas agree
+    // and no client has run for longer than a request may take.
+    let settled = clients.now();
+    // Final reads on every node, recorded as linearizable reads at the end.
+    let mut final_states: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+    let mut diverged_reads = 0;
+    let mut final_failures = Vec::new();
+    for patient in (0..args.patients).map(|p| p + 900_000) {
+        for &id in &ids {
+            let invoke = clients.now();
+            if let Outcome::Ok(set) = clients.read(id, patient, true).await {
+                let complete = clients.now();
+                if let Some(prev) = final_states.get(&patient)
+                    && *prev != set
+                {
+                    diverged_reads += 1;
+                }
+                final_states.insert(patient, set.clone());
+                clients.history.lock().unwrap().records.push(Record {
+                    patient,
+                    op: Op { kind: Kind::Read(set), invoke, complete: Some(complete) },
+                });
+            } else {
+                final_failures.push(id);
+            }
+        }
+    }
+
+    let h = clients.history.lock().unwrap();
+    if !final_failures.is_empty() {
+        final_failures.dedup();
+        bail!(
+            "final linearizable reads failed on nodes {final_failures:?} ({converged:?}): the cluster did not recover; logs in {LOGS_DIR}"
+        );
+    }
+    // No acknowledged write lost: every acknowledged create is in the final
+    // state unless a delete of it was attempted.
+    let mut lost = 0;
+    for (m, (patient, _)) in &h.created {
+        if !h.delete_attempted.contains(m) && !final_states.get(patient).is_some_and(|s| s.contains(m)) {
+            eprintln!("faults: LOST acknowledged pointer {m}");
+            lost += 1;
+        }
+    }
+    // Nothing visible that later disappears (local reads included).
+    for (m, patient) in &h.seen {
+        if !h.delete_attempted.contains(m) && !final_states.get(patient).is_some_and(|s| s.contains(m)) {
+            eprintln!("faults: pointer {m} was seen and then disappeared");
+            lost += 1;
+        }
+    }
+    for m in &h.invented {
+        eprintln!("faults: a read returned {m}, which was never written");
+        lost += 1;
+    }
+
+    let mut violations = 0;
+    let mut undecided = 0;
+    let by_patient: BTreeMap<u32, Vec<Op>> = h.records.iter().fold(BTreeMap::new(), |mut acc, r| {
+        acc.entry(r.patient).or_default().push(r.op.clone());
+        acc
+    });
+    println!("faults: checking {} operations on {} patients", h.records.len(), by_patient.len());
+    for (patient, ops) in &by_patient {
+        let ops = ops.clone();
+        let verdict = std::thread::Builder::new()
+            .stack_size(256 << 20)
+            .spawn(move || lin::check(&ops, settled))
+            .expect("checker thread")
+            .join()
+            .expect("checker");
+        match verdict {
+            Verdict::Linearizable => {}
+            Verdict::Violation { op } => {
+                violations += 1;
+                eprintln!("faults: patient {patient}: not linearizable (stuck at operation {op}: {:?})", by_patient[patient][op]);
+            }
+            Verdict::Unknown => undecided += 1,
+        }
+    }
+    let operations = clients.operations.load(Ordering::SeqCst);
+    println!("faults: by kind {kinds:?}");
+    if undecided > 0 {
+        println!("faults: {undecided} patients' histories too large to decide within the checker's budget");
+    }
+    let converged_text = match &converged {
+        Ok((applied, digest)) if diverged_reads == 0 => {
+            println!("faults: {} nodes at applied index {applied}, digest {}", ids.len(), &digest[..16.min(digest.len())]);
+            "converged".to_owned()
+        }
+        Ok(_) => format!("NOT converged ({diverged_reads} final reads differ between nodes)"),
+        Err(e) => format!("NOT converged ({e})"),
+    };
+    println!(
+        "faults: {injected} injected, {operations} operations, {} acknowledged, {lost} lost, {violations} linearizability violations, {converged_text}",
+        h.acknowledged
+    );
+    if lost > 0 || violations > 0 || converged.is_err() || diverged_reads > 0 || undecided > 0 {
+        bail!("the history shows a fault (see above)");
+    }
+    Ok(())
+}
