@@ -33,4 +33,12 @@ else
 fi
 # The deterministic simulation, 1,000 seeds (its own build; see the script).
 tests/sim.sh 1000 || status=$?
+# A bounded fault run against real node processes, where this machine lets
+# us make network namespaces (root); longer soaks are run by hand.
+if [ "$(id -u)" -eq 0 ] && ip netns add hie-probe 2>/dev/null; then
+  ip netns del hie-probe
+  tests/faults/run.sh --seconds 60 --seed 1 || status=$?
+else
+  echo "faults: skipped (network namespaces need root here)"
+fi
 exit $status
