@@ -1,3 +1,5 @@
-//! Benchmarks. `snapshot-catchup.sh` measures a new region's catch-up by
-//! snapshot; criterion micro-benchmarks and the load generator come with
-//! issue 6. This library is empty.
+//! Benchmarks: the criterion micro-benchmarks (`hot_paths.rs`) and the
+//! scripts beside this file (`compare-etcd.sh`, `audit-cost.sh`,
+//! `snapshot-catchup.sh`). The load generator is `hie bench`. Figures and the
+//! commands that reproduce them are in docs/BENCHMARKS.md. This library is
+//! empty.

@@ -112,6 +112,9 @@ enum Fault {
     OneWay(u64, u64),
     /// Every node drops this percent of packets from the others.
     Loss(u32),
+    /// The node's packets to its peers wait this many ms (nft queue to a
+    /// userspace delayer, tests/faults/nfq_delay.py: this kernel has no netem).
+    Delay(u64, u64),
     /// The node's data filesystem is full.
     DiskFull(u64),
     /// The node restarts with fsync and fdatasync failing at random (libfiu).
@@ -129,7 +132,13 @@ struct Faults {
     paused: BTreeSet<u64>,
     wrapped: BTreeSet<u64>,
     filled: BTreeSet<u64>,
+    /// Running packet delayers.
+    delayers: Vec<std::process::Child>,
 }
+
+/// The Python with NetfilterQueue that run.sh prepares, and the delayer.
+const DELAYER_PYTHON_ENV: &str = "HIE_FAULTS_PYTHON";
+const DELAYER: &str = "tests/faults/nfq_delay.py";
 
 impl Faults {
     fn ns(&self, id: u64) -> String {
@@ -230,6 +239,22 @@ impl Faults {
                     )?;
                 }
             }
+            Fault::Delay(id, ms) => {
+                let python = std::env::var(DELAYER_PYTHON_ENV).context("no delayer python (run.sh sets it)")?;
+                let queue = 70 + id;
+                let child = Command::new("ip")
+                    .args(["netns", "exec", &self.ns(*id), &python, DELAYER, &queue.to_string(), &ms.to_string()])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()?;
+                self.delayers.push(child);
+                std::thread::sleep(Duration::from_millis(300));
+                // `bypass`: if the delayer is gone, packets pass undelayed.
+                self.nft(
+                    *id,
+                    &format!("add rule inet hiefault output ip daddr {SUBNET}.0/24 ip daddr != {SUBNET}.254 queue num {queue} bypass"),
+                )?;
+            }
             Fault::DiskFull(id) => {
                 let dir = self.cluster.data_dir(*id);
                 // Fill what is left; dd stops at ENOSPC.
@@ -261,6 +286,10 @@ impl Faults {
     fn heal(&mut self) -> anyhow::Result<()> {
         for id in 1..=self.nodes {
             self.nft(id, "flush table inet hiefault")?;
+        }
+        for mut d in std::mem::take(&mut self.delayers) {
+            let _ = d.kill();
+            let _ = d.wait();
         }
         for id in std::mem::take(&mut self.paused) {
             self.cluster.signal(id, Signal::SIGCONT);
@@ -295,7 +324,7 @@ fn draw(rng: &mut StdRng, nodes: u64) -> Fault {
         let b = (a + rng.random_range(1..nodes) - 1) % nodes + 1;
         (a, b)
     };
-    match rng.random_range(0..11) {
+    match rng.random_range(0..12) {
         0 => Fault::Kill(pick(rng)),
         1 => Fault::KillLeader,
         2 => Fault::Pause(pick(rng)),
@@ -318,6 +347,7 @@ fn draw(rng: &mut StdRng, nodes: u64) -> Fault {
         7 => Fault::Loss(rng.random_range(5..40)),
         8 => Fault::DiskFull(pick(rng)),
         9 => Fault::FsyncErrors(pick(rng)),
+        10 => Fault::Delay(pick(rng), rng.random_range(20..200)),
         _ => Fault::ClockSkew(pick(rng), if rng.random_bool(0.5) { 1 } else { -1 } * rng.random_range(30..600)),
     }
 }
@@ -541,6 +571,7 @@ fn main() -> anyhow::Result<()> {
         paused: BTreeSet::new(),
         wrapped: BTreeSet::new(),
         filled: BTreeSet::new(),
+        delayers: Vec::new(),
     };
     for id in 1..=args.nodes {
         let ns = faults.ns(id);

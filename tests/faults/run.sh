@@ -5,7 +5,8 @@
 # Last line: faults: N injected, M operations, K acknowledged, L lost,
 #            V linearizability violations, converged
 # Needs root (namespaces, nft, tmpfs mounts). Installs nftables, iproute2,
-# faketime and fiu-utils from Debian if missing.
+# faketime and fiu-utils from Debian if missing, and NetfilterQueue (for the
+# packet delayer, nfq_delay.py from ../shared/faultlab) into a venv.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "$(id -u)" -ne 0 ]; then
@@ -21,6 +22,17 @@ if [ -n "$missing" ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
+# The packet delayer (nft queue + NetfilterQueue; this kernel has no netem).
+VENV="$HOME/.cache/hie-faults-venv"
+if ! "$VENV/bin/python" -c 'import netfilterqueue' 2>/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    libnetfilter-queue-dev build-essential python3-venv python3-dev >/dev/null
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q NetfilterQueue==1.1.0
+fi
+export HIE_FAULTS_PYTHON="$VENV/bin/python"
 . cluster/setup.sh
 cargo build -q --workspace --all-targets
 BIN="${CARGO_TARGET_DIR:-target}/debug"
