@@ -95,9 +95,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut stopped = None;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        reason = raft_stopped(replica.raft().clone()) => {
+            // A failed fsync or a full disk during a snapshot stops openraft
+            // for good. Serving on with a dead core would answer stale local
+            // reads and refuse every write: exit instead, non-zero, so the
+            // supervisor (systemd Restart=on-failure) starts the node afresh
+            // from what is on disk. Found by tests/faults.
+            tracing::error!(%reason, "the Raft core stopped; exiting so the node is restarted");
+            stopped = Some(reason);
+        }
     }
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
@@ -107,8 +117,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await;
     replica.shutdown().await;
     let _ = std::fs::remove_file(pid_file(&data_dir));
+    if let Some(reason) = stopped {
+        anyhow::bail!("the Raft core stopped: {reason}");
+    }
     tracing::info!("node stopped");
     Ok(())
+}
+
+/// Resolves when the Raft core stops (a fatal error, or its task ended).
+async fn raft_stopped(raft: hie_domain::raft::Raft) -> String {
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow().running_state {
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "the Raft core's task ended".into();
+        }
+    }
 }
 
 pub fn print_id(key: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<()> {

@@ -368,6 +368,10 @@ struct History {
     attempted: BTreeSet<String>,
     /// masterIdentifiers a delete was attempted for.
     delete_attempted: BTreeSet<String>,
+    /// Pointers seen by reads: masterIdentifier → (patient, id).
+    known: BTreeMap<String, (u32, String)>,
+    /// How many pointers the last read of each patient found.
+    last_count: BTreeMap<u32, usize>,
     /// masterIdentifiers seen by any read (local or linearizable).
     seen: BTreeMap<String, u32>,
     /// Local (non-linearizable) reads that returned a pointer never written.
@@ -396,7 +400,8 @@ enum Outcome<T> {
     Unknown,
 }
 
-fn masters(bundle: &Value) -> Option<BTreeSet<String>> {
+/// The pointers of a one-page search Bundle: masterIdentifier → id.
+fn masters(bundle: &Value) -> Option<BTreeMap<String, String>> {
     if bundle["link"].as_array().is_some_and(|l| l.iter().any(|l| l["relation"] == "next")) {
         return None; // More than one page: not a whole read.
     }
@@ -406,7 +411,10 @@ fn masters(bundle: &Value) -> Option<BTreeSet<String>> {
             .map(|es| {
                 es.iter()
                     .filter(|e| e["resource"]["resourceType"] == "DocumentReference")
-                    .filter_map(|e| e["resource"]["masterIdentifier"]["value"].as_str().map(str::to_owned))
+                    .filter_map(|e| {
+                        let r = &e["resource"];
+                        Some((r["masterIdentifier"]["value"].as_str()?.to_owned(), r["id"].as_str()?.to_owned()))
+                    })
                     .collect()
             })
             .unwrap_or_default(),
@@ -418,7 +426,7 @@ impl Clients {
         self.started.elapsed().as_nanos() as u64
     }
 
-    async fn read(&self, node: u64, patient: u32, linearizable: bool) -> Outcome<BTreeSet<String>> {
+    async fn read(&self, node: u64, patient: u32, linearizable: bool) -> Outcome<BTreeMap<String, String>> {
         let headers: &[(&str, &str)] = if linearizable { &[("X-HIE-Consistency", "linearizable")] } else { &[] };
         let mut req = self
             .consumer
@@ -468,14 +476,20 @@ impl Clients {
                 let linearizable = roll < 35;
                 let r = self.read(node, patient, linearizable && !self.unsafe_local_reads).await;
                 let complete = self.now();
-                if let Outcome::Ok(set) = r {
+                if let Outcome::Ok(found) = r {
                     let mut h = self.history.lock().unwrap();
-                    for m in &set {
+                    for (m, id) in &found {
                         if !h.attempted.contains(m) {
                             h.invented.push(m.clone());
                         }
                         h.seen.insert(m.clone(), patient);
+                        // Creates whose outcome was unknown but did happen
+                        // become known here, so they can be deleted too and
+                        // a patient's pointers stay within one page.
+                        h.known.insert(m.clone(), (patient, id.clone()));
                     }
+                    h.last_count.insert(patient, found.len());
+                    let set: BTreeSet<String> = found.into_keys().collect();
                     if linearizable {
                         h.records.push(Record { patient, op: Op { kind: Kind::Read(set), invoke, complete: Some(complete) } });
                     }
@@ -486,11 +500,15 @@ impl Clients {
                 let h = self.history.lock().unwrap();
                 h.created
                     .iter()
+                    .chain(h.known.iter())
                     .filter(|(m, (p, _))| *p == patient && !h.delete_attempted.contains(*m))
                     .map(|(m, (_, id))| (m.clone(), id.clone()))
+                    .collect::<BTreeMap<_, _>>()
+                    .into_iter()
                     .collect()
             };
-            if roll < 80 && mine.len() < POINTERS_PER_PATIENT_MAX {
+            let count = mine.len().max(self.history.lock().unwrap().last_count.get(&patient).copied().unwrap_or(0));
+            if roll < 80 && count < POINTERS_PER_PATIENT_MAX {
                 let master = format!("urn:oid:2.25.77{}", self.counter.fetch_add(1, Ordering::SeqCst));
                 self.history.lock().unwrap().attempted.insert(master.clone());
                 let r = self.create(node, patient, &master).await;
@@ -654,7 +672,8 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults) -> anyhow
     for patient in (0..args.patients).map(|p| p + 900_000) {
         for &id in &ids {
             let invoke = clients.now();
-            if let Outcome::Ok(set) = clients.read(id, patient, true).await {
+            if let Outcome::Ok(found) = clients.read(id, patient, true).await {
+                let set: BTreeSet<String> = found.into_keys().collect();
                 let complete = clients.now();
                 if let Some(prev) = final_states.get(&patient)
                     && *prev != set
@@ -676,7 +695,7 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults) -> anyhow
     if !final_failures.is_empty() {
         final_failures.dedup();
         bail!(
-            "final linearizable reads failed on nodes {final_failures:?} ({converged:?}): the cluster did not recover; logs in {LOGS_DIR}"
+            "final linearizable reads failed on nodes {final_failures:?} ({converged:?}): the cluster did not recover, or a patient's pointers exceed one page; logs in {LOGS_DIR}"
         );
     }
     // No acknowledged write lost: every acknowledged create is in the final
