@@ -446,8 +446,7 @@ impl Clients {
         match tokio::time::timeout(REQUEST_TIMEOUT, create_pointer(&self.producer, &self.cluster.api_url(node), &body)).await {
             Ok(Ok(r)) if r.status == 201 => r.body["id"].as_str().map_or(Outcome::Unknown, |id| Outcome::Ok(id.to_owned())),
             // A refusal before anything was proposed: definitely not applied.
-            Ok(Ok(r)) if (400..500).contains(&r.status) && r.status != 408 && r.status != 429 => Outcome::Failed,
-            Ok(Ok(r)) if r.status == 429 => Outcome::Failed,
+            Ok(Ok(r)) if (400..500).contains(&r.status) && r.status != 408 => Outcome::Failed,
             _ => Outcome::Unknown,
         }
     }
@@ -631,7 +630,7 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults) -> anyhow
     let mut rng = StdRng::seed_from_u64(args.seed);
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let mut injected = 0u64;
-    let mut kinds: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
     while Instant::now() < deadline {
         let fault = draw(&mut rng, args.nodes);
         if args.only.as_ref().is_some_and(|o| !format!("{fault:?}").starts_with(o.as_str())) {
@@ -640,7 +639,7 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults) -> anyhow
         let hold = Duration::from_millis(rng.random_range(1000..6000));
         let leader = cluster.leader().await;
         let name = format!("{fault:?}");
-        let kind: &'static str = Box::leak(name.split(['(', ' ']).next().unwrap_or("").to_owned().into_boxed_str());
+        let kind = name.split(['(', ' ']).next().unwrap_or("").to_owned();
         println!("faults: {:>6.1}s inject {name} for {:.1}s", clients.started.elapsed().as_secs_f64(), hold.as_secs_f64());
         if let Err(e) = faults.inject(&fault, leader) {
             eprintln!("faults: injecting {name} failed: {e:#}");
