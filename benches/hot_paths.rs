@@ -93,7 +93,9 @@ fn search(c: &mut Criterion) {
     let mut entries: Vec<Entry> =
         testkit::registry_commands(&["A81001"]).into_iter().enumerate().map(|(i, c)| entry(i as u64 + 1, c)).collect();
     let base = entries.len() as u64 + 1;
-    entries.extend((0..PATIENTS * POINTERS_PER_PATIENT).map(|i| entry(base + i as u64, testkit::create("A81001", pointer(i)))));
+    entries.extend(
+        (0..PATIENTS * POINTERS_PER_PATIENT).map(|i| entry(base + i as u64, testkit::create("A81001", pointer(i)))),
+    );
     for chunk in entries.chunks(1024) {
         rt.block_on(store.state_machine.apply(chunk.to_vec())).unwrap();
     }

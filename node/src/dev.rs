@@ -262,7 +262,8 @@ fn plan_node(dir: &Path, id: u64, region: &str, netns: Option<&str>) -> anyhow::
     let (host, (api_port, admin_port, p2p_port)) = match netns {
         Some(_) => {
             let [a, b, c] = NETNS_SUBNET;
-            let last = u8::try_from(id).ok().filter(|n| (1..=250).contains(n)).context("netns node ids are 1 to 250")?;
+            let last =
+                u8::try_from(id).ok().filter(|n| (1..=250).contains(n)).context("netns node ids are 1 to 250")?;
             (Ipv4Addr::new(a, b, c, last), NETNS_PORTS)
         }
         None => (Ipv4Addr::LOCALHOST, (free_port()?, free_port()?, free_port()?)),
@@ -518,10 +519,9 @@ async fn create(dir: &Path, args: &UpArgs) -> anyhow::Result<ClusterFile> {
         });
     }
 
-    let plans: Vec<NodePlan> =
-        (1..=args.nodes)
-            .map(|id| plan_node(dir, id, REGIONS[(id - 1) as usize], args.netns.as_deref()))
-            .collect::<Result<_, _>>()?;
+    let plans: Vec<NodePlan> = (1..=args.nodes)
+        .map(|id| plan_node(dir, id, REGIONS[(id - 1) as usize], args.netns.as_deref()))
+        .collect::<Result<_, _>>()?;
     let members: Vec<Member> = plans.iter().map(NodePlan::member).collect();
     let mut nodes = Vec::new();
     for plan in &plans {

@@ -11,7 +11,6 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     /// Create the pointer with this masterIdentifier.
@@ -37,7 +36,9 @@ pub enum Verdict {
     Linearizable,
     /// No order explains the history; `op` is the earliest completed operation
     /// that no explanation got past.
-    Violation { op: usize },
+    Violation {
+        op: usize,
+    },
     /// The search hit its state budget without an answer.
     Unknown,
 }
@@ -105,7 +106,12 @@ pub fn check(ops: &[Op], settled: u64) -> Verdict {
                     StepKind::Read(bits)
                 }
             };
-            Step { kind, invoke: o.invoke, complete: o.complete.unwrap_or(settled.max(o.invoke)), optional: o.complete.is_none() }
+            Step {
+                kind,
+                invoke: o.invoke,
+                complete: o.complete.unwrap_or(settled.max(o.invoke)),
+                optional: o.complete.is_none(),
+            }
         })
         .collect();
     let mut order: Vec<usize> = (0..steps.len()).collect();
@@ -250,7 +256,8 @@ mod tests {
 
     #[test]
     fn a_lost_write_is_a_violation_and_a_reappearing_one_too() {
-        let lost = [op(add("a"), 0, Some(1)), op(Kind::Read(set(&["a"])), 2, Some(3)), op(Kind::Read(set(&[])), 4, Some(5))];
+        let lost =
+            [op(add("a"), 0, Some(1)), op(Kind::Read(set(&["a"])), 2, Some(3)), op(Kind::Read(set(&[])), 4, Some(5))];
         assert!(matches!(check(&lost, 1000), Verdict::Violation { .. }));
         let invented = [op(Kind::Read(set(&["b"])), 0, Some(1))];
         assert!(matches!(check(&invented, 1000), Verdict::Violation { .. }));
@@ -258,11 +265,8 @@ mod tests {
 
     #[test]
     fn concurrent_operations_may_take_either_order() {
-        let h = [
-            op(add("a"), 0, Some(10)),
-            op(Kind::Read(set(&[])), 1, Some(2)),
-            op(Kind::Read(set(&["a"])), 3, Some(4)),
-        ];
+        let h =
+            [op(add("a"), 0, Some(10)), op(Kind::Read(set(&[])), 1, Some(2)), op(Kind::Read(set(&["a"])), 3, Some(4))];
         assert_eq!(check(&h, 1000), Verdict::Linearizable);
     }
 
@@ -273,10 +277,15 @@ mod tests {
         let not = [op(add("a"), 0, None), op(Kind::Read(set(&[])), 5, Some(6))];
         assert_eq!(check(&not, 1000), Verdict::Linearizable);
         // Seen, then gone with no delete: not explained by any order.
-        let flicker = [op(add("a"), 0, None), op(Kind::Read(set(&["a"])), 5, Some(6)), op(Kind::Read(set(&[])), 7, Some(8))];
+        let flicker =
+            [op(add("a"), 0, None), op(Kind::Read(set(&["a"])), 5, Some(6)), op(Kind::Read(set(&[])), 7, Some(8))];
         assert!(matches!(check(&flicker, 1000), Verdict::Violation { .. }));
         // An unknown op takes effect before the history settles, or never.
-        let late = [op(add("a"), 0, None), op(Kind::Read(set(&[])), 2000, Some(2001)), op(Kind::Read(set(&["a"])), 2002, Some(2003))];
+        let late = [
+            op(add("a"), 0, None),
+            op(Kind::Read(set(&[])), 2000, Some(2001)),
+            op(Kind::Read(set(&["a"])), 2002, Some(2003)),
+        ];
         assert!(matches!(check(&late, 1000), Verdict::Violation { .. }));
         // An unknown op cannot take effect before it was invoked.
         let early = [op(Kind::Read(set(&["a"])), 0, Some(1)), op(add("a"), 2, None)];

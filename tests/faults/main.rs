@@ -58,8 +58,16 @@ struct Args {
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut a =
-        Args { netns: String::new(), seconds: 60, seed: 0, nodes: 3, clients: 4, patients: 6, unsafe_local_reads: false, only: None };
+    let mut a = Args {
+        netns: String::new(),
+        seconds: 60,
+        seed: 0,
+        nodes: 3,
+        clients: 4,
+        patients: 6,
+        unsafe_local_reads: false,
+        only: None,
+    };
     let mut seed = None;
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -443,8 +451,12 @@ impl Clients {
 
     async fn create(&self, node: u64, patient: u32, master: &str) -> Outcome<String> {
         let body = pointer_body(&nhs(patient), PRODUCER_ODS, master);
-        match tokio::time::timeout(REQUEST_TIMEOUT, create_pointer(&self.producer, &self.cluster.api_url(node), &body)).await {
-            Ok(Ok(r)) if r.status == 201 => r.body["id"].as_str().map_or(Outcome::Unknown, |id| Outcome::Ok(id.to_owned())),
+        match tokio::time::timeout(REQUEST_TIMEOUT, create_pointer(&self.producer, &self.cluster.api_url(node), &body))
+            .await
+        {
+            Ok(Ok(r)) if r.status == 201 => {
+                r.body["id"].as_str().map_or(Outcome::Unknown, |id| Outcome::Ok(id.to_owned()))
+            }
             // A refusal before anything was proposed: definitely not applied.
             Ok(Ok(r)) if (400..500).contains(&r.status) && r.status != 408 => Outcome::Failed,
             _ => Outcome::Unknown,
@@ -490,7 +502,10 @@ impl Clients {
                     h.last_count.insert(patient, found.len());
                     let set: BTreeSet<String> = found.into_keys().collect();
                     if linearizable {
-                        h.records.push(Record { patient, op: Op { kind: Kind::Read(set), invoke, complete: Some(complete) } });
+                        h.records.push(Record {
+                            patient,
+                            op: Op { kind: Kind::Read(set), invoke, complete: Some(complete) },
+                        });
                     }
                 }
                 continue;
@@ -640,7 +655,11 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults) -> anyhow
         let leader = cluster.leader().await;
         let name = format!("{fault:?}");
         let kind = name.split(['(', ' ']).next().unwrap_or("").to_owned();
-        println!("faults: {:>6.1}s inject {name} for {:.1}s", clients.started.elapsed().as_secs_f64(), hold.as_secs_f64());
+        println!(
+            "faults: {:>6.1}s inject {name} for {:.1}s",
+            clients.started.elapsed().as_secs_f64(),
+            hold.as_secs_f64()
+        );
         if let Err(e) = faults.inject(&fault, leader) {
             eprintln!("faults: injecting {name} failed: {e:#}");
         } else {
@@ -680,10 +699,12 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults) -> anyhow
                     diverged_reads += 1;
                 }
                 final_states.insert(patient, set.clone());
-                clients.history.lock().unwrap().records.push(Record {
-                    patient,
-                    op: Op { kind: Kind::Read(set), invoke, complete: Some(complete) },
-                });
+                clients
+                    .history
+                    .lock()
+                    .unwrap()
+                    .records
+                    .push(Record { patient, op: Op { kind: Kind::Read(set), invoke, complete: Some(complete) } });
             } else {
                 final_failures.push(id);
             }
@@ -737,7 +758,10 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults) -> anyhow
             Verdict::Linearizable => {}
             Verdict::Violation { op } => {
                 violations += 1;
-                eprintln!("faults: patient {patient}: not linearizable (stuck at operation {op}: {:?})", by_patient[patient][op]);
+                eprintln!(
+                    "faults: patient {patient}: not linearizable (stuck at operation {op}: {:?})",
+                    by_patient[patient][op]
+                );
             }
             Verdict::Unknown => undecided += 1,
         }
@@ -749,7 +773,11 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults) -> anyhow
     }
     let converged_text = match &converged {
         Ok((applied, digest)) if diverged_reads == 0 => {
-            println!("faults: {} nodes at applied index {applied}, digest {}", ids.len(), &digest[..16.min(digest.len())]);
+            println!(
+                "faults: {} nodes at applied index {applied}, digest {}",
+                ids.len(),
+                &digest[..16.min(digest.len())]
+            );
             "converged".to_owned()
         }
         Ok(_) => format!("NOT converged ({diverged_reads} final reads differ between nodes)"),

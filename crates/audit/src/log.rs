@@ -576,7 +576,10 @@ impl Writer {
         let written = self.file.write_all(&buf).map_err(|e| e.to_string());
         if written.is_ok() && self.index_behind.is_none() {
             let indexed = self.index.put_all(
-                index.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).chain(std::iter::once((HWM_KEY, hwm.as_slice()))),
+                index
+                    .iter()
+                    .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                    .chain(std::iter::once((HWM_KEY, hwm.as_slice()))),
             );
             // The record is in the log, which is what the request needs; the
             // index is derived from it and catches up once it can be written

@@ -61,7 +61,8 @@ impl Checker {
             && let Some((first, _)) = self.applied.get(&last.index)
             && *first != last
         {
-            let msg = format!("snapshot safety: node {node} installed a snapshot ending at {last}, applied was {first}");
+            let msg =
+                format!("snapshot safety: node {node} installed a snapshot ending at {last}, applied was {first}");
             self.violation(msg);
         }
     }

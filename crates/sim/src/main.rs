@@ -41,7 +41,8 @@ fn run_one(opts: Options) -> Result<Report, String> {
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
-    let (mut from, mut seeds, mut nodes, mut steps, mut clients, mut replay) = (1u64, 100u64, 3u64, 150u32, 3u32, false);
+    let (mut from, mut seeds, mut nodes, mut steps, mut clients, mut replay) =
+        (1u64, 100u64, 3u64, 150u32, 3u32, false);
     let mut defect = None;
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     while let Some(a) = args.next() {
@@ -81,7 +82,9 @@ fn main() -> ExitCode {
         }
     }
     if !cfg!(tokio_unstable) {
-        eprintln!("note: built without --cfg tokio_unstable; tokio's select! order is unseeded, so a seed may not replay exactly (tests/sim.sh builds it right)");
+        eprintln!(
+            "note: built without --cfg tokio_unstable; tokio's select! order is unseeded, so a seed may not replay exactly (tests/sim.sh builds it right)"
+        );
     }
     let started = Instant::now();
     let next = AtomicU64::new(from);
@@ -97,7 +100,8 @@ fn main() -> ExitCode {
                         break;
                     }
                     let opts = Options { seed, nodes, steps, clients, defect };
-                    let mut replay_cmd = format!("hie-sim --seed {seed} --nodes {nodes} --steps {steps} --clients {clients}");
+                    let mut replay_cmd =
+                        format!("hie-sim --seed {seed} --nodes {nodes} --steps {steps} --clients {clients}");
                     if let Some(d) = defect {
                         replay_cmd.push_str(&format!(" --defect {d:?}"));
                     }
@@ -109,8 +113,11 @@ fn main() -> ExitCode {
                             if replay {
                                 match run_one(opts) {
                                     Ok(again) if again.trace == r.trace => {}
-                                    Ok(again) => problems
-                                        .push(format!("replay differs: trace {} then {}", &r.trace[..16], &again.trace[..16])),
+                                    Ok(again) => problems.push(format!(
+                                        "replay differs: trace {} then {}",
+                                        &r.trace[..16],
+                                        &again.trace[..16]
+                                    )),
                                     Err(panic) => problems.push(format!("replay panicked: {panic}")),
                                 }
                             }
@@ -151,6 +158,10 @@ fn main() -> ExitCode {
         t.simulated.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
-    println!("sim: {} seeds with a safety violation{}", failures.len(), if replay { ", each seed replayed and compared" } else { "" });
+    println!(
+        "sim: {} seeds with a safety violation{}",
+        failures.len(),
+        if replay { ", each seed replayed and compared" } else { "" }
+    );
     if failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }

@@ -120,7 +120,17 @@ impl World {
         };
         let checker = Arc::new(Mutex::new(Checker::default()));
         let nodes = (1..=opts.nodes)
-            .map(|id| (id, Node { log: MemLog::with_defect(opts.defect), sm: MemSm::new(id, checker.clone()), raft: None, handles: None }))
+            .map(|id| {
+                (
+                    id,
+                    Node {
+                        log: MemLog::with_defect(opts.defect),
+                        sm: MemSm::new(id, checker.clone()),
+                        raft: None,
+                        handles: None,
+                    },
+                )
+            })
             .collect();
         World {
             rng: StdRng::seed_from_u64(opts.seed),
