@@ -9,7 +9,7 @@
 mod lin;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -167,33 +167,13 @@ impl Faults {
         Ok(())
     }
 
-    fn base_command(&self, id: u64) -> Vec<String> {
-        self.cluster.node(id)["command"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect()
-    }
-
     /// Restarts a node, its command wrapped after `ip netns exec NS`.
     fn start_wrapped(&self, id: u64, wrapper: &[String]) -> anyhow::Result<()> {
-        let mut cmd = self.base_command(id);
-        let at = if cmd.first().map(String::as_str) == Some("ip") { 4 } else { 0 };
-        for (i, w) in wrapper.iter().enumerate() {
-            cmd.insert(at + i, w.clone());
-        }
         let old = self.cluster.pid(id);
         // Logs go to the root filesystem, not the node's own (small) disk, so
         // a full disk does not cost the log of what happened while full.
         std::fs::create_dir_all(LOGS_DIR)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(format!("{LOGS_DIR}/node-{id}.log"))?;
-        use std::os::unix::process::CommandExt;
-        let mut child = Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .stdin(std::process::Stdio::null())
-            .process_group(0)
-            .spawn()?;
-        // Reap it when it exits: a zombie still answers kill(pid, 0), and a
-        // dead node would look alive.
-        std::thread::spawn(move || child.wait());
+        self.cluster.restart_with(id, wrapper, Path::new(&format!("{LOGS_DIR}/node-{id}.log")))?;
         // Wait for the new pid file (a node that cannot start is left down
         // and counted when the cluster fails to converge).
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -146,18 +146,28 @@ impl Cluster {
 
     /// Runs the node's `command` from cluster.json again, on the same data.
     pub fn restart(&self, id: u64) -> anyhow::Result<()> {
-        let node = self.node(id);
-        let cmd: Vec<String> =
-            node["command"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir(id).join("hie.log"))?;
+        self.restart_with(id, &[], &self.data_dir(id).join("hie.log"))
+    }
+
+    /// Restarts a node with `wrapper` put before the node binary (after
+    /// `ip netns exec NS` for a node in a namespace), logging to `log`. The
+    /// child is reaped when it exits: a zombie still answers kill(pid, 0),
+    /// and a dead node would look alive.
+    pub fn restart_with(&self, id: u64, wrapper: &[String], log: &Path) -> anyhow::Result<()> {
+        let mut cmd: Vec<String> =
+            self.node(id)["command"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+        let at = if cmd.first().map(String::as_str) == Some("ip") { 4 } else { 0 };
+        cmd.splice(at..at, wrapper.iter().cloned());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         use std::os::unix::process::CommandExt;
-        Command::new(&cmd[0])
+        let mut child = Command::new(&cmd[0])
             .args(&cmd[1..])
             .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(std::process::Stdio::null())
             .process_group(0)
             .spawn()?;
+        std::thread::spawn(move || child.wait());
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use hie_domain::apply::{ApplyError, apply};
 use hie_domain::command::Outcome;
@@ -51,8 +51,12 @@ pub enum Defect {
     ShiftedRead,
 }
 
-fn dead() -> StorageError {
-    StorageIOError::write(AnyError::error("the process using this storage has crashed")).into()
+/// The data behind `m`, unless the run holding this handle has crashed.
+fn guard<'a, T>(alive: &AtomicBool, m: &'a Mutex<T>) -> Result<MutexGuard<'a, T>, StorageError> {
+    if !alive.load(Ordering::SeqCst) {
+        return Err(StorageIOError::write(AnyError::error("the process using this storage has crashed")).into());
+    }
+    Ok(m.lock().unwrap())
 }
 
 impl MemLog {
@@ -80,11 +84,8 @@ impl MemLog {
         self.alive.store(false, Ordering::SeqCst);
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, LogInner>, StorageError> {
-        if !self.alive.load(Ordering::SeqCst) {
-            return Err(dead());
-        }
-        Ok(self.inner.lock().unwrap())
+    fn lock(&self) -> Result<MutexGuard<'_, LogInner>, StorageError> {
+        guard(&self.alive, &self.inner)
     }
 
     /// The entries held, for the log-matching check.
@@ -214,11 +215,8 @@ impl MemSm {
         self.alive.store(false, Ordering::SeqCst);
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, SmInner>, StorageError> {
-        if !self.alive.load(Ordering::SeqCst) {
-            return Err(dead());
-        }
-        Ok(self.inner.lock().unwrap())
+    fn lock(&self) -> Result<MutexGuard<'_, SmInner>, StorageError> {
+        guard(&self.alive, &self.inner)
     }
 
     /// The applied index and a digest of the whole state.
