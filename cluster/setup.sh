@@ -4,7 +4,14 @@
 set -euo pipefail
 
 # RocksDB's bindings are generated with bindgen, which needs libclang.
-if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q libclang; then
+# (libclang.so or libclang-N.so: libclang-cpp, which some machines have
+# without it, is not what bindgen loads.)
+have_libclang() {
+  compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null \
+    || compgen -G '/usr/lib/llvm-*/lib/libclang-[0-9]*.so*' >/dev/null \
+    || ldconfig -p 2>/dev/null | grep -Eq 'libclang(-[0-9.]+)?\.so'
+}
+if ! have_libclang; then
   echo "installing libclang-dev (needed to build RocksDB's bindings)..." >&2
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
