@@ -120,12 +120,14 @@ enum Fault {
     OneWay(u64, u64),
     /// Every node drops this percent of packets from the others.
     Loss(u32),
-    /// The node's packets to its peers wait this many ms (nft queue to a
-    /// userspace delayer, tests/faults/nfq_delay.py: this kernel has no netem).
+    /// The node's packets to its peers wait this many ms (an iptables NFQUEUE
+    /// rule feeding a userspace delayer, tests/faults/nfq_delay.py: this
+    /// kernel has no netem, and nft's own `queue` expression is refused).
     Delay(u64, u64),
     /// The node's data filesystem is full.
     DiskFull(u64),
-    /// The node restarts with fsync and fdatasync failing at random (libfiu).
+    /// Every fsync and fdatasync of the running node fails (libfiu's
+    /// failpoints, switched on and off through its remote control).
     FsyncErrors(u64),
     /// The node restarts with its wall clock this many seconds off (libfaketime).
     ClockSkew(u64, i64),
@@ -140,6 +142,8 @@ struct Faults {
     paused: BTreeSet<u64>,
     wrapped: BTreeSet<u64>,
     filled: BTreeSet<u64>,
+    /// The nodes whose fsyncs are failing.
+    fsync_failing: BTreeSet<u64>,
     /// Running packet delayers.
     delayers: Vec<std::process::Child>,
 }
@@ -147,6 +151,10 @@ struct Faults {
 /// The Python with NetfilterQueue that run.sh prepares, and the delayer.
 const DELAYER_PYTHON_ENV: &str = "HIE_FAULTS_PYTHON";
 const DELAYER: &str = "tests/faults/nfq_delay.py";
+/// libfiu's remote-control FIFOs are `FIU_CTRL-<pid>.in` and `.out`.
+const FIU_CTRL: &str = "/tmp/hie-faults-fiu";
+/// The failpoints of fsync and fdatasync in libfiu's POSIX preload.
+const FSYNC_FAILPOINTS: &str = "posix/io/sync/*";
 
 impl Faults {
     fn ns(&self, id: u64) -> String {
@@ -167,9 +175,22 @@ impl Faults {
         Ok(())
     }
 
-    /// Restarts a node, its command wrapped after `ip netns exec NS`.
+    /// Sends a libfiu remote-control command to the running node. A node that
+    /// is down or stopped (SIGSTOP) cannot answer: bounded by `timeout`.
+    fn fiu_ctrl(&self, id: u64, command: &str) -> anyhow::Result<()> {
+        let pid = self.cluster.pid(id).with_context(|| format!("node {id} is down"))?;
+        sh(&format!("timeout 5 fiu-ctrl -f {FIU_CTRL} -c '{command}' {pid}"))?;
+        Ok(())
+    }
+
+    /// Restarts a node, its command wrapped after `ip netns exec NS`. With
+    /// no wrapper, the node runs under `fiu-run -x`: libfiu's POSIX
+    /// failpoints are loaded (all off) and its remote control listens, so
+    /// fsync errors can be switched on in the running process.
     fn start_wrapped(&self, id: u64, wrapper: &[String]) -> anyhow::Result<()> {
         let old = self.cluster.pid(id);
+        let fiu = [String::from("fiu-run"), String::from("-x"), String::from("-f"), String::from(FIU_CTRL)];
+        let wrapper = if wrapper.is_empty() { &fiu[..] } else { wrapper };
         // Logs go to the root filesystem, not the node's own (small) disk, so
         // a full disk does not cost the log of what happened while full.
         std::fs::create_dir_all(LOGS_DIR)?;
@@ -237,11 +258,15 @@ impl Faults {
                     .spawn()?;
                 self.delayers.push(child);
                 std::thread::sleep(Duration::from_millis(300));
-                // `bypass`: if the delayer is gone, packets pass undelayed.
-                self.nft(
-                    *id,
-                    &format!("add rule inet hiefault output ip daddr {SUBNET}.0/24 ip daddr != {SUBNET}.254 queue num {queue} bypass"),
-                )?;
+                // iptables (nft's compat layer), not an nft `queue` rule:
+                // this kernel refuses the latter. `--queue-bypass`: if the
+                // delayer is gone, packets pass undelayed.
+                for peer in (1..=self.nodes).filter(|p| p != id) {
+                    sh(&format!(
+                        "ip netns exec {} iptables -A OUTPUT -d {SUBNET}.{peer} -j NFQUEUE --queue-num {queue} --queue-bypass",
+                        self.ns(*id)
+                    ))?;
+                }
             }
             Fault::DiskFull(id) => {
                 let dir = self.cluster.data_dir(*id);
@@ -250,10 +275,8 @@ impl Faults {
                 self.filled.insert(*id);
             }
             Fault::FsyncErrors(id) => {
-                self.cluster.kill9(*id);
-                let wrapper = ["fiu-run", "-x", "-c", "enable_random name=posix/io/sync/*,probability=0.05"];
-                self.start_wrapped(*id, &wrapper.map(String::from))?;
-                self.wrapped.insert(*id);
+                self.fiu_ctrl(*id, &format!("enable name={FSYNC_FAILPOINTS}"))?;
+                self.fsync_failing.insert(*id);
             }
             Fault::ClockSkew(id, secs) => {
                 self.cluster.kill9(*id);
@@ -274,6 +297,19 @@ impl Faults {
     fn heal(&mut self) -> anyhow::Result<()> {
         for id in 1..=self.nodes {
             self.nft(id, "flush table inet hiefault")?;
+            if !self.delayers.is_empty() {
+                // Evidence the delay happened: packets the rules queued.
+                let rules = sh(&format!("ip netns exec {} iptables -L OUTPUT -v -n -x", self.ns(id)))?;
+                let queued: u64 = rules
+                    .lines()
+                    .filter(|l| l.contains("NFQUEUE"))
+                    .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+                    .sum();
+                if queued > 0 {
+                    println!("faults: node {id} delayed {queued} packets");
+                }
+            }
+            sh(&format!("ip netns exec {} iptables -F OUTPUT", self.ns(id)))?;
         }
         for mut d in std::mem::take(&mut self.delayers) {
             let _ = d.kill();
@@ -281,6 +317,15 @@ impl Faults {
         }
         for id in std::mem::take(&mut self.paused) {
             self.cluster.signal(id, Signal::SIGCONT);
+        }
+        // The disk works again under the running process (if it survived:
+        // a node whose storage fails stops, and is restarted below).
+        for id in std::mem::take(&mut self.fsync_failing) {
+            if self.cluster.pid(id).is_some() {
+                self.fiu_ctrl(id, &format!("disable name={FSYNC_FAILPOINTS}"))?;
+            } else {
+                self.killed.insert(id);
+            }
         }
         for id in std::mem::take(&mut self.filled) {
             let _ = std::fs::remove_file(self.cluster.data_dir(id).join("filler"));
@@ -583,6 +628,7 @@ fn main() -> anyhow::Result<()> {
         paused: BTreeSet::new(),
         wrapped: BTreeSet::new(),
         filled: BTreeSet::new(),
+        fsync_failing: BTreeSet::new(),
         delayers: Vec::new(),
     };
     for id in 1..=args.nodes {
@@ -603,6 +649,8 @@ fn main() -> anyhow::Result<()> {
     });
     let _ = hie_tests::hie(&["dev", "down", "--dir", &cluster.dir_str()]);
     unmount_disks(&cluster);
+    // libfiu's remote-control FIFOs of every node process that ran.
+    let _ = sh(&format!("rm -f {FIU_CTRL}-*"));
     result
 }
 

@@ -4,9 +4,9 @@
 #   tests/faults/run.sh --seconds N [--seed S] [--nodes 3|5] [--clients C] [--patients P]
 # Last line: faults: N injected, M operations, K acknowledged, L lost,
 #            V linearizability violations, converged
-# Needs root (namespaces, nft, tmpfs mounts). Installs nftables, iproute2,
-# faketime and fiu-utils from Debian if missing, and NetfilterQueue (for the
-# packet delayer, nfq_delay.py from ../shared/faultlab) into a venv.
+# Needs root (namespaces, nft, tmpfs mounts). Installs nftables, iptables,
+# iproute2, faketime and fiu-utils from Debian if missing, and NetfilterQueue
+# (for the packet delayer, nfq_delay.py from ../shared/faultlab) into a venv.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "$(id -u)" -ne 0 ]; then
@@ -15,6 +15,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 missing=""
 command -v nft >/dev/null 2>&1 || missing="$missing nftables"
+command -v iptables >/dev/null 2>&1 || missing="$missing iptables"
 command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
 command -v fiu-run >/dev/null 2>&1 || missing="$missing fiu-utils libfiu0"
 [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || missing="$missing faketime"
@@ -22,7 +23,8 @@ if [ -n "$missing" ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
-# The packet delayer (nft queue + NetfilterQueue; this kernel has no netem).
+# The packet delayer (iptables NFQUEUE + NetfilterQueue; this kernel has no
+# netem, and refuses nft's own queue expression).
 VENV="$HOME/.cache/hie-faults-venv"
 if ! "$VENV/bin/python" -c 'import netfilterqueue' 2>/dev/null; then
   apt-get update -qq

@@ -87,6 +87,9 @@ pub struct AuditLog {
     index: Arc<SideTable>,
     /// Set by a failed write or fsync, cleared by the next success.
     failing: Arc<AtomicBool>,
+    /// Set while the index is behind the log (it could not be written):
+    /// queries then also read the log past the index's high-water mark.
+    index_behind: Arc<AtomicBool>,
 }
 
 const HWM_KEY: &[u8] = b"\0hwm";
@@ -212,44 +215,57 @@ fn index_hwm(index: &SideTable) -> Result<(u64, u32), AuditError> {
     })
 }
 
-fn catch_up_index(dir: &Path, index: &SideTable) -> Result<u64, AuditError> {
-    let (hwm_seq, hwm_segment) = index_hwm(index)?;
-    let mut added = 0;
+/// Calls `each` with every complete record after the index high-water mark
+/// `hwm` (those the index had not seen), a segment at a time, with where it is.
+fn for_each_unindexed(
+    dir: &Path,
+    (hwm_seq, hwm_segment): (u64, u32),
+    mut each: impl FnMut(u32, Vec<(Record, Loc)>) -> Result<(), AuditError>,
+) -> Result<(), AuditError> {
     for (n, path) in chain::segments(dir).map_err(|e| io_err("listing", dir, e))? {
         if n < hwm_segment {
             continue;
         }
         let bytes = std::fs::read(&path).map_err(|e| io_err("reading", &path, e))?;
-        let mut entries = Vec::new();
-        let mut last = None;
+        let mut records = Vec::new();
         let mut offset = 0usize;
         for line in bytes.split_inclusive(|b| *b == b'\n') {
             let here = offset;
             offset += line.len();
+            // A line being written as we read has no newline yet, and fails.
             let Ok(record) = chain::parse_record(line.strip_suffix(b"\n").unwrap_or(line)) else { continue };
             if record.seq <= hwm_seq {
                 continue;
             }
             let recorded = recorded_millis(&record.event).unwrap_or(0);
             let loc = Loc { segment: n, offset: here as u64, len: line.len() as u32, recorded };
-            if let Some(e) = index_entry(&record, loc) {
-                entries.push(e);
-            }
-            last = Some(record.seq);
+            records.push((record, loc));
         }
-        if let Some(seq) = last {
-            added += entries.len() as u64;
-            let hwm = hwm_value(seq, n);
-            index
-                .put_all(
-                    entries
-                        .iter()
-                        .map(|(k, v)| (k.as_slice(), v.as_slice()))
-                        .chain(std::iter::once((HWM_KEY, hwm.as_slice()))),
-                )
-                .map_err(|e| AuditError::Open(e.to_string()))?;
+        if !records.is_empty() {
+            each(n, records)?;
         }
     }
+    Ok(())
+}
+
+/// Indexes records the index has not seen (written before a crash, or while
+/// the index could not be written).
+fn catch_up_index(dir: &Path, index: &SideTable) -> Result<u64, AuditError> {
+    let mut added = 0;
+    for_each_unindexed(dir, index_hwm(index)?, |segment, records| {
+        let last = records.last().map(|(r, _)| r.seq).expect("not empty");
+        let entries: Vec<_> = records.iter().filter_map(|(r, loc)| index_entry(r, *loc)).collect();
+        added += entries.len() as u64;
+        let hwm = hwm_value(last, segment);
+        index
+            .put_all(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                    .chain(std::iter::once((HWM_KEY, hwm.as_slice()))),
+            )
+            .map_err(|e| AuditError::Open(e.to_string()))
+    })?;
     Ok(added)
 }
 
@@ -273,6 +289,7 @@ impl AuditLog {
         tracing::info!(dir = %config.dir.display(), records = seq, segment, reindexed, "audit log open");
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_max);
         let failing = Arc::new(AtomicBool::new(false));
+        let index_behind = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             config: config.clone(),
             segment,
@@ -285,12 +302,13 @@ impl AuditLog {
             failing: failing.clone(),
             unsynced_since: None,
             index_behind: None,
+            index_behind_flag: index_behind.clone(),
         };
         let writer = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| AuditError::Open(format!("starting the writer thread: {e}")))?;
-        Ok(Arc::new(AuditLog { tx, writer: Some(writer), config, index, failing }))
+        Ok(Arc::new(AuditLog { tx, writer: Some(writer), config, index, failing, index_behind }))
     }
 
     pub fn dir(&self) -> &Path {
@@ -322,15 +340,20 @@ impl AuditLog {
 
     /// One patient's events on this node (blocking: call off the async threads).
     pub fn query_blocking(&self, q: &AuditQuery) -> Result<AuditPage, String> {
-        query(&self.index, &self.config.dir, q)
+        query(&self.index, &self.config.dir, self.index_behind.load(Ordering::Acquire), q)
     }
 }
 
-fn query(index: &SideTable, dir: &Path, q: &AuditQuery) -> Result<AuditPage, String> {
+/// `index_behind`: the index could not be written lately, so the records
+/// past its high-water mark are read from the log too.
+fn query(index: &SideTable, dir: &Path, index_behind: bool, q: &AuditQuery) -> Result<AuditPage, String> {
     {
         let key = patient_key(q.subject.as_str());
         let (since, until) = (q.since.map(|t| t.0), q.until.map(|t| t.0));
         let in_range = |loc: &Loc| since.is_none_or(|s| loc.recorded >= s) && until.is_none_or(|u| loc.recorded <= u);
+        // Read before the index is, so that a catch-up in between cannot
+        // hide a record from both.
+        let hwm = if index_behind { Some(index_hwm(index).map_err(|e| e.to_string())?) } else { None };
         let (found, truncated) = index
             .scan_prefix_rev(&key, q.limit as usize, |_, v| Loc::decode(v).is_some_and(|l| in_range(&l)))
             .map_err(|e| e.to_string())?;
@@ -362,6 +385,28 @@ fn query(index: &SideTable, dir: &Path, q: &AuditQuery) -> Result<AuditPage, Str
                 }
             }
         }
+        if let Some(hwm) = hwm {
+            let seen: std::collections::BTreeSet<u64> = events.iter().map(|(_, seq, _)| *seq).collect();
+            for_each_unindexed(dir, hwm, |_, records| {
+                for (r, loc) in records {
+                    if subject_of(&r.event) == Some(q.subject.as_str()) && in_range(&loc) && !seen.contains(&r.seq) {
+                        events.push((
+                            loc.recorded,
+                            r.seq,
+                            serde_json::to_string(&r.event).expect("a JSON value serialises"),
+                        ));
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
+            if events.len() > q.limit as usize {
+                // Keep the newest, as the index scan does.
+                events.sort_by_key(|(_, seq, _)| std::cmp::Reverse(*seq));
+                events.truncate(q.limit as usize);
+                page.truncated = true;
+            }
+        }
         // Concurrent requests are numbered in the order their records
         // reached the writer; answer in the order they were recorded.
         events.sort();
@@ -384,8 +429,9 @@ impl Drop for AuditLog {
 impl AuditSource for AuditLog {
     fn query(&self, q: AuditQuery) -> AuditFuture {
         let (index, dir) = (self.index.clone(), self.config.dir.clone());
+        let behind = self.index_behind.load(Ordering::Acquire);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || query(&index, &dir, &q)).await.map_err(|e| e.to_string())?
+            tokio::task::spawn_blocking(move || query(&index, &dir, behind, &q)).await.map_err(|e| e.to_string())?
         })
     }
 }
@@ -406,6 +452,8 @@ struct Writer {
     /// Set when an index write failed (the records are in the log; the
     /// index catches up from its high-water mark), with the last attempt.
     index_behind: Option<Instant>,
+    /// `index_behind.is_some()`, for queries.
+    index_behind_flag: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -490,6 +538,7 @@ impl Writer {
             Ok(n) => {
                 tracing::info!(records = n, "audit index caught up");
                 self.index_behind = None;
+                self.index_behind_flag.store(false, Ordering::Release);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "audit index still behind");
@@ -589,6 +638,7 @@ impl Writer {
                 tracing::error!(error = %e, "audit index write failed; records stay in the log and are indexed when it can be written");
                 self.metrics.audit_write_failures_total.inc();
                 self.index_behind = Some(Instant::now());
+                self.index_behind_flag.store(true, Ordering::Release);
             }
         }
         if let Err(e) = written {
@@ -602,5 +652,69 @@ impl Writer {
         self.seq = seq;
         self.prev = prev;
         Ok(start_seq + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hie_domain::Timestamp;
+    use hie_domain::mem::testkit::nhs;
+
+    use super::*;
+    use crate::{Access, Action, Context, audit_event};
+
+    fn event(patient: u32, at: i64) -> Event {
+        let access = Access {
+            subject: nhs(patient),
+            action: Action::Read,
+            interaction: "search-type",
+            resource: None,
+            emergency_reason: None,
+        };
+        let ctx = Context {
+            event_id: format!("1-{at}"),
+            caller_ods: "RX9",
+            caller_roles: vec!["consumer"],
+            request_id: "req-1",
+            node: "node-1 (north-east)",
+            recorded: Timestamp(at),
+            status: 200,
+            error_code: None,
+        };
+        audit_event(&access, &ctx)
+    }
+
+    /// While the index cannot be written, a query also reads the log past
+    /// the index's high-water mark, so the answer still holds every record.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_query_reads_the_log_past_an_index_that_is_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = AuditConfig::new(dir.path().join("audit"));
+        config.segment_bytes_max = 8 << 10; // records after the mark span segments
+        let log = AuditLog::open(config, Arc::new(Metrics::new())).unwrap();
+        for i in 0..60 {
+            log.append(event(i % 3, 1_000 + i as i64), false).await.unwrap();
+        }
+        let q = |limit| AuditQuery { subject: nhs(1), since: None, until: None, limit };
+        // An index that missed every write: a new, empty one (mark 0).
+        let empty = SideTable::open(&dir.path().join("empty-index")).unwrap();
+        let stale = query(&empty, log.dir(), false, &q(100)).unwrap();
+        assert!(stale.events.is_empty(), "the index alone knows nothing");
+        let behind = query(&empty, log.dir(), true, &q(100)).unwrap();
+        assert_eq!(behind.events.len(), 20);
+        assert!(!behind.truncated);
+        assert!(behind.events.iter().all(|e| e.contains(nhs(1).as_str())));
+        let times: Vec<i64> =
+            behind.events.iter().map(|e| recorded_millis(&serde_json::from_str(e).unwrap()).unwrap()).collect();
+        assert_eq!(times, (0..60).filter(|i| i % 3 == 1).map(|i| 1_000 + i).collect::<Vec<_>>());
+        // The limit holds, keeping the newest.
+        let limited = query(&empty, log.dir(), true, &q(5)).unwrap();
+        assert!(limited.truncated);
+        let kept: Vec<i64> =
+            limited.events.iter().map(|e| recorded_millis(&serde_json::from_str(e).unwrap()).unwrap()).collect();
+        assert_eq!(kept, vec![1_046, 1_049, 1_052, 1_055, 1_058]);
+        // With an index that is up to date, reading past it adds nothing twice.
+        let both = query(&log.index, log.dir(), true, &q(100)).unwrap();
+        assert_eq!(both.events, behind.events);
     }
 }

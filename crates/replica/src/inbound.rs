@@ -5,7 +5,7 @@ use std::sync::{Arc, OnceLock};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use hie_domain::raft::Raft;
-use hie_p2p::{ForwardError, Inbound, PeerId, ReadIndexError, Request, Response};
+use hie_p2p::{ForwardError, Inbound, PeerId, Request, Response};
 use openraft::raft::AppendEntriesResponse;
 
 use crate::freshness::ContactClock;
@@ -59,13 +59,9 @@ async fn handle(core: Arc<Core>, clock: Arc<ContactClock>, peer: PeerId, request
             core.metrics.audit_queries_total.with_label_values(&["in", label]).inc();
             Response::AuditQuery(result)
         }
-        Request::ReadIndex => Response::ReadIndex(match raft.get_read_log_id().await {
-            Ok((read_log_id, _)) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
-            Err(openraft::error::RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(ReadIndexError::NotLeader { leader: f.leader_id })
-            }
-            Err(e) => Err(ReadIndexError::NoQuorum(e.to_string())),
-        }),
+        // Followers' read-index requests share rounds with each other and
+        // with this node's own linearizable reads.
+        Request::ReadIndex => Response::ReadIndex(core.leader_read_index().await),
     }
 }
 

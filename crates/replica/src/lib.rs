@@ -6,6 +6,7 @@
 //!
 //! It knows nothing of HTTP or FHIR: the API crate calls it.
 
+mod coalesce;
 mod config;
 mod freshness;
 mod inbound;

@@ -15,6 +15,7 @@ use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::coalesce::Coalesce;
 use crate::config::ReplicaConfig;
 use crate::freshness::{ContactClock, Freshness};
 use crate::inbound::InboundHandler;
@@ -55,6 +56,49 @@ pub(crate) struct Core {
     pub(crate) write_timeout: Duration,
     pub(crate) stale_after: Duration,
     pub(crate) audit: Option<Arc<dyn AuditSource>>,
+    /// On the leader: rounds confirming leadership and naming the read
+    /// index, shared by concurrent linearizable reads (this node's and its
+    /// followers').
+    leader_rounds: Arc<Coalesce<Result<u64, ReadIndexError>>>,
+}
+
+impl Core {
+    /// This node, as leader: the index a linearizable read must wait for,
+    /// from a quorum round that started after this call.
+    pub(crate) async fn leader_read_index(&self) -> Result<u64, ReadIndexError> {
+        self.leader_rounds.call().await.unwrap_or_else(|| Err(ReadIndexError::NoQuorum("shutting down".into())))
+    }
+}
+
+/// One leadership round: a quorum confirms this node still leads, and the
+/// commit index at its start is the read index. Bounded by `timeout`: a
+/// round that hung would hold up every read waiting for the next one.
+async fn leader_round(raft: Raft, timeout: Duration) -> Result<u64, ReadIndexError> {
+    match tokio::time::timeout(timeout, raft.get_read_log_id()).await {
+        Err(_) => Err(ReadIndexError::NoQuorum("the leader could not confirm its quorum in time".into())),
+        Ok(Ok((read_log_id, _))) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
+        Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)))) => {
+            Err(ReadIndexError::NotLeader { leader: f.leader_id })
+        }
+        Ok(Err(e)) => Err(ReadIndexError::NoQuorum(e.to_string())),
+    }
+}
+
+/// One follower round: the current leader is asked for its read index over
+/// libp2p (its answer comes from a leader round of its own).
+async fn follower_round(raft: Raft, p2p: P2p, id: NodeId, timeout: Duration) -> Result<u64, ReadIndexError> {
+    let m = raft.metrics().borrow().clone();
+    let leader = m.current_leader;
+    let peer = leader
+        .filter(|l| *l != id)
+        .and_then(|l| m.membership_config.membership().get_node(&l).and_then(|n| n.peer_id.parse::<PeerId>().ok()));
+    let Some(peer) = peer else { return Err(ReadIndexError::NotLeader { leader }) };
+    match tokio::time::timeout(timeout, p2p.request(peer, Request::ReadIndex)).await {
+        Ok(Ok(Response::ReadIndex(r))) => r,
+        Ok(Ok(other)) => Err(ReadIndexError::NoQuorum(format!("unexpected answer {other:?}"))),
+        Ok(Err(e)) => Err(ReadIndexError::NoQuorum(e.to_string())),
+        Err(_) => Err(ReadIndexError::NoQuorum("the leader did not answer in time".into())),
+    }
 }
 
 pub struct Replica {
@@ -68,6 +112,9 @@ pub struct Replica {
     snapshots: Arc<hie_store::SnapshotCounters>,
     data_dir: std::path::PathBuf,
     seeds: HashSet<PeerId>,
+    /// On a follower: rounds asking the leader for its read index, shared
+    /// by concurrent linearizable reads.
+    follower_rounds: Arc<Coalesce<Result<u64, ReadIndexError>>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -195,12 +242,22 @@ impl Replica {
         let raft = Raft::new(config.node_id, Arc::new(raft_config), network, store.log, store.state_machine)
             .await
             .map_err(|e| anyhow_free::Error(format!("starting raft: {e}")))?;
+        let round_timeout = config.write_timeout;
+        let leader_rounds = {
+            let raft = raft.clone();
+            Coalesce::new(move || leader_round(raft.clone(), round_timeout))
+        };
+        let follower_rounds = {
+            let (raft, p2p, id) = (raft.clone(), p2p.clone(), config.node_id);
+            Coalesce::new(move || follower_round(raft.clone(), p2p.clone(), id, round_timeout))
+        };
         let core = Arc::new(Core {
             raft,
             metrics,
             write_timeout: config.write_timeout,
             stale_after: config.stale_after(),
             audit,
+            leader_rounds,
         });
         let _ = inbound.core.set(core.clone());
         let replica = Arc::new(Replica {
@@ -214,6 +271,7 @@ impl Replica {
             snapshots,
             data_dir: config.data_dir.clone(),
             seeds,
+            follower_rounds,
         });
         tokio::spawn(replica.clone().watch_membership(shutdown.clone()));
         tokio::spawn(replica.clone().refresh_stats(shutdown));
@@ -284,37 +342,35 @@ impl Replica {
 
     /// Waits until the local state reflects every write committed before this
     /// call (the leader's read index), so a read after it is linearizable.
+    /// Concurrent calls share leadership rounds (`coalesce`).
     pub async fn linearizable_barrier(&self) -> Result<u64, ReadError> {
         let deadline = Instant::now() + self.core.write_timeout;
         let no_quorum = |reason: String| ReadError::NoQuorum { reason };
         loop {
-            let m = self.core.raft.metrics().borrow().clone();
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(no_quorum("no leader confirmed a read index in time".into()));
             }
-            let index = if m.current_leader == Some(self.id) {
-                match tokio::time::timeout(remaining, self.core.raft.ensure_linearizable()).await {
-                    Err(_) => return Err(no_quorum("the leader could not confirm its quorum in time".into())),
-                    Ok(Ok(l)) => return Ok(l.map(|l| l.index).unwrap_or(0)),
-                    Ok(Err(e)) => return Err(no_quorum(e.to_string())),
+            let leads = self.core.raft.metrics().borrow().current_leader == Some(self.id);
+            let round = async {
+                if leads {
+                    self.core.leader_read_index().await
+                } else {
+                    self.follower_rounds
+                        .call()
+                        .await
+                        .unwrap_or_else(|| Err(ReadIndexError::NoQuorum("shutting down".into())))
                 }
-            } else {
-                let Some(leader) = m.current_leader.and_then(|l| self.member_peer(&m, l)) else {
+            };
+            let index = match tokio::time::timeout(remaining, round).await {
+                Err(_) => return Err(no_quorum("no leader confirmed a read index in time".into())),
+                Ok(Ok(i)) => i,
+                // No leader yet, or it moved: ask again shortly.
+                Ok(Err(ReadIndexError::NotLeader { .. })) => {
                     tokio::time::sleep(Duration::from_millis(50).min(remaining)).await;
                     continue;
-                };
-                match tokio::time::timeout(remaining, self.p2p.request(leader, Request::ReadIndex)).await {
-                    Ok(Ok(Response::ReadIndex(Ok(i)))) => i,
-                    Ok(Ok(Response::ReadIndex(Err(ReadIndexError::NotLeader { .. })))) => {
-                        tokio::time::sleep(Duration::from_millis(50).min(remaining)).await;
-                        continue;
-                    }
-                    Ok(Ok(Response::ReadIndex(Err(ReadIndexError::NoQuorum(r))))) => return Err(no_quorum(r)),
-                    Ok(Ok(other)) => return Err(no_quorum(format!("unexpected answer {other:?}"))),
-                    Ok(Err(e)) => return Err(no_quorum(e.to_string())),
-                    Err(_) => return Err(no_quorum("the leader did not answer in time".into())),
                 }
+                Ok(Err(ReadIndexError::NoQuorum(r))) => return Err(no_quorum(r)),
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
             return match self.core.raft.wait(Some(remaining)).applied_index_at_least(Some(index), "read index").await {
