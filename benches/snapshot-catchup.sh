@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Measures how long a new region takes to catch up by snapshot.
-# Starts a 3-region dev cluster preloaded with PATIENTS synthetic patients
-# (about 1.5 pointers each), takes a snapshot, adds a 4th region and reports
-# the time until it is ready and the snapshot install time from its log.
+# Measures how long a new region takes to catch up by snapshot, and what a
+# node costs per pointer. Starts a 3-region dev cluster preloaded with
+# PATIENTS synthetic patients (about 1.5 pointers each), reports each node's
+# disk (its RocksDB store, and its whole data directory) and resident memory
+# per pointer, takes a snapshot, adds a 4th region and reports the time until
+# it is ready and the snapshot install time from its log.
 # Usage: benches/snapshot-catchup.sh [PATIENTS]   (default 66667: ~100,000 pointers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +14,16 @@ PATIENTS="${1:-66667}"
 DIR="$(mktemp -d -t hie-catchup.XXXXXX)"
 trap '"$HIE_BIN" dev down --dir "$DIR" >/dev/null 2>&1 || true; rm -rf "$DIR"' EXIT
 "$HIE_BIN" dev up --dir "$DIR" --patients "$PATIENTS" --snapshot-logs-since-last 20000
+ADMIN=$(jq -r '.nodes[0].admin_url' "$DIR/cluster.json")
+POINTERS=$(curl -s "$ADMIN/metrics" | awk '$1 == "hie_pointers" { print $2 }')
+for d in "$DIR"/node-*/; do
+  pid=$(cat "$d/hie.pid")
+  store=$(du -sb "$d/store" | cut -f1); all=$(du -sb "$d" | cut -f1)
+  rss=$(awk '/^VmRSS/ { print $2 * 1024 }' "/proc/$pid/status")
+  printf '%s: %s pointers; store %.1f MB (%.0f bytes a pointer), data dir %.1f MB; resident %.1f MiB (%.0f bytes a pointer)\n' \
+    "$(basename "$d")" "$POINTERS" "$(echo "$store / 1000000" | bc -l)" "$(echo "$store / $POINTERS" | bc -l)" \
+    "$(echo "$all / 1000000" | bc -l)" "$(echo "$rss / 1048576" | bc -l)" "$(echo "$rss / $POINTERS" | bc -l)"
+done
 # Snapshot on the leader, so the learner receives (nearly) everything by snapshot.
 LEADER=$("$HIE_BIN" cluster status --cluster "$DIR/cluster.json" --json | jq .leader_id)
 "$HIE_BIN" cluster snapshot --cluster "$DIR/cluster.json" --node "$LEADER" >/dev/null

@@ -302,7 +302,12 @@ async fn consistency(headers: &HeaderMap, replica: &Replica) -> Result<(), ApiEr
 }
 
 fn fhir_json(status: StatusCode, body: &Value) -> Response {
-    let mut resp = (status, serde_json::to_string(body).unwrap_or_default()).into_response();
+    fhir_text(status, serde_json::to_string(body).unwrap_or_default())
+}
+
+/// A FHIR resource already rendered to JSON text.
+fn fhir_text(status: StatusCode, body: String) -> Response {
+    let mut resp = (status, body).into_response();
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
     resp
 }
@@ -412,7 +417,7 @@ fn written(status: StatusCode, st: &AppState, headers: &HeaderMap, p: &RecordPoi
             status,
             &operation_outcome("information", "informational", "RESOURCE_CREATED", &format!("pointer {} stored", p.id)),
         ),
-        _ => fhir_json(status, &fhir::document_reference(p)),
+        _ => fhir_text(status, fhir::document_reference_json(p)),
     };
     let h = resp.headers_mut();
     h.insert(header::ETAG, etag(p.version));
@@ -601,7 +606,7 @@ async fn read(
     if opted_out && pointer.custodian != caller.ods && !matches!(purpose, Purpose::BreakGlass(_)) {
         return Err(not_found());
     }
-    let mut resp = fhir_json(StatusCode::OK, &fhir::document_reference(&pointer));
+    let mut resp = fhir_text(StatusCode::OK, fhir::document_reference_json(&pointer));
     resp.headers_mut().insert(header::ETAG, etag(pointer.version));
     Ok(with_freshness(resp, &st.replica))
 }
@@ -765,8 +770,8 @@ async fn do_search(
     } else {
         None
     };
-    let body = fhir::searchset(base, total, &page, next);
-    Ok(with_freshness(fhir_json(StatusCode::OK, &body), &st.replica))
+    let body = fhir::searchset(base, total, &page, next.as_deref());
+    Ok(with_freshness(fhir_text(StatusCode::OK, body), &st.replica))
 }
 
 async fn record_holders(

@@ -4,6 +4,7 @@
 //!
 //! It knows nothing of HTTP or storage, so its parsers can be fuzzed alone.
 
+mod render;
 mod search;
 
 pub use search::{SearchLimits, SearchParams, parse_query, parse_search};
@@ -341,86 +342,24 @@ pub fn instant(t: Timestamp) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-fn coding_json(c: &Coding) -> Value {
-    let mut v = json!({ "system": c.system, "code": c.code });
-    if let Some(d) = &c.display {
-        v["display"] = json!(d);
-    }
-    v
-}
-
-fn snomed_json(code: &SnomedCode, display: &Option<String>) -> Value {
-    coding_json(&Coding { system: SnomedCode::SYSTEM.into(), code: code.as_str().into(), display: display.clone() })
-}
-
 pub fn ods_identifier(ods: &OdsCode) -> Value {
     json!({ "identifier": { "system": ODS_SYSTEM, "value": ods.as_str() } })
 }
 
 /// Renders a pointer as a FHIR R4 DocumentReference.
 pub fn document_reference(p: &RecordPointer) -> Value {
-    let mut doc = json!({
-        "resourceType": "DocumentReference",
-        "id": p.id.as_str(),
-        "meta": { "versionId": p.version.to_string(), "lastUpdated": instant(p.updated) },
-        "status": p.status.as_str(),
-        "type": { "coding": [snomed_json(&p.type_code, &p.type_display)] },
-        "category": [{ "coding": [snomed_json(&p.category, &p.category_display)] }],
-        "subject": { "identifier": { "system": NHS_NUMBER_SYSTEM, "value": p.subject.as_str() } },
-        "date": instant(p.created),
-        "author": [ods_identifier(&p.author)],
-        "custodian": ods_identifier(&p.custodian),
-        "content": p.content.iter().map(|c| {
-            let mut attachment = json!({ "contentType": c.content_type, "url": c.url });
-            if let Some(cr) = &c.creation { attachment["creation"] = json!(cr); }
-            let mut v = json!({ "attachment": attachment });
-            if let Some(f) = &c.format { v["format"] = coding_json(f); }
-            v
-        }).collect::<Vec<_>>(),
-    });
-    if let Some(m) = &p.master_identifier {
-        doc["masterIdentifier"] = json!({ "system": m.system, "value": m.value });
-    }
-    if let Some(r) = &p.replaces {
-        doc["relatesTo"] =
-            json!([{ "code": "replaces", "target": { "reference": format!("DocumentReference/{}", r.as_str()) } }]);
-    }
-    if let Some(ctx) = &p.context {
-        let mut c = json!({});
-        if let Some(ps) = &ctx.practice_setting {
-            c["practiceSetting"] = json!({ "coding": [coding_json(ps)] });
-        }
-        if ctx.period_start.is_some() || ctx.period_end.is_some() {
-            let mut period = json!({});
-            if let Some(s) = &ctx.period_start {
-                period["start"] = json!(s);
-            }
-            if let Some(e) = &ctx.period_end {
-                period["end"] = json!(e);
-            }
-            c["period"] = period;
-        }
-        doc["context"] = c;
-    }
-    doc
+    serde_json::to_value(render::DocumentReference::of(p)).expect("a DocumentReference serialises")
 }
 
-/// A searchset Bundle.
-pub fn searchset(base: &str, total: u64, pointers: &[RecordPointer], next: Option<String>) -> Value {
-    let mut bundle = json!({
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": total,
-        "entry": pointers.iter().map(|p| json!({
-            "fullUrl": format!("{base}/DocumentReference/{}", p.id.as_str()),
-            "resource": document_reference(p),
-            "search": { "mode": "match" },
-        })).collect::<Vec<_>>(),
-    });
-    if let Some(next) = next {
-        bundle["link"] = json!([{ "relation": "next", "url": next }]);
-    }
-    bundle
+/// The same DocumentReference as JSON text, without building a `Value`.
+pub fn document_reference_json(p: &RecordPointer) -> String {
+    serde_json::to_string(&render::DocumentReference::of(p)).expect("a DocumentReference serialises")
+}
+
+/// A searchset Bundle of pointers, as JSON text (rendered straight from the
+/// pointers: the hot path of every search).
+pub fn searchset(base: &str, total: u64, pointers: &[RecordPointer], next: Option<&str>) -> String {
+    serde_json::to_string(&render::Searchset::of(base, total, pointers, next)).expect("a Bundle serialises")
 }
 
 /// `$record-holders`: one `holder` per organisation with its pointer count.
@@ -500,6 +439,34 @@ mod tests {
         assert_eq!(again.pointer.subject, parsed.pointer.subject);
         assert_eq!(again.pointer.content, parsed.pointer.content);
         assert_eq!(again.pointer.master_identifier, parsed.pointer.master_identifier);
+    }
+
+    /// The searchset is rendered straight to text: it is well-formed FHIR
+    /// JSON with `resourceType` first, and each entry parses back.
+    #[test]
+    fn searchset_text() {
+        let mut v = sample("9434765919");
+        v["context"] = json!({ "period": { "start": "2026-01-01" } });
+        v["content"][0]["format"] = json!({ "system": "urn:x", "code": "f" });
+        let parsed = parse_document_reference(&serde_json::to_vec(&v).unwrap()).unwrap();
+        let pointers = vec![parsed.pointer.clone(), parsed.pointer];
+        let text =
+            searchset("https://n.example/fhir", 7, &pointers, Some("https://n.example/fhir/DocumentReference?next=t"));
+        assert!(text.starts_with(r#"{"resourceType":"Bundle","type":"searchset","total":7,"#), "{text}");
+        let b: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(b["link"][0]["relation"], "next");
+        assert_eq!(b["entry"].as_array().unwrap().len(), 2);
+        let e = &b["entry"][0];
+        assert_eq!(e["search"]["mode"], "match");
+        assert!(e["fullUrl"].as_str().unwrap().ends_with(e["resource"]["id"].as_str().unwrap()));
+        assert_eq!(e["resource"]["context"]["period"]["start"], "2026-01-01");
+        assert_eq!(e["resource"]["content"][0]["format"]["code"], "f");
+        assert!(e["resource"].get("relatesTo").is_none());
+        let again = parse_document_reference(&serde_json::to_vec(&e["resource"]).unwrap()).unwrap();
+        assert_eq!(again.pointer.content, pointers[0].content);
+        assert_eq!(again.pointer.context, pointers[0].context);
+        let empty = searchset("https://n.example/fhir", 0, &[], None);
+        assert_eq!(empty, r#"{"resourceType":"Bundle","type":"searchset","total":0,"entry":[]}"#);
     }
 
     #[test]
