@@ -11,9 +11,11 @@
 //! callers that arrived during it share the next.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use futures::FutureExt;
 use tokio::sync::oneshot;
 
 type Round<T> = Box<dyn Fn() -> Pin<Box<dyn Future<Output = T> + Send>> + Send + Sync>;
@@ -44,8 +46,8 @@ impl<T: Clone + Send + 'static> Coalesce<T> {
     }
 
     /// The result of a round that started after this call, shared with
-    /// every other caller waiting for the same round. `None` if the driver
-    /// went away (the runtime is shutting down).
+    /// every other caller waiting for the same round. `None` if that round
+    /// panicked or the driver went away (the runtime is shutting down).
     pub(crate) async fn call(self: &Arc<Self>) -> Option<T> {
         let (tx, rx) = oneshot::channel();
         let start = {
@@ -76,7 +78,13 @@ impl<T: Clone + Send + 'static> Coalesce<T> {
             if waiting.iter().all(|w| w.is_closed()) {
                 continue;
             }
-            let result = (self.round)().await;
+            // A round that panicked answers nobody (its callers see `None`),
+            // and the rounds go on: one bad round must not stall every
+            // later read.
+            let Ok(result) = AssertUnwindSafe((self.round)()).catch_unwind().await else {
+                tracing::error!("a coalesced round panicked; its callers are failed");
+                continue;
+            };
             for w in waiting {
                 let _ = w.send(result.clone());
             }
@@ -127,6 +135,25 @@ mod tests {
         let rounds = rounds.load(Ordering::SeqCst);
         assert!(rounds < 100, "200 callers over ~10 ms of 2 ms rounds ran {rounds} rounds");
         assert!(rounds >= 2);
+    }
+
+    /// A round that panics fails its callers, and later rounds still run.
+    #[tokio::test]
+    async fn a_panicking_round_fails_its_callers_only() {
+        let n = Arc::new(AtomicU64::new(0));
+        let c = {
+            let n = n.clone();
+            Coalesce::new(move || {
+                let n = n.clone();
+                async move {
+                    let i = n.fetch_add(1, Ordering::SeqCst);
+                    assert!(i != 0, "the first round fails");
+                    i
+                }
+            })
+        };
+        assert_eq!(c.call().await, None);
+        assert_eq!(c.call().await, Some(1));
     }
 
     /// A caller arriving after the rounds stopped starts them again.

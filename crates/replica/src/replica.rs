@@ -66,7 +66,10 @@ impl Core {
     /// This node, as leader: the index a linearizable read must wait for,
     /// from a quorum round that started after this call.
     pub(crate) async fn leader_read_index(&self) -> Result<u64, ReadIndexError> {
-        self.leader_rounds.call().await.unwrap_or_else(|| Err(ReadIndexError::NoQuorum("shutting down".into())))
+        self.leader_rounds
+            .call()
+            .await
+            .unwrap_or_else(|| Err(ReadIndexError::NoQuorum("the read-index round failed".into())))
     }
 }
 
@@ -359,7 +362,7 @@ impl Replica {
                     self.follower_rounds
                         .call()
                         .await
-                        .unwrap_or_else(|| Err(ReadIndexError::NoQuorum("shutting down".into())))
+                        .unwrap_or_else(|| Err(ReadIndexError::NoQuorum("the read-index round failed".into())))
                 }
             };
             let index = match tokio::time::timeout(remaining, round).await {
