@@ -320,10 +320,12 @@ impl Faults {
         }
         // The disk works again under the running process (if it survived:
         // a node whose storage fails stops, and is restarted below).
+        // One that cannot be told (it hangs) is restarted, which clears it.
         for id in std::mem::take(&mut self.fsync_failing) {
-            if self.cluster.pid(id).is_some() {
-                self.fiu_ctrl(id, &format!("disable name={FSYNC_FAILPOINTS}"))?;
-            } else {
+            let disabled = self.cluster.pid(id).is_some()
+                && self.fiu_ctrl(id, &format!("disable name={FSYNC_FAILPOINTS}")).is_ok();
+            if !disabled {
+                self.cluster.kill9(id);
                 self.killed.insert(id);
             }
         }

@@ -417,7 +417,7 @@ fn written(status: StatusCode, st: &AppState, headers: &HeaderMap, p: &RecordPoi
             status,
             &operation_outcome("information", "informational", "RESOURCE_CREATED", &format!("pointer {} stored", p.id)),
         ),
-        _ => fhir_text(status, fhir::document_reference_json(p)),
+        _ => fhir_text(status, fhir::document_reference(p)),
     };
     let h = resp.headers_mut();
     h.insert(header::ETAG, etag(p.version));
@@ -606,7 +606,7 @@ async fn read(
     if opted_out && pointer.custodian != caller.ods && !matches!(purpose, Purpose::BreakGlass(_)) {
         return Err(not_found());
     }
-    let mut resp = fhir_text(StatusCode::OK, fhir::document_reference_json(&pointer));
+    let mut resp = fhir_text(StatusCode::OK, fhir::document_reference(&pointer));
     resp.headers_mut().insert(header::ETAG, etag(pointer.version));
     Ok(with_freshness(resp, &st.replica))
 }

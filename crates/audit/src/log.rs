@@ -527,6 +527,12 @@ impl Writer {
         tracing::info!("audit writer stopped");
     }
 
+    /// Records whether (and since when) the index is behind, and tells queries.
+    fn set_index_behind(&mut self, since: Option<Instant>) {
+        self.index_behind = since;
+        self.index_behind_flag.store(since.is_some(), Ordering::Release);
+    }
+
     /// While the index is behind, tries (once per `retry_after`) to index
     /// the records written since its high-water mark.
     fn index_catch_up(&mut self) {
@@ -537,12 +543,11 @@ impl Writer {
         match catch_up_index(&self.config.dir, &self.index) {
             Ok(n) => {
                 tracing::info!(records = n, "audit index caught up");
-                self.index_behind = None;
-                self.index_behind_flag.store(false, Ordering::Release);
+                self.set_index_behind(None);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "audit index still behind");
-                self.index_behind = Some(Instant::now());
+                self.set_index_behind(Some(Instant::now()));
             }
         }
     }
@@ -637,8 +642,7 @@ impl Writer {
             if let Err(e) = indexed {
                 tracing::error!(error = %e, "audit index write failed; records stay in the log and are indexed when it can be written");
                 self.metrics.audit_write_failures_total.inc();
-                self.index_behind = Some(Instant::now());
-                self.index_behind_flag.store(true, Ordering::Release);
+                self.set_index_behind(Some(Instant::now()));
             }
         }
         if let Err(e) = written {

@@ -87,14 +87,17 @@ async fn leader_round(raft: Raft, timeout: Duration) -> Result<u64, ReadIndexErr
     }
 }
 
+/// The libp2p peer of member `id`, from the membership.
+fn member_peer(m: &openraft::RaftMetrics<NodeId, NodeInfo>, id: NodeId) -> Option<PeerId> {
+    m.membership_config.membership().get_node(&id).and_then(|n| n.peer_id.parse().ok())
+}
+
 /// One follower round: the current leader is asked for its read index over
 /// libp2p (its answer comes from a leader round of its own).
 async fn follower_round(raft: Raft, p2p: P2p, id: NodeId, timeout: Duration) -> Result<u64, ReadIndexError> {
     let m = raft.metrics().borrow().clone();
     let leader = m.current_leader;
-    let peer = leader
-        .filter(|l| *l != id)
-        .and_then(|l| m.membership_config.membership().get_node(&l).and_then(|n| n.peer_id.parse::<PeerId>().ok()));
+    let peer = leader.filter(|l| *l != id).and_then(|l| member_peer(&m, l));
     let Some(peer) = peer else { return Err(ReadIndexError::NotLeader { leader }) };
     match tokio::time::timeout(timeout, p2p.request(peer, Request::ReadIndex)).await {
         Ok(Ok(Response::ReadIndex(r))) => r,
@@ -383,10 +386,6 @@ impl Replica {
         }
     }
 
-    fn member_peer(&self, m: &openraft::RaftMetrics<NodeId, NodeInfo>, id: NodeId) -> Option<PeerId> {
-        m.membership_config.membership().get_node(&id).and_then(|n| n.peer_id.parse().ok())
-    }
-
     /// Writes a command: proposed here if this node leads, otherwise forwarded
     /// to the leader with the original caller. Answers within the write timeout.
     pub async fn write(&self, caller: &Caller, command: Command, request_id: &str) -> Result<Outcome, WriteError> {
@@ -403,7 +402,7 @@ impl Replica {
             if m.current_leader.is_some() && self.freshness().stale {
                 return Err(WriteError::NoQuorum { reason: "this node has lost contact with the leader".into() });
             }
-            let Some(leader) = m.current_leader.and_then(|l| self.member_peer(&m, l)) else {
+            let Some(leader) = m.current_leader.and_then(|l| member_peer(&m, l)) else {
                 // No leader known: wait for one (an election takes about one timeout).
                 let mut rx = self.core.raft.metrics();
                 let _ = tokio::time::timeout(remaining.min(Duration::from_millis(200)), rx.changed()).await;
