@@ -44,8 +44,6 @@ pub struct AuditSection {
     pub dir: Option<PathBuf>,
     #[serde(default = "defaults::audit_segment_bytes_max")]
     pub segment_bytes_max: u64,
-    #[serde(default = "defaults::audit_queue_max")]
-    pub queue_max: usize,
     #[serde(default = "defaults::audit_write_timeout_ms")]
     pub write_timeout_ms: u64,
     /// Records of reads are fsynced within this many ms (changes' at once).
@@ -284,9 +282,6 @@ pub mod defaults {
     pub fn audit_segment_bytes_max() -> u64 {
         64 << 20
     }
-    pub fn audit_queue_max() -> usize {
-        10_000
-    }
     pub fn audit_write_timeout_ms() -> u64 {
         2_000
     }
@@ -380,8 +375,8 @@ impl Config {
         if a.segment_bytes_max < 64 << 10 {
             bail!("audit.segment_bytes_max: must be at least 65536");
         }
-        if a.queue_max == 0 || a.query_events_max == 0 {
-            bail!("audit.queue_max and audit.query_events_max: must be 1 or more");
+        if a.query_events_max == 0 {
+            bail!("audit.query_events_max: must be 1 or more");
         }
         if a.sync_interval_ms == 0 || a.sync_interval_ms > 1_000 {
             bail!("audit.sync_interval_ms: must be 1 to 1000");
@@ -466,7 +461,6 @@ impl Config {
         let a = &self.audit;
         a.enabled.then(|| hie_audit::AuditConfig {
             segment_bytes_max: a.segment_bytes_max,
-            queue_max: a.queue_max,
             write_timeout: Duration::from_millis(a.write_timeout_ms),
             sync_interval: Duration::from_millis(a.sync_interval_ms),
             sync_every_access: a.sync_every_access,

@@ -1,14 +1,14 @@
-//! The audit log of one node: a writer thread appending records in batches
-//! (one write and one fsync per batch: group commit), a patient index in a
-//! side table, and queries over both.
+//! The audit log of one node: records appended on the requests' own threads
+//! (hashed, written and indexed under one lock), a syncer thread fsyncing
+//! them (one fsync for every record waiting: group commit), a patient index
+//! in a side table, and queries over both.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use hie_domain::audit::{AuditFuture, AuditPage, AuditQuery, AuditSource};
@@ -26,11 +26,7 @@ pub struct AuditConfig {
     pub dir: PathBuf,
     /// A segment file is closed and a new one started past this size.
     pub segment_bytes_max: u64,
-    /// Events waiting to be written; past this, requests fail (503).
-    pub queue_max: usize,
-    /// Most events written by one write and fsync.
-    pub batch_max: usize,
-    /// How long a request waits for its audit record to be written.
+    /// How long a durable append waits for its record to be fsynced.
     pub write_timeout: Duration,
     /// Records of reads are written (to the operating system) before the
     /// read is answered and fsynced within this interval; records of
@@ -38,8 +34,9 @@ pub struct AuditConfig {
     pub sync_interval: Duration,
     /// Fsync every record, reads' too, before answering.
     pub sync_every_access: bool,
-    /// After a failed write, how often the writer probes for space again
-    /// (requests that would change data are refused until a write succeeds).
+    /// After a failed write, how often the syncer thread probes for space
+    /// again (requests that would change data are refused until a write
+    /// succeeds); while the index is behind, how often it is retried.
     pub retry_after: Duration,
 }
 
@@ -48,8 +45,6 @@ impl AuditConfig {
         AuditConfig {
             dir,
             segment_bytes_max: 64 << 20,
-            queue_max: 10_000,
-            batch_max: 1024,
             write_timeout: Duration::from_secs(2),
             sync_interval: Duration::from_millis(10),
             sync_every_access: false,
@@ -62,8 +57,6 @@ impl AuditConfig {
 pub enum AuditError {
     #[error("the audit record could not be written: {0}")]
     Write(String),
-    #[error("the audit queue is full ({0} events waiting)")]
-    QueueFull(usize),
     #[error("the audit record was not written within {0} ms")]
     Timeout(u128),
     #[error("the audit log has stopped")]
@@ -72,24 +65,91 @@ pub enum AuditError {
     Open(String),
 }
 
-struct Job {
-    event: Event,
-    /// Acknowledge only once fsynced.
-    durable: bool,
-    ack: tokio::sync::oneshot::Sender<Result<u64, AuditError>>,
+pub struct AuditLog {
+    inner: Arc<Inner>,
+    /// Joined on drop, so the last records are fsynced and the index closed
+    /// before the process exits.
+    syncer: Option<std::thread::JoinHandle<()>>,
 }
 
-pub struct AuditLog {
-    tx: SyncSender<Job>,
-    /// Joined on drop, so the index is closed before the process exits.
-    writer: Option<std::thread::JoinHandle<()>>,
+/// What the appenders (request threads) and the syncer thread share.
+struct Inner {
     config: AuditConfig,
     index: Arc<SideTable>,
+    metrics: Arc<Metrics>,
+    /// The head of the chain, with the records chained and waiting to be
+    /// written. Held only while one record is hashed and queued.
+    chain: Mutex<Chain>,
+    /// The open segment and the last record written to it. Held by the
+    /// append that writes a group of records (the leader), and by the
+    /// syncer thread's upkeep.
+    head: Mutex<Head>,
     /// Set by a failed write or fsync, cleared by the next success.
-    failing: Arc<AtomicBool>,
-    /// Set while the index is behind the log (it could not be written):
-    /// queries then also read the log past the index's high-water mark.
-    index_behind: Arc<AtomicBool>,
+    failing: AtomicBool,
+    /// Set (under `head`) while the index is behind the log because it could
+    /// not be written: appends then skip it, the syncer thread retries it
+    /// from its high-water mark, and queries also read the log past that mark.
+    index_behind: AtomicBool,
+    /// Records written and not yet fsynced, for the syncer thread.
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    /// How far the log is known to be on disk, for durable appends.
+    synced: tokio::sync::watch::Sender<Synced>,
+}
+
+/// The head of the chain and the records waiting to be written.
+///
+/// Group commit without a thread hand-off: an append hashes its record onto
+/// the chain and queues it. If no append is writing, it becomes the leader:
+/// it writes every record queued (one `write` and one index batch), answers
+/// their appends, and goes on until the queue is empty. Under light load an
+/// append writes its own record; under heavy load records queue while a
+/// write is under way and go out together.
+struct Chain {
+    seq: u64,
+    prev: String,
+    waiting: Vec<Waiting>,
+    /// An append is writing (and will write everything queued).
+    writing: bool,
+}
+
+/// A record chained and waiting to be written.
+struct Waiting {
+    seq: u64,
+    hash: String,
+    line: Vec<u8>,
+    /// Its patient's index key (without the sequence number).
+    patient: [u8; 16],
+    recorded: i64,
+    /// How its append learns the outcome (`None` for the leader's own).
+    done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+}
+
+/// The open segment and the last record written to it.
+struct Head {
+    segment: u32,
+    file: Arc<File>,
+    len: u64,
+    seq: u64,
+    prev: String,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// The last record written and not yet fsynced, the file it is in, and
+    /// when the oldest record not yet fsynced was written.
+    unsynced: Option<(u64, Arc<File>, Instant)>,
+    /// A durable append is waiting: fsync now.
+    urgent: bool,
+    stop: bool,
+}
+
+/// Every record up to `seq` is on disk; `failures` counts failed fsyncs, so
+/// a durable append can tell one happened after it wrote its record.
+#[derive(Debug, Clone, Copy, Default)]
+struct Synced {
+    seq: u64,
+    failures: u64,
 }
 
 const HWM_KEY: &[u8] = b"\0hwm";
@@ -270,10 +330,12 @@ fn catch_up_index(dir: &Path, index: &SideTable) -> Result<u64, AuditError> {
 }
 
 impl AuditLog {
-    /// Opens (or creates) the log in `config.dir` and starts its writer thread.
+    /// Opens (or creates) the log in `config.dir` and starts its syncer thread.
     pub fn open(config: AuditConfig, metrics: Arc<Metrics>) -> Result<Arc<AuditLog>, AuditError> {
         std::fs::create_dir_all(&config.dir).map_err(|e| io_err("creating", &config.dir, e))?;
         let (segment, file, len, seq, prev) = open_head(&config.dir)?;
+        // Records a crashed process left in the page cache are on disk from here.
+        file.sync_data().map_err(|e| io_err("syncing", &chain::segment_path(&config.dir, segment), e))?;
         let index_dir = config.dir.join("index");
         let mut index = SideTable::open(&index_dir).map_err(|e| AuditError::Open(e.to_string()))?;
         if index_hwm(&index)?.0 > seq {
@@ -287,60 +349,77 @@ impl AuditLog {
         let index = Arc::new(index);
         let reindexed = catch_up_index(&config.dir, &index)?;
         tracing::info!(dir = %config.dir.display(), records = seq, segment, reindexed, "audit log open");
-        let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_max);
-        let failing = Arc::new(AtomicBool::new(false));
-        let index_behind = Arc::new(AtomicBool::new(false));
-        let writer = Writer {
-            config: config.clone(),
-            segment,
-            file,
-            len,
-            seq,
-            prev,
-            index: index.clone(),
+        let inner = Arc::new(Inner {
+            config,
+            index,
             metrics,
-            failing: failing.clone(),
-            unsynced_since: None,
-            index_behind: None,
-            index_behind_flag: index_behind.clone(),
+            chain: Mutex::new(Chain { seq, prev: prev.clone(), waiting: Vec::new(), writing: false }),
+            head: Mutex::new(Head { segment, file: Arc::new(file), len, seq, prev }),
+            failing: AtomicBool::new(false),
+            index_behind: AtomicBool::new(false),
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            synced: tokio::sync::watch::Sender::new(Synced { seq, failures: 0 }),
+        });
+        let syncer = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("audit-syncer".into())
+                .spawn(move || inner.run_syncer())
+                .map_err(|e| AuditError::Open(format!("starting the syncer thread: {e}")))?
         };
-        let writer = std::thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| AuditError::Open(format!("starting the writer thread: {e}")))?;
-        Ok(Arc::new(AuditLog { tx, writer: Some(writer), config, index, failing, index_behind }))
+        Ok(Arc::new(AuditLog { inner, syncer: Some(syncer) }))
     }
 
     pub fn dir(&self) -> &Path {
-        &self.config.dir
+        &self.inner.config.dir
     }
 
-    /// Appends an event and waits until it is written (`durable`: fsynced
-    /// too); its sequence number.
+    /// Appends an event and returns its sequence number once it is written
+    /// to the operating system, or (`durable`) once it is fsynced too.
+    ///
+    /// The record is hashed, written and indexed on the caller's thread, or
+    /// with others queued behind a write under way (see [`Chain`]), with no
+    /// hand-off to another thread. A durable append then waits for the
+    /// syncer thread's next fsync (one fsync serves every append waiting).
     pub async fn append(&self, event: Event, durable: bool) -> Result<u64, AuditError> {
-        let (ack, rx) = tokio::sync::oneshot::channel();
-        let durable = durable || self.config.sync_every_access;
-        self.tx.try_send(Job { event, durable, ack }).map_err(|e| match e {
-            TrySendError::Full(_) => AuditError::QueueFull(self.config.queue_max),
-            TrySendError::Disconnected(_) => AuditError::Stopped,
-        })?;
-        match tokio::time::timeout(self.config.write_timeout, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(AuditError::Stopped),
-            Err(_) => Err(AuditError::Timeout(self.config.write_timeout.as_millis())),
+        let inner = &self.inner;
+        let started = Instant::now();
+        let durable = durable || inner.config.sync_every_access;
+        // Taken before the write: any fsync failure after it fails this append.
+        let mut synced = inner.synced.subscribe();
+        let failures = synced.borrow_and_update().failures;
+        let seq = inner.write(event).await?;
+        if durable {
+            inner.request_sync();
+            let waited = tokio::time::timeout(
+                inner.config.write_timeout,
+                synced.wait_for(|s| s.failures != failures || s.seq >= seq),
+            )
+            .await;
+            match waited {
+                Ok(Ok(s)) if s.failures == failures => {}
+                Ok(Ok(_)) => return Err(AuditError::Write("fsync failed".into())),
+                Ok(Err(_)) => return Err(AuditError::Stopped),
+                Err(_) => return Err(AuditError::Timeout(inner.config.write_timeout.as_millis())),
+            }
         }
+        inner.metrics.audit_events_total.inc();
+        inner.metrics.audit_write_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(seq)
     }
 
     /// True from a failed write until a write or a probe succeeds: requests
     /// that would change data are refused before they do, rather than done
     /// and not audited.
     pub fn failing(&self) -> bool {
-        self.failing.load(Ordering::Acquire)
+        self.inner.failing.load(Ordering::Acquire)
     }
 
     /// One patient's events on this node (blocking: call off the async threads).
     pub fn query_blocking(&self, q: &AuditQuery) -> Result<AuditPage, String> {
-        query(&self.index, &self.config.dir, self.index_behind.load(Ordering::Acquire), q)
+        let inner = &self.inner;
+        query(&inner.index, &inner.config.dir, inner.index_behind.load(Ordering::Acquire), q)
     }
 }
 
@@ -416,140 +495,250 @@ fn query(index: &SideTable, dir: &Path, index_behind: bool, q: &AuditQuery) -> R
 }
 
 impl Drop for AuditLog {
-    /// Stops the writer (it finishes what it has) and waits for it.
+    /// Stops the syncer (it fsyncs what is written) and waits for it.
     fn drop(&mut self) {
-        let (closed, _) = std::sync::mpsc::sync_channel(0);
-        drop(std::mem::replace(&mut self.tx, closed));
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
+        self.inner.pending.lock().unwrap_or_else(PoisonError::into_inner).stop = true;
+        self.inner.wake.notify_all();
+        if let Some(syncer) = self.syncer.take() {
+            let _ = syncer.join();
         }
     }
 }
 
 impl AuditSource for AuditLog {
     fn query(&self, q: AuditQuery) -> AuditFuture {
-        let (index, dir) = (self.index.clone(), self.config.dir.clone());
-        let behind = self.index_behind.load(Ordering::Acquire);
+        let (index, dir) = (self.inner.index.clone(), self.inner.config.dir.clone());
+        let behind = self.inner.index_behind.load(Ordering::Acquire);
         Box::pin(async move {
             tokio::task::spawn_blocking(move || query(&index, &dir, behind, &q)).await.map_err(|e| e.to_string())?
         })
     }
 }
 
-/// The writer thread's state: the open segment and the head of the chain.
-struct Writer {
-    config: AuditConfig,
-    segment: u32,
-    file: File,
-    len: u64,
-    seq: u64,
-    prev: String,
-    index: Arc<SideTable>,
-    metrics: Arc<Metrics>,
-    failing: Arc<AtomicBool>,
-    /// When the oldest record not yet fsynced was written.
-    unsynced_since: Option<Instant>,
-    /// Set when an index write failed (the records are in the log; the
-    /// index catches up from its high-water mark), with the last attempt.
-    index_behind: Option<Instant>,
-    /// `index_behind.is_some()`, for queries.
-    index_behind_flag: Arc<AtomicBool>,
-}
+impl Inner {
+    fn head(&self) -> Result<MutexGuard<'_, Head>, String> {
+        // A panic while the head was held may have left it half-updated:
+        // fail closed rather than chain onto it.
+        self.head.lock().map_err(|_| "the audit log is unusable after an internal error; restart the node".into())
+    }
 
-impl Writer {
-    fn run(mut self, rx: Receiver<Job>) {
-        loop {
-            let failing = self.failing.load(Ordering::Acquire);
-            // Written records not yet fsynced are fsynced when the interval
-            // since the oldest of them has passed, or sooner with a change.
-            let wait = if failing {
-                Some(self.config.retry_after)
+    /// Chains one record and sees it written (by this append, or by the
+    /// one writing when it was queued); its sequence number.
+    async fn write(&self, event: Event) -> Result<u64, AuditError> {
+        let patient = patient_key(&event.subject);
+        let (seq, follow) = {
+            // Nothing below can panic half-way through, so a poisoned lock
+            // still holds a consistent chain.
+            let mut c = self.chain.lock().unwrap_or_else(PoisonError::into_inner);
+            let seq = c.seq + 1;
+            let (line, hash) = chain::record_line(seq, &c.prev, &event.json);
+            c.prev.clone_from(&hash);
+            c.seq = seq;
+            let lead = !c.writing;
+            let (done, follow) = if lead {
+                c.writing = true;
+                (None, None)
             } else {
-                self.unsynced_since.map(|t| self.config.sync_interval.saturating_sub(t.elapsed()))
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                (Some(tx), Some(rx))
             };
-            let first = match wait {
-                Some(w) => match rx.recv_timeout(w) {
-                    Ok(j) => j,
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        if failing {
-                            self.probe();
-                        } else {
-                            self.sync();
-                        }
-                        self.index_catch_up();
-                        continue;
+            c.waiting.push(Waiting { seq, hash, line, patient, recorded: event.recorded, done });
+            (seq, follow)
+        };
+        let outcome = match follow {
+            None => self.lead(),
+            Some(rx) => rx.await.map_err(|_| AuditError::Stopped)?,
+        };
+        outcome.map(|()| seq).map_err(AuditError::Write)
+    }
+
+    /// Writes groups of queued records until none is left; the outcome of
+    /// the first group, which holds the leader's own record.
+    fn lead(&self) -> Result<(), String> {
+        let mut own = None;
+        loop {
+            let group = {
+                let mut c = self.chain.lock().unwrap_or_else(PoisonError::into_inner);
+                if c.waiting.is_empty() {
+                    c.writing = false;
+                    break;
+                }
+                std::mem::take(&mut c.waiting)
+            };
+            let outcome = self.write_group(&group).map_err(|(e, written)| {
+                // Records queued since were chained onto the ones that
+                // failed: fail them too, and chain on from the last record
+                // written.
+                let mut c = self.chain.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some((seq, prev)) = written {
+                    c.seq = seq;
+                    c.prev = prev;
+                }
+                for w in c.waiting.drain(..) {
+                    if let Some(done) = w.done {
+                        let _ = done.send(Err(e.clone()));
                     }
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                },
-                None => match rx.recv() {
-                    Ok(j) => j,
-                    Err(_) => break,
-                },
-            };
-            let mut jobs = vec![first];
-            while jobs.len() < self.config.batch_max {
-                match rx.try_recv() {
-                    Ok(j) => jobs.push(j),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+                e
+            });
+            for w in group {
+                if let Some(done) = w.done {
+                    let _ = done.send(outcome.clone());
                 }
             }
-            let started = Instant::now();
-            let durable = jobs.iter().any(|j| j.durable);
-            let (events, acks): (Vec<Event>, Vec<_>) = jobs.into_iter().map(|j| (j.event, j.ack)).unzip();
-            let mut result = self.write_batch(events);
-            if let Err(e) = &result {
-                tracing::error!(error = %e, events = acks.len(), "audit write failed; failing the requests (fail closed)");
+            own.get_or_insert(outcome);
+        }
+        own.expect("the leader's own record is in the first group")
+    }
+
+    /// Writes a group of chained records with one `write` and indexes them
+    /// with one batch. On a failed write the segment is cut back to where it
+    /// was, so the chain on disk never holds a record whose request failed;
+    /// the error comes with the last record written (seq and hash).
+    fn write_group(&self, group: &[Waiting]) -> Result<(), (String, Option<(u64, String)>)> {
+        let mut head = self.head().map_err(|e| (e, None))?;
+        let fail = |head: &Head, e: String| (e, Some((head.seq, head.prev.clone())));
+        if head.len >= self.config.segment_bytes_max {
+            if let Err(e) = self.roll(&mut head) {
                 self.mark_failed();
-            } else if (durable || self.unsynced_since.is_some_and(|t| t.elapsed() >= self.config.sync_interval))
-                && !self.sync()
-            {
-                result = Err("fsync failed".into());
-            }
-            self.metrics.audit_write_seconds.observe(started.elapsed().as_secs_f64());
-            self.index_catch_up();
-            match result {
-                Ok(first_seq) => {
-                    if self.failing.swap(false, Ordering::AcqRel) {
-                        tracing::info!("audit log writable again");
-                    }
-                    self.metrics.audit_events_total.inc_by(acks.len() as u64);
-                    for (i, ack) in acks.into_iter().enumerate() {
-                        let _ = ack.send(Ok(first_seq + i as u64));
-                    }
-                }
-                Err(e) => {
-                    for ack in acks {
-                        let _ = ack.send(Err(AuditError::Write(e.clone())));
-                    }
-                }
+                return Err(fail(&head, format!("starting a new segment: {e}")));
             }
         }
-        tracing::info!("audit writer stopped");
-    }
-
-    /// Records whether (and since when) the index is behind, and tells queries.
-    fn set_index_behind(&mut self, since: Option<Instant>) {
-        self.index_behind = since;
-        self.index_behind_flag.store(since.is_some(), Ordering::Release);
-    }
-
-    /// While the index is behind, tries (once per `retry_after`) to index
-    /// the records written since its high-water mark.
-    fn index_catch_up(&mut self) {
-        let Some(last) = self.index_behind else { return };
-        if last.elapsed() < self.config.retry_after {
-            return;
+        let mut buf = Vec::with_capacity(group.iter().map(|w| w.line.len()).sum());
+        let mut index = Vec::with_capacity(group.len());
+        for w in group {
+            let loc = Loc {
+                segment: head.segment,
+                offset: head.len + buf.len() as u64,
+                len: w.line.len() as u32,
+                recorded: w.recorded,
+            };
+            let mut key = w.patient.to_vec();
+            key.extend_from_slice(&w.seq.to_be_bytes());
+            index.push((key, loc.encode()));
+            buf.extend_from_slice(&w.line);
         }
-        match catch_up_index(&self.config.dir, &self.index) {
-            Ok(n) => {
-                tracing::info!(records = n, "audit index caught up");
-                self.set_index_behind(None);
+        if let Err(e) = (&*head.file).write_all(&buf) {
+            tracing::error!(error = %e, records = group.len(), "audit write failed; failing the requests (fail closed)");
+            self.mark_failed();
+            if let Err(cut) = head.file.set_len(head.len).and_then(|_| head.file.sync_data()) {
+                tracing::error!(error = %cut, "could not cut the audit segment back after a failed write");
+            }
+            return Err(fail(&head, e.to_string()));
+        }
+        let last = group.last().expect("a group is never empty");
+        head.len += buf.len() as u64;
+        head.seq = last.seq;
+        head.prev.clone_from(&last.hash);
+        if !self.index_behind.load(Ordering::Acquire) {
+            // The records are in the log, which is what the requests need;
+            // the index is derived from it and catches up once it can be
+            // written (a full disk stops its flushes, and RocksDB then
+            // refuses writes until it recovers). Its high-water mark is moved
+            // by the syncer thread, after each fsync.
+            if let Err(e) = self.index.put_all(index.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))) {
+                tracing::error!(error = %e, "audit index write failed; records stay in the log and are indexed when it can be written");
+                self.metrics.audit_write_failures_total.inc();
+                self.index_behind.store(true, Ordering::Release);
+                self.wake.notify_all();
+            }
+        }
+        {
+            let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            let since = p.unsynced.as_ref().map(|(_, _, t)| *t);
+            p.unsynced = Some((head.seq, head.file.clone(), since.unwrap_or_else(Instant::now)));
+            if since.is_none() {
+                self.wake.notify_all();
+            }
+        }
+        drop(head);
+        if self.failing.swap(false, Ordering::AcqRel) {
+            tracing::info!("audit log writable again");
+        }
+        Ok(())
+    }
+
+    /// Asks the syncer thread to fsync now (a durable append is waiting).
+    fn request_sync(&self) {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner).urgent = true;
+        self.wake.notify_all();
+    }
+
+    /// The syncer thread: fsyncs written records within `sync_interval`
+    /// (at once when a durable append waits), and while the log is failing
+    /// or its index behind, retries them every `retry_after`.
+    fn run_syncer(&self) {
+        let mut last_repair = Instant::now();
+        let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let now = Instant::now();
+            if let Some((seq, file, since)) = &p.unsynced {
+                if p.urgent || p.stop || now >= *since + self.config.sync_interval {
+                    let (seq, file) = (*seq, file.clone());
+                    p.unsynced = None;
+                    p.urgent = false;
+                    drop(p);
+                    self.sync(seq, &file);
+                    p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                    continue;
+                }
+            } else if p.stop {
+                break;
+            }
+            let troubled = self.failing.load(Ordering::Acquire) || self.index_behind.load(Ordering::Acquire);
+            if troubled && now >= last_repair + self.config.retry_after {
+                drop(p);
+                self.repair();
+                last_repair = Instant::now();
+                p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            let mut wait =
+                if troubled { (last_repair + self.config.retry_after) - now } else { Duration::from_secs(3600) };
+            if let Some((_, _, since)) = &p.unsynced {
+                wait = wait.min((*since + self.config.sync_interval).saturating_duration_since(now));
+            }
+            p = self.wake.wait_timeout(p, wait).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        tracing::info!("audit syncer stopped");
+    }
+
+    /// Fsyncs `file`, which holds every record up to `seq` not yet fsynced,
+    /// and tells the durable appends waiting.
+    fn sync(&self, seq: u64, file: &File) {
+        match file.sync_data() {
+            Ok(()) => {
+                self.synced.send_modify(|s| s.seq = s.seq.max(seq));
+                self.move_index_hwm();
             }
             Err(e) => {
-                tracing::warn!(error = %e, "audit index still behind");
-                self.set_index_behind(Some(Instant::now()));
+                // Records already answered may not be on disk: say so loudly;
+                // `hie audit verify` shows what survived.
+                tracing::error!(error = %e, "audit fsync failed; records written since the last fsync may be lost");
+                self.fsync_failed();
             }
         }
+    }
+
+    /// Records in the index that every record up to the head is indexed
+    /// (unless it is behind), so a restart re-indexes only what came after.
+    /// Index entries past the mark are harmless: re-indexing rewrites them.
+    fn move_index_hwm(&self) {
+        let Ok(head) = self.head() else { return };
+        if self.index_behind.load(Ordering::Acquire) {
+            return;
+        }
+        let hwm = hwm_value(head.seq, head.segment);
+        if let Err(e) = self.index.put_all([(HWM_KEY, hwm.as_slice())]) {
+            tracing::error!(error = %e, "audit index write failed; records stay in the log and are indexed when it can be written");
+            self.metrics.audit_write_failures_total.inc();
+            self.index_behind.store(true, Ordering::Release);
+        }
+    }
+
+    fn fsync_failed(&self) {
+        self.mark_failed();
+        self.synced.send_modify(|s| s.failures += 1);
     }
 
     /// Counts a failed write or fsync; requests that would change data are
@@ -559,103 +748,61 @@ impl Writer {
         self.failing.store(true, Ordering::Release);
     }
 
-    /// Fsyncs what was written; false (and failing) if that fails.
-    fn sync(&mut self) -> bool {
-        match self.file.sync_data() {
-            Ok(()) => {
-                self.unsynced_since = None;
-                true
-            }
-            Err(e) => {
-                // Records already answered may not be on disk: say so loudly;
-                // `hie audit verify` shows what survived.
-                tracing::error!(error = %e, "audit fsync failed; records written since the last fsync may be lost");
-                self.mark_failed();
-                false
-            }
+    /// While failing: is there room again? While the index is behind: index
+    /// what it missed.
+    fn repair(&self) {
+        if self.failing.load(Ordering::Acquire) {
+            self.probe();
+        }
+        if self.index_behind.load(Ordering::Acquire) {
+            self.index_catch_up();
         }
     }
 
-    /// While failing with no requests coming: is there room again? Writes
-    /// a block past the end of the segment, fsyncs, and cuts it off again.
-    fn probe(&mut self) {
-        let ok = self.file.write_all(&[b'\n'; 4096]).and_then(|_| self.file.sync_data()).is_ok();
-        if let Err(e) = self.file.set_len(self.len).and_then(|_| self.file.sync_data()) {
+    /// Writes a block past the end of the segment, fsyncs, and cuts it off again.
+    fn probe(&self) {
+        let Ok(head) = self.head() else { return };
+        let ok = (&*head.file).write_all(&[b'\n'; 4096]).and_then(|_| head.file.sync_data()).is_ok();
+        if let Err(e) = head.file.set_len(head.len).and_then(|_| head.file.sync_data()) {
             tracing::error!(error = %e, "could not cut the audit segment back after a probe");
             return;
         }
-        if ok {
-            self.failing.store(false, Ordering::Release);
+        if ok && self.failing.swap(false, Ordering::AcqRel) {
             tracing::info!("audit log writable again (probe)");
         }
     }
 
-    fn roll(&mut self) -> std::io::Result<()> {
-        self.file.sync_data()?;
-        let next = self.segment + 1;
+    /// Indexes the records written since the index's high-water mark: most
+    /// of them without the lock, then the last few under it, where the
+    /// appends are told to index again.
+    fn index_catch_up(&self) {
+        let caught_up = catch_up_index(&self.config.dir, &self.index).and_then(|_| {
+            let Ok(_head) = self.head() else { return Err(AuditError::Stopped) };
+            let n = catch_up_index(&self.config.dir, &self.index)?;
+            self.index_behind.store(false, Ordering::Release);
+            Ok(n)
+        });
+        match caught_up {
+            Ok(_) => tracing::info!("audit index caught up"),
+            Err(e) => tracing::warn!(error = %e, "audit index still behind"),
+        }
+    }
+
+    /// Closes the segment (fsynced) and starts the next.
+    fn roll(&self, head: &mut Head) -> std::io::Result<()> {
+        if let Err(e) = head.file.sync_data() {
+            // Fails the durable appends waiting (the caller marks the log failing).
+            self.synced.send_modify(|s| s.failures += 1);
+            return Err(e);
+        }
+        let next = head.segment + 1;
         let path = chain::segment_path(&self.config.dir, next);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         sync_dir(&self.config.dir)?;
-        self.segment = next;
-        self.file = file;
-        self.len = 0;
+        head.segment = next;
+        head.file = Arc::new(file);
+        head.len = 0;
         Ok(())
-    }
-
-    /// Writes the batch as one append and one fsync, then indexes it. On any
-    /// failure the segment is cut back to where it was, so the chain on disk
-    /// never holds a record whose request failed.
-    fn write_batch(&mut self, events: Vec<Event>) -> Result<u64, String> {
-        if self.len >= self.config.segment_bytes_max {
-            self.roll().map_err(|e| format!("starting a new segment: {e}"))?;
-        }
-        let (start_seq, start_prev, start_len) = (self.seq, self.prev.clone(), self.len);
-        let mut buf = Vec::with_capacity(events.len() * 2048);
-        let mut index = Vec::with_capacity(events.len());
-        let (mut seq, mut prev) = (start_seq, start_prev.clone());
-        for event in events {
-            seq += 1;
-            let (line, hash) = chain::record_line(seq, &prev, &event.json);
-            let loc = Loc {
-                segment: self.segment,
-                offset: start_len + buf.len() as u64,
-                len: line.len() as u32,
-                recorded: event.recorded,
-            };
-            index.push((index_key(&event.subject, seq), loc.encode()));
-            buf.extend_from_slice(&line);
-            prev = hash;
-        }
-        let hwm = hwm_value(seq, self.segment);
-        let written = self.file.write_all(&buf).map_err(|e| e.to_string());
-        if written.is_ok() && self.index_behind.is_none() {
-            let indexed = self.index.put_all(
-                index
-                    .iter()
-                    .map(|(k, v)| (k.as_slice(), v.as_slice()))
-                    .chain(std::iter::once((HWM_KEY, hwm.as_slice()))),
-            );
-            // The record is in the log, which is what the request needs; the
-            // index is derived from it and catches up once it can be written
-            // (a full disk stops its flushes, and RocksDB then refuses writes
-            // until it recovers).
-            if let Err(e) = indexed {
-                tracing::error!(error = %e, "audit index write failed; records stay in the log and are indexed when it can be written");
-                self.metrics.audit_write_failures_total.inc();
-                self.set_index_behind(Some(Instant::now()));
-            }
-        }
-        if let Err(e) = written {
-            if let Err(cut) = self.file.set_len(start_len).and_then(|_| self.file.sync_data()) {
-                tracing::error!(error = %cut, "could not cut the audit segment back after a failed write");
-            }
-            return Err(e);
-        }
-        self.len = start_len + buf.len() as u64;
-        self.unsynced_since.get_or_insert_with(Instant::now);
-        self.seq = seq;
-        self.prev = prev;
-        Ok(start_seq + 1)
     }
 }
 
@@ -718,7 +865,7 @@ mod tests {
             limited.events.iter().map(|e| recorded_millis(&serde_json::from_str(e).unwrap()).unwrap()).collect();
         assert_eq!(kept, vec![1_046, 1_049, 1_052, 1_055, 1_058]);
         // With an index that is up to date, reading past it adds nothing twice.
-        let both = query(&log.index, log.dir(), true, &q(100)).unwrap();
+        let both = query(&log.inner.index, log.dir(), true, &q(100)).unwrap();
         assert_eq!(both.events, behind.events);
     }
 }

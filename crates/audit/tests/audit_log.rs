@@ -34,7 +34,6 @@ fn event(subject: &NhsNumber, at: i64, emergency: bool) -> hie_audit::Event {
 fn open(dir: &std::path::Path) -> Arc<AuditLog> {
     let mut config = AuditConfig::new(dir.to_owned());
     config.segment_bytes_max = 8 << 10; // several segments in a test
-    config.batch_max = 8; // a segment grows past its limit by at most a batch
     AuditLog::open(config, Arc::new(Metrics::new())).unwrap()
 }
 

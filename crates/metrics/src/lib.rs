@@ -225,13 +225,13 @@ impl Metrics {
             audit_events_total: reg!(counter("hie_audit_events_total", "Audit events written.")),
             audit_write_failures_total: reg!(counter(
                 "hie_audit_write_failures_total",
-                "Audit batches that could not be written; their requests failed (fail closed)."
+                "Failed audit writes, fsyncs and index writes (a failed write or fsync fails its requests: fail closed)."
             )),
             audit_write_seconds: reg!(
                 Histogram::with_opts(
                     HistogramOpts::new(
                         "hie_audit_write_seconds",
-                        "Time to write one batch of audit events (and fsync it when due)."
+                        "Time for one audit record to be acknowledged: written to the OS, and for a change fsynced too."
                     )
                     .buckets(LATENCY_BUCKETS.to_vec())
                 )

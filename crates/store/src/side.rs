@@ -22,6 +22,13 @@ impl SideTable {
         o.set_manifest_preallocation_size(64 << 10);
         o.set_max_open_files(64);
         o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // Written on every audited request and read rarely (a "who looked"
+        // query): a vector memtable makes a put an append, where a skip list
+        // costs a search through the memtable for every key; a read sorts
+        // the (at most write_buffer_size) memtable instead. Writes to it
+        // must not be concurrent, so RocksDB serialises them.
+        o.set_memtable_factory(rocksdb::MemtableFactory::Vector);
+        o.set_allow_concurrent_memtable_write(false);
         Ok(SideTable { db: DB::open(&o, dir)? })
     }
 
