@@ -51,6 +51,7 @@ pub struct Metrics {
     pub patients: IntGauge,
     pub rocksdb_size_bytes: IntGauge,
     pub rocksdb_memtable_bytes: IntGauge,
+    pub reads_from_disk_total: IntCounter,
 
     pub p2p_connected_peers: IntGauge,
     pub p2p_refused_connections_total: IntCounter,
@@ -209,6 +210,10 @@ impl Metrics {
             patients: reg!(gauge("hie_patients", "Patients in this replica's index (estimate).")),
             rocksdb_size_bytes: reg!(gauge("hie_rocksdb_size_bytes", "Size of the RocksDB SST files.")),
             rocksdb_memtable_bytes: reg!(gauge("hie_rocksdb_memtable_bytes", "Bytes in RocksDB memtables.")),
+            reads_from_disk_total: reg!(counter(
+                "hie_reads_from_disk_total",
+                "Local reads that needed the disk (not all in memory), so ran again on a blocking thread."
+            )),
             p2p_connected_peers: reg!(gauge("hie_p2p_connected_peers", "Peers with an open libp2p connection.")),
             p2p_refused_connections_total: reg!(counter(
                 "hie_p2p_refused_connections_total",

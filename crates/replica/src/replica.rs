@@ -333,12 +333,19 @@ impl Replica {
         Freshness { applied_index: applied, stale, replication_lag_ms: lag, behind_entries: behind }
     }
 
-    /// Runs a read against the local replica on a blocking thread.
+    /// Runs a read against the local replica: here, if everything it needs
+    /// is in memory (the usual case: a few microseconds, and no hand-off to
+    /// another thread and back); otherwise again on a blocking thread, so
+    /// that a read from disk never holds up an async thread.
     pub async fn read<T, F>(&self, f: F) -> Result<T, ReadError>
     where
         T: Send + 'static,
-        F: FnOnce(&ReadView) -> Result<T, hie_store::StoreError> + Send + 'static,
+        F: Fn(&ReadView) -> Result<T, hie_store::StoreError> + Send + 'static,
     {
+        match f(&self.reads.memory_only()) {
+            Err(hie_store::StoreError::WouldBlock) => self.core.metrics.reads_from_disk_total.inc(),
+            done => return done.map_err(|e| ReadError::Storage { reason: e.to_string() }),
+        }
         let reads = self.reads.clone();
         tokio::task::spawn_blocking(move || f(&reads))
             .await

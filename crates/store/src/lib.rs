@@ -37,6 +37,17 @@ pub enum StoreError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("snapshot rejected: {0}")]
     BadSnapshot(String),
+    /// A memory-only read needed the disk (see `ReadView::memory_only`).
+    #[error("the read needs the disk")]
+    WouldBlock,
+}
+
+impl StoreError {
+    /// A read's error: RocksDB's "incomplete" (the data is not in memory,
+    /// and the read was told not to go to disk) is [`StoreError::WouldBlock`].
+    fn from_read(e: rocksdb::Error) -> StoreError {
+        if e.kind() == rocksdb::ErrorKind::Incomplete { StoreError::WouldBlock } else { StoreError::Rocks(e) }
+    }
 }
 
 /// Named limits and tuning of the store.

@@ -329,24 +329,44 @@ pub struct StateStats {
     pub memtable_bytes: u64,
 }
 
-/// Reads from the local replica. All methods block: call them from a
-/// blocking thread.
+/// Reads from the local replica. Methods may block on disk: call them from
+/// a blocking thread, or on a [`ReadView::memory_only`] view, which never
+/// touches the disk.
 #[derive(Clone)]
 pub struct ReadView {
     db: Arc<DB>,
+    /// Read only what is in memory (memtables and the block cache); a read
+    /// that would need the disk fails with [`StoreError::WouldBlock`].
+    memory_only: bool,
 }
 
 impl ReadView {
     pub(crate) fn new(db: Arc<DB>) -> Self {
-        ReadView { db }
+        ReadView { db, memory_only: false }
+    }
+
+    /// The same view, answering only from memory, so that it can be called
+    /// on an async thread: a read that would need the disk fails with
+    /// [`StoreError::WouldBlock`] instead of blocking, and is then made
+    /// again from a blocking thread.
+    pub fn memory_only(&self) -> ReadView {
+        ReadView { db: self.db.clone(), memory_only: true }
     }
 
     pub(crate) fn db(&self) -> &DB {
         &self.db
     }
 
+    fn options(&self) -> rocksdb::ReadOptions {
+        let mut o = rocksdb::ReadOptions::default();
+        if self.memory_only {
+            o.set_read_tier(rocksdb::ReadTier::BlockCache);
+        }
+        o
+    }
+
     fn get<T: DeserializeOwned>(&self, cf_name: &'static str, key: &[u8]) -> Result<Option<T>, StoreError> {
-        match self.db.get_cf(handle(&self.db, cf_name), key)? {
+        match self.db.get_cf_opt(handle(&self.db, cf_name), key, &self.options()).map_err(StoreError::from_read)? {
             None => Ok(None),
             Some(b) => codec::decode(&b).map(Some).map_err(|e| corrupt(cf_name, &String::from_utf8_lossy(key), e)),
         }
@@ -374,7 +394,7 @@ impl ReadView {
 
     fn scan_prefix<T: DeserializeOwned>(&self, cf_name: &'static str, prefix: &[u8]) -> Result<Vec<T>, StoreError> {
         let mut out = vec![];
-        let mut it = self.db.raw_iterator_cf(handle(&self.db, cf_name));
+        let mut it = self.db.raw_iterator_cf_opt(handle(&self.db, cf_name), self.options());
         it.seek(prefix);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             if !k.starts_with(prefix) {
@@ -383,7 +403,7 @@ impl ReadView {
             out.push(codec::decode(v).map_err(|e| corrupt(cf_name, &String::from_utf8_lossy(k), e))?);
             it.next();
         }
-        it.status()?;
+        it.status().map_err(StoreError::from_read)?;
         Ok(out)
     }
 
@@ -398,7 +418,7 @@ impl ReadView {
     ) -> Result<(Vec<RecordPointer>, bool), StoreError> {
         let prefix = keys::patient(subject);
         let snap = self.db.snapshot();
-        let mut it = snap.raw_iterator_cf(handle(&self.db, cf::INDEX));
+        let mut it = snap.raw_iterator_cf_opt(handle(&self.db, cf::INDEX), self.options());
         match after {
             Some(a) => {
                 let start = keys::index(subject, a);
@@ -416,7 +436,7 @@ impl ReadView {
                 break;
             }
             let id_bytes = &k[prefix.len()..];
-            let Some(raw) = snap.get_cf(pointers, id_bytes)? else {
+            let Some(raw) = snap.get_cf_opt(pointers, id_bytes, self.options()).map_err(StoreError::from_read)? else {
                 return Err(corrupt(cf::INDEX, &String::from_utf8_lossy(id_bytes), "index names a missing pointer"));
             };
             let p: RecordPointer =
@@ -429,7 +449,7 @@ impl ReadView {
             }
             it.next();
         }
-        it.status()?;
+        it.status().map_err(StoreError::from_read)?;
         Ok((out, false))
     }
 
@@ -457,5 +477,58 @@ impl ReadView {
     /// the snapshot file format. `Store::restore` loads it into a new node.
     pub fn backup(&self) -> Result<Vec<u8>, StoreError> {
         OwnedSnapshot::new(self.db.clone()).backup()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hie_domain::mem::testkit;
+    use hie_domain::raft::Entry;
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use crate::{Store, StoreError, StoreOptions, cf, handle};
+
+    fn search(view: &super::ReadView, i: u32) -> Result<usize, StoreError> {
+        let nhs = testkit::nhs(i);
+        view.patient(&nhs)?;
+        Ok(view.search(&nhs, None, 100, |_| true)?.0.len())
+    }
+
+    /// A memory-only view answers what is in memory exactly as the normal
+    /// view does, and refuses (rather than reads the disk) what is not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_memory_only_read_answers_from_memory_or_says_it_needs_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let mut cmds = testkit::registry_commands(&["A81001"]);
+        for i in 0..40u32 {
+            cmds.push(testkit::create("A81001", testkit::pointer("A81001", &format!("p{i}"), testkit::nhs(i % 10), 0)));
+        }
+        let entries: Vec<Entry> = cmds
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| Entry {
+                log_id: hie_domain::raft::LogId::new(CommittedLeaderId::new(1, 1), i as u64 + 1),
+                payload: EntryPayload::Normal(c),
+            })
+            .collect();
+        store.state_machine.apply(entries).await.unwrap();
+        // In the memtable: both views agree.
+        for i in 0..10 {
+            assert_eq!(search(&store.reads.memory_only(), i).unwrap(), 4);
+            assert_eq!(search(&store.reads, i).unwrap(), 4);
+        }
+        // Flushed to SST files and reopened with an empty block cache: only
+        // the disk has it.
+        for name in cf::ALL {
+            store.reads.db().flush_cf(handle(store.reads.db(), name)).unwrap();
+        }
+        drop(store);
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        assert!(matches!(search(&store.reads.memory_only(), 3), Err(StoreError::WouldBlock)));
+        assert_eq!(search(&store.reads, 3).unwrap(), 4);
+        // The normal read brought the blocks into the cache.
+        assert_eq!(search(&store.reads.memory_only(), 3).unwrap(), 4);
     }
 }
