@@ -96,6 +96,11 @@ pub enum CommandV1 {
         opted_out: bool,
         at: Timestamp,
     },
+    /// Several commands proposed together as one entry (the leader groups
+    /// the writes waiting to be proposed). Each is applied in order, as if
+    /// it were its own entry, and has its own outcome; a batch inside a
+    /// batch is rejected.
+    Batch(Vec<CommandV1>),
 }
 
 impl Command {
@@ -109,6 +114,7 @@ impl Command {
                 CommandV1::PutPointerType { .. } => "put_pointer_type",
                 CommandV1::SetProducerTypes { .. } => "set_producer_types",
                 CommandV1::SetConsent { .. } => "set_consent",
+                CommandV1::Batch(_) => "batch",
             },
         }
     }
@@ -131,6 +137,8 @@ pub enum Outcome {
     },
     Done,
     Rejected(Rejection),
+    /// A batch's outcomes, one for each of its commands, in order.
+    Batch(Vec<Outcome>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

@@ -215,6 +215,31 @@ mod tests {
         assert!(matches!(out, Outcome::Rejected(Rejection::Duplicate { .. })), "{out:?}");
     }
 
+    /// A batch applies each command as if it were its own entry, in order,
+    /// each with its own outcome; a batch inside a batch is refused.
+    #[test]
+    fn a_batch_is_each_command_in_turn() {
+        let v1 = |c: Command| match c {
+            Command::V1(c) => c,
+        };
+        let p = pointer("A81001", "p1", nhs(1), 1);
+        let mut again = p.clone();
+        again.id = crate::ids::PointerId::parse("A81001-p2").unwrap();
+        let q = pointer("RR8", "q1", nhs(2), 2);
+        let commands = vec![create("A81001", p), create("A81001", again), create("RR8", q)];
+        let mut one_by_one = state();
+        let separately: Vec<Outcome> = commands.iter().map(|c| apply(&mut one_by_one, c).unwrap()).collect();
+        let mut batched = state();
+        let mut inner: Vec<CommandV1> = commands.into_iter().map(v1).collect();
+        inner.push(CommandV1::Batch(vec![]));
+        let out = apply(&mut batched, &Command::V1(CommandV1::Batch(inner))).unwrap();
+        let Outcome::Batch(outcomes) = out else { panic!("{out:?}") };
+        assert_eq!(outcomes[..3], separately[..]);
+        assert!(matches!(outcomes[1], Outcome::Rejected(Rejection::Duplicate { .. })));
+        assert!(matches!(outcomes[3], Outcome::Rejected(Rejection::Invalid { .. })));
+        assert_eq!(batched, one_by_one);
+    }
+
     #[test]
     fn producer_rules() {
         let mut s = state();

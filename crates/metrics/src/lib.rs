@@ -26,6 +26,7 @@ pub struct Metrics {
     pub raft_leader_changes_total: IntCounter,
     pub raft_commit_seconds: Histogram,
     pub raft_log_fsyncs_total: IntCounter,
+    pub raft_batched_writes_total: IntCounter,
     pub raft_log_entries_appended_total: IntCounter,
 
     pub raft_apply_lag_entries: IntGauge,
@@ -132,6 +133,10 @@ impl Metrics {
                 )
                 .expect("valid metric")
             ),
+            raft_batched_writes_total: reg!(counter(
+                "hie_raft_batched_writes_total",
+                "Writes proposed grouped with others in one log entry (on the leader)."
+            )),
             raft_log_fsyncs_total: reg!(counter(
                 "hie_raft_log_fsyncs_total",
                 "WAL fsyncs made for log appends (group commits)."

@@ -10,6 +10,7 @@ mod coalesce;
 mod config;
 mod freshness;
 mod inbound;
+mod proposals;
 mod replica;
 
 pub use config::{RaftTuning, ReplicaConfig};

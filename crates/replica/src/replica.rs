@@ -19,6 +19,7 @@ use crate::coalesce::Coalesce;
 use crate::config::ReplicaConfig;
 use crate::freshness::{ContactClock, Freshness};
 use crate::inbound::InboundHandler;
+use crate::proposals::{Proposals, Proposer};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
@@ -60,6 +61,8 @@ pub(crate) struct Core {
     /// index, shared by concurrent linearizable reads (this node's and its
     /// followers').
     leader_rounds: Arc<Coalesce<Result<u64, ReadIndexError>>>,
+    /// Writes waiting to be proposed on this node while it leads.
+    proposals: Proposals,
 }
 
 impl Core {
@@ -161,43 +164,10 @@ pub struct ClusterStatus {
     pub members: Vec<MemberStatus>,
 }
 
-/// Propose a command on this node, which must be the leader.
+/// Propose a command on this node, which must be the leader (grouped with
+/// the other writes waiting: see `proposals`).
 pub(crate) async fn propose_local(core: &Core, command: Command) -> Result<Outcome, ForwardError> {
-    let m = core.raft.metrics().borrow().clone();
-    // `None` right after an election: the votes were a quorum's contact.
-    if m.state == ServerState::Leader
-        && m.millis_since_quorum_ack.is_some_and(|ms| ms > core.stale_after.as_millis() as u64)
-    {
-        return Err(ForwardError::NoQuorum("the leader has not heard from a quorum recently".into()));
-    }
-    let kind = command.kind();
-    let started = Instant::now();
-    let result = tokio::time::timeout(core.write_timeout, core.raft.client_write(command)).await;
-    let outcome = match result {
-        Err(_) => Err(ForwardError::NoQuorum(format!(
-            "not committed within {} ms; it may still be applied",
-            core.write_timeout.as_millis()
-        ))),
-        Ok(Ok(resp)) => Ok(resp.data),
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-            Err(ForwardError::NotLeader { leader: f.leader_id, leader_node: f.leader_node })
-        }
-        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-            Err(ForwardError::Refused(e.to_string()))
-        }
-        Ok(Err(RaftError::Fatal(e))) => Err(ForwardError::NoQuorum(format!("raft stopped: {e}"))),
-    };
-    let result_label = match &outcome {
-        Ok(Outcome::Rejected(_)) => "rejected",
-        Ok(_) => "ok",
-        Err(ForwardError::NotLeader { .. }) => "not_leader",
-        Err(_) => "no_quorum",
-    };
-    if outcome.is_ok() {
-        core.metrics.raft_commit_seconds.observe(started.elapsed().as_secs_f64());
-    }
-    core.metrics.writes_total.with_label_values(&[kind, result_label]).inc();
-    outcome
+    core.proposals.propose(command).await
 }
 
 impl Replica {
@@ -257,6 +227,12 @@ impl Replica {
             let (raft, p2p, id) = (raft.clone(), p2p.clone(), config.node_id);
             Coalesce::new(move || follower_round(raft.clone(), p2p.clone(), id, round_timeout))
         };
+        let proposals = Proposals::start(Proposer {
+            raft: raft.clone(),
+            metrics: metrics.clone(),
+            write_timeout: config.write_timeout,
+            stale_after: config.stale_after(),
+        });
         let core = Arc::new(Core {
             raft,
             metrics,
@@ -264,6 +240,7 @@ impl Replica {
             stale_after: config.stale_after(),
             audit,
             leader_rounds,
+            proposals,
         });
         let _ = inbound.core.set(core.clone());
         let replica = Arc::new(Replica {
