@@ -46,6 +46,20 @@ async fn a_new_region_catches_up_by_snapshot_then_votes_while_another_leaves() -
     let took = started.elapsed();
     eprintln!("{WRITES} writes in {:.1} s ({:.0}/s)", took.as_secs_f64(), f64::from(WRITES) / took.as_secs_f64());
 
+    // 16 writers at once: the leader grouped writes into shared log entries
+    // (fewer entries than writes), each still answered on its own.
+    let m = c.metrics(leader).await.unwrap_or_default();
+    let value = |name: &str| {
+        m.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
+    let (grouped, entries) = (value("hie_raft_batched_writes_total"), value("hie_raft_log_entries_appended_total"));
+    eprintln!("{grouped} of {WRITES} writes grouped; {entries} log entries");
+    assert!(grouped > 0.0, "concurrent writes were grouped into shared entries");
+    assert!(entries < f64::from(WRITES), "fewer log entries ({entries}) than writes");
+
     // The log behind the snapshot has been purged on the leader.
     let status = c.admin(leader, "/status").await.unwrap();
     let purged = status["purged_index"].as_u64().unwrap_or(0);
