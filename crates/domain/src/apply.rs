@@ -100,9 +100,9 @@ fn apply_v1<T: StateTxn>(txn: &mut T, command: &CommandV1) -> ApplyResult<Outcom
             let mut outcomes = Vec::with_capacity(commands.len());
             for c in commands {
                 outcomes.push(match c {
-                    CommandV1::Batch(_) => Outcome::Rejected(Rejection::Invalid {
-                        reason: "a batch may not hold another batch".into(),
-                    }),
+                    CommandV1::Batch(_) => {
+                        Outcome::Rejected(Rejection::Invalid { reason: "a batch may not hold another batch".into() })
+                    }
                     c => apply_v1(txn, c)?,
                 });
             }

@@ -21,7 +21,6 @@ use openraft::ServerState;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-
 /// Proposals in Raft at once; past this, commands wait and are grouped.
 pub const IN_FLIGHT_MAX: usize = 4;
 /// Most commands in one entry.
@@ -66,7 +65,10 @@ impl Proposals {
             return Err(ForwardError::NoQuorum("the leader has not heard from a quorum recently".into()));
         }
         let timed_out = || {
-            ForwardError::NoQuorum(format!("not committed within {} ms; it may still be applied", p.write_timeout.as_millis()))
+            ForwardError::NoQuorum(format!(
+                "not committed within {} ms; it may still be applied",
+                p.write_timeout.as_millis()
+            ))
         };
         let (done, answer) = oneshot::channel();
         let deadline = Instant::now() + p.write_timeout;
