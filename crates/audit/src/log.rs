@@ -196,14 +196,14 @@ impl Loc {
 }
 
 /// The index key of a record: its patient's key, then its sequence number.
-fn index_key(subject: &str, seq: u64) -> Vec<u8> {
-    let mut key = patient_key(subject).to_vec();
+fn index_key(patient: &[u8; 16], seq: u64) -> Vec<u8> {
+    let mut key = patient.to_vec();
     key.extend_from_slice(&seq.to_be_bytes());
     key
 }
 
 fn index_entry(record: &Record, loc: Loc) -> Option<(Vec<u8>, [u8; 24])> {
-    Some((index_key(subject_of(&record.event)?, record.seq), loc.encode()))
+    Some((index_key(&patient_key(subject_of(&record.event)?), record.seq), loc.encode()))
 }
 
 fn hwm_value(seq: u64, segment: u32) -> [u8; 12] {
@@ -613,9 +613,7 @@ impl Inner {
                 len: w.line.len() as u32,
                 recorded: w.recorded,
             };
-            let mut key = w.patient.to_vec();
-            key.extend_from_slice(&w.seq.to_be_bytes());
-            index.push((key, loc.encode()));
+            index.push((index_key(&w.patient, w.seq), loc.encode()));
             buf.extend_from_slice(&w.line);
         }
         if let Err(e) = (&*head.file).write_all(&buf) {

@@ -64,12 +64,6 @@ impl Proposals {
         {
             return Err(ForwardError::NoQuorum("the leader has not heard from a quorum recently".into()));
         }
-        let timed_out = || {
-            ForwardError::NoQuorum(format!(
-                "not committed within {} ms; it may still be applied",
-                p.write_timeout.as_millis()
-            ))
-        };
         let (done, answer) = oneshot::channel();
         let deadline = Instant::now() + p.write_timeout;
         match tokio::time::timeout_at(deadline.into(), self.tx.send((command, done))).await {
@@ -81,9 +75,14 @@ impl Proposals {
         match tokio::time::timeout_at(deadline.into(), answer).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(ForwardError::NoQuorum("this node is shutting down".into())),
-            Err(_) => Err(timed_out()),
+            Err(_) => Err(not_committed(p.write_timeout)),
         }
     }
+}
+
+/// A write not known to be committed within its timeout, which may still be.
+fn not_committed(timeout: Duration) -> ForwardError {
+    ForwardError::NoQuorum(format!("not committed within {} ms; it may still be applied", timeout.as_millis()))
 }
 
 async fn run(proposer: Proposer, mut rx: mpsc::Receiver<Waiting>) {
@@ -124,10 +123,7 @@ async fn propose_batch(p: &Proposer, batch: Vec<Waiting>) {
     };
     let grouped = answers.len() > 1;
     let result = match tokio::time::timeout(p.write_timeout, p.raft.client_write(command)).await {
-        Err(_) => Err(ForwardError::NoQuorum(format!(
-            "not committed within {} ms; it may still be applied",
-            p.write_timeout.as_millis()
-        ))),
+        Err(_) => Err(not_committed(p.write_timeout)),
         Ok(Ok(resp)) => Ok(resp.data),
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
             Err(ForwardError::NotLeader { leader: f.leader_id, leader_node: f.leader_node })

@@ -115,6 +115,8 @@ pub struct Replica {
     id: NodeId,
     node: NodeInfo,
     reads: ReadView,
+    /// `reads`, answering from memory only (tried first on the async thread).
+    reads_in_memory: ReadView,
     p2p: P2p,
     clock: Arc<ContactClock>,
     log: LogStore,
@@ -247,6 +249,7 @@ impl Replica {
             core,
             id: config.node_id,
             node: config.node.clone(),
+            reads_in_memory: store.reads.memory_only(),
             reads: store.reads,
             p2p,
             clock,
@@ -319,7 +322,7 @@ impl Replica {
         T: Send + 'static,
         F: Fn(&ReadView) -> Result<T, hie_store::StoreError> + Send + 'static,
     {
-        match f(&self.reads.memory_only()) {
+        match f(&self.reads_in_memory) {
             Err(hie_store::StoreError::WouldBlock) => self.core.metrics.reads_from_disk_total.inc(),
             done => return done.map_err(|e| ReadError::Storage { reason: e.to_string() }),
         }
