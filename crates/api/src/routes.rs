@@ -33,6 +33,7 @@ pub(crate) struct AppState {
     audit: Option<Arc<AuditLog>>,
     /// This node as audit events name it: `node-<id> (<region>)`.
     node_label: String,
+    event_ids: hie_audit::EventIds,
     config: ApiConfig,
     limiter: RateLimiter,
     cursors: Mutex<Cursors>,
@@ -46,6 +47,7 @@ pub(crate) fn router(config: ApiConfig, replica: Arc<Replica>, audit: Option<Arc
         limiter: RateLimiter::new(limits.rate_per_client_per_sec, limits.rate_burst),
         cursors: Mutex::new(Cursors::default()),
         node_label: format!("node-{} ({})", replica.id(), replica.node().region),
+        event_ids: hie_audit::EventIds::new(replica.id()),
         replica,
         audit,
         config,
@@ -223,7 +225,7 @@ async fn record_access(
 ) -> Response {
     let roles: Vec<&str> = caller.roles.iter().map(|r| r.as_str()).collect();
     let ctx = hie_audit::Context {
-        event_id: format!("{}-{}", st.replica.id(), uuid::Uuid::new_v4().simple()),
+        event_id: st.event_ids.next(),
         caller_ods: caller.ods.as_str(),
         caller_roles: roles,
         request_id,

@@ -4,8 +4,12 @@
 //! is one record, compact JSON with sorted keys:
 //!
 //! ```text
-//! {"event":{...AuditEvent...},"hash":"<hex>","prev":"<hex>","seq":N}
+//! {"event":{...},"hash":"<hex>","prev":"<hex>","seq":N}
 //! ```
+//!
+//! `event` is the stored form of the event (see [`crate::event`]: format 2,
+//! the facts of the access, `"v":2`; format 1 records hold the whole
+//! AuditEvent). Readers render it as a BALP AuditEvent.
 //!
 //! `hash = SHA-256(prev ‖ "\n" ‖ seq ‖ "\n" ‖ event as written)`, and `prev`
 //! is the hash of the record before it (64 zeros for the first record of
@@ -166,6 +170,7 @@ pub fn walk(dir: &Path, mut each: impl FnMut(&Record) -> std::io::Result<()>) ->
                 return Err(bad(line_no, seq + 1, "incomplete record at the end (torn write)".into()));
             }
             let record = parse_record(&buf[..buf.len() - 1]).map_err(|r| bad(line_no, seq + 1, r))?;
+            crate::event::check(&record.event).map_err(|r| bad(line_no, seq + 1, r))?;
             if record.seq != seq + 1 {
                 return Err(bad(line_no, seq + 1, format!("sequence number {} out of order", record.seq)));
             }
@@ -195,7 +200,8 @@ pub fn export(dir: &Path, since: Option<i64>, out: &mut impl Write) -> Result<Ve
         {
             return Ok(());
         }
-        serde_json::to_writer(&mut *out, &r.event)?;
+        let event = crate::event::render(&r.event).map_err(std::io::Error::other)?;
+        serde_json::to_writer(&mut *out, &event)?;
         out.write_all(b"\n")
     })
 }

@@ -1,7 +1,8 @@
 //! The audit log of one node: records appended on the requests' own threads
-//! (hashed, written and indexed under one lock), a syncer thread fsyncing
-//! them (one fsync for every record waiting: group commit), a patient index
-//! in a side table, and queries over both.
+//! (hashed and written, group commit without a thread hand-off), a syncer
+//! thread fsyncing them (one fsync for every record waiting) and then
+//! indexing them by patient in a side table (one batch a fsync), and
+//! queries over both.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -86,11 +87,12 @@ struct Inner {
     head: Mutex<Head>,
     /// Set by a failed write or fsync, cleared by the next success.
     failing: AtomicBool,
-    /// Set (under `head`) while the index is behind the log because it could
-    /// not be written: appends then skip it, the syncer thread retries it
-    /// from its high-water mark, and queries also read the log past that mark.
+    /// Set while the index is behind the log because it could not be
+    /// written: the syncer thread stops indexing new records and retries
+    /// from the index's high-water mark, and queries also read the log past
+    /// that mark.
     index_behind: AtomicBool,
-    /// Records written and not yet fsynced, for the syncer thread.
+    /// Records written and not yet fsynced (and indexed), for the syncer thread.
     pending: Mutex<Pending>,
     wake: Condvar,
     /// How far the log is known to be on disk, for durable appends.
@@ -125,6 +127,13 @@ struct Waiting {
     done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
 }
 
+/// A record written, to be indexed once it is fsynced.
+struct Unindexed {
+    seq: u64,
+    patient: [u8; 16],
+    loc: Loc,
+}
+
 /// The open segment and the last record written to it.
 struct Head {
     segment: u32,
@@ -139,6 +148,10 @@ struct Pending {
     /// The last record written and not yet fsynced, the file it is in, and
     /// when the oldest record not yet fsynced was written.
     unsynced: Option<(u64, Arc<File>, Instant)>,
+    /// The records written and not yet indexed, in order: the syncer thread
+    /// indexes them in one batch after the fsync that makes them durable, so
+    /// the index never names a record a power cut could take back.
+    unindexed: Vec<Unindexed>,
     /// A durable append is waiting: fsync now.
     urgent: bool,
     stop: bool,
@@ -415,12 +428,6 @@ impl AuditLog {
     pub fn failing(&self) -> bool {
         self.inner.failing.load(Ordering::Acquire)
     }
-
-    /// One patient's events on this node (blocking: call off the async threads).
-    pub fn query_blocking(&self, q: &AuditQuery) -> Result<AuditPage, String> {
-        let inner = &self.inner;
-        query(&inner.index, &inner.config.dir, inner.index_behind.load(Ordering::Acquire), q)
-    }
 }
 
 /// `index_behind`: the index could not be written lately, so the records
@@ -454,10 +461,8 @@ fn query(index: &SideTable, dir: &Path, index_behind: bool, q: &AuditQuery) -> R
                 .ok()
                 .and_then(|_| chain::parse_record(buf.strip_suffix(b"\n").unwrap_or(&buf)).ok())
                 .filter(|r| r.seq == seq && subject_of(&r.event) == Some(q.subject.as_str()));
-            match good {
-                Some(r) => {
-                    events.push((loc.recorded, seq, serde_json::to_string(&r.event).expect("a JSON value serialises")))
-                }
+            match good.and_then(|r| crate::event::render(&r.event).ok()) {
+                Some(event) => events.push((loc.recorded, seq, event.to_string())),
                 None => {
                     tracing::error!(seq, "audit record failed its integrity check on a query; run `hie audit verify`");
                     page.damaged.push(seq);
@@ -469,11 +474,10 @@ fn query(index: &SideTable, dir: &Path, index_behind: bool, q: &AuditQuery) -> R
             for_each_unindexed(dir, hwm, |_, records| {
                 for (r, loc) in records {
                     if subject_of(&r.event) == Some(q.subject.as_str()) && in_range(&loc) && !seen.contains(&r.seq) {
-                        events.push((
-                            loc.recorded,
-                            r.seq,
-                            serde_json::to_string(&r.event).expect("a JSON value serialises"),
-                        ));
+                        match crate::event::render(&r.event) {
+                            Ok(event) => events.push((loc.recorded, r.seq, event.to_string())),
+                            Err(_) => page.damaged.push(r.seq),
+                        }
                     }
                 }
                 Ok(())
@@ -506,16 +510,42 @@ impl Drop for AuditLog {
 }
 
 impl AuditSource for AuditLog {
+    /// Answers from the index once it holds every record written before the
+    /// query (see `Inner::settle`).
     fn query(&self, q: AuditQuery) -> AuditFuture {
-        let (index, dir) = (self.inner.index.clone(), self.inner.config.dir.clone());
-        let behind = self.inner.index_behind.load(Ordering::Acquire);
+        let inner = self.inner.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || query(&index, &dir, behind, &q)).await.map_err(|e| e.to_string())?
+            let settled = inner.settle().await;
+            let behind = !settled || inner.index_behind.load(Ordering::Acquire);
+            tokio::task::spawn_blocking(move || query(&inner.index, &inner.config.dir, behind, &q))
+                .await
+                .map_err(|e| e.to_string())?
         })
     }
 }
 
 impl Inner {
+    /// Waits until every record written so far is fsynced and indexed (at
+    /// most `write_timeout`), so a query sees every access answered before
+    /// it. False if it could not be sure: the query then also reads the log
+    /// past the index.
+    async fn settle(&self) -> bool {
+        let inner = self;
+        let Ok(written) = inner.head().map(|h| h.seq) else { return false };
+        let mut synced = inner.synced.subscribe();
+        let failures = synced.borrow_and_update().failures;
+        if synced.borrow().seq >= written {
+            return true;
+        }
+        inner.request_sync();
+        let waited = tokio::time::timeout(
+            inner.config.write_timeout,
+            synced.wait_for(|s| s.failures != failures || s.seq >= written),
+        )
+        .await;
+        matches!(waited, Ok(Ok(s)) if s.failures == failures)
+    }
+
     fn head(&self) -> Result<MutexGuard<'_, Head>, String> {
         // A panic while the head was held may have left it half-updated:
         // fail closed rather than chain onto it.
@@ -613,7 +643,7 @@ impl Inner {
                 len: w.line.len() as u32,
                 recorded: w.recorded,
             };
-            index.push((index_key(&w.patient, w.seq), loc.encode()));
+            index.push(Unindexed { seq: w.seq, patient: w.patient, loc });
             buf.extend_from_slice(&w.line);
         }
         if let Err(e) = (&*head.file).write_all(&buf) {
@@ -628,21 +658,9 @@ impl Inner {
         head.len += buf.len() as u64;
         head.seq = last.seq;
         head.prev.clone_from(&last.hash);
-        if !self.index_behind.load(Ordering::Acquire) {
-            // The records are in the log, which is what the requests need;
-            // the index is derived from it and catches up once it can be
-            // written (a full disk stops its flushes, and RocksDB then
-            // refuses writes until it recovers). Its high-water mark is moved
-            // by the syncer thread, after each fsync.
-            if let Err(e) = self.index.put_all(index.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))) {
-                tracing::error!(error = %e, "audit index write failed; records stay in the log and are indexed when it can be written");
-                self.metrics.audit_write_failures_total.inc();
-                self.index_behind.store(true, Ordering::Release);
-                self.wake.notify_all();
-            }
-        }
         {
             let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            p.unindexed.append(&mut index);
             let since = p.unsynced.as_ref().map(|(_, _, t)| *t);
             p.unsynced = Some((head.seq, head.file.clone(), since.unwrap_or_else(Instant::now)));
             if since.is_none() {
@@ -675,8 +693,9 @@ impl Inner {
                     let (seq, file) = (*seq, file.clone());
                     p.unsynced = None;
                     p.urgent = false;
+                    let records = std::mem::take(&mut p.unindexed);
                     drop(p);
-                    self.sync(seq, &file);
+                    self.sync(seq, &file, records);
                     p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
                     continue;
                 }
@@ -702,32 +721,43 @@ impl Inner {
     }
 
     /// Fsyncs `file`, which holds every record up to `seq` not yet fsynced,
-    /// and tells the durable appends waiting.
-    fn sync(&self, seq: u64, file: &File) {
+    /// indexes those `records`, and tells the appends and queries waiting.
+    fn sync(&self, seq: u64, file: &File, records: Vec<Unindexed>) {
         match file.sync_data() {
             Ok(()) => {
+                self.index(&records);
                 self.synced.send_modify(|s| s.seq = s.seq.max(seq));
-                self.move_index_hwm();
             }
             Err(e) => {
                 // Records already answered may not be on disk: say so loudly;
-                // `hie audit verify` shows what survived.
+                // `hie audit verify` shows what survived. The index catches
+                // up from the log, with what is there.
                 tracing::error!(error = %e, "audit fsync failed; records written since the last fsync may be lost");
+                self.index_behind.store(true, Ordering::Release);
                 self.fsync_failed();
             }
         }
     }
 
-    /// Records in the index that every record up to the head is indexed
-    /// (unless it is behind), so a restart re-indexes only what came after.
-    /// Index entries past the mark are harmless: re-indexing rewrites them.
-    fn move_index_hwm(&self) {
-        let Ok(head) = self.head() else { return };
+    /// Indexes fsynced records, and moves the index's high-water mark past
+    /// them in the same batch, so a restart re-indexes only what came after.
+    /// While the index is behind, leaves them to the catch-up, which reads
+    /// them from the log.
+    fn index(&self, records: &[Unindexed]) {
+        let Some(last) = records.last() else { return };
         if self.index_behind.load(Ordering::Acquire) {
             return;
         }
-        let hwm = hwm_value(head.seq, head.segment);
-        if let Err(e) = self.index.put_all([(HWM_KEY, hwm.as_slice())]) {
+        let keys: Vec<(Vec<u8>, [u8; 24])> =
+            records.iter().map(|r| (index_key(&r.patient, r.seq), r.loc.encode())).collect();
+        let hwm = hwm_value(last.seq, last.loc.segment);
+        let batch =
+            keys.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).chain(std::iter::once((HWM_KEY, hwm.as_slice())));
+        if let Err(e) = self.index.put_all(batch) {
+            // The records are in the log, which is what the requests need;
+            // the index is derived from it and catches up once it can be
+            // written (a full disk stops its flushes, and RocksDB then
+            // refuses writes until it recovers).
             tracing::error!(error = %e, "audit index write failed; records stay in the log and are indexed when it can be written");
             self.metrics.audit_write_failures_total.inc();
             self.index_behind.store(true, Ordering::Release);
@@ -770,18 +800,16 @@ impl Inner {
         }
     }
 
-    /// Indexes the records written since the index's high-water mark: most
-    /// of them without the lock, then the last few under it, where the
-    /// appends are told to index again.
+    /// Indexes the records written since the index's high-water mark. Runs
+    /// on the syncer thread, so no fsync indexes (or drops) records while
+    /// it reads: records written after it read the log are still waiting in
+    /// `Pending`, and are indexed by the next fsync.
     fn index_catch_up(&self) {
-        let caught_up = catch_up_index(&self.config.dir, &self.index).and_then(|_| {
-            let Ok(_head) = self.head() else { return Err(AuditError::Stopped) };
-            let n = catch_up_index(&self.config.dir, &self.index)?;
-            self.index_behind.store(false, Ordering::Release);
-            Ok(n)
-        });
-        match caught_up {
-            Ok(_) => tracing::info!("audit index caught up"),
+        match catch_up_index(&self.config.dir, &self.index) {
+            Ok(n) => {
+                self.index_behind.store(false, Ordering::Release);
+                tracing::info!(records = n, "audit index caught up");
+            }
             Err(e) => tracing::warn!(error = %e, "audit index still behind"),
         }
     }
@@ -863,6 +891,7 @@ mod tests {
             limited.events.iter().map(|e| recorded_millis(&serde_json::from_str(e).unwrap()).unwrap()).collect();
         assert_eq!(kept, vec![1_046, 1_049, 1_052, 1_055, 1_058]);
         // With an index that is up to date, reading past it adds nothing twice.
+        assert!(log.inner.settle().await, "every record fsynced and indexed");
         let both = query(&log.inner.index, log.dir(), true, &q(100)).unwrap();
         assert_eq!(both.events, behind.events);
     }
