@@ -1,7 +1,9 @@
 //! The on-disk form of the audit log and its hash chain.
 //!
 //! The log is a directory of segment files `00000001.ndjson`, ... Each line
-//! is one record, compact JSON with sorted keys:
+//! is one record, compact JSON with sorted keys. The segment being written
+//! may end in zeros (space reserved ahead of the records), which readers
+//! skip; closed segments end with their last record.
 //!
 //! ```text
 //! {"event":{...},"hash":"<hex>","prev":"<hex>","seq":N}
@@ -163,6 +165,10 @@ pub fn walk(dir: &Path, mut each: impl FnMut(&Record) -> std::io::Result<()>) ->
             buf.clear();
             let n = reader.read_until(b'\n', &mut buf).map_err(|e| bad(line_no + 1, seq + 1, e.to_string()))?;
             if n == 0 {
+                break;
+            }
+            if buf.last() != Some(&b'\n') && buf.iter().all(|b| *b == 0) {
+                // The open segment's zeros, written ahead of the records.
                 break;
             }
             line_no += 1;

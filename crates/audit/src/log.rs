@@ -5,7 +5,6 @@
 //! queries over both.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -135,12 +134,48 @@ struct Unindexed {
 }
 
 /// The open segment and the last record written to it.
+///
+/// Records are copied into the segment through a shared memory map, not
+/// written with a system call each: the file's pages are the page cache's,
+/// so a record copied in survives a crash of the process exactly as a
+/// written one does, and the syncer's `fdatasync` makes it durable. The map
+/// is only ever written where the file has already been extended with
+/// zeros (`reserved`), so a copy can neither fail nor fault for want of
+/// space: a full disk shows up as a failed reservation, before any byte of
+/// the group is copied.
 struct Head {
     segment: u32,
     file: Arc<File>,
+    map: memmap2::MmapMut,
+    /// Bytes of records in the segment.
     len: u64,
+    /// Bytes the file holds: the records, then zeros written ahead.
+    reserved: u64,
     seq: u64,
     prev: String,
+}
+
+/// How far ahead of the records a segment is extended with zeros at a time.
+/// A full disk fails appends once this much is used up.
+const RESERVE_BYTES: u64 = 64 << 10;
+
+/// The most bytes of records written as one group; also the largest record.
+const GROUP_BYTES_MAX: usize = 64 << 10;
+
+static ZEROS: [u8; RESERVE_BYTES as usize] = [0; RESERVE_BYTES as usize];
+
+/// Opens segment `n` for writing: its file and a map of it long enough for
+/// any segment (records may start anywhere below `segment_bytes_max`).
+fn open_segment(dir: &Path, n: u32, segment_bytes_max: u64) -> std::io::Result<(File, memmap2::MmapMut, u64)> {
+    let path = chain::segment_path(dir, n);
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+    let len = file.metadata()?.len();
+    let map_len = segment_bytes_max.max(len) + GROUP_BYTES_MAX as u64 + RESERVE_BYTES;
+    // SAFETY: the map is of a file only this process writes (the audit
+    // directory is the node's own); it is written only below `reserved`,
+    // where the file has bytes, and read by no one through the map.
+    let map = unsafe { memmap2::MmapOptions::new().len(map_len as usize).map_mut(&file)? };
+    Ok((file, map, len))
 }
 
 #[derive(Default)]
@@ -230,9 +265,25 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> AuditError {
     AuditError::Open(format!("{what} {}: {e}", path.display()))
 }
 
-/// Reads the last segment to find the head of the chain, cutting off a torn
-/// (incomplete, never acknowledged) last line.
-fn open_head(dir: &Path) -> Result<(u32, File, u64, u64, String), AuditError> {
+/// Extends the segment with zeros, `RESERVE_BYTES` at a time, until it holds
+/// `end` bytes. On failure (a full disk) it is cut back to what it held.
+fn reserve(head: &mut Head, end: u64) -> std::io::Result<()> {
+    while head.reserved < end {
+        if let Err(e) = head.file.write_all_at(&ZEROS, head.reserved) {
+            if let Err(cut) = head.file.set_len(head.reserved) {
+                tracing::error!(error = %cut, "could not cut the audit segment back after a failed write");
+            }
+            return Err(e);
+        }
+        head.reserved += RESERVE_BYTES;
+    }
+    Ok(())
+}
+
+/// Reads the last segment to find the head of the chain, cutting off what
+/// follows the last complete line: zeros written ahead, and a torn
+/// (incomplete, never acknowledged) record.
+fn open_head(dir: &Path) -> Result<(u32, u64, String), AuditError> {
     let segs = chain::segments(dir).map_err(|e| io_err("listing", dir, e))?;
     let mut seq = 0;
     let mut prev = GENESIS.to_owned();
@@ -241,7 +292,10 @@ fn open_head(dir: &Path) -> Result<(u32, File, u64, u64, String), AuditError> {
         let bytes = std::fs::read(path).map_err(|e| io_err("reading", path, e))?;
         let complete = bytes.iter().rposition(|b| *b == b'\n').map(|i| i + 1).unwrap_or(0);
         if complete < bytes.len() {
-            tracing::warn!(segment = %path.display(), bytes = bytes.len() - complete, "cutting off a torn audit record (never acknowledged)");
+            let torn = bytes[complete..].iter().filter(|b| **b != 0).count();
+            if torn > 0 {
+                tracing::warn!(segment = %path.display(), bytes = torn, "cutting off a torn audit record (never acknowledged)");
+            }
             let f = OpenOptions::new().write(true).open(path).map_err(|e| io_err("opening", path, e))?;
             f.set_len(complete as u64).and_then(|_| f.sync_all()).map_err(|e| io_err("truncating", path, e))?;
         }
@@ -264,14 +318,7 @@ fn open_head(dir: &Path) -> Result<(u32, File, u64, u64, String), AuditError> {
         }
         break;
     }
-    let segment = segs.last().map(|(n, _)| *n).unwrap_or(1);
-    let path = chain::segment_path(dir, segment);
-    let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io_err("opening", &path, e))?;
-    let len = file.metadata().map_err(|e| io_err("reading", &path, e))?.len();
-    if segs.is_empty() {
-        sync_dir(dir).map_err(|e| io_err("syncing", dir, e))?;
-    }
-    Ok((segment, file, len, seq, prev))
+    Ok((segs.last().map(|(n, _)| *n).unwrap_or(1), seq, prev))
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -346,9 +393,14 @@ impl AuditLog {
     /// Opens (or creates) the log in `config.dir` and starts its syncer thread.
     pub fn open(config: AuditConfig, metrics: Arc<Metrics>) -> Result<Arc<AuditLog>, AuditError> {
         std::fs::create_dir_all(&config.dir).map_err(|e| io_err("creating", &config.dir, e))?;
-        let (segment, file, len, seq, prev) = open_head(&config.dir)?;
-        // Records a crashed process left in the page cache are on disk from here.
-        file.sync_data().map_err(|e| io_err("syncing", &chain::segment_path(&config.dir, segment), e))?;
+        let (segment, seq, prev) = open_head(&config.dir)?;
+        let path = chain::segment_path(&config.dir, segment);
+        let (file, map, len) =
+            open_segment(&config.dir, segment, config.segment_bytes_max).map_err(|e| io_err("opening", &path, e))?;
+        // Records a crashed process left in the page cache are on disk from
+        // here, and so is a new segment's name.
+        file.sync_data().map_err(|e| io_err("syncing", &path, e))?;
+        sync_dir(&config.dir).map_err(|e| io_err("syncing", &config.dir, e))?;
         let index_dir = config.dir.join("index");
         let mut index = SideTable::open(&index_dir).map_err(|e| AuditError::Open(e.to_string()))?;
         if index_hwm(&index)?.0 > seq {
@@ -367,7 +419,7 @@ impl AuditLog {
             index,
             metrics,
             chain: Mutex::new(Chain { seq, prev: prev.clone(), waiting: Vec::new(), writing: false }),
-            head: Mutex::new(Head { segment, file: Arc::new(file), len, seq, prev }),
+            head: Mutex::new(Head { segment, file: Arc::new(file), map, len, reserved: len, seq, prev }),
             failing: AtomicBool::new(false),
             index_behind: AtomicBool::new(false),
             pending: Mutex::new(Pending::default()),
@@ -506,6 +558,12 @@ impl Drop for AuditLog {
         if let Some(syncer) = self.syncer.take() {
             let _ = syncer.join();
         }
+        // The zeros written ahead are not left behind.
+        if let Ok(head) = self.inner.head()
+            && let Err(e) = head.file.set_len(head.len).and_then(|_| head.file.sync_data())
+        {
+            tracing::warn!(error = %e, "could not cut the zeros written ahead off the audit segment");
+        }
     }
 }
 
@@ -555,6 +613,13 @@ impl Inner {
     /// Chains one record and sees it written (by this append, or by the
     /// one writing when it was queued); its sequence number.
     async fn write(&self, event: Event) -> Result<u64, AuditError> {
+        // The line adds the hashes and the sequence number to the event.
+        if event.json.len() + 256 > GROUP_BYTES_MAX {
+            return Err(AuditError::Write(format!(
+                "an audit event of {} bytes is larger than a record may be ({GROUP_BYTES_MAX} bytes)",
+                event.json.len()
+            )));
+        }
         let patient = patient_key(&event.subject);
         let (seq, follow) = {
             // Nothing below can panic half-way through, so a poisoned lock
@@ -587,13 +652,23 @@ impl Inner {
     fn lead(&self) -> Result<(), String> {
         let mut own = None;
         loop {
-            let group = {
+            let group: Vec<Waiting> = {
                 let mut c = self.chain.lock().unwrap_or_else(PoisonError::into_inner);
                 if c.waiting.is_empty() {
                     c.writing = false;
                     break;
                 }
-                std::mem::take(&mut c.waiting)
+                let mut bytes = 0;
+                let n = c
+                    .waiting
+                    .iter()
+                    .take_while(|w| {
+                        bytes += w.line.len();
+                        bytes <= GROUP_BYTES_MAX
+                    })
+                    .count()
+                    .max(1);
+                c.waiting.drain(..n).collect()
             };
             let outcome = self.write_group(&group).map_err(|(e, written)| {
                 // Records queued since were chained onto the ones that
@@ -621,41 +696,41 @@ impl Inner {
         own.expect("the leader's own record is in the first group")
     }
 
-    /// Writes a group of chained records with one `write` and indexes them
-    /// with one batch. On a failed write the segment is cut back to where it
-    /// was, so the chain on disk never holds a record whose request failed;
-    /// the error comes with the last record written (seq and hash).
+    /// Copies a group of chained records into the segment (see [`Head`]),
+    /// after making room for all of them; if there is no room, nothing of
+    /// the group is written, so the chain on disk never holds a record whose
+    /// request failed. The error comes with the last record written (seq
+    /// and hash).
     fn write_group(&self, group: &[Waiting]) -> Result<(), (String, Option<(u64, String)>)> {
         let mut head = self.head().map_err(|e| (e, None))?;
         let fail = |head: &Head, e: String| (e, Some((head.seq, head.prev.clone())));
-        if head.len >= self.config.segment_bytes_max {
+        let bytes: u64 = group.iter().map(|w| w.line.len() as u64).sum();
+        if head.len > 0 && head.len + bytes > self.config.segment_bytes_max {
             if let Err(e) = self.roll(&mut head) {
                 self.mark_failed();
                 return Err(fail(&head, format!("starting a new segment: {e}")));
             }
         }
-        let mut buf = Vec::with_capacity(group.iter().map(|w| w.line.len()).sum());
-        let mut index = Vec::with_capacity(group.len());
-        for w in group {
-            let loc = Loc {
-                segment: head.segment,
-                offset: head.len + buf.len() as u64,
-                len: w.line.len() as u32,
-                recorded: w.recorded,
-            };
-            index.push(Unindexed { seq: w.seq, patient: w.patient, loc });
-            buf.extend_from_slice(&w.line);
-        }
-        if let Err(e) = (&*head.file).write_all(&buf) {
+        let end = head.len + bytes;
+        if let Err(e) = reserve(&mut head, end) {
             tracing::error!(error = %e, records = group.len(), "audit write failed; failing the requests (fail closed)");
             self.mark_failed();
-            if let Err(cut) = head.file.set_len(head.len).and_then(|_| head.file.sync_data()) {
-                tracing::error!(error = %cut, "could not cut the audit segment back after a failed write");
-            }
             return Err(fail(&head, e.to_string()));
         }
+        let mut index = Vec::with_capacity(group.len());
+        let mut at = head.len;
+        for w in group {
+            let n = w.line.len();
+            index.push(Unindexed {
+                seq: w.seq,
+                patient: w.patient,
+                loc: Loc { segment: head.segment, offset: at, len: n as u32, recorded: w.recorded },
+            });
+            head.map[at as usize..at as usize + n].copy_from_slice(&w.line);
+            at += n as u64;
+        }
         let last = group.last().expect("a group is never empty");
-        head.len += buf.len() as u64;
+        head.len = at;
         head.seq = last.seq;
         head.prev.clone_from(&last.hash);
         {
@@ -790,8 +865,8 @@ impl Inner {
     /// Writes a block past the end of the segment, fsyncs, and cuts it off again.
     fn probe(&self) {
         let Ok(head) = self.head() else { return };
-        let ok = (&*head.file).write_all(&[b'\n'; 4096]).and_then(|_| head.file.sync_data()).is_ok();
-        if let Err(e) = head.file.set_len(head.len).and_then(|_| head.file.sync_data()) {
+        let ok = head.file.write_all_at(&ZEROS, head.reserved).and_then(|_| head.file.sync_data()).is_ok();
+        if let Err(e) = head.file.set_len(head.reserved).and_then(|_| head.file.sync_data()) {
             tracing::error!(error = %e, "could not cut the audit segment back after a probe");
             return;
         }
@@ -814,20 +889,23 @@ impl Inner {
         }
     }
 
-    /// Closes the segment (fsynced) and starts the next.
+    /// Closes the segment (fsynced, without the zeros written ahead) and
+    /// starts the next.
     fn roll(&self, head: &mut Head) -> std::io::Result<()> {
-        if let Err(e) = head.file.sync_data() {
+        if let Err(e) = head.file.set_len(head.len).and_then(|_| head.file.sync_data()) {
             // Fails the durable appends waiting (the caller marks the log failing).
             self.synced.send_modify(|s| s.failures += 1);
             return Err(e);
         }
+        head.reserved = head.len;
         let next = head.segment + 1;
-        let path = chain::segment_path(&self.config.dir, next);
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let (file, map, _) = open_segment(&self.config.dir, next, self.config.segment_bytes_max)?;
         sync_dir(&self.config.dir)?;
         head.segment = next;
         head.file = Arc::new(file);
+        head.map = map;
         head.len = 0;
+        head.reserved = 0;
         Ok(())
     }
 }

@@ -146,6 +146,29 @@ async fn a_torn_last_record_is_cut_off_on_open() {
     let log = open(dir.path());
     log.append(event(&nhs(1), 2_000, false), false).await.unwrap();
     assert_eq!(chain::verify(dir.path()).unwrap().records, 4);
+
+    // While the log is open its segment ends in zeros written ahead, which
+    // readers skip.
+    let len = std::fs::metadata(&seg).unwrap().len();
+    let used = std::fs::read(&seg).unwrap().iter().rposition(|b| *b == b'\n').unwrap() as u64 + 1;
+    assert!(len > used, "space is reserved ahead: {len} bytes for {used}");
+    assert_eq!(chain::verify(dir.path()).unwrap().records, 4);
+
+    // A process killed while copying a record leaves part of it, then the
+    // zeros: cut off on open too.
+    drop(log);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), used, "a clean close leaves no zeros behind");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    std::io::Write::write_all(&mut f, b"{\"event\":{\"act").unwrap();
+    std::io::Write::write_all(&mut f, &[0u8; 5000]).unwrap();
+    assert!(chain::verify(dir.path()).unwrap_err().reason.contains("torn"));
+    let log = open(dir.path());
+    log.append(event(&nhs(1), 3_000, false), false).await.unwrap();
+    assert_eq!(chain::verify(dir.path()).unwrap().records, 5);
+    let page = log.query(query(&nhs(1), None, None, 100)).await.unwrap();
+    assert_eq!(page.events.len(), 5);
+    assert!(page.damaged.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
