@@ -28,7 +28,7 @@ pub struct AuditConfig {
     pub segment_bytes_max: u64,
     /// How long a durable append waits for its record to be fsynced.
     pub write_timeout: Duration,
-    /// Records of reads are written (to the operating system) before the
+    /// Records of reads are in the page cache (copied into the segment) before the
     /// read is answered and fsynced within this interval; records of
     /// changes are fsynced before the change is answered.
     pub sync_interval: Duration,
@@ -189,6 +189,10 @@ struct Pending {
     unindexed: Vec<Unindexed>,
     /// A durable append is waiting: fsync now.
     urgent: bool,
+    /// The syncer thread waits with no deadline: the next record written
+    /// must wake it. (Otherwise it wakes on its own by the record's
+    /// deadline, and writers need not signal it.)
+    idle: bool,
     stop: bool,
 }
 
@@ -441,12 +445,13 @@ impl AuditLog {
     }
 
     /// Appends an event and returns its sequence number once it is written
-    /// to the operating system, or (`durable`) once it is fsynced too.
+    /// into the segment (the page cache), or (`durable`) once it is fsynced too.
     ///
-    /// The record is hashed, written and indexed on the caller's thread, or
-    /// with others queued behind a write under way (see [`Chain`]), with no
-    /// hand-off to another thread. A durable append then waits for the
-    /// syncer thread's next fsync (one fsync serves every append waiting).
+    /// The record is hashed and copied into the segment on the caller's
+    /// thread, or with others queued behind a copy under way (see
+    /// [`Chain`]), with no hand-off to another thread; the syncer thread
+    /// indexes it after its fsync. A durable append then waits for that
+    /// fsync (one fsync serves every append waiting).
     pub async fn append(&self, event: Event, durable: bool) -> Result<u64, AuditError> {
         let inner = &self.inner;
         let started = Instant::now();
@@ -738,7 +743,8 @@ impl Inner {
             p.unindexed.append(&mut index);
             let since = p.unsynced.as_ref().map(|(_, _, t)| *t);
             p.unsynced = Some((head.seq, head.file.clone(), since.unwrap_or_else(Instant::now)));
-            if since.is_none() {
+            if p.idle {
+                p.idle = false;
                 self.wake.notify_all();
             }
         }
@@ -758,24 +764,36 @@ impl Inner {
     /// The syncer thread: fsyncs written records within `sync_interval`
     /// (at once when a durable append waits), and while the log is failing
     /// or its index behind, retries them every `retry_after`.
+    ///
+    /// After each fsync it lingers for one `sync_interval` and then fsyncs
+    /// whatever was written meanwhile: every such record is then fsynced
+    /// within its interval, and under steady load the syncer wakes once per
+    /// fsync, on its own, with no signal from the writers. Only after a
+    /// linger with nothing written does it wait to be woken.
     fn run_syncer(&self) {
+        let interval = self.config.sync_interval;
         let mut last_repair = Instant::now();
+        let mut linger_until: Option<Instant> = None;
         let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             let now = Instant::now();
             if let Some((seq, file, since)) = &p.unsynced {
-                if p.urgent || p.stop || now >= *since + self.config.sync_interval {
+                let due = linger_until.map_or(*since + interval, |l| l.min(*since + interval));
+                if p.urgent || p.stop || now >= due {
                     let (seq, file) = (*seq, file.clone());
                     p.unsynced = None;
                     p.urgent = false;
                     let records = std::mem::take(&mut p.unindexed);
                     drop(p);
                     self.sync(seq, &file, records);
+                    linger_until = Some(Instant::now() + interval);
                     p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
                     continue;
                 }
             } else if p.stop {
                 break;
+            } else if linger_until.is_some_and(|l| now >= l) {
+                linger_until = None;
             }
             let troubled = self.failing.load(Ordering::Acquire) || self.index_behind.load(Ordering::Acquire);
             if troubled && now >= last_repair + self.config.retry_after {
@@ -788,9 +806,14 @@ impl Inner {
             let mut wait =
                 if troubled { (last_repair + self.config.retry_after) - now } else { Duration::from_secs(3600) };
             if let Some((_, _, since)) = &p.unsynced {
-                wait = wait.min((*since + self.config.sync_interval).saturating_duration_since(now));
+                wait = wait.min((*since + interval).saturating_duration_since(now));
             }
+            if let Some(l) = linger_until {
+                wait = wait.min(l.saturating_duration_since(now));
+            }
+            p.idle = p.unsynced.is_none() && linger_until.is_none();
             p = self.wake.wait_timeout(p, wait).unwrap_or_else(PoisonError::into_inner).0;
+            p.idle = false;
         }
         tracing::info!("audit syncer stopped");
     }
@@ -849,6 +872,10 @@ impl Inner {
     fn mark_failed(&self) {
         self.metrics.audit_write_failures_total.inc();
         self.failing.store(true, Ordering::Release);
+        // The syncer thread probes for space from now on. (Under its lock,
+        // so the signal cannot fall between its check and its wait.)
+        let _p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        self.wake.notify_all();
     }
 
     /// While failing: is there room again? While the index is behind: index
