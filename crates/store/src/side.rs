@@ -17,11 +17,13 @@ impl SideTable {
         let mut o = Options::default();
         o.create_if_missing(true);
         o.set_max_background_jobs(1);
-        o.set_write_buffer_size(4 << 20);
+        o.set_write_buffer_size(16 << 20);
         o.set_keep_log_file_num(2);
         o.set_manifest_preallocation_size(64 << 10);
         o.set_max_open_files(64);
-        o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // Its keys start with hashes and its values are offsets: nothing a
+        // compressor could shrink, so flushes and compactions skip it.
+        o.set_compression_type(rocksdb::DBCompressionType::None);
         // Written on every audited request and read rarely (a "who looked"
         // query): a vector memtable makes a put an append, where a skip list
         // costs a search through the memtable for every key; a read sorts
