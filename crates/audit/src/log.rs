@@ -1,5 +1,6 @@
 //! The audit log of one node: records appended on the requests' own threads
-//! (hashed and written, group commit without a thread hand-off), a syncer
+//! (hashed onto the chain and copied into a mapped segment, no system call
+//! and no hand-off), a syncer
 //! thread fsyncing them (one fsync for every record waiting) and then
 //! indexing them by patient in a side table (one batch a fsync), and
 //! queries over both.
@@ -77,12 +78,9 @@ struct Inner {
     config: AuditConfig,
     index: Arc<SideTable>,
     metrics: Arc<Metrics>,
-    /// The head of the chain, with the records chained and waiting to be
-    /// written. Held only while one record is hashed and queued.
-    chain: Mutex<Chain>,
-    /// The open segment and the last record written to it. Held by the
-    /// append that writes a group of records (the leader), and by the
-    /// syncer thread's upkeep.
+    /// The open segment and the head of the chain. Held by an append while
+    /// it hashes its record onto the chain and copies it in (a couple of
+    /// microseconds), and by the syncer thread's upkeep.
     head: Mutex<Head>,
     /// Set by a failed write or fsync, cleared by the next success.
     failing: AtomicBool,
@@ -96,34 +94,6 @@ struct Inner {
     wake: Condvar,
     /// How far the log is known to be on disk, for durable appends.
     synced: tokio::sync::watch::Sender<Synced>,
-}
-
-/// The head of the chain and the records waiting to be written.
-///
-/// Group commit without a thread hand-off: an append hashes its record onto
-/// the chain and queues it. If no append is writing, it becomes the leader:
-/// it writes every record queued (one `write` and one index batch), answers
-/// their appends, and goes on until the queue is empty. Under light load an
-/// append writes its own record; under heavy load records queue while a
-/// write is under way and go out together.
-struct Chain {
-    seq: u64,
-    prev: String,
-    waiting: Vec<Waiting>,
-    /// An append is writing (and will write everything queued).
-    writing: bool,
-}
-
-/// A record chained and waiting to be written.
-struct Waiting {
-    seq: u64,
-    hash: String,
-    line: Vec<u8>,
-    /// Its patient's index key (without the sequence number).
-    patient: [u8; 16],
-    recorded: i64,
-    /// How its append learns the outcome (`None` for the leader's own).
-    done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
 }
 
 /// A record written, to be indexed once it is fsynced.
@@ -142,7 +112,7 @@ struct Unindexed {
 /// is only ever written where the file has already been extended with
 /// zeros (`reserved`), so a copy can neither fail nor fault for want of
 /// space: a full disk shows up as a failed reservation, before any byte of
-/// the group is copied.
+/// the record is copied.
 struct Head {
     segment: u32,
     file: Arc<File>,
@@ -159,8 +129,9 @@ struct Head {
 /// A full disk fails appends once this much is used up.
 const RESERVE_BYTES: u64 = 64 << 10;
 
-/// The most bytes of records written as one group; also the largest record.
-const GROUP_BYTES_MAX: usize = 64 << 10;
+/// The largest record (an event is a few hundred bytes; its fields are
+/// bounded by the API's limits).
+const RECORD_BYTES_MAX: usize = 64 << 10;
 
 static ZEROS: [u8; RESERVE_BYTES as usize] = [0; RESERVE_BYTES as usize];
 
@@ -170,7 +141,7 @@ fn open_segment(dir: &Path, n: u32, segment_bytes_max: u64) -> std::io::Result<(
     let path = chain::segment_path(dir, n);
     let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
     let len = file.metadata()?.len();
-    let map_len = segment_bytes_max.max(len) + GROUP_BYTES_MAX as u64 + RESERVE_BYTES;
+    let map_len = segment_bytes_max.max(len) + RECORD_BYTES_MAX as u64 + RESERVE_BYTES;
     // SAFETY: the map is of a file only this process writes (the audit
     // directory is the node's own); it is written only below `reserved`,
     // where the file has bytes, and read by no one through the map.
@@ -422,7 +393,6 @@ impl AuditLog {
             config,
             index,
             metrics,
-            chain: Mutex::new(Chain { seq, prev: prev.clone(), waiting: Vec::new(), writing: false }),
             head: Mutex::new(Head { segment, file: Arc::new(file), map, len, reserved: len, seq, prev }),
             failing: AtomicBool::new(false),
             index_behind: AtomicBool::new(false),
@@ -448,10 +418,9 @@ impl AuditLog {
     /// into the segment (the page cache), or (`durable`) once it is fsynced too.
     ///
     /// The record is hashed and copied into the segment on the caller's
-    /// thread, or with others queued behind a copy under way (see
-    /// [`Chain`]), with no hand-off to another thread; the syncer thread
-    /// indexes it after its fsync. A durable append then waits for that
-    /// fsync (one fsync serves every append waiting).
+    /// thread (see `Inner::write`); the syncer thread indexes it after its
+    /// fsync. A durable append then waits for that fsync (one fsync serves
+    /// every append waiting).
     pub async fn append(&self, event: Event, durable: bool) -> Result<u64, AuditError> {
         let inner = &self.inner;
         let started = Instant::now();
@@ -459,7 +428,7 @@ impl AuditLog {
         // Taken before the write: any fsync failure after it fails this append.
         let mut synced = inner.synced.subscribe();
         let failures = synced.borrow_and_update().failures;
-        let seq = inner.write(event).await?;
+        let seq = inner.write(&event)?;
         if durable {
             inner.request_sync();
             let waited = tokio::time::timeout(
@@ -615,144 +584,61 @@ impl Inner {
         self.head.lock().map_err(|_| "the audit log is unusable after an internal error; restart the node".into())
     }
 
-    /// Chains one record and sees it written (by this append, or by the
-    /// one writing when it was queued); its sequence number.
-    async fn write(&self, event: Event) -> Result<u64, AuditError> {
+    /// Hashes one record onto the chain and copies it into the segment
+    /// (see [`Head`]), all under the head's lock: records are in the
+    /// segment in the order of the chain, and a record that cannot be
+    /// written (no room) leaves the chain as it was. Its sequence number.
+    ///
+    /// No system call is made here (except, once every `RESERVE_BYTES`,
+    /// the write of zeros that reserves room), so the lock is held for a
+    /// couple of microseconds and appends need no grouping or hand-off.
+    fn write(&self, event: &Event) -> Result<u64, AuditError> {
         // The line adds the hashes and the sequence number to the event.
-        if event.json.len() + 256 > GROUP_BYTES_MAX {
+        if event.json.len() + 256 > RECORD_BYTES_MAX {
             return Err(AuditError::Write(format!(
-                "an audit event of {} bytes is larger than a record may be ({GROUP_BYTES_MAX} bytes)",
+                "an audit event of {} bytes is larger than a record may be ({RECORD_BYTES_MAX} bytes)",
                 event.json.len()
             )));
         }
         let patient = patient_key(&event.subject);
-        let (seq, follow) = {
-            // Nothing below can panic half-way through, so a poisoned lock
-            // still holds a consistent chain.
-            let mut c = self.chain.lock().unwrap_or_else(PoisonError::into_inner);
-            let seq = c.seq + 1;
-            let (line, hash) = chain::record_line(seq, &c.prev, &event.json);
-            c.prev.clone_from(&hash);
-            c.seq = seq;
-            let lead = !c.writing;
-            let (done, follow) = if lead {
-                c.writing = true;
-                (None, None)
-            } else {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                (Some(tx), Some(rx))
-            };
-            c.waiting.push(Waiting { seq, hash, line, patient, recorded: event.recorded, done });
-            (seq, follow)
-        };
-        let outcome = match follow {
-            None => self.lead(),
-            Some(rx) => rx.await.map_err(|_| AuditError::Stopped)?,
-        };
-        outcome.map(|()| seq).map_err(AuditError::Write)
-    }
-
-    /// Writes groups of queued records until none is left; the outcome of
-    /// the first group, which holds the leader's own record.
-    fn lead(&self) -> Result<(), String> {
-        let mut own = None;
-        loop {
-            let group: Vec<Waiting> = {
-                let mut c = self.chain.lock().unwrap_or_else(PoisonError::into_inner);
-                if c.waiting.is_empty() {
-                    c.writing = false;
-                    break;
-                }
-                let mut bytes = 0;
-                let n = c
-                    .waiting
-                    .iter()
-                    .take_while(|w| {
-                        bytes += w.line.len();
-                        bytes <= GROUP_BYTES_MAX
-                    })
-                    .count()
-                    .max(1);
-                c.waiting.drain(..n).collect()
-            };
-            let outcome = self.write_group(&group).map_err(|(e, written)| {
-                // Records queued since were chained onto the ones that
-                // failed: fail them too, and chain on from the last record
-                // written.
-                let mut c = self.chain.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some((seq, prev)) = written {
-                    c.seq = seq;
-                    c.prev = prev;
-                }
-                for w in c.waiting.drain(..) {
-                    if let Some(done) = w.done {
-                        let _ = done.send(Err(e.clone()));
-                    }
-                }
-                e
-            });
-            for w in group {
-                if let Some(done) = w.done {
-                    let _ = done.send(outcome.clone());
-                }
-            }
-            own.get_or_insert(outcome);
-        }
-        own.expect("the leader's own record is in the first group")
-    }
-
-    /// Copies a group of chained records into the segment (see [`Head`]),
-    /// after making room for all of them; if there is no room, nothing of
-    /// the group is written, so the chain on disk never holds a record whose
-    /// request failed. The error comes with the last record written (seq
-    /// and hash).
-    fn write_group(&self, group: &[Waiting]) -> Result<(), (String, Option<(u64, String)>)> {
-        let mut head = self.head().map_err(|e| (e, None))?;
-        let fail = |head: &Head, e: String| (e, Some((head.seq, head.prev.clone())));
-        let bytes: u64 = group.iter().map(|w| w.line.len() as u64).sum();
-        if head.len > 0 && head.len + bytes > self.config.segment_bytes_max {
+        let mut head = self.head().map_err(AuditError::Write)?;
+        let seq = head.seq + 1;
+        let (line, hash) = chain::record_line(seq, &head.prev, &event.json);
+        let n = line.len() as u64;
+        if head.len > 0 && head.len + n > self.config.segment_bytes_max {
             if let Err(e) = self.roll(&mut head) {
                 self.mark_failed();
-                return Err(fail(&head, format!("starting a new segment: {e}")));
+                return Err(AuditError::Write(format!("starting a new segment: {e}")));
             }
         }
-        let end = head.len + bytes;
+        let end = head.len + n;
         if let Err(e) = reserve(&mut head, end) {
-            tracing::error!(error = %e, records = group.len(), "audit write failed; failing the requests (fail closed)");
+            tracing::error!(error = %e, "audit write failed; failing the request (fail closed)");
             self.mark_failed();
-            return Err(fail(&head, e.to_string()));
+            return Err(AuditError::Write(e.to_string()));
         }
-        let mut index = Vec::with_capacity(group.len());
-        let mut at = head.len;
-        for w in group {
-            let n = w.line.len();
-            index.push(Unindexed {
-                seq: w.seq,
-                patient: w.patient,
-                loc: Loc { segment: head.segment, offset: at, len: n as u32, recorded: w.recorded },
-            });
-            head.map[at as usize..at as usize + n].copy_from_slice(&w.line);
-            at += n as u64;
-        }
-        let last = group.last().expect("a group is never empty");
-        head.len = at;
-        head.seq = last.seq;
-        head.prev.clone_from(&last.hash);
+        let at = head.len;
+        head.map[at as usize..end as usize].copy_from_slice(&line);
+        head.len = end;
+        head.seq = seq;
+        head.prev = hash;
+        let loc = Loc { segment: head.segment, offset: at, len: n as u32, recorded: event.recorded };
         {
+            // Under the head's lock, so records reach the syncer in order.
             let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-            p.unindexed.append(&mut index);
+            p.unindexed.push(Unindexed { seq, patient, loc });
             let since = p.unsynced.as_ref().map(|(_, _, t)| *t);
-            p.unsynced = Some((head.seq, head.file.clone(), since.unwrap_or_else(Instant::now)));
+            p.unsynced = Some((seq, head.file.clone(), since.unwrap_or_else(Instant::now)));
             if p.idle {
                 p.idle = false;
                 self.wake.notify_all();
             }
         }
         drop(head);
-        if self.failing.swap(false, Ordering::AcqRel) {
+        if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::AcqRel) {
             tracing::info!("audit log writable again");
         }
-        Ok(())
+        Ok(seq)
     }
 
     /// Asks the syncer thread to fsync now (a durable append is waiting).

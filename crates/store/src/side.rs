@@ -17,7 +17,7 @@ impl SideTable {
         let mut o = Options::default();
         o.create_if_missing(true);
         o.set_max_background_jobs(1);
-        o.set_write_buffer_size(16 << 20);
+        o.set_write_buffer_size(4 << 20);
         o.set_keep_log_file_num(2);
         o.set_manifest_preallocation_size(64 << 10);
         o.set_max_open_files(64);
