@@ -562,16 +562,15 @@ impl Inner {
     /// it. False if it could not be sure: the query then also reads the log
     /// past the index.
     async fn settle(&self) -> bool {
-        let inner = self;
-        let Ok(written) = inner.head().map(|h| h.seq) else { return false };
-        let mut synced = inner.synced.subscribe();
+        let Ok(written) = self.head().map(|h| h.seq) else { return false };
+        let mut synced = self.synced.subscribe();
         let failures = synced.borrow_and_update().failures;
         if synced.borrow().seq >= written {
             return true;
         }
-        inner.request_sync();
+        self.request_sync();
         let waited = tokio::time::timeout(
-            inner.config.write_timeout,
+            self.config.write_timeout,
             synced.wait_for(|s| s.failures != failures || s.seq >= written),
         )
         .await;
