@@ -266,7 +266,7 @@ async fn a_full_audit_disk_fails_requests_closed_and_the_node_recovers() -> anyh
         .args(["if=/dev/zero", &format!("of={}", filler.display()), "bs=64k"])
         .output()?;
     // The space the log reserved ahead (64 KiB) still takes a few hundred
-    // records (each ~450 bytes).
+    // records (each ~410 bytes).
     let mut r = search(&consumer, &n1, &patient, &[]).await?;
     for _ in 0..400 {
         if r.status != 200 {

@@ -4,7 +4,7 @@
 //!
 //! The stored form is about a tenth of the size of the resource, and every
 //! search writes one, so the hot path builds, hashes, writes and fsyncs
-//! ~250 bytes instead of ~1.9 KB; the resource is built only when a patient
+//! ~240 bytes instead of ~1.9 KB; the resource is built only when a patient
 //! or a SIEM reads the event.
 
 use std::sync::atomic::{AtomicU64, Ordering};
