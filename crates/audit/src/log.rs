@@ -426,22 +426,11 @@ impl AuditLog {
         let started = Instant::now();
         let durable = durable || inner.config.sync_every_access;
         // Taken before the write: any fsync failure after it fails this append.
-        let mut synced = inner.synced.subscribe();
-        let failures = synced.borrow_and_update().failures;
+        let failures = durable.then(|| inner.synced.borrow().failures);
         let seq = inner.write(&event)?;
-        if durable {
+        if let Some(failures) = failures {
             inner.request_sync();
-            let waited = tokio::time::timeout(
-                inner.config.write_timeout,
-                synced.wait_for(|s| s.failures != failures || s.seq >= seq),
-            )
-            .await;
-            match waited {
-                Ok(Ok(s)) if s.failures == failures => {}
-                Ok(Ok(_)) => return Err(AuditError::Write("fsync failed".into())),
-                Ok(Err(_)) => return Err(AuditError::Stopped),
-                Err(_) => return Err(AuditError::Timeout(inner.config.write_timeout.as_millis())),
-            }
+            inner.wait_synced(seq, failures).await?;
         }
         inner.metrics.audit_events_total.inc();
         inner.metrics.audit_write_seconds.observe(started.elapsed().as_secs_f64());
@@ -563,18 +552,29 @@ impl Inner {
     /// past the index.
     async fn settle(&self) -> bool {
         let Ok(written) = self.head().map(|h| h.seq) else { return false };
-        let mut synced = self.synced.subscribe();
-        let failures = synced.borrow_and_update().failures;
-        if synced.borrow().seq >= written {
+        let synced = *self.synced.borrow();
+        if synced.seq >= written {
             return true;
         }
         self.request_sync();
+        self.wait_synced(written, synced.failures).await.is_ok()
+    }
+
+    /// Waits (at most `write_timeout`) until every record up to `seq` is
+    /// fsynced; fails if an fsync failed since `failures` was read.
+    async fn wait_synced(&self, seq: u64, failures: u64) -> Result<(), AuditError> {
+        let mut synced = self.synced.subscribe();
         let waited = tokio::time::timeout(
             self.config.write_timeout,
-            synced.wait_for(|s| s.failures != failures || s.seq >= written),
+            synced.wait_for(|s| s.failures != failures || s.seq >= seq),
         )
         .await;
-        matches!(waited, Ok(Ok(s)) if s.failures == failures)
+        match waited {
+            Ok(Ok(s)) if s.failures == failures => Ok(()),
+            Ok(Ok(_)) => Err(AuditError::Write("fsync failed".into())),
+            Ok(Err(_)) => Err(AuditError::Stopped),
+            Err(_) => Err(AuditError::Timeout(self.config.write_timeout.as_millis())),
+        }
     }
 
     fn head(&self) -> Result<MutexGuard<'_, Head>, String> {
