@@ -116,6 +116,8 @@ pub struct ApiSection {
     pub ca: PathBuf,
     #[serde(default = "defaults::body_bytes_max")]
     pub body_bytes_max: usize,
+    #[serde(default = "defaults::bundle_entries_max")]
+    pub bundle_entries_max: usize,
     #[serde(default = "defaults::json_depth_max")]
     pub json_depth_max: usize,
     #[serde(default = "defaults::header_bytes_max")]
@@ -230,6 +232,9 @@ pub mod defaults {
     }
     pub fn body_bytes_max() -> usize {
         api().body_bytes_max
+    }
+    pub fn bundle_entries_max() -> usize {
+        api().bundle_entries_max
     }
     pub fn json_depth_max() -> usize {
         api().json_depth_max
@@ -478,6 +483,7 @@ impl Config {
             base_url: a.public_url.clone(),
             limits: ApiLimits {
                 body_bytes_max: a.body_bytes_max,
+                bundle_entries_max: a.bundle_entries_max,
                 json_depth_max: a.json_depth_max,
                 header_bytes_max: a.header_bytes_max,
                 page_size_max: a.page_size_max,

@@ -140,8 +140,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Attempts to find a loopback port not yet handed out.
 const FREE_PORT_TRIES: usize = 100;
-/// Writes in flight while seeding sample data.
-const SEED_CONCURRENCY: usize = 32;
+/// Batch Bundles in flight while seeding sample data.
+const SEED_BUNDLES_IN_FLIGHT: usize = 4;
+/// Pointers in each batch Bundle while seeding.
+const SEED_BUNDLE_ENTRIES: usize = 500;
 
 struct DevClient {
     name: &'static str,
@@ -334,6 +336,7 @@ fn node_config(
             key: certs.join(format!("node-{}.key", plan.id)),
             ca: certs.join("ca.pem"),
             body_bytes_max: crate::config::defaults::body_bytes_max(),
+            bundle_entries_max: crate::config::defaults::bundle_entries_max(),
             json_depth_max: crate::config::defaults::json_depth_max(),
             header_bytes_max: crate::config::defaults::header_bytes_max(),
             page_size_max: crate::config::defaults::page_size_max(),
@@ -656,51 +659,69 @@ async fn seed(cluster: &ClusterFile, patients: u32) -> anyhow::Result<()> {
         let node = &cluster.nodes[i % cluster.nodes.len()];
         apis.push((Arc::new(Api::new(&node.api_url, &cluster.ca_cert, &p.cert, &p.key)?), p.ods.clone()));
     }
-    let expected: u64 = (0..patients).map(|i| if i % 2 == 1 { 1 } else { apis.len() as u64 }).sum();
-    let bar = crate::progress::items(expected, "seeding");
-    let sem = Arc::new(tokio::sync::Semaphore::new(SEED_CONCURRENCY));
-    let mut tasks = tokio::task::JoinSet::new();
+    // Every patient has a GP pointer; every second one a mental-health pointer
+    // too. Each producer's pointers go in batch Bundles (the bulk-load path:
+    // one Raft entry a Bundle), several Bundles at once.
+    let mut bundles: Vec<(usize, Vec<serde_json::Value>)> = Vec::new();
     let mut planned = 0u32;
-    for i in 0..patients {
-        let nhs = testkit::nhs(i);
-        // Every patient has a GP pointer; every second one a mental-health pointer too.
-        for (k, (api, ods)) in apis.iter().enumerate() {
+    for (k, (_, ods)) in apis.iter().enumerate() {
+        let mut entries = Vec::new();
+        for i in 0..patients {
             if k > 0 && i % 2 == 1 {
                 continue;
             }
             let code =
                 if (i + k as u32) % 3 == 0 { testkit::EMERGENCY_CARE_PLAN } else { testkit::MENTAL_HEALTH_CRISIS_PLAN };
-            let doc = sample_pointer(nhs.as_str(), ods, code, i);
-            let api = api.clone();
-            // Bounded: wait for a slot before making the next task.
-            let permit = sem.clone().acquire_owned().await?;
-            while let Some(r) = tasks.try_join_next() {
-                r??;
-                bar.inc(1);
-            }
+            let doc = sample_pointer(testkit::nhs(i).as_str(), ods, code, i);
+            entries.push(json!({ "resource": doc, "request": { "method": "POST", "url": "DocumentReference" } }));
             planned += 1;
-            tasks.spawn(async move {
-                let _permit = permit;
-                let resp = api
-                    .http
-                    .post(api.fhir_url("/DocumentReference"))
-                    .header("content-type", "application/fhir+json")
-                    .header("prefer", "return=minimal")
-                    .json(&doc)
-                    .send()
-                    .await?;
-                let status = resp.status();
-                if status.is_success() || status == reqwest::StatusCode::CONFLICT {
-                    Ok(())
-                } else {
-                    Err(anyhow::anyhow!("seeding a pointer: {status} {}", resp.text().await.unwrap_or_default()))
-                }
-            });
+            if entries.len() == SEED_BUNDLE_ENTRIES {
+                bundles.push((k, std::mem::take(&mut entries)));
+            }
+        }
+        if !entries.is_empty() {
+            bundles.push((k, entries));
         }
     }
+    let bar = crate::progress::items(u64::from(planned), "seeding");
+    let sem = Arc::new(tokio::sync::Semaphore::new(SEED_BUNDLES_IN_FLIGHT));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (k, entries) in bundles {
+        let api = apis[k].0.clone();
+        // Bounded: wait for a slot before making the next task.
+        let permit = sem.clone().acquire_owned().await?;
+        while let Some(r) = tasks.try_join_next() {
+            bar.inc(r??);
+        }
+        tasks.spawn(async move {
+            let _permit = permit;
+            let n = entries.len() as u64;
+            let bundle = json!({ "resourceType": "Bundle", "type": "batch", "entry": entries });
+            let resp = api
+                .http
+                .post(api.fhir_url(""))
+                .header("content-type", "application/fhir+json")
+                .json(&bundle)
+                .send()
+                .await?;
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            if !status.is_success() {
+                bail!("seeding a batch of pointers: {status} {text}");
+            }
+            // Each entry created, or already there from an earlier seeding.
+            let body: serde_json::Value = serde_json::from_str(&text)?;
+            for e in body["entry"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                let s = e["response"]["status"].as_str().unwrap_or("");
+                if !(s.starts_with("201") || s.starts_with("409")) {
+                    bail!("seeding a pointer: {s} {}", e["response"]["outcome"]);
+                }
+            }
+            Ok(n)
+        });
+    }
     while let Some(r) = tasks.join_next().await {
-        r??;
-        bar.inc(1);
+        bar.inc(r??);
     }
     bar.finish_and_clear();
     println!("seeded {patients} patients with {planned} pointers in {:.1} s", started.elapsed().as_secs_f64());

@@ -27,6 +27,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("request body exceeds {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// A batch Bundle with more entries than `bundle_entries_max`.
+    #[error("{0}")]
+    TooManyEntries(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -66,7 +69,9 @@ impl ApiError {
             NotWellFormed(_) => (StatusCode::BAD_REQUEST, "invalid", "MESSAGE_NOT_WELL_FORMED"),
             InvalidHeader(_) => (StatusCode::BAD_REQUEST, "invalid", "MISSING_OR_INVALID_HEADER"),
             UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not-supported", "UNSUPPORTED_MEDIA_TYPE"),
-            PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-costly", "PAYLOAD_TOO_LARGE"),
+            PayloadTooLarge { .. } | TooManyEntries(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "too-costly", "PAYLOAD_TOO_LARGE")
+            }
             NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "NO_RECORD_FOUND"),
             Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "AUTHOR_CREDENTIALS_ERROR"),
             Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "security", "ACCESS_DENIED"),
@@ -89,6 +94,12 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.parts().0
     }
+
+    /// This error as an OperationOutcome.
+    pub fn outcome(&self) -> serde_json::Value {
+        let (_, issue_type, code) = self.parts();
+        operation_outcome("error", issue_type, code, &self.to_string())
+    }
 }
 
 /// An OperationOutcome with one issue.
@@ -110,8 +121,8 @@ pub fn operation_outcome(severity: &str, issue_type: &str, code: &str, diagnosti
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, issue_type, code) = self.parts();
-        let body = operation_outcome("error", issue_type, code, &self.to_string());
+        let (status, _, code) = self.parts();
+        let body = self.outcome();
         let mut resp = (status, serde_json::to_string(&body).unwrap_or_default()).into_response();
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));

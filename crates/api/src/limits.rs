@@ -9,6 +9,8 @@ use hie_domain::OdsCode;
 #[derive(Debug, Clone)]
 pub struct ApiLimits {
     pub body_bytes_max: usize,
+    /// Entries in one batch Bundle (the bulk-load path); each is a create.
+    pub bundle_entries_max: usize,
     pub json_depth_max: usize,
     pub header_bytes_max: usize,
     pub page_size_default: usize,
@@ -36,6 +38,7 @@ impl Default for ApiLimits {
     fn default() -> Self {
         ApiLimits {
             body_bytes_max: 1 << 20,
+            bundle_entries_max: 1_000,
             json_depth_max: 64,
             header_bytes_max: 16 << 10,
             page_size_default: 20,

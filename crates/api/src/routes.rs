@@ -54,6 +54,7 @@ pub(crate) fn router(config: ApiConfig, replica: Arc<Replica>, audit: Option<Arc
     });
     Router::new()
         .route("/fhir/metadata", get(metadata))
+        .route("/fhir", post(batch))
         .route("/fhir/DocumentReference", post(create).get(search_get))
         .route("/fhir/DocumentReference/_search", post(search_post))
         .route("/fhir/DocumentReference/_count", get(count))
@@ -162,8 +163,9 @@ async fn envelope(
             Err(_) => ApiError::Timeout { millis: limits.request_timeout.as_millis() as u64 }.into_response(),
         },
     };
-    if let (Some(access), Some(log), Ok(c)) = (slot.take(), &st.audit, &caller) {
-        resp = record_access(&st, log, access, c, &request_id, resp).await;
+    let accesses = slot.take();
+    if let (false, Some(log), Ok(c)) = (accesses.is_empty(), &st.audit, &caller) {
+        resp = record_access(&st, log, accesses, c, &request_id, resp).await;
     }
     let status = resp.status();
     let m = st.replica.metrics();
@@ -187,69 +189,106 @@ async fn envelope(
     resp
 }
 
-/// The access a handler made to one patient's data, for the envelope to
-/// record once the answer is known.
+/// The accesses a handler made to patients' data (one, or one per entry of
+/// a batch Bundle), for the envelope to record once the answer is known.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct AuditSlot(Arc<Mutex<Option<Access>>>);
+pub(crate) struct AuditSlot(Arc<Mutex<Vec<Slotted>>>);
+
+#[derive(Debug)]
+pub(crate) struct Slotted {
+    access: Access,
+    /// The status and error code of this access when it differs from the
+    /// response's (an entry of a batch).
+    outcome: Option<(u16, Option<&'static str>)>,
+}
+
+fn access(subject: &NhsNumber, action: Action, interaction: &'static str, purpose: &Purpose) -> Access {
+    let emergency_reason = match purpose {
+        Purpose::BreakGlass(reason) => Some(reason.clone()),
+        Purpose::DirectCare => None,
+    };
+    Access { subject: subject.clone(), action, interaction, resource: None, emergency_reason }
+}
 
 impl AuditSlot {
-    fn set(&self, subject: &NhsNumber, action: Action, interaction: &'static str, purpose: &Purpose) {
-        let emergency_reason = match purpose {
-            Purpose::BreakGlass(reason) => Some(reason.clone()),
-            Purpose::DirectCare => None,
-        };
-        *self.0.lock().expect("audit slot lock") =
-            Some(Access { subject: subject.clone(), action, interaction, resource: None, emergency_reason });
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slotted>> {
+        self.0.lock().expect("audit slot lock")
     }
 
+    /// The request's one access.
+    fn set(&self, subject: &NhsNumber, action: Action, interaction: &'static str, purpose: &Purpose) {
+        *self.lock() = vec![Slotted { access: access(subject, action, interaction, purpose), outcome: None }];
+    }
+
+    /// Names the resource of the last access.
     fn resource(&self, resource: String) {
-        if let Some(a) = self.0.lock().expect("audit slot lock").as_mut() {
-            a.resource = Some(resource);
+        if let Some(a) = self.lock().last_mut() {
+            a.access.resource = Some(resource);
         }
     }
 
-    fn take(&self) -> Option<Access> {
-        self.0.lock().expect("audit slot lock").take()
+    /// Adds one access of several (a batch); its index.
+    fn push(&self, access: Access) -> usize {
+        let mut slot = self.lock();
+        slot.push(Slotted { access, outcome: None });
+        slot.len() - 1
+    }
+
+    /// Sets how access `i` of a batch ended.
+    fn outcome(&self, i: usize, status: StatusCode, code: Option<&'static str>) {
+        if let Some(a) = self.lock().get_mut(i) {
+            a.outcome = Some((status.as_u16(), code));
+        }
+    }
+
+    fn take(&self) -> Vec<Slotted> {
+        std::mem::take(&mut *self.lock())
     }
 }
 
-/// Writes the audit record of an access and answers only once it is
-/// durable; if it cannot be written, the answer becomes a 503 (fail closed).
+/// Writes the audit records of a request's accesses and answers only once
+/// they are written (a change's: durable); if one cannot be written, the
+/// answer becomes a 503 (fail closed).
 async fn record_access(
     st: &AppState,
     log: &AuditLog,
-    access: Access,
+    accesses: Vec<Slotted>,
     caller: &Caller,
     request_id: &str,
     resp: Response,
 ) -> Response {
     let roles: Vec<&str> = caller.roles.iter().map(|r| r.as_str()).collect();
-    let ctx = hie_audit::Context {
-        event_id: st.event_ids.next(),
-        caller_ods: caller.ods.as_str(),
-        caller_roles: roles,
-        request_id,
-        node: &st.node_label,
-        recorded: now(),
-        status: resp.status().as_u16(),
-        error_code: resp.extensions().get::<ErrorCode>().map(|c| c.0),
-    };
-    let event = hie_audit::audit_event(&access, &ctx);
-    // A change's record is fsynced before the change is answered; a read's
-    // is written before the answer and fsynced within the sync interval.
-    let change = access.action != Action::Read && access.action != Action::Execute;
-    match log.append(event, change).await {
-        Ok(_) => resp,
-        Err(e) => {
+    let last = accesses.len().saturating_sub(1);
+    let mut change = false;
+    for (i, Slotted { access, outcome }) in accesses.into_iter().enumerate() {
+        let (status, error_code) =
+            outcome.unwrap_or_else(|| (resp.status().as_u16(), resp.extensions().get::<ErrorCode>().map(|c| c.0)));
+        let ctx = hie_audit::Context {
+            event_id: st.event_ids.next(),
+            caller_ods: caller.ods.as_str(),
+            caller_roles: roles.clone(),
+            request_id,
+            node: &st.node_label,
+            recorded: now(),
+            status,
+            error_code,
+        };
+        let event = hie_audit::audit_event(&access, &ctx);
+        // A change's record is fsynced before the change is answered; a
+        // read's is written before the answer and fsynced within the sync
+        // interval. One fsync, waited for after the last record, serves all.
+        change |= access.action != Action::Read && access.action != Action::Execute;
+        if let Err(e) = log.append(event, change && i == last).await {
             let changed = resp.status().is_success() && change;
             let msg = if changed {
                 format!("{e}; the change was applied but could not be audited, so it is reported as failed")
             } else {
                 format!("{e}; the answer is withheld (fail closed)")
             };
-            ApiError::AuditUnavailable(msg).into_response()
+            return ApiError::AuditUnavailable(msg).into_response();
         }
     }
+    resp
 }
 
 fn caller(identity: &ConnIdentity) -> Result<Caller, ApiError> {
@@ -379,6 +418,10 @@ async fn metadata(State(st): St, Extension(identity): Extension<ConnIdentity>) -
         "rest": [{
             "mode": "server",
             "security": { "description": "Mutual TLS: a client certificate from the cluster CA naming urn:hie:ods:<ODS> and urn:hie:role:<role> SAN URIs." },
+            "interaction": [{
+                "code": "batch",
+                "documentation": format!("POST a batch Bundle of DocumentReference creates (at most {} entries) to the base: one Raft entry, each entry succeeds or fails alone", st.config.limits.bundle_entries_max)
+            }],
             "resource": [
                 {
                     "type": "DocumentReference",
@@ -476,6 +519,111 @@ async fn create(
     {
         Outcome::Created { pointer } => Ok(written(StatusCode::CREATED, &st, &headers, &pointer)),
         other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+/// A batch Bundle of creates (`POST /fhir`): the bulk-load path. Every
+/// entry that parses becomes one create command, and all of them go through
+/// Raft as one entry (one fsync and one round trip for the lot); each entry
+/// succeeds or fails alone, as in FHIR's batch, and is audited on its own.
+async fn batch(
+    State(st): St,
+    Extension(identity): Extension<ConnIdentity>,
+    Extension(rid): Extension<RequestId>,
+    Extension(slot): Extension<AuditSlot>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let caller = caller(&identity)?;
+    require(&caller, Role::Producer)?;
+    let body = read_body(body, &headers, &st.config.limits, false).await?;
+    let parsed = fhir::parse_batch(&body, st.config.limits.bundle_entries_max).map_err(|e| match e {
+        fhir::BatchError::Fhir(e) => ApiError::from(e),
+        e @ fhir::BatchError::TooManyEntries { .. } => ApiError::TooManyEntries(e.to_string()),
+    })?;
+    let mut out: Vec<Option<fhir::BatchEntryOut>> = Vec::with_capacity(parsed.entries.len());
+    // For each command: its entry, and its access in the audit slot.
+    let mut commands = Vec::new();
+    let mut placed: Vec<(usize, usize)> = Vec::new();
+    let at = now();
+    for (i, entry) in parsed.entries.into_iter().enumerate() {
+        let checked = entry.map_err(ApiError::from).and_then(|p| {
+            let mut pointer = p.pointer;
+            let a = slot.push(access(&pointer.subject, Action::Create, "create", &Purpose::DirectCare));
+            let refused = if p.id.is_some() {
+                Some(ApiError::InvalidResource("a create in a batch must not carry an id".into()))
+            } else if pointer.status != PointerStatus::Current {
+                Some(ApiError::InvalidResource("a new pointer must have status current".into()))
+            } else if pointer.custodian != caller.ods {
+                Some(ApiError::Forbidden(format!("custodian must be the caller's organisation {}", caller.ods)))
+            } else {
+                None
+            };
+            if let Some(e) = refused {
+                slot.outcome(a, e.status(), Some(e.code()));
+                return Err(e);
+            }
+            pointer.id = PointerId::new(&pointer.custodian, uuid::Uuid::new_v4());
+            pointer.created = at;
+            pointer.updated = at;
+            Ok((pointer, a))
+        });
+        match checked {
+            Ok((pointer, a)) => {
+                slot.lock()[a].access.resource = Some(format!("DocumentReference/{}", pointer.id));
+                commands.push(CommandV1::CreatePointer { caller: caller.clone(), pointer });
+                placed.push((i, a));
+                out.push(None);
+            }
+            Err(e) => out.push(Some(batch_entry_error(&e))),
+        }
+    }
+    if !commands.is_empty() {
+        let n = commands.len();
+        let outcomes = match run_write(&st, &caller, Command::V1(CommandV1::Batch(commands)), &rid).await? {
+            Outcome::Batch(outcomes) if outcomes.len() == n => outcomes,
+            other => return Err(ApiError::Internal(format!("unexpected outcome of a batch: {other:?}"))),
+        };
+        for ((i, a), outcome) in placed.into_iter().zip(outcomes) {
+            out[i] = Some(match outcome {
+                Outcome::Created { pointer } => {
+                    slot.outcome(a, StatusCode::CREATED, None);
+                    fhir::BatchEntryOut {
+                        status: "201 Created".into(),
+                        location: Some(format!(
+                            "DocumentReference/{}/_history/{}",
+                            pointer.id.as_str(),
+                            pointer.version
+                        )),
+                        etag: Some(format!("W/\"{}\"", pointer.version)),
+                        outcome: None,
+                    }
+                }
+                Outcome::Rejected(r) => {
+                    let e = ApiError::from(r);
+                    slot.outcome(a, e.status(), Some(e.code()));
+                    batch_entry_error(&e)
+                }
+                other => {
+                    let e = ApiError::Internal(format!("unexpected outcome {other:?}"));
+                    slot.outcome(a, e.status(), Some(e.code()));
+                    batch_entry_error(&e)
+                }
+            });
+        }
+    }
+    let entries: Vec<fhir::BatchEntryOut> = out.into_iter().map(|e| e.expect("every entry answered")).collect();
+    Ok(fhir_json(StatusCode::OK, &fhir::batch_response(&entries)))
+}
+
+/// A failed batch entry: its status line and OperationOutcome.
+fn batch_entry_error(e: &ApiError) -> fhir::BatchEntryOut {
+    let status = e.status();
+    fhir::BatchEntryOut {
+        status: format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or("")),
+        location: None,
+        etag: None,
+        outcome: Some(e.outcome()),
     }
 }
 

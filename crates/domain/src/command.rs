@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
-use crate::model::{PointerType, RecordPointer, Timestamp};
+use crate::model::{Coding, PointerType, RecordPointer, Timestamp};
 
 /// What a client certificate says its holder may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -59,6 +59,41 @@ pub enum Command {
     V1(CommandV1),
 }
 
+impl CommandV1 {
+    fn approx_bytes(&self) -> usize {
+        fn coding(c: &Option<Coding>) -> usize {
+            c.as_ref().map_or(0, |c| 32 + c.system.len() + c.code.len() + c.display.as_ref().map_or(0, String::len))
+        }
+        fn text(t: &Option<String>) -> usize {
+            t.as_ref().map_or(0, String::len)
+        }
+        fn pointer(p: &RecordPointer) -> usize {
+            // Field names, ids, codes and times: about 400 bytes of CBOR.
+            let fixed = 400 + text(&p.type_display) + text(&p.category_display);
+            let master = p.master_identifier.as_ref().map_or(0, |m| m.system.len() + m.value.len());
+            let content: usize = p
+                .content
+                .iter()
+                .map(|c| 48 + c.url.len() + c.content_type.len() + text(&c.creation) + coding(&c.format))
+                .sum();
+            let context = p
+                .context
+                .as_ref()
+                .map_or(0, |c| 64 + coding(&c.practice_setting) + text(&c.period_start) + text(&c.period_end));
+            fixed + master + content + context
+        }
+        match self {
+            CommandV1::CreatePointer { pointer: p, .. } | CommandV1::UpdatePointer { pointer: p, .. } => {
+                64 + pointer(p)
+            }
+            CommandV1::PutPointerType { entry, .. } => 256 + entry.display.len() + entry.category_display.len(),
+            CommandV1::SetProducerTypes { types, .. } => 128 + 24 * types.len(),
+            CommandV1::DeletePointer { .. } | CommandV1::SetConsent { .. } => 160,
+            CommandV1::Batch(commands) => 16 + commands.iter().map(CommandV1::approx_bytes).sum::<usize>(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandV1 {
     /// Publish a pointer. If `pointer.replaces` is set, the replaced pointer
@@ -104,6 +139,15 @@ pub enum CommandV1 {
 }
 
 impl Command {
+    /// About how many bytes this command takes in a log entry or a message,
+    /// without encoding it: enough to keep messages of many entries within
+    /// a budget (`hie_p2p` splits append-entries by it).
+    pub fn approx_bytes(&self) -> usize {
+        match self {
+            Command::V1(c) => c.approx_bytes(),
+        }
+    }
+
     /// A short name for logs and metrics (never the content).
     pub fn kind(&self) -> &'static str {
         match self {

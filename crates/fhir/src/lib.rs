@@ -241,7 +241,120 @@ fn parse_resource(body: &[u8], resource_type: &str) -> Result<Value, FhirError> 
 }
 
 pub fn parse_document_reference(body: &[u8]) -> Result<ParsedPointer, FhirError> {
-    let value = parse_resource(body, "DocumentReference")?;
+    document_reference_of(parse_resource(body, "DocumentReference")?)
+}
+
+/// What a `batch` Bundle asks for: one create of a DocumentReference per
+/// entry, each with its own result (an entry that does not parse fails
+/// alone, as FHIR's batch semantics say).
+pub struct BatchIn {
+    pub entries: Vec<Result<ParsedPointer, FhirError>>,
+}
+
+/// Parses a FHIR `batch` Bundle whose entries each create a pointer
+/// (`request.method` `POST`, `request.url` `DocumentReference`). The shape of
+/// the Bundle and of each entry's `request` is checked for all entries (any
+/// fault refuses the whole Bundle); each entry's resource is parsed alone.
+/// More than `entries_max` entries is [`BatchError::TooManyEntries`].
+pub fn parse_batch(body: &[u8], entries_max: usize) -> Result<BatchIn, BatchError> {
+    let value = parse_resource(body, "Bundle")?;
+    let Value::Object(mut bundle) = value else { return Err(invalid("a Bundle must be a JSON object").into()) };
+    match bundle.get("type").and_then(Value::as_str) {
+        Some("batch") => {}
+        Some("transaction") => {
+            return Err(invalid(
+                "only batch Bundles are accepted: each entry succeeds or fails alone; transaction (all or nothing) is not supported",
+            )
+            .into());
+        }
+        Some(other) => return Err(invalid(format!("Bundle.type must be batch, not {other}")).into()),
+        None => return Err(invalid("Bundle.type is required (batch)").into()),
+    }
+    for key in bundle.keys() {
+        if !matches!(key.as_str(), "resourceType" | "type" | "entry" | "id" | "meta" | "identifier" | "timestamp") {
+            return Err(invalid(format!("unknown Bundle field {key}")).into());
+        }
+    }
+    let entries = match bundle.remove("entry") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(invalid("Bundle.entry must be an array").into()),
+    };
+    if entries.len() > entries_max {
+        return Err(BatchError::TooManyEntries { given: entries.len(), max: entries_max });
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.into_iter().enumerate() {
+        let Value::Object(mut entry) = entry else {
+            return Err(invalid(format!("Bundle.entry[{i}] must be an object")).into());
+        };
+        for key in entry.keys() {
+            if !matches!(key.as_str(), "fullUrl" | "resource" | "request") {
+                return Err(invalid(format!("unknown field {key} in Bundle.entry[{i}]")).into());
+            }
+        }
+        let request = entry.get("request");
+        let method = request.and_then(|r| r.get("method")).and_then(Value::as_str);
+        let url = request.and_then(|r| r.get("url")).and_then(Value::as_str);
+        if method != Some("POST") || url != Some("DocumentReference") {
+            return Err(invalid(format!(
+                "Bundle.entry[{i}].request must be method POST, url DocumentReference (a batch creates pointers)"
+            ))
+            .into());
+        }
+        let parsed = match entry.remove("resource") {
+            None => Err(invalid("entry has no resource")),
+            Some(r) => match r.get("resourceType").and_then(Value::as_str) {
+                Some("DocumentReference") => document_reference_of(r),
+                _ => Err(invalid("entry resource must be a DocumentReference")),
+            },
+        };
+        out.push(parsed);
+    }
+    Ok(BatchIn { entries: out })
+}
+
+/// Why a whole batch Bundle was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Fhir(#[from] FhirError),
+    #[error("the Bundle has {given} entries; at most {max} are accepted in one batch")]
+    TooManyEntries { given: usize, max: usize },
+}
+
+/// One entry of a `batch-response` Bundle: the status line (`201 Created`),
+/// the new pointer's location and ETag, or the OperationOutcome of its failure.
+pub struct BatchEntryOut {
+    pub status: String,
+    pub location: Option<String>,
+    pub etag: Option<String>,
+    pub outcome: Option<Value>,
+}
+
+/// The `batch-response` Bundle: one entry per request entry, in order.
+pub fn batch_response(entries: &[BatchEntryOut]) -> Value {
+    let entry: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let mut response = serde_json::Map::new();
+            response.insert("status".into(), Value::String(e.status.clone()));
+            if let Some(l) = &e.location {
+                response.insert("location".into(), Value::String(l.clone()));
+            }
+            if let Some(t) = &e.etag {
+                response.insert("etag".into(), Value::String(t.clone()));
+            }
+            if let Some(o) = &e.outcome {
+                response.insert("outcome".into(), o.clone());
+            }
+            json!({ "response": response })
+        })
+        .collect();
+    json!({ "resourceType": "Bundle", "type": "batch-response", "entry": entry })
+}
+
+fn document_reference_of(value: Value) -> Result<ParsedPointer, FhirError> {
     let doc: DocumentReferenceIn = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
     debug_assert_eq!(doc.resource_type, "DocumentReference");
     let _ = (&doc.meta, &doc.doc_status, &doc.date, &doc.description);

@@ -41,12 +41,19 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::
     Ok(buf)
 }
 
+/// A message this node would not send: larger than `message_bytes_max`.
+/// Carried inside the `io::Error` of the failed send, so that the sender
+/// can tell it apart (Raft then sends fewer entries at a time).
+#[derive(Debug, thiserror::Error)]
+#[error("message of {bytes} bytes exceeds message_bytes_max {max}")]
+pub struct TooLarge {
+    pub bytes: usize,
+    pub max: usize,
+}
+
 async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8], max: usize) -> io::Result<()> {
     if bytes.len() > max {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("message of {} bytes exceeds message_bytes_max {max}", bytes.len()),
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, TooLarge { bytes: bytes.len(), max }));
     }
     io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
     io.write_all(bytes).await?;

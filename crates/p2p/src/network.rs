@@ -2,9 +2,12 @@
 
 use std::time::Duration;
 
-use hie_domain::raft::{NodeId, NodeInfo, TypeConfig};
+use hie_domain::raft::{Entry, NodeId, NodeInfo, TypeConfig};
 use libp2p::PeerId;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
+use openraft::EntryPayload;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
 use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -67,6 +70,11 @@ impl P2pNetwork {
                 Err(RPCError::Unreachable(Unreachable::new(&e)))
             }
             Ok(Err(e @ SendError::Failed(..))) => Err(RPCError::Network(NetworkError::new(&e))),
+            // Only append-entries can be made smaller; it looks for this.
+            Ok(Err(SendError::TooLarge(..))) if action == RPCTypes::AppendEntries => {
+                Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(1)))
+            }
+            Ok(Err(e @ SendError::TooLarge(..))) => Err(RPCError::Network(NetworkError::new(&e))),
         }
     }
 
@@ -75,13 +83,65 @@ impl P2pNetwork {
     }
 }
 
+/// About how many bytes of entries one append-entries message carries at
+/// most (a single larger entry still goes alone). Within one heartbeat
+/// interval (100 ms) such a message is sent, decoded and fsynced.
+pub const APPEND_ENTRIES_BYTES_BUDGET: usize = 2 << 20;
+
+/// How many of the first `entries` fit in `budget` bytes (estimated without
+/// encoding them); at least one.
+fn entries_within(entries: &[Entry], budget: usize) -> u64 {
+    let mut total = 0usize;
+    let mut n = 0u64;
+    for e in entries {
+        total += match &e.payload {
+            EntryPayload::Normal(c) => c.approx_bytes(),
+            EntryPayload::Membership(_) => 512,
+            EntryPayload::Blank => 32,
+        };
+        if total > budget && n > 0 {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
 impl RaftNetwork<TypeConfig> for P2pNetwork {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        match self.call(RPCTypes::AppendEntries, Request::AppendEntries(rpc), &option).await? {
+        let entries = rpc.entries.len() as u64;
+        // openraft waits one heartbeat interval for an answer: a message of
+        // many large entries (batch Bundles) could never arrive in time, so
+        // fewer are sent at once. openraft retries at once with the hint.
+        let fit = entries_within(&rpc.entries, APPEND_ENTRIES_BYTES_BUDGET);
+        if fit < entries {
+            tracing::debug!(target = self.target, entries, fit, "append-entries over its byte budget; sending fewer");
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
+        }
+        let sent = match self.call(RPCTypes::AppendEntries, Request::AppendEntries(rpc), &option).await {
+            // Too many large entries (batch Bundles) for one message: openraft
+            // retries at once with at most the hinted number of entries. One
+            // entry too large to send is a network error, retried with backoff
+            // (proposals are bounded so that it does not happen).
+            Err(RPCError::PayloadTooLarge(_)) if entries > 1 => {
+                tracing::debug!(target = self.target, entries, "append-entries too large; sending fewer entries");
+                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(entries / 2)));
+            }
+            Err(RPCError::PayloadTooLarge(_)) => {
+                let e = Msg(format!(
+                    "one log entry is larger than message_bytes_max; it cannot be sent to node {}",
+                    self.target
+                ));
+                tracing::error!(target = self.target, "{e}");
+                return Err(RPCError::Network(NetworkError::new(&e)));
+            }
+            other => other?,
+        };
+        match sent {
             Response::AppendEntries(Ok(r)) => Ok(r),
             Response::AppendEntries(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(self.unexpected()),

@@ -46,6 +46,9 @@ pub enum SendError {
     Timeout(PeerId),
     #[error("request to {0} failed: {1}")]
     Failed(PeerId, String),
+    /// Not sent: the message is larger than `message_bytes_max`.
+    #[error("request to {0} not sent: {1}")]
+    TooLarge(PeerId, String),
     #[error("the transport has stopped")]
     Stopped,
 }
@@ -327,6 +330,11 @@ impl SwarmTask {
                         SendError::Failed(peer, "connection closed".into())
                     }
                     request_response::OutboundFailure::Timeout => SendError::Timeout(peer),
+                    request_response::OutboundFailure::Io(e)
+                        if e.get_ref().is_some_and(|inner| inner.is::<crate::codec::TooLarge>()) =>
+                    {
+                        SendError::TooLarge(peer, e.to_string())
+                    }
                     other => SendError::Failed(peer, other.to_string()),
                 };
                 if let Some(reply) = self.pending.remove(&request_id) {

@@ -87,13 +87,32 @@ fn not_committed(timeout: Duration) -> ForwardError {
 
 async fn run(proposer: Proposer, mut rx: mpsc::Receiver<Waiting>) {
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_MAX));
-    while let Some(first) = rx.recv().await {
+    // A write taken off the queue that did not fit in the last entry.
+    let mut held: Option<Waiting> = None;
+    loop {
+        let first = match held.take() {
+            Some(w) => w,
+            None => match rx.recv().await {
+                Some(w) => w,
+                None => break,
+            },
+        };
         let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
-        // Whatever queued while every proposal was busy goes together.
+        // Whatever queued while every proposal was busy goes together, up to
+        // `BATCH_COMMANDS_MAX` commands (a client's batch may be larger, and
+        // then goes alone).
+        let mut commands = commands_in(&first.0);
         let mut batch = vec![first];
-        while batch.len() < BATCH_COMMANDS_MAX {
+        while commands < BATCH_COMMANDS_MAX {
             match rx.try_recv() {
-                Ok(w) => batch.push(w),
+                Ok(w) if commands + commands_in(&w.0) > BATCH_COMMANDS_MAX => {
+                    held = Some(w);
+                    break;
+                }
+                Ok(w) => {
+                    commands += commands_in(&w.0);
+                    batch.push(w);
+                }
                 Err(_) => break,
             }
         }
@@ -105,23 +124,45 @@ async fn run(proposer: Proposer, mut rx: mpsc::Receiver<Waiting>) {
     }
 }
 
+/// How many commands a write puts in an entry.
+fn commands_in(c: &Command) -> usize {
+    match c {
+        Command::V1(CommandV1::Batch(inner)) => inner.len(),
+        Command::V1(_) => 1,
+    }
+}
+
 /// Proposes one entry for the commands and answers each.
 async fn propose_batch(p: &Proposer, batch: Vec<Waiting>) {
     let started = Instant::now();
     let kinds: Vec<&'static str> = batch.iter().map(|(c, _)| c.kind()).collect();
-    let (command, answers): (Command, Vec<_>) = if batch.len() == 1 {
+    let (command, answers, sizes): (Command, Vec<_>, Vec<Option<usize>>) = if batch.len() == 1 {
         let (c, done) = batch.into_iter().next().expect("one");
-        (c, vec![done])
+        (c, vec![done], vec![None])
     } else {
-        let (commands, answers): (Vec<CommandV1>, Vec<_>) = batch
-            .into_iter()
-            .map(|(c, done)| match c {
-                Command::V1(c) => (c, done),
-            })
-            .unzip();
-        (Command::V1(CommandV1::Batch(commands)), answers)
+        // A client's own batch (a FHIR batch Bundle) is spread into the
+        // group, since a batch may not hold another; `sizes` says how many
+        // commands each waiting write put in, so its outcomes go back to it.
+        let mut commands = Vec::new();
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut sizes = Vec::with_capacity(batch.len());
+        for (c, done) in batch {
+            match c {
+                Command::V1(CommandV1::Batch(inner)) => {
+                    sizes.push(Some(inner.len()));
+                    commands.extend(inner);
+                }
+                Command::V1(c) => {
+                    sizes.push(None);
+                    commands.push(c);
+                }
+            }
+            answers.push(done);
+        }
+        (Command::V1(CommandV1::Batch(commands)), answers, sizes)
     };
     let grouped = answers.len() > 1;
+    let commands_total: usize = sizes.iter().map(|s| s.unwrap_or(1)).sum();
     let result = match tokio::time::timeout(p.write_timeout, p.raft.client_write(command)).await {
         Err(_) => Err(not_committed(p.write_timeout)),
         Ok(Ok(resp)) => Ok(resp.data),
@@ -134,8 +175,15 @@ async fn propose_batch(p: &Proposer, batch: Vec<Waiting>) {
         Ok(Err(RaftError::Fatal(e))) => Err(ForwardError::NoQuorum(format!("raft stopped: {e}"))),
     };
     let outcomes: Vec<Result<Outcome, ForwardError>> = match result {
-        Ok(Outcome::Batch(outcomes)) if grouped && outcomes.len() == answers.len() => {
-            outcomes.into_iter().map(Ok).collect()
+        Ok(Outcome::Batch(outcomes)) if grouped && outcomes.len() == commands_total => {
+            let mut outcomes = outcomes.into_iter();
+            sizes
+                .iter()
+                .map(|size| match size {
+                    None => Ok(outcomes.next().expect("counted")),
+                    Some(n) => Ok(Outcome::Batch(outcomes.by_ref().take(*n).collect())),
+                })
+                .collect()
         }
         // A whole batch refused (a command version this node does not know).
         Ok(Outcome::Rejected(r)) if grouped => vec![Ok(Outcome::Rejected(r)); answers.len()],
