@@ -4,7 +4,10 @@
 # PATIENTS synthetic patients (about 1.5 pointers each), reports each node's
 # disk (its RocksDB store, and its whole data directory) and resident memory
 # per pointer, takes a snapshot, adds a 4th region and reports the time until
-# it is ready and the snapshot install time from its log.
+# it is ready, the snapshot install time from its log, and every node's peak
+# resident memory (VmHWM: the most it ever held, snapshot build, send and
+# install included). The preload goes through the bulk-load path (batch
+# Bundles), and its time is printed by `hie dev up` ("seeded ...").
 # Usage: benches/snapshot-catchup.sh [PATIENTS]   (default 66667: ~100,000 pointers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +23,7 @@ for d in "$DIR"/node-*/; do
   pid=$(cat "$d/hie.pid")
   store=$(du -sb "$d/store" | cut -f1); all=$(du -sb "$d" | cut -f1)
   rss=$(awk '/^VmRSS/ { print $2 * 1024 }' "/proc/$pid/status")
+  echo "$(basename "$d"): peak resident during the preload $(awk '/^VmHWM/ { print int($2 / 1024) }' "/proc/$pid/status") MiB"
   printf '%s: %s pointers; store %.1f MB (%.0f bytes a pointer), data dir %.1f MB; resident %.1f MiB (%.0f bytes a pointer)\n' \
     "$(basename "$d")" "$POINTERS" "$(echo "$store / 1000000" | bc -l)" "$(echo "$store / $POINTERS" | bc -l)" \
     "$(echo "$all / 1000000" | bc -l)" "$(echo "$rss / 1048576" | bc -l)" "$(echo "$rss / $POINTERS" | bc -l)"
@@ -34,3 +38,9 @@ end=$(date +%s.%N)
 echo "pointers: $(curl -s "$(jq -r '.nodes[0].admin_url' "$DIR/cluster.json")/digest" | jq .records) state records"
 grep "installed snapshot" "$DIR/node-4/hie.log" | tail -1
 printf 'catch-up (add-node until ready): %.1f s\n' "$(echo "$end - $start" | bc)"
+for d in "$DIR"/node-*/; do
+  pid=$(cat "$d/hie.pid")
+  printf '%s: peak resident %.0f MiB, now %.0f MiB\n' "$(basename "$d")" \
+    "$(awk '/^VmHWM/ { print $2 / 1024 }' "/proc/$pid/status")" "$(awk '/^VmRSS/ { print $2 / 1024 }' "/proc/$pid/status")"
+done
+ls -l "$DIR"/node-*/store/snapshots/

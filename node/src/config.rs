@@ -158,6 +158,8 @@ pub struct RaftSection {
     pub logs_kept_after_snapshot: u64,
     #[serde(default = "defaults::snapshot_chunk_bytes")]
     pub snapshot_chunk_bytes: u64,
+    #[serde(default = "defaults::install_snapshot_timeout_ms")]
+    pub install_snapshot_timeout_ms: u64,
     #[serde(default = "defaults::append_entries_max")]
     pub append_entries_max: u64,
     #[serde(default = "defaults::write_timeout_ms")]
@@ -274,6 +276,9 @@ pub mod defaults {
     }
     pub fn snapshot_chunk_bytes() -> u64 {
         raft().snapshot_chunk_bytes
+    }
+    pub fn install_snapshot_timeout_ms() -> u64 {
+        raft().install_snapshot_timeout.as_millis() as u64
     }
     pub fn append_entries_max() -> u64 {
         raft().append_entries_max
@@ -439,13 +444,17 @@ impl Config {
                 snapshot_logs_since_last: r.snapshot_logs_since_last,
                 logs_kept_after_snapshot: r.logs_kept_after_snapshot,
                 snapshot_chunk_bytes: r.snapshot_chunk_bytes,
+                install_snapshot_timeout: Duration::from_millis(r.install_snapshot_timeout_ms),
                 append_entries_max: r.append_entries_max,
                 ..RaftTuning::default()
             },
             p2p: P2pConfig {
                 listen: self.p2p.listen.parse().expect("validated"),
                 seeds,
-                request_timeout: Duration::from_millis(self.p2p.request_timeout_ms),
+                // The transport's bound on any request. Each caller waits
+                // less (its own timeout), except a snapshot's last chunk,
+                // whose answer waits for the whole install.
+                request_timeout: Duration::from_millis(self.p2p.request_timeout_ms.max(r.install_snapshot_timeout_ms)),
                 message_bytes_max: self.p2p.message_bytes_max,
                 connections_max: self.p2p.connections_max,
                 reconnect_backoff_min: Duration::from_millis(100),

@@ -661,33 +661,33 @@ async fn seed(cluster: &ClusterFile, patients: u32) -> anyhow::Result<()> {
     }
     // Every patient has a GP pointer; every second one a mental-health pointer
     // too. Each producer's pointers go in batch Bundles (the bulk-load path:
-    // one Raft entry a Bundle), several Bundles at once.
-    let mut bundles: Vec<(usize, Vec<serde_json::Value>)> = Vec::new();
+    // one Raft entry a Bundle), several Bundles at once; each Bundle is made
+    // only when it is sent, so memory stays bounded.
+    let wanted = |k: usize, i: u32| k == 0 || i % 2 == 0;
+    let mut bundles: Vec<(usize, std::ops::Range<u32>)> = Vec::new();
     let mut planned = 0u32;
-    for (k, (_, ods)) in apis.iter().enumerate() {
-        let mut entries = Vec::new();
+    for k in 0..apis.len() {
+        let (mut from, mut n) = (0u32, 0usize);
         for i in 0..patients {
-            if k > 0 && i % 2 == 1 {
+            if !wanted(k, i) {
                 continue;
             }
-            let code =
-                if (i + k as u32) % 3 == 0 { testkit::EMERGENCY_CARE_PLAN } else { testkit::MENTAL_HEALTH_CRISIS_PLAN };
-            let doc = sample_pointer(testkit::nhs(i).as_str(), ods, code, i);
-            entries.push(json!({ "resource": doc, "request": { "method": "POST", "url": "DocumentReference" } }));
+            n += 1;
             planned += 1;
-            if entries.len() == SEED_BUNDLE_ENTRIES {
-                bundles.push((k, std::mem::take(&mut entries)));
+            if n == SEED_BUNDLE_ENTRIES {
+                bundles.push((k, from..i + 1));
+                (from, n) = (i + 1, 0);
             }
         }
-        if !entries.is_empty() {
-            bundles.push((k, entries));
+        if n > 0 {
+            bundles.push((k, from..patients));
         }
     }
     let bar = crate::progress::items(u64::from(planned), "seeding");
     let sem = Arc::new(tokio::sync::Semaphore::new(SEED_BUNDLES_IN_FLIGHT));
     let mut tasks = tokio::task::JoinSet::new();
-    for (k, entries) in bundles {
-        let api = apis[k].0.clone();
+    for (k, range) in bundles {
+        let (api, ods) = (apis[k].0.clone(), apis[k].1.clone());
         // Bounded: wait for a slot before making the next task.
         let permit = sem.clone().acquire_owned().await?;
         while let Some(r) = tasks.try_join_next() {
@@ -695,6 +695,18 @@ async fn seed(cluster: &ClusterFile, patients: u32) -> anyhow::Result<()> {
         }
         tasks.spawn(async move {
             let _permit = permit;
+            let entries: Vec<serde_json::Value> = range
+                .filter(|&i| wanted(k, i))
+                .map(|i| {
+                    let code = if (i + k as u32) % 3 == 0 {
+                        testkit::EMERGENCY_CARE_PLAN
+                    } else {
+                        testkit::MENTAL_HEALTH_CRISIS_PLAN
+                    };
+                    let doc = sample_pointer(testkit::nhs(i).as_str(), &ods, code, i);
+                    json!({ "resource": doc, "request": { "method": "POST", "url": "DocumentReference" } })
+                })
+                .collect();
             let n = entries.len() as u64;
             let bundle = json!({ "resourceType": "Bundle", "type": "batch", "entry": entries });
             let resp = api

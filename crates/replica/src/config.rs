@@ -37,7 +37,7 @@ impl Default for RaftTuning {
             logs_kept_after_snapshot: 1000,
             snapshot_chunk_bytes: 2 << 20,
             append_entries_max: 256,
-            install_snapshot_timeout: Duration::from_secs(10),
+            install_snapshot_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -51,3 +51,7 @@ pub const COMMITTED: &[u8] = b"committed";
 pub const LAST_PURGED: &[u8] = b"last_purged";
 pub const APPLIED: &[u8] = b"applied";
 pub const MEMBERSHIP: &[u8] = b"membership";
+/// Present while a snapshot is being installed (its meta): the state tables
+/// are then partly old and partly new, and opening the store installs the
+/// snapshot again from its file.
+pub const INSTALLING: &[u8] = b"installing";

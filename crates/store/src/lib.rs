@@ -131,7 +131,6 @@ impl Store {
     /// membership from the backup, the log purged up to it. The node then
     /// joins as a learner and catches up from there.
     pub fn restore(dir: &Path, backup: &[u8]) -> Result<hie_domain::raft::SnapshotMeta, StoreError> {
-        let (meta, data) = snapshot::SnapshotFile::decode(backup)?;
         let store = Store::open(dir, StoreOptions::default())?;
         let db = store.reads.db();
         let log_empty = db.iterator_cf(handle(db, cf::LOG), rocksdb::IteratorMode::Start).next().is_none();
@@ -143,13 +142,22 @@ impl Store {
                 dir.display()
             )));
         }
-        snapshot::install(db, &meta, &data)?;
+        // The backup is a snapshot file: written, checked, made current and
+        // installed from there, as a received snapshot is.
+        let files = snapshot::SnapshotFiles::open(dir.join("snapshots"))?;
+        let tmp = files.receiving_path();
+        let io = |source| StoreError::Io { path: tmp.clone(), source };
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        std::io::Write::write_all(&mut f, backup).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        let (meta, _) = snapshot::verify_file(&tmp, None)?;
+        files.publish(&tmp, meta.last_log_id, true)?;
+        snapshot::install_file(db, &files.current_path())?;
         let mut batch = rocksdb::WriteBatch::default();
         batch.put_cf(handle(db, cf::RAFT_META), keys::LAST_PURGED, hie_domain::codec::encode(&meta.last_log_id));
         let mut sync = rocksdb::WriteOptions::default();
         sync.set_sync(true);
         db.write_opt(batch, &sync)?;
-        snapshot::SnapshotFile::save(&dir.join("snapshots"), &meta, &data)?;
         Ok(meta)
     }
 }

@@ -1,7 +1,6 @@
 //! The state machine on RocksDB, and the read view the API serves from.
 
 use std::collections::HashMap;
-use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +17,7 @@ use rocksdb::{DB, WriteBatch};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::snapshot::{self, OwnedSnapshot, SnapshotFile};
+use crate::snapshot::{self, OwnedSnapshot, SnapshotFiles};
 use crate::{StoreError, cf, handle, keys};
 
 fn sm_write(e: impl std::error::Error + 'static) -> StorageError {
@@ -42,7 +41,7 @@ pub struct SnapshotCounters {
 pub struct StateMachine {
     counters: Arc<SnapshotCounters>,
     db: Arc<DB>,
-    snapshot_dir: PathBuf,
+    files: SnapshotFiles,
     applied: Option<LogId>,
     membership: StoredMembership,
     snapshot_seq: u64,
@@ -50,6 +49,8 @@ pub struct StateMachine {
 
 impl StateMachine {
     pub(crate) fn new(db: Arc<DB>, snapshot_dir: PathBuf) -> Result<StateMachine, StoreError> {
+        let files = SnapshotFiles::open(snapshot_dir)?;
+        snapshot::finish_interrupted_install(&db, &files.dir)?;
         let meta = handle(&db, cf::SM_META);
         let applied = match db.get_cf(meta, keys::APPLIED)? {
             Some(b) => codec::decode::<Option<LogId>>(&b).map_err(|e| corrupt(cf::SM_META, "applied", e))?,
@@ -59,8 +60,7 @@ impl StateMachine {
             Some(b) => codec::decode(&b).map_err(|e| corrupt(cf::SM_META, "membership", e))?,
             None => StoredMembership::default(),
         };
-        snapshot::remove_partial_files(&snapshot_dir)?;
-        Ok(StateMachine { counters: Arc::default(), db, snapshot_dir, applied, membership, snapshot_seq: 0 })
+        Ok(StateMachine { counters: Arc::default(), db, files, applied, membership, snapshot_seq: 0 })
     }
 
     pub fn counters(&self) -> Arc<SnapshotCounters> {
@@ -227,26 +227,58 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             view: OwnedSnapshot::new(self.db.clone()),
             applied: self.applied,
             membership: self.membership.clone(),
-            snapshot_dir: self.snapshot_dir.clone(),
+            files: self.files.clone(),
             seq: self.snapshot_seq,
             counters: self.counters.clone(),
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    /// A new file to receive a snapshot into (one at a time: openraft
+    /// receives one stream, and a new one replaces it).
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let path = self.files.receiving_path();
+        let file = tokio::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(|e| snap_err(StoreError::Io { path, source: e }))?;
+        Ok(Box::new(file))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
-        let db = self.db.clone();
-        let dir = self.snapshot_dir.clone();
-        let meta_owned = meta.clone();
+    /// Installs a received snapshot: fsyncs and checks the file, makes it
+    /// the current snapshot, then replaces the state from it in batches
+    /// (see `snapshot`): memory stays bounded whatever its size.
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: Box<tokio::fs::File>) -> Result<(), StorageError> {
         let started = std::time::Instant::now();
-        let bytes = data.into_inner();
-        let size = bytes.len();
-        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            snapshot::install(&db, &meta_owned, &bytes)?;
-            SnapshotFile::save(&dir, &meta_owned, &bytes)
+        let path = self.files.receiving_path();
+        let received = data.into_std().await;
+        let db = self.db.clone();
+        let files = self.files.clone();
+        let meta_owned = meta.clone();
+        let size = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
+            use std::io::{Seek, SeekFrom};
+            use std::os::unix::fs::MetadataExt;
+            let io = |source| StoreError::Io { path: path.clone(), source };
+            let mut received = received;
+            let a = received.metadata().map_err(io)?;
+            let ours = std::fs::metadata(&path).is_ok_and(|b| (a.dev(), a.ino()) == (b.dev(), b.ino()));
+            if ours {
+                received.sync_all().map_err(io)?;
+            } else {
+                // Some other file (openraft's API allows any): copied into
+                // the receiving file first, streamed.
+                received.seek(SeekFrom::Start(0)).map_err(io)?;
+                let mut copy = std::fs::File::create(&path).map_err(io)?;
+                std::io::copy(&mut received, &mut copy).map_err(io)?;
+                copy.sync_all().map_err(io)?;
+            }
+            snapshot::verify_file(&path, Some(&meta_owned))?;
+            files.publish(&path, meta_owned.last_log_id, true)?;
+            snapshot::install_file(&db, &files.current_path())?;
+            Ok(std::fs::metadata(files.current_path()).map(|m| m.len()).unwrap_or(0))
         })
         .await
         .map_err(snap_err)?
@@ -259,7 +291,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         );
         let c = &self.counters;
         c.installed_total.fetch_add(1, Ordering::Relaxed);
-        c.last_bytes.store(size as u64, Ordering::Relaxed);
+        c.last_bytes.store(size, Ordering::Relaxed);
         c.last_install_millis.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
@@ -267,12 +299,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let dir = self.snapshot_dir.clone();
-        let loaded = tokio::task::spawn_blocking(move || SnapshotFile::load(&dir))
+        let path = self.files.current_path();
+        let opened =
+            tokio::task::spawn_blocking(move || -> Result<Option<(SnapshotMeta, std::fs::File)>, StoreError> {
+                // Opened before its meta is read: a rename meanwhile cannot
+                // pair one snapshot's meta with another's data.
+                let file = match std::fs::File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(source) => return Err(StoreError::Io { path, source }),
+                };
+                let meta = snapshot::read_meta_of(&file, &path)?;
+                Ok(Some((meta, file)))
+            })
             .await
             .map_err(snap_err)?
             .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, AnyError::new(&e))))?;
-        Ok(loaded.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+        Ok(opened.map(|(meta, file)| Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) }))
     }
 }
 
@@ -281,7 +324,7 @@ pub struct SnapshotBuilder {
     view: OwnedSnapshot,
     applied: Option<LogId>,
     membership: StoredMembership,
-    snapshot_dir: PathBuf,
+    files: SnapshotFiles,
     seq: u64,
     counters: Arc<SnapshotCounters>,
 }
@@ -294,28 +337,32 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         let meta = SnapshotMeta { last_log_id: self.applied, last_membership: self.membership.clone(), snapshot_id };
         let view = self.view.clone();
-        let dir = self.snapshot_dir.clone();
+        let files = self.files.clone();
+        let path = files.building_path(self.seq);
         let meta_owned = meta.clone();
         let started = std::time::Instant::now();
-        let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, StoreError> {
-            let data = view.serialize_state()?;
-            SnapshotFile::save(&dir, &meta_owned, &data)?;
-            Ok(data)
+        // Streamed from the view into the file: memory stays bounded.
+        let (file, size) = tokio::task::spawn_blocking(move || -> Result<(std::fs::File, u64), StoreError> {
+            let (file, size) = view.write_file(&meta_owned, &path)?;
+            if !files.publish(&path, meta_owned.last_log_id, false)? {
+                tracing::info!("a newer snapshot was installed meanwhile; this one is not kept");
+            }
+            Ok((file, size))
         })
         .await
         .map_err(snap_err)?
         .map_err(snap_err)?;
         tracing::info!(
             last_log_index = meta.last_log_id.map(|l| l.index),
-            bytes = data.len(),
+            bytes = size,
             millis = started.elapsed().as_millis() as u64,
             "built snapshot"
         );
         let c = &self.counters;
         c.built_total.fetch_add(1, Ordering::Relaxed);
-        c.last_bytes.store(data.len() as u64, Ordering::Relaxed);
+        c.last_bytes.store(size, Ordering::Relaxed);
         c.last_build_millis.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) })
     }
 }
 

@@ -1,7 +1,7 @@
 //! The RocksDB state machine applies commands like the in-memory model,
 //! snapshots round-trip, and a reopened store keeps what it acknowledged.
 
-use std::io::Cursor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use hie_domain::apply::apply;
 use hie_domain::mem::{MemState, testkit};
@@ -69,8 +69,14 @@ async fn rocks_matches_the_in_memory_model_and_snapshots_round_trip() {
     assert!(records > 300);
     let other_dir = tempfile::tempdir().unwrap();
     let mut other = Store::open(other_dir.path(), StoreOptions::default()).unwrap();
-    let data = snap.snapshot.into_inner();
-    other.state_machine.install_snapshot(&snap.meta, Box::new(Cursor::new(data.clone()))).await.unwrap();
+    let mut data = Vec::new();
+    let mut sent = snap.snapshot;
+    sent.read_to_end(&mut data).await.unwrap();
+    // Received the way openraft does: into the file the store hands out.
+    let mut receiving = other.state_machine.begin_receiving_snapshot().await.unwrap();
+    receiving.write_all(&data).await.unwrap();
+    receiving.shutdown().await.unwrap();
+    other.state_machine.install_snapshot(&snap.meta, receiving).await.unwrap();
     let (applied, other_digest, _) = other.reads.digest().unwrap();
     assert_eq!(other_digest, digest);
     assert_eq!(applied, snap.meta.last_log_id);
@@ -78,13 +84,26 @@ async fn rocks_matches_the_in_memory_model_and_snapshots_round_trip() {
     assert_eq!(applied_state, snap.meta.last_log_id);
 
     // A corrupted snapshot is refused and leaves the state as it was.
-    let mut bad = data;
+    let mut bad = data.clone();
     let mid = bad.len() / 2;
     bad[mid] ^= 0x01;
     let third_dir = tempfile::tempdir().unwrap();
     let mut third = Store::open(third_dir.path(), StoreOptions::default()).unwrap();
-    assert!(third.state_machine.install_snapshot(&snap.meta, Box::new(Cursor::new(bad))).await.is_err());
+    let mut receiving = third.state_machine.begin_receiving_snapshot().await.unwrap();
+    receiving.write_all(&bad).await.unwrap();
+    receiving.shutdown().await.unwrap();
+    let err = third.state_machine.install_snapshot(&snap.meta, receiving).await.unwrap_err();
+    assert!(err.to_string().contains("checksum"), "{err}");
     assert_eq!(third.reads.digest().unwrap().2, 0);
+    // ... and so is a good snapshot file sent under another snapshot's meta.
+    let mut receiving = third.state_machine.begin_receiving_snapshot().await.unwrap();
+    receiving.write_all(&data).await.unwrap();
+    receiving.shutdown().await.unwrap();
+    let mut other_meta = snap.meta.clone();
+    other_meta.snapshot_id = "someone-else".into();
+    assert!(third.state_machine.install_snapshot(&other_meta, receiving).await.is_err());
+    assert_eq!(third.reads.digest().unwrap().2, 0);
+    assert!(third.state_machine.get_current_snapshot().await.unwrap().is_none());
 
     // Reopening keeps the state and the current snapshot.
     drop(other);
@@ -92,4 +111,9 @@ async fn rocks_matches_the_in_memory_model_and_snapshots_round_trip() {
     assert_eq!(reopened.reads.digest().unwrap().1, digest);
     let current = reopened.state_machine.get_current_snapshot().await.unwrap().expect("snapshot kept");
     assert_eq!(current.meta.last_log_id, snap.meta.last_log_id);
+    // The current snapshot is sent as it was received, byte for byte.
+    let mut again = Vec::new();
+    let mut file = current.snapshot;
+    file.read_to_end(&mut again).await.unwrap();
+    assert_eq!(again, data);
 }
