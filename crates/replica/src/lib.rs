@@ -8,6 +8,7 @@
 
 mod coalesce;
 mod config;
+mod forwards;
 mod freshness;
 mod inbound;
 mod proposals;
