@@ -8,7 +8,6 @@
 
 mod coalesce;
 mod config;
-mod forwards;
 mod freshness;
 mod inbound;
 mod proposals;

@@ -125,7 +125,7 @@ async fn run(proposer: Proposer, mut rx: mpsc::Receiver<Waiting>) {
 }
 
 /// How many commands a write puts in an entry.
-pub(crate) fn commands_in(c: &Command) -> usize {
+fn commands_in(c: &Command) -> usize {
     match c {
         Command::V1(CommandV1::Batch(inner)) => inner.len(),
         Command::V1(_) => 1,

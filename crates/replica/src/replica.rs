@@ -17,7 +17,6 @@ use tokio::sync::watch;
 
 use crate::coalesce::Coalesce;
 use crate::config::ReplicaConfig;
-use crate::forwards::Forwards;
 use crate::freshness::{ContactClock, Freshness};
 use crate::inbound::InboundHandler;
 use crate::proposals::{Proposals, Proposer};
@@ -127,8 +126,6 @@ pub struct Replica {
     /// On a follower: rounds asking the leader for its read index, shared
     /// by concurrent linearizable reads.
     follower_rounds: Arc<Coalesce<Result<u64, ReadIndexError>>>,
-    /// On a follower: writes forwarded to the leader, grouped.
-    forwards: Forwards,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -248,7 +245,6 @@ impl Replica {
             proposals,
         });
         let _ = inbound.core.set(core.clone());
-        let p2p_for_forwards = p2p.clone();
         let replica = Arc::new(Replica {
             core,
             id: config.node_id,
@@ -262,7 +258,6 @@ impl Replica {
             data_dir: config.data_dir.clone(),
             seeds,
             follower_rounds,
-            forwards: Forwards::start(p2p_for_forwards),
         });
         tokio::spawn(replica.clone().watch_membership(shutdown.clone()));
         tokio::spawn(replica.clone().refresh_stats(shutdown));
@@ -401,8 +396,12 @@ impl Replica {
                 continue;
             };
             self.core.metrics.forwarded_writes_total.with_label_values(&["out"]).inc();
-            let forwarded = self.forwards.forward(leader, caller, command.clone(), request_id);
-            match tokio::time::timeout(remaining, forwarded).await {
+            let request = Request::ClientWrite {
+                caller: caller.clone(),
+                command: command.clone(),
+                request_id: request_id.to_owned(),
+            };
+            match tokio::time::timeout(remaining, self.p2p.request(leader, request)).await {
                 Ok(Ok(Response::ClientWrite(Ok(outcome)))) => return Ok(outcome),
                 Ok(Ok(Response::ClientWrite(Err(ForwardError::NotLeader { .. })))) => {
                     // Leadership moved; look again shortly.
