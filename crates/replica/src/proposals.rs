@@ -25,6 +25,10 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 pub const IN_FLIGHT_MAX: usize = 4;
 /// Most commands in one entry.
 pub const BATCH_COMMANDS_MAX: usize = 128;
+/// About the most bytes of commands grouped into one entry (estimated with
+/// `Command::approx_bytes`); a single larger write still goes alone. Keeps
+/// every entry well within one node-to-node message.
+pub const BATCH_BYTES_MAX: usize = 1 << 20;
 /// Commands waiting to be proposed; past this, a write waits for room
 /// (within its write timeout).
 pub const WAITING_MAX: usize = 4096;
@@ -99,18 +103,23 @@ async fn run(proposer: Proposer, mut rx: mpsc::Receiver<Waiting>) {
         };
         let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
         // Whatever queued while every proposal was busy goes together, up to
-        // `BATCH_COMMANDS_MAX` commands (a client's batch may be larger, and
-        // then goes alone).
+        // `BATCH_COMMANDS_MAX` commands and `BATCH_BYTES_MAX` bytes (a
+        // client's batch may be larger, and then goes alone).
         let mut commands = commands_in(&first.0);
+        let mut bytes = first.0.approx_bytes();
         let mut batch = vec![first];
-        while commands < BATCH_COMMANDS_MAX {
+        while commands < BATCH_COMMANDS_MAX && bytes < BATCH_BYTES_MAX {
             match rx.try_recv() {
-                Ok(w) if commands + commands_in(&w.0) > BATCH_COMMANDS_MAX => {
+                Ok(w)
+                    if commands + commands_in(&w.0) > BATCH_COMMANDS_MAX
+                        || bytes + w.0.approx_bytes() > BATCH_BYTES_MAX =>
+                {
                     held = Some(w);
                     break;
                 }
                 Ok(w) => {
                     commands += commands_in(&w.0);
+                    bytes += w.0.approx_bytes();
                     batch.push(w);
                 }
                 Err(_) => break,
