@@ -220,7 +220,7 @@ impl AuditSlot {
         *self.lock() = vec![Slotted { access: access(subject, action, interaction, purpose), outcome: None }];
     }
 
-    /// Names the resource of the last access.
+    /// Names the resource of the last access (added).
     fn resource(&self, resource: String) {
         if let Some(a) = self.lock().last_mut() {
             a.access.resource = Some(resource);
@@ -503,6 +503,19 @@ async fn create(
     }
     let mut pointer = parsed.pointer;
     slot.set(&pointer.subject, Action::Create, "create", &Purpose::DirectCare);
+    new_pointer(&mut pointer, &caller, now())?;
+    slot.resource(format!("DocumentReference/{}", pointer.id));
+    match run_write(&st, &caller, Command::V1(CommandV1::CreatePointer { caller: caller.clone(), pointer }), &rid)
+        .await?
+    {
+        Outcome::Created { pointer } => Ok(written(StatusCode::CREATED, &st, &headers, &pointer)),
+        other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+/// Checks a pointer to be created by `caller` (status current, custodian
+/// the caller) and gives it a server id and its times.
+fn new_pointer(pointer: &mut RecordPointer, caller: &Caller, at: Timestamp) -> Result<(), ApiError> {
     if pointer.status != PointerStatus::Current {
         return Err(ApiError::InvalidResource("a new pointer must have status current".into()));
     }
@@ -510,16 +523,9 @@ async fn create(
         return Err(ApiError::Forbidden(format!("custodian must be the caller's organisation {}", caller.ods)));
     }
     pointer.id = PointerId::new(&pointer.custodian, uuid::Uuid::new_v4());
-    slot.resource(format!("DocumentReference/{}", pointer.id));
-    let at = now();
     pointer.created = at;
     pointer.updated = at;
-    match run_write(&st, &caller, Command::V1(CommandV1::CreatePointer { caller: caller.clone(), pointer }), &rid)
-        .await?
-    {
-        Outcome::Created { pointer } => Ok(written(StatusCode::CREATED, &st, &headers, &pointer)),
-        other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
-    }
+    Ok(())
 }
 
 /// A batch Bundle of creates (`POST /fhir`): the bulk-load path. Every
@@ -547,36 +553,30 @@ async fn batch(
     let mut placed: Vec<(usize, usize)> = Vec::new();
     let at = now();
     for (i, entry) in parsed.entries.into_iter().enumerate() {
-        let checked = entry.map_err(ApiError::from).and_then(|p| {
-            let mut pointer = p.pointer;
-            let a = slot.push(access(&pointer.subject, Action::Create, "create", &Purpose::DirectCare));
-            let refused = if p.id.is_some() {
-                Some(ApiError::InvalidResource("a create in a batch must not carry an id".into()))
-            } else if pointer.status != PointerStatus::Current {
-                Some(ApiError::InvalidResource("a new pointer must have status current".into()))
-            } else if pointer.custodian != caller.ods {
-                Some(ApiError::Forbidden(format!("custodian must be the caller's organisation {}", caller.ods)))
-            } else {
-                None
-            };
-            if let Some(e) = refused {
-                slot.outcome(a, e.status(), Some(e.code()));
-                return Err(e);
+        // An entry that does not parse names no patient: it is not audited
+        // (as a single create that does not parse is not).
+        let p = match entry {
+            Ok(p) => p,
+            Err(e) => {
+                out.push(Some(batch_entry_error(&ApiError::from(e))));
+                continue;
             }
-            pointer.id = PointerId::new(&pointer.custodian, uuid::Uuid::new_v4());
-            pointer.created = at;
-            pointer.updated = at;
-            Ok((pointer, a))
-        });
-        match checked {
-            Ok((pointer, a)) => {
-                slot.lock()[a].access.resource = Some(format!("DocumentReference/{}", pointer.id));
-                commands.push(CommandV1::CreatePointer { caller: caller.clone(), pointer });
-                placed.push((i, a));
-                out.push(None);
-            }
-            Err(e) => out.push(Some(batch_entry_error(&e))),
+        };
+        let mut pointer = p.pointer;
+        let a = slot.push(access(&pointer.subject, Action::Create, "create", &Purpose::DirectCare));
+        let checked = match p.id {
+            Some(_) => Err(ApiError::InvalidResource("a create in a batch must not carry an id".into())),
+            None => new_pointer(&mut pointer, &caller, at),
+        };
+        if let Err(e) = checked {
+            slot.outcome(a, e.status(), Some(e.code()));
+            out.push(Some(batch_entry_error(&e)));
+            continue;
         }
+        slot.resource(format!("DocumentReference/{}", pointer.id));
+        commands.push(CommandV1::CreatePointer { caller: caller.clone(), pointer });
+        placed.push((i, a));
+        out.push(None);
     }
     if !commands.is_empty() {
         let n = commands.len();
@@ -595,7 +595,7 @@ async fn batch(
                             pointer.id.as_str(),
                             pointer.version
                         )),
-                        etag: Some(format!("W/\"{}\"", pointer.version)),
+                        etag: etag(pointer.version).to_str().ok().map(str::to_owned),
                         outcome: None,
                     }
                 }

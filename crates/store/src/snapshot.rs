@@ -288,23 +288,21 @@ fn open_reader(path: &Path) -> Result<(SnapshotMeta, BufReader<File>), StoreErro
     Ok((meta, r))
 }
 
-/// Reads the meta at the start of an open snapshot file, and leaves it at
-/// its start again (to be sent from there).
-pub(crate) fn read_meta_of(file: &File, path: &Path) -> Result<SnapshotMeta, StoreError> {
+/// Opens the snapshot file at `path`, if there is one: its meta, and the
+/// file at its start (to be sent from there). The meta is read from the
+/// file opened, so a rename meanwhile cannot pair one snapshot's meta with
+/// another's data.
+pub(crate) fn open_file(path: &Path) -> Result<Option<(SnapshotMeta, File)>, StoreError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StoreError::Io { path: path.to_owned(), source }),
+    };
     let mut r = BufReader::new(file);
     let meta = read_header(&mut r)?;
-    let mut f = r.into_inner();
-    f.seek(SeekFrom::Start(0)).map_err(io(path))?;
-    Ok(meta)
-}
-
-/// Reads the meta of the snapshot file at `path`, if there is one.
-pub(crate) fn read_meta(path: &Path) -> Result<Option<SnapshotMeta>, StoreError> {
-    match File::open(path) {
-        Ok(f) => read_header(&mut BufReader::new(f)).map(Some),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(StoreError::Io { path: path.to_owned(), source }),
-    }
+    let mut file = r.into_inner();
+    file.seek(SeekFrom::Start(0)).map_err(io(path))?;
+    Ok(Some((meta, file)))
 }
 
 /// Checks a whole snapshot file: its meta is `expected`'s (when given) and
@@ -399,7 +397,7 @@ pub(crate) struct SnapshotFiles {
 impl SnapshotFiles {
     pub(crate) fn open(dir: PathBuf) -> Result<SnapshotFiles, StoreError> {
         remove_partial_files(&dir)?;
-        let current = read_meta(&dir.join(CURRENT))?.and_then(|m| m.last_log_id);
+        let current = open_file(&dir.join(CURRENT))?.and_then(|(m, _)| m.last_log_id);
         Ok(SnapshotFiles { dir, current: Arc::new(Mutex::new(current)) })
     }
 

@@ -300,18 +300,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
         let path = self.files.current_path();
-        let opened =
-            tokio::task::spawn_blocking(move || -> Result<Option<(SnapshotMeta, std::fs::File)>, StoreError> {
-                // Opened before its meta is read: a rename meanwhile cannot
-                // pair one snapshot's meta with another's data.
-                let file = match std::fs::File::open(&path) {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                    Err(source) => return Err(StoreError::Io { path, source }),
-                };
-                let meta = snapshot::read_meta_of(&file, &path)?;
-                Ok(Some((meta, file)))
-            })
+        let opened = tokio::task::spawn_blocking(move || snapshot::open_file(&path))
             .await
             .map_err(snap_err)?
             .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, AnyError::new(&e))))?;
