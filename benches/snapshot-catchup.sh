@@ -18,7 +18,15 @@ DIR="$(mktemp -d -t hie-catchup.XXXXXX)"
 trap '"$HIE_BIN" dev down --dir "$DIR" >/dev/null 2>&1 || true; rm -rf "$DIR"' EXIT
 "$HIE_BIN" dev up --dir "$DIR" --patients "$PATIENTS" --snapshot-logs-since-last 20000
 ADMIN=$(jq -r '.nodes[0].admin_url' "$DIR/cluster.json")
-POINTERS=$(curl -s "$ADMIN/metrics" | awk '$1 == "hie_pointers" { print $2 }')
+# Every node's figures once every node has applied the whole preload (the
+# seeding returns when the writes are committed, not applied everywhere).
+pointers_on() { curl -s "$1/metrics" | awk '$1 == "hie_pointers" { print $2 }'; }
+for _ in $(seq 120); do
+  counts=$(for url in $(jq -r '.nodes[].admin_url' "$DIR/cluster.json"); do pointers_on "$url"; done | sort -u)
+  [ "$(wc -l <<<"$counts")" -eq 1 ] && break
+  sleep 1
+done
+POINTERS=$(pointers_on "$ADMIN")
 for d in "$DIR"/node-*/; do
   pid=$(cat "$d/hie.pid")
   store=$(du -sb "$d/store" | cut -f1); all=$(du -sb "$d" | cut -f1)

@@ -59,11 +59,21 @@ pub struct StoreOptions {
     pub read_entries_max: usize,
     /// Block cache for the state machine's tables.
     pub block_cache_bytes: usize,
+    /// All memtables together, over every column family: past this RocksDB
+    /// flushes the largest. Without it each of the eight column families
+    /// could hold two 64 MiB memtables, and a node that had just taken a
+    /// large load held them until they filled.
+    pub memtables_bytes_max: usize,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { entry_bytes_max: 4 << 20, read_entries_max: 4096, block_cache_bytes: 64 << 20 }
+        StoreOptions {
+            entry_bytes_max: 4 << 20,
+            read_entries_max: 4096,
+            block_cache_bytes: 64 << 20,
+            memtables_bytes_max: 64 << 20,
+        }
     }
 }
 
@@ -101,6 +111,7 @@ impl Store {
         db_opts.set_bytes_per_sync(1 << 20);
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_total_wal_size(256 << 20);
+        db_opts.set_db_write_buffer_size(options.memtables_bytes_max);
         let cache = rocksdb::Cache::new_lru_cache(options.block_cache_bytes);
         let cfs = cf::ALL.iter().map(|name| {
             let mut o = Options::default();

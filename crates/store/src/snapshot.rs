@@ -94,7 +94,13 @@ impl OwnedSnapshot {
     fn for_each(&self, mut f: impl FnMut(u8, &[u8], &[u8]) -> Result<(), StoreError>) -> Result<(), StoreError> {
         let inner = &self.0;
         for (table, name) in cf::STATE.iter().enumerate() {
-            let mut it = inner.snap.raw_iterator_cf(handle(&inner.db, name));
+            // A whole-table scan: read ahead, and keep its blocks out of the
+            // block cache, which holds what searches use (and would only grow
+            // the node's memory while a snapshot is built).
+            let mut o = rocksdb::ReadOptions::default();
+            o.fill_cache(false);
+            o.set_readahead_size(2 << 20);
+            let mut it = inner.snap.raw_iterator_cf_opt(handle(&inner.db, name), o);
             it.seek_to_first();
             while let (Some(k), Some(v)) = (it.key(), it.value()) {
                 f(table as u8, k, v)?;
