@@ -601,35 +601,68 @@ impl Replica {
 
     /// Keeps the transport's allow-list equal to the membership (plus seeds)
     /// and the Raft gauges current.
+    ///
+    /// Under load openraft's metrics change with every append and every
+    /// commit, a thousand times a second on a leader. The allow-list needs
+    /// only membership changes, and the gauges (read by Prometheus every
+    /// few seconds) are refreshed at most every `GAUGES_INTERVAL`, at once
+    /// when the leader or term changes, and on a tick when nothing changes.
     async fn watch_membership(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        const GAUGES_INTERVAL: Duration = Duration::from_millis(100);
         let mut rx = self.core.raft.metrics();
         let mut known: HashSet<PeerId> = HashSet::new();
+        let mut seen_membership = None;
         let mut last_leader = None;
+        let mut last_term_leader = None;
+        let mut last_gauges: Option<Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
-            tokio::select! {
-                r = rx.changed() => if r.is_err() { return },
-                _ = tick.tick() => {},
+            let ticked = tokio::select! {
+                r = rx.changed() => if r.is_err() { return } else { false },
+                _ = tick.tick() => true,
                 _ = shutdown.changed() => return,
-            }
-            let m = rx.borrow_and_update().clone();
-            let mut now: HashSet<PeerId> = HashSet::new();
-            for (_, n) in m.membership_config.membership().nodes() {
-                if let Ok(peer) = n.peer_id.parse::<PeerId>() {
+            };
+            // Copy out what is needed without holding the borrow (a read
+            // lock on openraft's metrics) across anything else.
+            let (members, metrics) = {
+                let m = rx.borrow_and_update();
+                let id = *m.membership_config.log_id();
+                let members = (seen_membership != Some(id)).then(|| {
+                    seen_membership = Some(id);
+                    m.membership_config
+                        .membership()
+                        .nodes()
+                        .filter_map(|(_, n)| Some((n.peer_id.parse::<PeerId>().ok()?, n.p2p_addr.parse().ok())))
+                        .collect::<Vec<_>>()
+                });
+                let term_leader = (m.current_term, m.current_leader);
+                let due = ticked
+                    || members.is_some()
+                    || last_term_leader != Some(term_leader)
+                    || last_gauges.is_none_or(|t| t.elapsed() >= GAUGES_INTERVAL);
+                last_term_leader = Some(term_leader);
+                (members, due.then(|| m.clone()))
+            };
+            if let Some(members) = members {
+                let mut now: HashSet<PeerId> = HashSet::new();
+                for (peer, addr) in members {
                     if !known.contains(&peer) {
-                        self.p2p.allow(peer, n.p2p_addr.parse().ok()).await;
+                        self.p2p.allow(peer, addr).await;
                     }
                     now.insert(peer);
                 }
-            }
-            for gone in known.difference(&now) {
-                if !self.seeds.contains(gone) {
-                    tracing::info!(peer = %gone, "peer left the membership; refusing it from now on");
-                    self.p2p.disallow(*gone).await;
+                for gone in known.difference(&now) {
+                    if !self.seeds.contains(gone) {
+                        tracing::info!(peer = %gone, "peer left the membership; refusing it from now on");
+                        self.p2p.disallow(*gone).await;
+                    }
                 }
+                known = now;
             }
-            known = now;
-            self.update_gauges(&m, &mut last_leader);
+            if let Some(m) = metrics {
+                self.update_gauges(&m, &mut last_leader);
+                last_gauges = Some(Instant::now());
+            }
         }
     }
 
