@@ -61,11 +61,13 @@ impl Proposals {
     /// Proposes a command on this node, which must be the leader; its outcome.
     pub(crate) async fn propose(&self, command: Command) -> Result<Outcome, ForwardError> {
         let p = &self.proposer;
-        let m = p.raft.metrics().borrow().clone();
+        let (leads, quorum_ack_ms) = {
+            let m = p.raft.metrics();
+            let m = m.borrow();
+            (m.state == ServerState::Leader, m.millis_since_quorum_ack)
+        };
         // `None` right after an election: the votes were a quorum's contact.
-        if m.state == ServerState::Leader
-            && m.millis_since_quorum_ack.is_some_and(|ms| ms > p.stale_after.as_millis() as u64)
-        {
+        if leads && quorum_ack_ms.is_some_and(|ms| ms > p.stale_after.as_millis() as u64) {
             return Err(ForwardError::NoQuorum("the leader has not heard from a quorum recently".into()));
         }
         let (done, answer) = oneshot::channel();

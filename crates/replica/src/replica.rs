@@ -98,9 +98,11 @@ fn member_peer(m: &openraft::RaftMetrics<NodeId, NodeInfo>, id: NodeId) -> Optio
 /// One follower round: the current leader is asked for its read index over
 /// libp2p (its answer comes from a leader round of its own).
 async fn follower_round(raft: Raft, p2p: P2p, id: NodeId, timeout: Duration) -> Result<u64, ReadIndexError> {
-    let m = raft.metrics().borrow().clone();
-    let leader = m.current_leader;
-    let peer = leader.filter(|l| *l != id).and_then(|l| member_peer(&m, l));
+    let (leader, peer) = {
+        let m = raft.metrics();
+        let m = m.borrow();
+        (m.current_leader, m.current_leader.filter(|l| *l != id).and_then(|l| member_peer(&m, l)))
+    };
     let Some(peer) = peer else { return Err(ReadIndexError::NotLeader { leader }) };
     match tokio::time::timeout(timeout, p2p.request(peer, Request::ReadIndex)).await {
         Ok(Ok(Response::ReadIndex(r))) => r,
@@ -300,14 +302,24 @@ impl Replica {
 
     /// How fresh the local state is.
     pub fn freshness(&self) -> Freshness {
-        let m = self.core.raft.metrics().borrow().clone();
-        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        // Every read asks this: copy the four fields out of openraft's
+        // metrics rather than clone them all (the replication map is a
+        // BTreeMap), and hold the borrow for nothing else.
+        let (applied, leads, quorum_ack_ms, leader) = {
+            let m = self.core.raft.metrics();
+            let m = m.borrow();
+            (
+                m.last_applied.map(|l| l.index).unwrap_or(0),
+                m.state == ServerState::Leader,
+                m.millis_since_quorum_ack,
+                m.current_leader,
+            )
+        };
         let stale_ms = self.core.stale_after.as_millis() as u64;
-        let (stale, lag, behind) = if m.state == ServerState::Leader {
-            (m.millis_since_quorum_ack.is_some_and(|ms| ms > stale_ms), 0, 0)
+        let (stale, lag, behind) = if leads {
+            (quorum_ack_ms.is_some_and(|ms| ms > stale_ms), 0, 0)
         } else {
-            let stale =
-                m.current_leader.is_none() || self.clock.since_leader_contact_ms().is_none_or(|ms| ms > stale_ms);
+            let stale = leader.is_none() || self.clock.since_leader_contact_ms().is_none_or(|ms| ms > stale_ms);
             (stale, self.clock.lag_ms(applied), self.clock.behind_entries(applied))
         };
         Freshness { applied_index: applied, stale, replication_lag_ms: lag, behind_entries: behind }
@@ -378,18 +390,22 @@ impl Replica {
     pub async fn write(&self, caller: &Caller, command: Command, request_id: &str) -> Result<Outcome, WriteError> {
         let deadline = Instant::now() + self.core.write_timeout;
         loop {
-            let m = self.core.raft.metrics().borrow().clone();
+            let (current_leader, leader_peer) = {
+                let m = self.core.raft.metrics();
+                let m = m.borrow();
+                (m.current_leader, m.current_leader.and_then(|l| member_peer(&m, l)))
+            };
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(WriteError::NoQuorum { reason: "no leader accepted the write in time".into() });
             }
-            if m.current_leader == Some(self.id) {
+            if current_leader == Some(self.id) {
                 return propose_local(&self.core, command).await.map_err(WriteError::from);
             }
-            if m.current_leader.is_some() && self.freshness().stale {
+            if current_leader.is_some() && self.freshness().stale {
                 return Err(WriteError::NoQuorum { reason: "this node has lost contact with the leader".into() });
             }
-            let Some(leader) = m.current_leader.and_then(|l| member_peer(&m, l)) else {
+            let Some(leader) = leader_peer else {
                 // No leader known: wait for one (an election takes about one timeout).
                 let mut rx = self.core.raft.metrics();
                 let _ = tokio::time::timeout(remaining.min(Duration::from_millis(200)), rx.changed()).await;
