@@ -15,7 +15,9 @@
 # first (hie, etcd, then etcd, hie, ...), so drift in this shared machine
 # over the run falls on both alike; the figures are the means.
 #
-# Usage: benches/compare-etcd.sh [SECONDS] [CONNECTIONS] [PATIENTS] [ROUNDS]  (default 10 32 2000 3)
+# An even number of rounds lets each system go first equally often.
+#
+# Usage: benches/compare-etcd.sh [SECONDS] [CONNECTIONS] [PATIENTS] [ROUNDS]  (default 10 32 2000 4)
 # Last lines: `ratio write: X`, `ratio read: Y`, `ratio linearizable read: Z` (hie/etcd mean throughput).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +25,7 @@ cd "$(dirname "$0")/.."
 SECS="${1:-10}"
 CONNS="${2:-32}"
 PATIENTS="${3:-2000}"
-ROUNDS="${4:-3}"
+ROUNDS="${4:-4}"
 
 if ! command -v etcd >/dev/null; then
   echo "installing etcd-server (Debian)..." >&2
