@@ -53,17 +53,19 @@ impl Delay {
     pub fn reset(&mut self, dur: Duration) {
         match &mut self.inner {
             Inner::Tokio(sleep) => {
-                let deadline = tokio::time::Instant::now().checked_add(dur).unwrap_or_else(far_future);
-                sleep.as_mut().reset(deadline);
+                // tokio's clock (which a test may have paused), not the system's.
+                let now = tokio::time::Instant::now().into_std();
+                sleep.as_mut().reset(deadline(now, dur).into());
             }
             Inner::Thread(shared) => shared.reset(dur),
         }
     }
 }
 
-/// What tokio itself uses for a deadline too far away to represent.
-fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + Duration::from_secs(86400 * 365 * 30)
+/// `now + dur`, or for a duration too long to represent, about 30 years
+/// from now (as tokio does for its own far-future deadlines).
+fn deadline(now: Instant, dur: Duration) -> Instant {
+    now.checked_add(dur).unwrap_or_else(|| now + Duration::from_secs(86400 * 365 * 30))
 }
 
 impl Future for Delay {
@@ -111,7 +113,7 @@ struct State {
 
 impl Shared {
     fn start(dur: Duration) -> Arc<Shared> {
-        let deadline = deadline(dur);
+        let deadline = deadline(Instant::now(), dur);
         let shared = Arc::new(Shared {
             state: Mutex::new(State { deadline, fired: false, waker: None, dropped: false }),
             changed: Condvar::new(),
@@ -154,7 +156,7 @@ impl Shared {
 
     fn reset(&self, dur: Duration) {
         let mut s = self.lock();
-        s.deadline = deadline(dur);
+        s.deadline = deadline(Instant::now(), dur);
         s.fired = false;
         drop(s);
         self.changed.notify_one();
@@ -170,11 +172,6 @@ impl Shared {
         }
         Poll::Pending
     }
-}
-
-fn deadline(dur: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(dur).unwrap_or_else(|| now + Duration::from_secs(86400 * 365 * 30))
 }
 
 #[cfg(test)]
