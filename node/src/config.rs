@@ -46,7 +46,9 @@ pub struct AuditSection {
     pub segment_bytes_max: u64,
     #[serde(default = "defaults::audit_write_timeout_ms")]
     pub write_timeout_ms: u64,
-    /// Records of reads are fsynced within this many ms (changes' at once).
+    /// Records of reads are fsynced within this many ms (changes' before
+    /// they are answered): a power cut can lose at most this much of the
+    /// read audit.
     #[serde(default = "defaults::audit_sync_interval_ms")]
     pub sync_interval_ms: u64,
     /// Fsync every record before answering, reads' too.
@@ -296,7 +298,7 @@ pub mod defaults {
         2_000
     }
     pub fn audit_sync_interval_ms() -> u64 {
-        10
+        100
     }
     pub fn audit_query_events_max() -> u32 {
         1_000

@@ -32,6 +32,12 @@ pub struct AuditConfig {
     /// Records of reads are in the page cache (copied into the segment) before the
     /// read is answered and fsynced within this interval; records of
     /// changes are fsynced before the change is answered.
+    ///
+    /// 100 ms by default: each fsync is a few write I/Os, and on a virtual
+    /// disk an I/O costs CPU in every process (its notifications and
+    /// interrupts), so at 10 ms the fsyncs alone cost reads about 12% of
+    /// their throughput (docs/BENCHMARKS.md, session 9). PostgreSQL's
+    /// asynchronous commit makes the same trade with a 200 ms writer delay.
     pub sync_interval: Duration,
     /// Fsync every record, reads' too, before answering.
     pub sync_every_access: bool,
@@ -47,7 +53,7 @@ impl AuditConfig {
             dir,
             segment_bytes_max: 64 << 20,
             write_timeout: Duration::from_secs(2),
-            sync_interval: Duration::from_millis(10),
+            sync_interval: Duration::from_millis(100),
             sync_every_access: false,
             retry_after: Duration::from_secs(1),
         }
@@ -132,6 +138,14 @@ const RESERVE_BYTES: u64 = 64 << 10;
 /// The largest record (an event is a few hundred bytes; its fields are
 /// bounded by the API's limits).
 const RECORD_BYTES_MAX: usize = 64 << 10;
+
+/// The zeros are written a page at a time, so the page cache holds the
+/// segment in page-sized pieces. Written in one 64 KiB call, the kernel
+/// (6.18's ext4) keeps them as one 64 KiB folio, the map's first write
+/// dirties all of it, and every fsync writes the whole 64 KiB back for the
+/// few records copied in since the last one: 25 MB/s of disk writes
+/// instead of 10 at 10 ms fsyncs under a search load (`/sys/block/*/stat`).
+const RESERVE_WRITE_BYTES: usize = 4096;
 
 static ZEROS: [u8; RESERVE_BYTES as usize] = [0; RESERVE_BYTES as usize];
 
@@ -244,7 +258,11 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> AuditError {
 /// `end` bytes. On failure (a full disk) it is cut back to what it held.
 fn reserve(head: &mut Head, end: u64) -> std::io::Result<()> {
     while head.reserved < end {
-        if let Err(e) = head.file.write_all_at(&ZEROS, head.reserved) {
+        if let Err(e) = ZEROS
+            .chunks(RESERVE_WRITE_BYTES)
+            .enumerate()
+            .try_for_each(|(i, z)| head.file.write_all_at(z, head.reserved + (i * RESERVE_WRITE_BYTES) as u64))
+        {
             if let Err(cut) = head.file.set_len(head.reserved) {
                 tracing::error!(error = %cut, "could not cut the audit segment back after a failed write");
             }
