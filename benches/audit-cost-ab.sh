@@ -35,13 +35,19 @@ run() { # DIR -> throughput
 
 # Warm both up once, unmeasured.
 run "$DIR/a" >/dev/null; run "$DIR/b" >/dev/null
-a_total=0; b_total=0
+a_total=0; b_total=0; ratios=()
 for p in $(seq "$PAIRS"); do
   if [ $((p % 2)) -eq 1 ]; then a=$(run "$DIR/a"); b=$(run "$DIR/b"); else b=$(run "$DIR/b"); a=$(run "$DIR/a"); fi
+  ratios+=("$(echo "$a / $b" | bc -l)")
   printf 'pair %s: A (%s) %.0f ops/s, B (audit off) %.0f ops/s, A/B %.3f\n' \
-    "$p" "${MODE:-audit on}" "$a" "$b" "$(echo "$a / $b" | bc -l)"
+    "$p" "${MODE:-audit on}" "$a" "$b" "${ratios[-1]}"
   a_total=$(echo "$a_total + $a" | bc -l); b_total=$(echo "$b_total + $b" | bc -l)
 done
+# The median pair is less swayed than the means by one pair that ran while
+# the machine was busy elsewhere.
+printf 'median pair A/B: %.3f (pairs below 1: %s of %s)\n' \
+  "$(printf '%s\n' "${ratios[@]}" | sort -g | awk '{v[NR]=$1} END{print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}')" \
+  "$(printf '%s\n' "${ratios[@]}" | awk '$1<1' | wc -l)" "$PAIRS"
 printf 'search throughput, mean of %s pairs: A (%s) %.0f ops/s, B (audit off) %.0f ops/s\n' \
   "$PAIRS" "${MODE:-audit on}" "$(echo "$a_total / $PAIRS" | bc -l)" "$(echo "$b_total / $PAIRS" | bc -l)"
 printf 'audit cost: %.1f%% of search throughput\n' "$(echo "(1 - $a_total / $b_total) * 100" | bc -l)"
