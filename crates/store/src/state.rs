@@ -77,17 +77,24 @@ struct RocksTxn<'a> {
     db: &'a DB,
     batch: WriteBatch,
     overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
+    /// Reads answer only from memory (memtables, block cache); one that
+    /// would need the disk fails with [`StoreError::WouldBlock`].
+    reads: rocksdb::ReadOptions,
 }
 
 impl<'a> RocksTxn<'a> {
-    fn new(db: &'a DB) -> Self {
-        RocksTxn { db, batch: WriteBatch::default(), overlay: HashMap::new() }
+    fn new(db: &'a DB, memory_only: bool) -> Self {
+        let mut reads = rocksdb::ReadOptions::default();
+        if memory_only {
+            reads.set_read_tier(rocksdb::ReadTier::BlockCache);
+        }
+        RocksTxn { db, batch: WriteBatch::default(), overlay: HashMap::new(), reads }
     }
 
     fn get<T: DeserializeOwned>(&mut self, cf_name: &'static str, key: Vec<u8>) -> Result<Option<T>, StoreError> {
         let raw = match self.overlay.get(&(cf_name, key.clone())) {
             Some(v) => v.clone(),
-            None => self.db.get_cf(handle(self.db, cf_name), &key)?,
+            None => self.db.get_cf_opt(handle(self.db, cf_name), &key, &self.reads).map_err(StoreError::from_read)?,
         };
         match raw {
             None => Ok(None),
@@ -157,17 +164,34 @@ impl StateTxn for RocksTxn<'_> {
     }
 }
 
-/// Batches of at most this many entries are applied on the async thread
-/// that asks; longer ones (a follower catching up) on a blocking thread.
+/// Batches of at most this many entries are first applied on the async
+/// thread that asks, from memory; longer ones (a follower catching up) on a
+/// blocking thread.
 const APPLY_INLINE_ENTRIES_MAX: usize = 32;
 
-/// Applies a batch of entries in one RocksDB write.
+/// Why a batch was not applied.
+enum BatchError {
+    /// A memory-only apply needed the disk; nothing was written.
+    WouldBlock,
+    Storage(StorageError),
+}
+
+impl From<StorageError> for BatchError {
+    fn from(e: StorageError) -> Self {
+        BatchError::Storage(e)
+    }
+}
+
+/// Applies a batch of entries in one RocksDB write. `memory_only`: its
+/// reads answer from memory only, and the batch fails with
+/// [`BatchError::WouldBlock`], having written nothing, if one cannot.
 fn apply_batch(
     db: &DB,
-    entries: Vec<Entry>,
+    entries: &[Entry],
     membership: &mut StoredMembership,
-) -> Result<(Vec<Outcome>, Option<LogId>), StorageError> {
-    let mut txn = RocksTxn::new(db);
+    memory_only: bool,
+) -> Result<(Vec<Outcome>, Option<LogId>), BatchError> {
+    let mut txn = RocksTxn::new(db, memory_only);
     let mut outcomes = Vec::with_capacity(entries.len());
     let mut last = None;
     for entry in entries {
@@ -180,10 +204,13 @@ fn apply_batch(
             }
             EntryPayload::Normal(command) => match apply(&mut txn, command) {
                 Ok(outcome) => outcome,
-                Err(ApplyError::Storage(e)) => return Err(StorageIOError::apply(log_id, AnyError::new(&e)).into()),
+                Err(ApplyError::Storage(StoreError::WouldBlock)) => return Err(BatchError::WouldBlock),
+                Err(ApplyError::Storage(e)) => {
+                    return Err(StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))).into());
+                }
                 Err(ApplyError::Invariant(e)) => {
                     tracing::error!(index = log_id.index, error = %e, "state machine invariant broken; stopping");
-                    return Err(StorageIOError::apply(log_id, AnyError::new(&e)).into());
+                    return Err(StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))).into());
                 }
             },
         };
@@ -195,6 +222,15 @@ fn apply_batch(
     txn.batch.put_cf(meta, keys::MEMBERSHIP, codec::encode(&*membership));
     db.write(txn.batch).map_err(sm_write)?;
     Ok((outcomes, last))
+}
+
+fn batch_result<T>(r: Result<T, BatchError>) -> Result<T, StorageError> {
+    match r {
+        Ok(t) => Ok(t),
+        Err(BatchError::Storage(e)) => Err(e),
+        // Only a memory-only apply can need the disk.
+        Err(BatchError::WouldBlock) => Err(sm_write(StoreError::WouldBlock)),
+    }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -213,21 +249,33 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if entries.is_empty() {
             return Ok(vec![]);
         }
-        let mut membership = self.membership.clone();
-        let (outcomes, last, membership) = if entries.len() <= APPLY_INLINE_ENTRIES_MAX {
-            // A few entries apply in tens of microseconds (memtable writes;
-            // reads mostly from the block cache): less than handing them to
-            // a blocking thread and back, which costs two thread switches a
-            // batch. The log store's append writes inline the same way.
-            apply_batch(&self.db, entries, &mut membership).map(|(o, l)| (o, l, membership))?
+        // A few entries apply in tens of microseconds (memtable writes,
+        // reads from memory): less than handing them to a blocking thread
+        // and back, which costs two thread switches a batch. The log
+        // store's append writes inline the same way. A batch whose reads
+        // need the disk, or a catch-up's long batch, goes to a blocking
+        // thread, so that neither holds up an async thread.
+        let inline = if entries.len() <= APPLY_INLINE_ENTRIES_MAX {
+            let mut membership = self.membership.clone();
+            match apply_batch(&self.db, &entries, &mut membership, true) {
+                Ok((o, l)) => Some((o, l, membership)),
+                Err(BatchError::WouldBlock) => None,
+                Err(BatchError::Storage(e)) => return Err(e),
+            }
         } else {
-            // A catch-up's long batches must not hold an async thread.
-            let db = self.db.clone();
-            tokio::task::spawn_blocking(move || {
-                apply_batch(&db, entries, &mut membership).map(|(o, l)| (o, l, membership))
-            })
-            .await
-            .map_err(sm_write)??
+            None
+        };
+        let (outcomes, last, membership) = match inline {
+            Some(applied) => applied,
+            None => {
+                let db = self.db.clone();
+                let mut membership = self.membership.clone();
+                tokio::task::spawn_blocking(move || {
+                    batch_result(apply_batch(&db, &entries, &mut membership, false)).map(|(o, l)| (o, l, membership))
+                })
+                .await
+                .map_err(sm_write)??
+            }
         };
         self.applied = last.or(self.applied);
         self.membership = membership;
@@ -579,5 +627,40 @@ mod tests {
         assert_eq!(search(&store.reads, 3).unwrap(), 4);
         // The normal read brought the blocks into the cache.
         assert_eq!(search(&store.reads.memory_only(), 3).unwrap(), 4);
+    }
+
+    /// A short batch is applied first from memory on the async thread; when
+    /// its reads need the disk it writes nothing there and is applied again
+    /// on a blocking thread, with the same result.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_apply_whose_reads_need_the_disk_writes_nothing_from_memory_and_is_applied_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let mut cmds = testkit::registry_commands(&["A81001"]);
+        for i in 0..40u32 {
+            cmds.push(testkit::create("A81001", testkit::pointer("A81001", &format!("p{i}"), testkit::nhs(i % 10), 0)));
+        }
+        let n = cmds.len() as u64;
+        let entry = |i: u64, c| Entry {
+            log_id: hie_domain::raft::LogId::new(CommittedLeaderId::new(1, 1), i),
+            payload: EntryPayload::Normal(c),
+        };
+        let entries: Vec<Entry> = cmds.into_iter().zip(1..).map(|(c, i)| entry(i, c)).collect();
+        store.state_machine.apply(entries).await.unwrap();
+        for name in cf::ALL {
+            store.reads.db().flush_cf(handle(store.reads.db(), name)).unwrap();
+        }
+        drop(store);
+        let mut store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        // A create for patient 3 reads the producer, its pointer types and
+        // the patient's entry, all on disk only.
+        let more =
+            vec![entry(n + 1, testkit::create("A81001", testkit::pointer("A81001", "p-more", testkit::nhs(3), 0)))];
+        let mut membership = Default::default();
+        let db = store.reads.db();
+        assert!(matches!(super::apply_batch(db, &more, &mut membership, true), Err(super::BatchError::WouldBlock)));
+        assert_eq!(search(&store.reads, 3).unwrap(), 4, "the memory-only attempt wrote nothing");
+        store.state_machine.apply(more).await.unwrap();
+        assert_eq!(search(&store.reads, 3).unwrap(), 5);
     }
 }
