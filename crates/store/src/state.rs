@@ -173,12 +173,13 @@ const APPLY_INLINE_ENTRIES_MAX: usize = 32;
 enum BatchError {
     /// A memory-only apply needed the disk; nothing was written.
     WouldBlock,
-    Storage(StorageError),
+    /// Boxed: openraft's error is large, and this one is rarely made.
+    Storage(Box<StorageError>),
 }
 
 impl From<StorageError> for BatchError {
     fn from(e: StorageError) -> Self {
-        BatchError::Storage(e)
+        BatchError::Storage(Box::new(e))
     }
 }
 
@@ -224,12 +225,13 @@ fn apply_batch(
     Ok((outcomes, last))
 }
 
-fn batch_result<T>(r: Result<T, BatchError>) -> Result<T, StorageError> {
-    match r {
-        Ok(t) => Ok(t),
-        Err(BatchError::Storage(e)) => Err(e),
-        // Only a memory-only apply can need the disk.
-        Err(BatchError::WouldBlock) => Err(sm_write(StoreError::WouldBlock)),
+impl From<BatchError> for StorageError {
+    fn from(e: BatchError) -> Self {
+        match e {
+            BatchError::Storage(e) => *e,
+            // Only a memory-only apply can need the disk.
+            BatchError::WouldBlock => sm_write(StoreError::WouldBlock),
+        }
     }
 }
 
@@ -255,23 +257,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // store's append writes inline the same way. A batch whose reads
         // need the disk, or a catch-up's long batch, goes to a blocking
         // thread, so that neither holds up an async thread.
-        let inline = if entries.len() <= APPLY_INLINE_ENTRIES_MAX {
+        let inline = (entries.len() <= APPLY_INLINE_ENTRIES_MAX).then(|| {
             let mut membership = self.membership.clone();
-            match apply_batch(&self.db, &entries, &mut membership, true) {
-                Ok((o, l)) => Some((o, l, membership)),
-                Err(BatchError::WouldBlock) => None,
-                Err(BatchError::Storage(e)) => return Err(e),
-            }
-        } else {
-            None
-        };
+            apply_batch(&self.db, &entries, &mut membership, true).map(|(o, l)| (o, l, membership))
+        });
         let (outcomes, last, membership) = match inline {
-            Some(applied) => applied,
-            None => {
+            Some(Ok(applied)) => applied,
+            Some(Err(BatchError::Storage(e))) => return Err(*e),
+            Some(Err(BatchError::WouldBlock)) | None => {
                 let db = self.db.clone();
                 let mut membership = self.membership.clone();
                 tokio::task::spawn_blocking(move || {
-                    batch_result(apply_batch(&db, &entries, &mut membership, false)).map(|(o, l)| (o, l, membership))
+                    apply_batch(&db, &entries, &mut membership, false).map(|(o, l)| (o, l, membership))
                 })
                 .await
                 .map_err(sm_write)??
@@ -586,6 +583,35 @@ mod tests {
 
     use crate::{Store, StoreError, StoreOptions, cf, handle};
 
+    fn entry(index: u64, command: hie_domain::Command) -> Entry {
+        Entry {
+            log_id: hie_domain::raft::LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(command),
+        }
+    }
+
+    /// Applies a producer and 40 pointers (4 for each of patients 0 to 9);
+    /// the index of the last entry.
+    async fn apply_forty_pointers(store: &mut Store) -> u64 {
+        let mut cmds = testkit::registry_commands(&["A81001"]);
+        for i in 0..40u32 {
+            cmds.push(testkit::create("A81001", testkit::pointer("A81001", &format!("p{i}"), testkit::nhs(i % 10), 0)));
+        }
+        let n = cmds.len() as u64;
+        store.state_machine.apply(cmds.into_iter().zip(1..).map(|(c, i)| entry(i, c))).await.unwrap();
+        n
+    }
+
+    /// Flushes every table to SST files and opens the store again, with an
+    /// empty block cache: its data is then only on disk.
+    fn reopen_from_disk(store: Store, dir: &std::path::Path) -> Store {
+        for name in cf::ALL {
+            store.reads.db().flush_cf(handle(store.reads.db(), name)).unwrap();
+        }
+        drop(store);
+        Store::open(dir, StoreOptions::default()).unwrap()
+    }
+
     fn search(view: &super::ReadView, i: u32) -> Result<usize, StoreError> {
         let nhs = testkit::nhs(i);
         view.patient(&nhs)?;
@@ -598,19 +624,7 @@ mod tests {
     async fn a_memory_only_read_answers_from_memory_or_says_it_needs_the_disk() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-        let mut cmds = testkit::registry_commands(&["A81001"]);
-        for i in 0..40u32 {
-            cmds.push(testkit::create("A81001", testkit::pointer("A81001", &format!("p{i}"), testkit::nhs(i % 10), 0)));
-        }
-        let entries: Vec<Entry> = cmds
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| Entry {
-                log_id: hie_domain::raft::LogId::new(CommittedLeaderId::new(1, 1), i as u64 + 1),
-                payload: EntryPayload::Normal(c),
-            })
-            .collect();
-        store.state_machine.apply(entries).await.unwrap();
+        apply_forty_pointers(&mut store).await;
         // In the memtable: both views agree.
         for i in 0..10 {
             assert_eq!(search(&store.reads.memory_only(), i).unwrap(), 4);
@@ -618,11 +632,7 @@ mod tests {
         }
         // Flushed to SST files and reopened with an empty block cache: only
         // the disk has it.
-        for name in cf::ALL {
-            store.reads.db().flush_cf(handle(store.reads.db(), name)).unwrap();
-        }
-        drop(store);
-        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let store = reopen_from_disk(store, dir.path());
         assert!(matches!(search(&store.reads.memory_only(), 3), Err(StoreError::WouldBlock)));
         assert_eq!(search(&store.reads, 3).unwrap(), 4);
         // The normal read brought the blocks into the cache.
@@ -636,22 +646,8 @@ mod tests {
     async fn an_apply_whose_reads_need_the_disk_writes_nothing_from_memory_and_is_applied_from_disk() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-        let mut cmds = testkit::registry_commands(&["A81001"]);
-        for i in 0..40u32 {
-            cmds.push(testkit::create("A81001", testkit::pointer("A81001", &format!("p{i}"), testkit::nhs(i % 10), 0)));
-        }
-        let n = cmds.len() as u64;
-        let entry = |i: u64, c| Entry {
-            log_id: hie_domain::raft::LogId::new(CommittedLeaderId::new(1, 1), i),
-            payload: EntryPayload::Normal(c),
-        };
-        let entries: Vec<Entry> = cmds.into_iter().zip(1..).map(|(c, i)| entry(i, c)).collect();
-        store.state_machine.apply(entries).await.unwrap();
-        for name in cf::ALL {
-            store.reads.db().flush_cf(handle(store.reads.db(), name)).unwrap();
-        }
-        drop(store);
-        let mut store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let n = apply_forty_pointers(&mut store).await;
+        let mut store = reopen_from_disk(store, dir.path());
         // A create for patient 3 reads the producer, its pointer types and
         // the patient's entry, all on disk only.
         let more =
