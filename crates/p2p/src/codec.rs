@@ -55,8 +55,11 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8], max
     if bytes.len() > max {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, TooLarge { bytes: bytes.len(), max }));
     }
-    io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
-    io.write_all(bytes).await?;
+    // One write, so one yamux frame: the length and the message together.
+    let mut frame = Vec::with_capacity(4 + bytes.len());
+    frame.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    frame.extend_from_slice(bytes);
+    io.write_all(&frame).await?;
     io.close().await
 }
 

@@ -15,7 +15,9 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::P2pError;
+use crate::addresses::KnownAddresses;
 use crate::codec::{HieCodec, PROTOCOL};
+use crate::lane::Lanes;
 use crate::wire::{Request, Response};
 
 /// Handles requests from peers.
@@ -79,6 +81,9 @@ pub struct P2p {
     tx: mpsc::Sender<Cmd>,
     local: PeerId,
     counters: Arc<P2pCounters>,
+    lanes: Arc<Lanes>,
+    /// Mirrors the swarm's allow-list, for requests sent on lanes.
+    allowed: Arc<std::sync::Mutex<std::collections::HashSet<PeerId>>>,
 }
 
 #[derive(NetworkBehaviour)]
@@ -86,6 +91,8 @@ struct Behaviour {
     allow: allow_block_list::Behaviour<allow_block_list::AllowedPeers>,
     limits: connection_limits::Behaviour,
     rpc: request_response::Behaviour<HieCodec>,
+    lanes: libp2p_stream::Behaviour,
+    addresses: KnownAddresses,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
 }
@@ -119,6 +126,8 @@ impl P2p {
             .with_max_established_per_peer(Some(4))
             .with_max_pending_incoming(Some(64));
         let identify_cfg = identify::Config::new("/hie/1.0.0".into(), key.public());
+        let lanes = libp2p_stream::Behaviour::new();
+        let lane_control = lanes.new_control();
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
             .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
@@ -127,6 +136,8 @@ impl P2p {
                 allow: Default::default(),
                 limits: connection_limits::Behaviour::new(limits),
                 rpc: request_response::Behaviour::with_codec(codec, [(PROTOCOL, ProtocolSupport::Full)], rr_config),
+                lanes,
+                addresses: KnownAddresses::default(),
                 identify: identify::Behaviour::new(identify_cfg),
                 ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
             })
@@ -139,10 +150,20 @@ impl P2p {
 
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE_MAX);
         let counters = Arc::new(P2pCounters { refused_messages, ..P2pCounters::default() });
-        let handle = P2p { tx: tx.clone(), local, counters: counters.clone() };
+        let lanes = Arc::new(Lanes::start(
+            lane_control,
+            inbound.clone(),
+            counters.clone(),
+            config.message_bytes_max,
+            config.request_timeout,
+            config.concurrent_streams_max,
+        ));
+        let allowed = Arc::new(std::sync::Mutex::new(config.seeds.iter().map(|(p, _)| *p).collect()));
+        let handle = P2p { tx: tx.clone(), local, counters: counters.clone(), lanes, allowed };
         let mut peers = HashMap::new();
         for (peer, addr) in &config.seeds {
             swarm.behaviour_mut().allow.allow_peer(*peer);
+            swarm.behaviour_mut().addresses.set(*peer, addr.clone());
             peers.insert(
                 *peer,
                 Peer { addr: Some(addr.clone()), backoff: config.reconnect_backoff_min, next_dial: Instant::now() },
@@ -161,8 +182,19 @@ impl P2p {
         self.counters.clone()
     }
 
-    /// Sends a request and waits for its response (bounded by the request timeout).
+    /// Sends a request and waits for its response (bounded by the request
+    /// timeout). The small, frequent ones go on the peer's lane; snapshot
+    /// chunks and audit queries on a stream of their own each.
     pub async fn request(&self, peer: PeerId, request: Request) -> Result<Response, SendError> {
+        if matches!(
+            request,
+            Request::AppendEntries(_) | Request::Vote(_) | Request::ClientWrite { .. } | Request::ReadIndex
+        ) {
+            if !self.allowed.lock().expect("allowed lock").contains(&peer) {
+                return Err(SendError::Unreachable(peer, "not a member".into()));
+            }
+            return self.lanes.request(peer, &request).await;
+        }
         let (reply, rx) = oneshot::channel();
         self.tx.send(Cmd::Send { peer, request, reply }).await.map_err(|_| SendError::Stopped)?;
         rx.await.map_err(|_| SendError::Stopped)?
@@ -170,11 +202,16 @@ impl P2p {
 
     /// Lets `peer` connect, and dials it at `addr` when it is known.
     pub async fn allow(&self, peer: PeerId, addr: Option<Multiaddr>) {
+        if peer != self.local {
+            self.allowed.lock().expect("allowed lock").insert(peer);
+        }
         let _ = self.tx.send(Cmd::Allow { peer, addr }).await;
     }
 
     /// Refuses `peer` from now on and closes its connections.
     pub async fn disallow(&self, peer: PeerId) {
+        self.allowed.lock().expect("allowed lock").remove(&peer);
+        self.lanes.forget(&peer);
         let _ = self.tx.send(Cmd::Disallow { peer }).await;
     }
 }
@@ -239,12 +276,14 @@ impl SwarmTask {
                     backoff: self.config.reconnect_backoff_min,
                     next_dial: Instant::now(),
                 });
-                if addr.is_some() {
-                    entry.addr = addr;
+                if let Some(addr) = addr {
+                    self.swarm.behaviour_mut().addresses.set(peer, addr.clone());
+                    entry.addr = Some(addr);
                 }
             }
             Cmd::Disallow { peer } => {
                 self.swarm.behaviour_mut().allow.disallow_peer(peer);
+                self.swarm.behaviour_mut().addresses.remove(&peer);
                 self.peers.remove(&peer);
             }
         }
