@@ -59,18 +59,19 @@ impl request_response::Codec for RawCodec {
 
 /// True if any outcome carried an answer (a refused stream closes with no bytes).
 fn answered(outcomes: &[String]) -> bool {
-    outcomes.iter().any(|o| o.starts_with("answered") && o != "answered 0 bytes")
+    outcomes.iter().any(|o| o.starts_with("answered") && !o.starts_with("answered 0 bytes"))
 }
 
-/// Dials `addr` as `key` and sends each message; returns how each ended.
-async fn rogue(key: Keypair, addr: Multiaddr, messages: Vec<Vec<u8>>) -> Vec<String> {
+/// Dials `addr` as `key` and sends each message on a stream of `protocol`
+/// of its own; returns how each ended.
+async fn rogue(key: Keypair, addr: Multiaddr, protocol: &'static str, messages: Vec<Vec<u8>>) -> Vec<String> {
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
         .unwrap()
         .with_behaviour(|_| {
             request_response::Behaviour::<RawCodec>::new(
-                [(StreamProtocol::new("/hie/rpc/1"), ProtocolSupport::Full)],
+                [(StreamProtocol::new(protocol), ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(5)),
             )
         })
@@ -100,7 +101,8 @@ async fn rogue(key: Keypair, addr: Multiaddr, messages: Vec<Vec<u8>>) -> Vec<Str
                     message: request_response::Message::Response { response, .. },
                     ..
                 })) => {
-                    break format!("answered {} bytes", response.len());
+                    // A lane's answer is a frame: its 13th byte is the status.
+                    break format!("answered {} bytes, status {:?}", response.len(), response.get(12));
                 }
                 Ok(SwarmEvent::Behaviour(request_response::Event::OutboundFailure { error, .. })) => {
                     break format!("failed: {error}");
@@ -126,7 +128,7 @@ async fn non_members_and_bad_messages_are_refused_and_logged() -> anyhow::Result
     let addr: Multiaddr = c.node(target)["p2p_addr"].as_str().unwrap().parse()?;
 
     // A stranger with its own key: refused at the connection.
-    let outcome = rogue(Keypair::generate_ed25519(), addr.clone(), vec![b"hello".to_vec()]).await;
+    let outcome = rogue(Keypair::generate_ed25519(), addr.clone(), "/hie/rpc/1", vec![b"hello".to_vec()]).await;
     eprintln!("stranger: {outcome:?}");
     assert!(!answered(&outcome), "a stranger got an answer: {outcome:?}");
 
@@ -136,11 +138,25 @@ async fn non_members_and_bad_messages_are_refused_and_logged() -> anyhow::Result
     garbage.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0xff, 0, 1, 2, 3, 4, 5, 6, 7]);
     let mut oversized = 0x7fff_ffffu32.to_be_bytes().to_vec();
     oversized.extend_from_slice(&[0u8; 1024]);
-    let outcome = rogue(member_key.clone(), addr.clone(), vec![garbage]).await;
+    let outcome = rogue(member_key.clone(), addr.clone(), "/hie/rpc/1", vec![garbage]).await;
     eprintln!("malformed: {outcome:?}");
     assert!(!answered(&outcome), "{outcome:?}");
-    let outcome = rogue(member_key, addr, vec![oversized]).await;
+    let outcome = rogue(member_key.clone(), addr.clone(), "/hie/rpc/1", vec![oversized.clone()]).await;
     eprintln!("oversized: {outcome:?}");
+    assert!(!answered(&outcome), "{outcome:?}");
+
+    // The same on a lane (`[len u32][id u64][status u8]` frames): a
+    // well-framed request that does not decode is answered with a refusal
+    // (status 1) for its id, and a frame claiming 2 GiB closes the lane.
+    let mut undecodable = 4u32.to_be_bytes().to_vec();
+    undecodable.extend_from_slice(&7u64.to_be_bytes());
+    undecodable.push(0);
+    undecodable.extend_from_slice(&[0xff, 0x00, 0x13, 0x37]);
+    let outcome = rogue(member_key.clone(), addr.clone(), "/hie/lane/1", vec![undecodable]).await;
+    eprintln!("malformed on a lane: {outcome:?}");
+    assert!(outcome.len() == 1 && outcome[0].ends_with("status Some(1)"), "{outcome:?}");
+    let outcome = rogue(member_key, addr, "/hie/lane/1", vec![oversized]).await;
+    eprintln!("oversized on a lane: {outcome:?}");
     assert!(!answered(&outcome), "{outcome:?}");
 
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -148,6 +164,7 @@ async fn non_members_and_bad_messages_are_refused_and_logged() -> anyhow::Result
     assert!(log.contains("refused incoming connection"), "stranger refusal logged");
     assert!(log.contains("refused inbound message"), "bad messages logged");
     assert!(log.contains("exceeds message_bytes_max"), "oversized message named");
+    assert!(log.contains("undecodable request") || log.contains("refused inbound message"), "lane refusal logged");
     assert!(!log.contains("panicked"), "no panic");
     let metrics = c.metrics(target).await.unwrap();
     let refused: f64 = metrics

@@ -70,8 +70,6 @@ const STATUS_REFUSED: u8 = 1;
 /// acceptor is not ready for, and a lane to nowhere would accept writes
 /// and never answer.
 const STATUS_HELLO: u8 = 2;
-/// How often a lane with requests in flight checks that its peer still
-/// answers.
 /// How long opening a lane may take. Opening dials the peer if it is not
 /// connected; an open that raced a connection being set up can wait for
 /// nothing, so it is given up and tried again.
@@ -81,6 +79,8 @@ pub const LANE_OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 pub const LANE_SILENCE_MAX: Duration = Duration::from_secs(10);
 /// How long a new lane waits for the peer's hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a lane with requests in flight checks that its peer still
+/// answers.
 const SILENCE_CHECK: Duration = Duration::from_millis(500);
 
 type Reply = oneshot::Sender<Result<Response, SendError>>;
