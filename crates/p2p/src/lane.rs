@@ -84,6 +84,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
 const SILENCE_CHECK: Duration = Duration::from_millis(500);
 
 type Reply = oneshot::Sender<Result<Response, SendError>>;
+/// Requests written and not yet answered, by id: where to answer, and when
+/// each was written.
+type InFlight = Mutex<HashMap<u64, (Reply, Instant)>>;
 
 /// A request waiting for its lane's writer.
 struct Outgoing {
@@ -220,7 +223,7 @@ async fn run_outbound(
         }
         tracing::info!(%peer, "lane opened");
         let (read, write) = stream.split();
-        let in_flight: Arc<Mutex<HashMap<u64, Reply>>> = Arc::default();
+        let in_flight: Arc<InFlight> = Arc::default();
         let heard = Arc::new(Heard::new());
         let mut reader = tokio::spawn(read_responses(peer, read, in_flight.clone(), heard.clone(), message_bytes_max));
         let lane = Lane { peer, in_flight: &in_flight, heard: &heard, silence_max: LANE_SILENCE_MAX };
@@ -234,7 +237,7 @@ async fn run_outbound(
         reader.abort();
         tracing::info!(%peer, error = %why, "lane closed");
         // Written, so possibly delivered: not `Unreachable`.
-        for (_, reply) in in_flight.lock().expect("in-flight lock").drain() {
+        for (_, (reply, _)) in in_flight.lock().expect("in-flight lock").drain() {
             let _ = reply.send(Err(SendError::Failed(peer, format!("the lane closed: {why}"))));
         }
     }
@@ -275,20 +278,29 @@ impl Heard {
 /// An open outbound lane, as its writer sees it.
 struct Lane<'a> {
     peer: PeerId,
-    in_flight: &'a Mutex<HashMap<u64, Reply>>,
+    in_flight: &'a InFlight,
     heard: &'a Heard,
     /// Requests waiting and nothing heard for this long: the lane is dead.
     silence_max: Duration,
 }
 
 impl Lane<'_> {
+    /// Dead if a request its caller still waits for was written more than
+    /// `silence_max` ago and the peer has sent nothing since. Requests whose
+    /// callers have given up are forgotten here: an idle lane is not a dead
+    /// one.
     fn check_alive(&self) -> io::Result<()> {
-        let waiting = !self.in_flight.lock().expect("in-flight lock").is_empty();
-        let silent = self.heard.silent_for();
-        if waiting && silent > self.silence_max {
+        let oldest = {
+            let mut map = self.in_flight.lock().expect("in-flight lock");
+            map.retain(|_, (reply, _)| !reply.is_closed());
+            map.values().map(|(_, at)| *at).min()
+        };
+        let Some(oldest) = oldest else { return Ok(()) };
+        let waited = oldest.elapsed();
+        if waited > self.silence_max && self.heard.silent_for() >= waited {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("the peer has answered nothing for {} ms", silent.as_millis()),
+                format!("the peer has answered nothing for {} ms", waited.as_millis()),
             ));
         }
         Ok(())
@@ -332,14 +344,14 @@ async fn write_requests(
             if !o.reply.is_closed() && o.deadline > now {
                 let mut map = in_flight.lock().expect("in-flight lock");
                 if map.len() >= LANE_IN_FLIGHT_MAX {
-                    map.retain(|_, r| !r.is_closed());
+                    map.retain(|_, (r, _)| !r.is_closed());
                 }
                 if map.len() >= LANE_IN_FLIGHT_MAX {
                     let why = format!("{LANE_IN_FLIGHT_MAX} requests already in flight on this lane");
                     let _ = o.reply.send(Err(SendError::Unreachable(peer, why)));
                 } else {
                     next_id += 1;
-                    map.insert(next_id, o.reply);
+                    map.insert(next_id, (o.reply, now));
                     push_frame(&mut buf, next_id, STATUS_OK, &o.payload);
                 }
             }
@@ -364,7 +376,7 @@ async fn write_requests(
 async fn read_responses(
     peer: PeerId,
     read: ReadHalf<Stream>,
-    in_flight: Arc<Mutex<HashMap<u64, Reply>>>,
+    in_flight: Arc<InFlight>,
     heard: Arc<Heard>,
     message_bytes_max: usize,
 ) -> io::Error {
@@ -376,7 +388,7 @@ async fn read_responses(
             Err(e) => return e,
         };
         heard.now();
-        let Some(reply) = in_flight.lock().expect("in-flight lock").remove(&id) else {
+        let Some((reply, _)) = in_flight.lock().expect("in-flight lock").remove(&id) else {
             continue; // its caller gave up and was swept
         };
         let answer = match status {
@@ -404,10 +416,20 @@ async fn serve(
     let (read, write) = stream.split();
     let mut read = BufReader::with_capacity(READ_BUFFER_BYTES, read);
     let (tx, rx) = mpsc::channel::<Vec<u8>>(concurrent_max.max(1));
-    let writer = tokio::spawn(write_responses(write, rx));
+    let mut writer = tokio::spawn(write_responses(write, rx));
     let permits = Arc::new(Semaphore::new(concurrent_max.max(1)));
     loop {
-        let (id, payload) = match read_frame(&mut read, message_bytes_max).await {
+        // If answers can no longer be written, stop taking requests: the
+        // lane closes and the peer opens another, rather than sending into
+        // a lane that never answers.
+        let frame = tokio::select! {
+            frame = read_frame(&mut read, message_bytes_max) => frame,
+            _ = &mut writer => {
+                tracing::info!(%peer, "closing a lane from the peer: its answers could not be written");
+                return;
+            }
+        };
+        let (id, payload) = match frame {
             Ok(Some((id, STATUS_OK, payload))) => (id, payload),
             Ok(Some((0, STATUS_HELLO, _))) => {
                 let mut frame = Vec::with_capacity(HEADER_BYTES);
