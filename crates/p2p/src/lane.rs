@@ -188,14 +188,9 @@ async fn run_outbound(
 ) {
     loop {
         let Some(first) = queue.recv().await else { return };
-        let opened = tokio::time::timeout(LANE_OPEN_TIMEOUT, control.open_stream(peer, LANE_PROTOCOL)).await;
-        let stream = match opened {
-            Ok(Ok(stream)) => stream,
-            failed => {
-                let why = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "opening the lane timed out".to_string(),
-                };
+        let stream = match open(&mut control, peer, message_bytes_max).await {
+            Ok(stream) => stream,
+            Err(why) => {
                 tracing::debug!(%peer, error = %why, "lane not opened");
                 // Nothing was written: these may be retried elsewhere.
                 let _ = first.reply.send(Err(SendError::Unreachable(peer, why.clone())));
@@ -206,21 +201,6 @@ async fn run_outbound(
                 continue;
             }
         };
-        let mut stream = stream;
-        let greeted = match tokio::time::timeout(HELLO_TIMEOUT, hello(&mut stream, message_bytes_max)).await {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the peer did not greet the lane in time")),
-        };
-        if let Err(e) = greeted {
-            tracing::debug!(%peer, error = %e, "lane not greeted");
-            let why = format!("the lane was not taken: {e}");
-            let _ = first.reply.send(Err(SendError::Unreachable(peer, why.clone())));
-            while let Ok(o) = queue.try_recv() {
-                let _ = o.reply.send(Err(SendError::Unreachable(peer, why.clone())));
-            }
-            tokio::time::sleep(REOPEN_BACKOFF).await;
-            continue;
-        }
         tracing::info!(%peer, "lane opened");
         let (read, write) = stream.split();
         let in_flight: Arc<InFlight> = Arc::default();
@@ -240,6 +220,20 @@ async fn run_outbound(
         for (_, (reply, _)) in in_flight.lock().expect("in-flight lock").drain() {
             let _ = reply.send(Err(SendError::Failed(peer, format!("the lane closed: {why}"))));
         }
+    }
+}
+
+/// Opens a lane to `peer` and exchanges hellos, each step bounded; why not.
+async fn open(control: &mut libp2p_stream::Control, peer: PeerId, max: usize) -> Result<Stream, String> {
+    let mut stream = match tokio::time::timeout(LANE_OPEN_TIMEOUT, control.open_stream(peer, LANE_PROTOCOL)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("opening the lane timed out".into()),
+    };
+    match tokio::time::timeout(HELLO_TIMEOUT, hello(&mut stream, max)).await {
+        Ok(Ok(())) => Ok(stream),
+        Ok(Err(e)) => Err(format!("the lane was not taken: {e}")),
+        Err(_) => Err("the peer did not greet the lane in time".into()),
     }
 }
 
