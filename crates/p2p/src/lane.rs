@@ -17,9 +17,9 @@
 //! `message_bytes_max`: a peer that sends more has broken the protocol, and
 //! its lane is closed.
 //!
-//! A new lane starts with a hello each way, and a lane whose peer has
-//! answered nothing for a request timeout while requests wait is closed and
-//! opened again.
+//! A new lane starts with a hello each way, and a lane is closed and opened
+//! again when a request its caller still waits for has gone unanswered for
+//! `LANE_SILENCE_MAX` with nothing at all heard from the peer since.
 //!
 //! Delivery is what request-response promised: a request never written gets
 //! [`SendError::Unreachable`] (safe to retry elsewhere), one written on a lane
@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::io::{BufReader, ReadHalf, WriteHalf};
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt, StreamExt};
 use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
@@ -206,7 +206,7 @@ async fn run_outbound(
         let in_flight: Arc<InFlight> = Arc::default();
         let heard = Arc::new(Heard::new());
         let mut reader = tokio::spawn(read_responses(peer, read, in_flight.clone(), heard.clone(), message_bytes_max));
-        let lane = Lane { peer, in_flight: &in_flight, heard: &heard, silence_max: LANE_SILENCE_MAX };
+        let lane = Lane { peer, in_flight: &in_flight, heard: &heard };
         let why = tokio::select! {
             e = write_requests(write, &mut queue, first, lane) => e,
             r = &mut reader => match r {
@@ -239,9 +239,7 @@ async fn open(control: &mut libp2p_stream::Control, peer: PeerId, max: usize) ->
 
 /// Sends a hello on a new lane and waits for the peer's.
 async fn hello(stream: &mut Stream, max: usize) -> io::Result<()> {
-    let mut frame = Vec::with_capacity(HEADER_BYTES);
-    push_frame(&mut frame, 0, STATUS_HELLO, &[]);
-    write_all(stream, &frame).await?;
+    write_all(stream, &frame(0, STATUS_HELLO, &[])).await?;
     match read_frame(stream, max).await? {
         Some((0, STATUS_HELLO, _)) => Ok(()),
         Some(_) => Err(io::Error::new(io::ErrorKind::InvalidData, "the peer's first frame was not a hello")),
@@ -274,13 +272,11 @@ struct Lane<'a> {
     peer: PeerId,
     in_flight: &'a InFlight,
     heard: &'a Heard,
-    /// Requests waiting and nothing heard for this long: the lane is dead.
-    silence_max: Duration,
 }
 
 impl Lane<'_> {
     /// Dead if a request its caller still waits for was written more than
-    /// `silence_max` ago and the peer has sent nothing since. Requests whose
+    /// `LANE_SILENCE_MAX` ago and the peer has sent nothing since. Requests whose
     /// callers have given up are forgotten here: an idle lane is not a dead
     /// one.
     fn check_alive(&self) -> io::Result<()> {
@@ -291,7 +287,7 @@ impl Lane<'_> {
         };
         let Some(oldest) = oldest else { return Ok(()) };
         let waited = oldest.elapsed();
-        if waited > self.silence_max && self.heard.silent_for() >= waited {
+        if waited > LANE_SILENCE_MAX && self.heard.silent_for() >= waited {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("the peer has answered nothing for {} ms", waited.as_millis()),
@@ -359,7 +355,11 @@ async fn write_requests(
         }
         buf.clear();
         buf.shrink_to(LANE_WRITE_BYTES_MAX);
-        if let Err(e) = lane.check_alive() {
+        // A busy lane never waits in the select above, so it checks here,
+        // as often as an idle one: not on every write.
+        if check.tick().now_or_never().is_some()
+            && let Err(e) = lane.check_alive()
+        {
             return e;
         }
     }
@@ -416,19 +416,17 @@ async fn serve(
         // If answers can no longer be written, stop taking requests: the
         // lane closes and the peer opens another, rather than sending into
         // a lane that never answers.
-        let frame = tokio::select! {
-            frame = read_frame(&mut read, message_bytes_max) => frame,
+        let got = tokio::select! {
+            got = read_frame(&mut read, message_bytes_max) => got,
             _ = &mut writer => {
                 tracing::info!(%peer, "closing a lane from the peer: its answers could not be written");
                 return;
             }
         };
-        let (id, payload) = match frame {
+        let (id, payload) = match got {
             Ok(Some((id, STATUS_OK, payload))) => (id, payload),
             Ok(Some((0, STATUS_HELLO, _))) => {
-                let mut frame = Vec::with_capacity(HEADER_BYTES);
-                push_frame(&mut frame, 0, STATUS_HELLO, &[]);
-                if tx.send(frame).await.is_err() {
+                if tx.send(frame(0, STATUS_HELLO, &[])).await.is_err() {
                     break;
                 }
                 continue;
@@ -452,9 +450,8 @@ async fn serve(
             Ok(r) => r,
             Err(e) => {
                 refuse(&counters, &peer, &e.to_string());
-                let mut frame = Vec::new();
-                push_frame(&mut frame, id, STATUS_REFUSED, format!("undecodable request: {e}").as_bytes());
-                if tx.send(frame).await.is_err() {
+                let refusal = frame(id, STATUS_REFUSED, format!("undecodable request: {e}").as_bytes());
+                if tx.send(refusal).await.is_err() {
                     break;
                 }
                 continue;
@@ -465,14 +462,13 @@ async fn serve(
         let tx = tx.clone();
         tokio::spawn(async move {
             let response = hie_domain::codec::encode(&fut.await);
-            let mut frame = Vec::with_capacity(HEADER_BYTES + response.len());
-            if response.len() > message_bytes_max {
+            let answer = if response.len() > message_bytes_max {
                 let e = crate::codec::TooLarge { bytes: response.len(), max: message_bytes_max };
-                push_frame(&mut frame, id, STATUS_REFUSED, e.to_string().as_bytes());
+                frame(id, STATUS_REFUSED, e.to_string().as_bytes())
             } else {
-                push_frame(&mut frame, id, STATUS_OK, &response);
-            }
-            let _ = tx.send(frame).await;
+                frame(id, STATUS_OK, &response)
+            };
+            let _ = tx.send(answer).await;
             drop(permit);
         });
     }
@@ -511,6 +507,12 @@ async fn write_responses(mut write: WriteHalf<Stream>, mut frames: mpsc::Receive
 async fn write_all<W: AsyncWrite + Unpin>(write: &mut W, buf: &[u8]) -> io::Result<()> {
     write.write_all(buf).await?;
     write.flush().await
+}
+
+fn frame(id: u64, status: u8, payload: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER_BYTES + payload.len());
+    push_frame(&mut buf, id, status, payload);
+    buf
 }
 
 fn push_frame(buf: &mut Vec<u8>, id: u64, status: u8, payload: &[u8]) {
