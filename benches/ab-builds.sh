@@ -2,9 +2,8 @@
 # Two builds (or one build with two environments) measured side by side:
 # two 3-region dev clusters run at once, one from each binary, and short
 # closed-loop runs of one workload alternate between them (ABBA order), so
-# drift in this shared machine falls on both alike. How each change of the
-# write path in docs/BENCHMARKS.md (session 8) was measured: copy the
-# binary before the change (`cp "$HIE_BIN" /tmp/hie-before`), rebuild, and
+# drift in this shared machine falls on both alike. To measure a change:
+# copy the binary before it (`cp "$HIE_BIN" /tmp/hie-before`), rebuild, and
 # run `benches/ab-builds.sh "$HIE_BIN" /tmp/hie-before create 5 8`. The
 # same binary on both sides shows this machine's noise floor.
 # ENV_A / ENV_B: extra environment for each cluster's nodes (for example a

@@ -35,9 +35,11 @@ pub struct AuditConfig {
     ///
     /// 100 ms by default: each fsync is a few write I/Os, and on a virtual
     /// disk an I/O costs CPU in every process (its notifications and
-    /// interrupts), so at 10 ms the fsyncs alone cost reads about 12% of
-    /// their throughput (docs/BENCHMARKS.md, session 9). PostgreSQL's
-    /// asynchronous commit makes the same trade with a 200 ms writer delay.
+    /// interrupts). Measured side by side, the audit costs searches about 7%
+    /// of their throughput at 100 ms and 11 to 15% at 10 ms
+    /// (docs/BENCHMARKS.md: "What auditing costs searches", "What did not
+    /// help"). PostgreSQL's asynchronous commit makes the same trade with a
+    /// 200 ms writer delay.
     pub sync_interval: Duration,
     /// Fsync every record, reads' too, before answering.
     pub sync_every_access: bool,
