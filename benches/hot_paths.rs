@@ -1,7 +1,8 @@
 //! Criterion micro-benchmarks of the hot paths: NHS Number parsing, pointer
 //! encode and decode, applying a batch of commands to the RocksDB state
-//! machine, a patient search in RocksDB, parsing a DocumentReference, and
-//! rendering a search Bundle.
+//! machine, a patient search in RocksDB, pages of a patient with 50,000
+//! pointers (first, 50th, 2,500th, and the count), parsing a
+//! DocumentReference, and rendering a search Bundle.
 //!
 //! Run with the workspace's one profile (no release build of RocksDB):
 //!   cargo build --benches -p hie-benches
@@ -13,7 +14,8 @@ use std::hint::black_box;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use hie_domain::mem::testkit;
 use hie_domain::raft::{Entry, LogId};
-use hie_domain::{NhsNumber, RecordPointer, codec};
+use hie_domain::query::{self, Search, SearchFilter};
+use hie_domain::{NhsNumber, PointerId, Purpose, Reader, RecordPointer, Role, codec};
 use hie_store::{Store, StoreOptions};
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, EntryPayload};
@@ -22,6 +24,10 @@ use openraft::{CommittedLeaderId, EntryPayload};
 const POINTERS_PER_PATIENT: u32 = 8;
 /// Patients preloaded for the search benchmark.
 const PATIENTS: u32 = 10_000;
+/// Pointers of the one patient in the paging benchmark.
+const BIG_PATIENT_POINTERS: u32 = 50_000;
+/// Pointers on a page of the paging benchmark.
+const PAGE: usize = 20;
 /// Commands in one applied batch (about what openraft hands over under load).
 const BATCH: usize = 64;
 
@@ -100,15 +106,74 @@ fn search(c: &mut Criterion) {
         rt.block_on(store.state_machine.apply(chunk.to_vec())).unwrap();
     }
     let subjects: Vec<NhsNumber> = (0..PATIENTS).step_by(97).map(testkit::nhs).collect();
+    let reader = conformance_reader();
     let mut g = c.benchmark_group("rocksdb");
     g.throughput(Throughput::Elements(1));
     let mut k = 0;
     g.bench_function("search_patient_of_8_pointers_in_80000", |b| {
         b.iter(|| {
             k = (k + 1) % subjects.len();
-            let (found, _) = store.reads.search(&subjects[k], None, 100, |_| true).unwrap();
-            assert_eq!(found.len(), POINTERS_PER_PATIENT as usize);
-            black_box(found)
+            let page = query::search(&store.reads, &reader, &Purpose::DirectCare, &search_of(subjects[k], None, 100))
+                .unwrap();
+            assert_eq!(page.pointers.len(), POINTERS_PER_PATIENT as usize);
+            black_box(page)
+        })
+    });
+    g.finish();
+}
+
+fn search_of(subject: NhsNumber, after: Option<PointerId>, count: usize) -> Search {
+    Search { subject, filter: SearchFilter::default(), after, count, scan_max: 10_000 }
+}
+
+fn conformance_reader() -> Reader {
+    Reader::new(&testkit::caller("Y01", &[Role::Consumer])).unwrap()
+}
+
+/// One patient with `BIG_PATIENT_POINTERS` pointers: a page by key costs
+/// the same however deep it is, and the total comes from the patient index.
+fn paging(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let subject = testkit::nhs(1);
+    let mut commands = testkit::registry_commands(&["A81001"]);
+    commands.extend((0..BIG_PATIENT_POINTERS).map(|i| {
+        testkit::create("A81001", testkit::pointer("A81001", &format!("p{i:06}"), subject, i64::from(i)))
+    }));
+    let entries: Vec<Entry> = commands.into_iter().enumerate().map(|(i, c)| entry(i as u64 + 1, c)).collect();
+    for chunk in entries.chunks(1024) {
+        rt.block_on(store.state_machine.apply(chunk.to_vec())).unwrap();
+    }
+    let reader = conformance_reader();
+    let run = |q: &Search| query::search(&store.reads, &reader, &Purpose::DirectCare, q).unwrap();
+    // The id each page starts after, found by paging through once.
+    let mut afters: Vec<Option<PointerId>> = vec![None];
+    let mut page = run(&search_of(subject, None, PAGE));
+    assert_eq!(page.total, u64::from(BIG_PATIENT_POINTERS), "total exact");
+    while let Some(after) = page.next_after.clone() {
+        afters.push(Some(after.clone()));
+        page = run(&search_of(subject, Some(after), PAGE));
+    }
+    assert_eq!(afters.len(), BIG_PATIENT_POINTERS as usize / PAGE);
+    let mut g = c.benchmark_group("paging_50000");
+    g.throughput(Throughput::Elements(1));
+    for n in [1usize, 50, 2_500] {
+        let q = search_of(subject, afters[n - 1].clone(), PAGE);
+        g.bench_function(format!("page_{n}_of_20"), |b| {
+            b.iter(|| {
+                let page = run(&q);
+                assert_eq!(page.pointers.len(), PAGE);
+                black_box(page)
+            })
+        });
+    }
+    let q = search_of(subject, None, 0);
+    g.bench_function("count", |b| {
+        b.iter(|| {
+            let page = run(&q);
+            assert_eq!(page.total, u64::from(BIG_PATIENT_POINTERS));
+            black_box(page)
         })
     });
     g.finish();
@@ -129,5 +194,5 @@ fn fhir(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, nhs_number, pointer_codec, apply_batch, search, fhir);
+criterion_group!(benches, nhs_number, pointer_codec, apply_batch, search, paging, fhir);
 criterion_main!(benches);

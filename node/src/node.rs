@@ -89,7 +89,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let api = hie_api::serve_api(config.api_config(), replica.clone(), audit, shutdown_rx.clone())
         .await
         .map_err(anyhow::Error::msg)?;
-    let admin = hie_api::serve_admin(config.admin.listen, replica.clone(), shutdown_rx.clone())
+    let admin = hie_api::serve_monitoring(config.admin.listen, replica.clone(), shutdown_rx.clone())
         .await
         .map_err(anyhow::Error::msg)?;
 

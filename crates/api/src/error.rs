@@ -166,18 +166,14 @@ impl From<FhirError> for ApiError {
 
 impl From<WriteError> for ApiError {
     fn from(e: WriteError) -> Self {
-        match e {
-            WriteError::NoQuorum { reason } => ApiError::NoQuorum { reason },
-            WriteError::Internal { reason } => ApiError::Internal(reason),
-        }
+        // No quorum, no leader or a timeout: 503, try again shortly.
+        if e.is_retryable() { ApiError::NoQuorum { reason: e.to_string() } } else { ApiError::Internal(e.to_string()) }
     }
 }
 
 impl From<ReadError> for ApiError {
     fn from(e: ReadError) -> Self {
-        match e {
-            ReadError::NoQuorum { reason } => ApiError::NoQuorum { reason },
-            ReadError::Storage { reason } => ApiError::Internal(reason),
-        }
+        // No quorum for a linearizable read: 503; a storage failure: 500.
+        if e.is_retryable() { ApiError::NoQuorum { reason: e.to_string() } } else { ApiError::Internal(e.to_string()) }
     }
 }

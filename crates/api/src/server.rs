@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::Layer;
 
 use crate::limits::ApiLimits;
-use crate::routes;
+use crate::router;
 
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
@@ -47,7 +47,7 @@ pub async fn serve_api(
         TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let limits = config.limits.clone();
     let metrics = replica.metrics().clone();
-    let app = routes::router(config.clone(), replica, audit);
+    let app = router::router(config.clone(), replica, audit);
     let connections = Arc::new(Semaphore::new(limits.connections_max));
     tracing::info!(listen = %config.listen, "api listening (https, client certificates required)");
     Ok(tokio::spawn(async move {

@@ -21,8 +21,10 @@ pub trait StateTxn {
     fn put_patient(&mut self, subject: &NhsNumber, entry: &PatientEntry);
     fn delete_patient(&mut self, subject: &NhsNumber);
 
-    /// The patient's list of current pointers.
-    fn index_add(&mut self, subject: &NhsNumber, id: &PointerId);
+    /// The patient's list of current pointers (each entry names the
+    /// pointer's custodian and type, so a search can filter without
+    /// reading the pointer).
+    fn index_add(&mut self, pointer: &RecordPointer);
     fn index_remove(&mut self, subject: &NhsNumber, id: &PointerId);
 
     /// `(custodian, masterIdentifier)` to pointer id.
@@ -154,17 +156,24 @@ fn check_producer<T: StateTxn>(
     Ok(None)
 }
 
-fn holder_add(entry: &mut PatientEntry, custodian: &OdsCode) {
-    *entry.holders.entry(custodian.clone()).or_insert(0) += 1;
+fn holder_add(entry: &mut PatientEntry, pointer: &RecordPointer) {
+    let types = entry.held.entry(pointer.custodian.clone()).or_default();
+    *types.entry(pointer.type_code.clone()).or_insert(0) += 1;
 }
 
-fn holder_remove(entry: &mut PatientEntry, custodian: &OdsCode) -> std::result::Result<(), InvariantBroken> {
-    match entry.holders.get_mut(custodian) {
+fn holder_remove(entry: &mut PatientEntry, pointer: &RecordPointer) -> std::result::Result<(), InvariantBroken> {
+    let (custodian, code) = (&pointer.custodian, &pointer.type_code);
+    let below_zero = || InvariantBroken(format!("the count of {custodian}'s pointers of type {code} would go below zero"));
+    let types = entry.held.get_mut(custodian).ok_or_else(below_zero)?;
+    match types.get_mut(code) {
         Some(n) if *n > 1 => *n -= 1,
         Some(_) => {
-            entry.holders.remove(custodian);
+            types.remove(code);
+            if types.is_empty() {
+                entry.held.remove(custodian);
+            }
         }
-        None => return Err(InvariantBroken(format!("holder count for {custodian} would go below zero"))),
+        None => return Err(below_zero()),
     }
     Ok(())
 }
@@ -222,15 +231,15 @@ fn create<T: StateTxn>(txn: &mut T, caller: &Caller, pointer: &RecordPointer) ->
         old.updated = pointer.created;
         txn.put_pointer(&old);
         txn.index_remove(&old.subject, &old.id);
-        holder_remove(&mut patient, &old.custodian)?;
+        holder_remove(&mut patient, &old)?;
     }
 
     txn.put_pointer(pointer);
-    txn.index_add(&pointer.subject, &pointer.id);
+    txn.index_add(pointer);
     if let Some(key) = &idem_key {
         txn.put_idempotency(&pointer.custodian, key, &pointer.id);
     }
-    holder_add(&mut patient, &pointer.custodian);
+    holder_add(&mut patient, pointer);
     save_patient(txn, &pointer.subject, &patient);
     Ok(Outcome::Created { pointer: pointer.clone() })
 }
@@ -290,7 +299,7 @@ fn delete<T: StateTxn>(txn: &mut T, caller: &Caller, id: &PointerId, _at: Timest
             .patient(&old.subject)
             .map_err(ApplyError::Storage)?
             .ok_or_else(|| InvariantBroken(format!("current pointer {id} has no patient entry")))?;
-        holder_remove(&mut patient, &old.custodian)?;
+        holder_remove(&mut patient, &old)?;
         save_patient(txn, &old.subject, &patient);
     }
     Ok(Outcome::Deleted { id: id.clone() })

@@ -5,6 +5,7 @@
 //! state machine logic ([`apply`]) is pure and deterministic: it reads no
 //! clock and no randomness, only the command and the state it is given.
 
+pub mod access;
 pub mod apply;
 pub mod audit;
 pub mod codec;
@@ -12,8 +13,10 @@ pub mod command;
 pub mod ids;
 pub mod mem;
 pub mod model;
+pub mod query;
 pub mod raft;
 
+pub use access::{Purpose, ReadDenied, Reader};
 pub use command::{Caller, Command, CommandV1, Outcome, Rejection, Role};
 pub use ids::{IdError, NhsNumber, OdsCode, PointerId, SnomedCode};
 pub use model::{

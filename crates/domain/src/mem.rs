@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 
 use crate::apply::StateTxn;
+use crate::query::{Scanned, StateRead};
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
 use crate::model::{PatientEntry, PointerType, ProducerEntry, RecordPointer};
 
@@ -47,8 +48,8 @@ impl StateTxn for MemState {
     fn delete_patient(&mut self, subject: &NhsNumber) {
         self.patients.remove(subject);
     }
-    fn index_add(&mut self, subject: &NhsNumber, id: &PointerId) {
-        self.index.insert((*subject, id.clone()));
+    fn index_add(&mut self, pointer: &RecordPointer) {
+        self.index.insert((pointer.subject, pointer.id.clone()));
     }
     fn index_remove(&mut self, subject: &NhsNumber, id: &PointerId) {
         self.index.remove(&(*subject, id.clone()));
@@ -73,6 +74,47 @@ impl StateTxn for MemState {
     }
     fn put_producer(&mut self, ods: &OdsCode, entry: &ProducerEntry) {
         self.producers.insert(ods.clone(), entry.clone());
+    }
+}
+
+impl StateRead for MemState {
+    type Error = Infallible;
+
+    fn pointer(&self, id: &PointerId) -> Result<Option<RecordPointer>, Infallible> {
+        Ok(self.pointers.get(id).cloned())
+    }
+    fn patient(&self, subject: &NhsNumber) -> Result<Option<PatientEntry>, Infallible> {
+        Ok(self.patients.get(subject).cloned())
+    }
+    fn scan(
+        &self,
+        subject: &NhsNumber,
+        after: Option<&PointerId>,
+        limit: usize,
+        scan_max: usize,
+        keep: &mut dyn FnMut(&OdsCode, &SnomedCode) -> bool,
+    ) -> Result<Scanned, Infallible> {
+        // A linear scan, as in `current_pointers`.
+        let mut out = Scanned::default();
+        let mut looked: Option<&PointerId> = None;
+        let mut n = 0;
+        for (_, id) in self.index.iter().filter(|(s, id)| s == subject && after.is_none_or(|a| id > a)) {
+            if n == scan_max.max(1) {
+                out.resume_after = looked.cloned();
+                return Ok(out);
+            }
+            n += 1;
+            looked = Some(id);
+            let p = &self.pointers[id];
+            if keep(&p.custodian, &p.type_code) {
+                if out.pointers.len() == limit {
+                    out.resume_after = out.pointers.last().map(|p| p.id.clone());
+                    return Ok(out);
+                }
+                out.pointers.push(p.clone());
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -191,6 +233,17 @@ mod tests {
         s
     }
 
+    /// The read conformance suite, which the RocksDB store passes too.
+    #[test]
+    fn reads_conform() {
+        let mut s = MemState::default();
+        for c in crate::query::conformance::commands() {
+            let outcome = apply(&mut s, &c).unwrap();
+            assert!(!matches!(outcome, Outcome::Rejected(_)), "{outcome:?}");
+        }
+        crate::query::conformance::check(&s);
+    }
+
     #[test]
     fn create_indexes_and_counts_holders() {
         let mut s = state();
@@ -199,7 +252,7 @@ mod tests {
         let q = pointer("RR8", "q1", nhs(1), 2);
         apply(&mut s, &create("RR8", q)).unwrap();
         let entry = &s.patients[&nhs(1)];
-        assert_eq!(entry.holders.len(), 2);
+        assert_eq!(entry.holders().count(), 2);
         assert_eq!(entry.pointer_count(), 2);
         assert_eq!(s.current_pointers(&nhs(1)).len(), 2);
     }

@@ -120,8 +120,11 @@ pub struct ProducerEntry {
 /// The patient index entry for one NHS Number.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PatientEntry {
-    /// Custodians holding current pointers, with how many each holds.
-    pub holders: BTreeMap<OdsCode, u32>,
+    /// How many current pointers each custodian holds, by pointer type: the
+    /// record holders, and the exact `total` of any search by type and
+    /// custodian without counting the pointers themselves.
+    #[serde(default)]
+    pub held: BTreeMap<OdsCode, BTreeMap<SnomedCode, u32>>,
     /// The patient has opted out of sharing.
     #[serde(default)]
     pub opted_out: bool,
@@ -131,12 +134,30 @@ pub struct PatientEntry {
 }
 
 impl PatientEntry {
+    /// Custodians holding current pointers, with how many each holds, in ODS order.
+    pub fn holders(&self) -> impl Iterator<Item = (&OdsCode, u64)> {
+        self.held.iter().map(|(ods, types)| (ods, types.values().map(|&n| u64::from(n)).sum()))
+    }
+
     pub fn pointer_count(&self) -> u64 {
-        self.holders.values().map(|&n| u64::from(n)).sum()
+        self.holders().map(|(_, n)| n).sum()
+    }
+
+    /// Current pointers of the custodians and types `keep` accepts.
+    pub fn count_where(&self, mut keep: impl FnMut(&OdsCode, &SnomedCode) -> bool) -> u64 {
+        let mut total = 0;
+        for (ods, types) in &self.held {
+            for (code, n) in types {
+                if keep(ods, code) {
+                    total += u64::from(*n);
+                }
+            }
+        }
+        total
     }
 
     /// An entry with nothing in it need not be stored.
     pub fn is_empty(&self) -> bool {
-        self.holders.is_empty() && !self.opted_out && self.consent_updated.is_none()
+        self.held.is_empty() && !self.opted_out && self.consent_updated.is_none()
     }
 }

@@ -5,12 +5,14 @@
 //! It knows nothing of HTTP or storage, so its parsers can be fuzzed alone.
 
 mod render;
+mod schema;
 mod search;
 
+pub use schema::check_document_reference;
 pub use search::{SearchLimits, SearchParams, parse_query, parse_search};
 
 use hie_domain::{
-    Coding, Content, Context, Identifier, NhsNumber, OdsCode, PatientEntry, PointerId, PointerStatus, RecordPointer,
+    Coding, Content, Context, Identifier, NhsNumber, OdsCode, PointerId, PointerStatus, RecordPointer,
     SnomedCode, Timestamp,
 };
 use serde::Deserialize;
@@ -468,23 +470,19 @@ pub fn searchset(base: &str, total: u64, pointers: &[RecordPointer], next: Optio
 }
 
 /// `$record-holders`: one `holder` per organisation with its pointer count.
-pub fn record_holders(entry: Option<&PatientEntry>) -> Value {
-    let holders: Vec<Value> = entry
-        .map(|e| {
-            e.holders
-                .iter()
-                .map(|(ods, n)| {
-                    json!({
-                        "name": "holder",
-                        "part": [
-                            { "name": "organization", "valueIdentifier": { "system": ODS_SYSTEM, "value": ods.as_str() } },
-                            { "name": "pointers", "valueInteger": n },
-                        ]
-                    })
-                })
-                .collect()
+pub fn record_holders(holders: &[(OdsCode, u64)]) -> Value {
+    let holders: Vec<Value> = holders
+        .iter()
+        .map(|(ods, n)| {
+            json!({
+                "name": "holder",
+                "part": [
+                    { "name": "organization", "valueIdentifier": { "system": ODS_SYSTEM, "value": ods.as_str() } },
+                    { "name": "pointers", "valueInteger": n },
+                ]
+            })
         })
-        .unwrap_or_default();
+        .collect();
     json!({ "resourceType": "Parameters", "parameter": holders })
 }
 

@@ -23,6 +23,22 @@ pub fn index(subject: &NhsNumber, id: &PointerId) -> Vec<u8> {
     k
 }
 
+/// The value of an index entry: `<custodian>\0<type code>`, so that a
+/// search filters on both without reading the pointer.
+pub fn index_value(custodian: &OdsCode, type_code: &SnomedCode) -> Vec<u8> {
+    [custodian.as_str().as_bytes(), b"\0", type_code.as_str().as_bytes()].concat()
+}
+
+/// The custodian and type an index entry's value names; `None` for a value
+/// that is not one (the caller then reads the pointer).
+pub fn parse_index_value(value: &[u8]) -> Option<(OdsCode, SnomedCode)> {
+    let at = value.iter().position(|&b| b == 0)?;
+    let text = |b: &[u8]| std::str::from_utf8(b).ok().map(str::to_owned);
+    let custodian = OdsCode::parse(&text(&value[..at])?).ok()?;
+    let type_code = SnomedCode::parse(&text(&value[at + 1..])?).ok()?;
+    Some((custodian, type_code))
+}
+
 pub fn pointer(id: &PointerId) -> Vec<u8> {
     id.as_str().as_bytes().to_vec()
 }

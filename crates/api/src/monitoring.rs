@@ -1,4 +1,4 @@
-//! The admin listener (plain HTTP): the status page `/`, `/metrics`,
+//! The monitoring listener (plain HTTP): the status page `/`, `/metrics`,
 //! `/healthz`, `/readyz`, `/status` and `/digest`. It serves no patient data; bind it to a private
 //! interface. Changes to the cluster go through the API listener's
 //! operator-only `/admin/*` routes, which need a client certificate.
@@ -20,7 +20,7 @@ pub const READY_BEHIND_ENTRIES_MAX: u64 = 1_000;
 /// `/readyz` fails when the replica has been behind the leader for longer than this.
 pub const READY_LAG_MS_MAX: u64 = 5_000;
 
-pub async fn serve_admin(
+pub async fn serve_monitoring(
     listen: SocketAddr,
     replica: Arc<Replica>,
     mut shutdown: watch::Receiver<bool>,

@@ -1,0 +1,165 @@
+//! The operator's routes on the API listener (`/admin/*`, the `operator`
+//! role): cluster status and digest, membership changes, snapshots, backups
+//! and the replicated registry of pointer types and producers.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use hie_domain::raft::NodeInfo;
+use hie_domain::{Command, CommandV1, OdsCode, PointerType, Role, SnomedCode};
+use hie_replica::MembershipError;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::envelope::RequestCtx;
+use crate::error::ApiError;
+use crate::pointers::run_write;
+use crate::respond::{BodyKind, read_body};
+use crate::router::{AppState, St};
+
+fn membership_error(e: MembershipError) -> ApiError {
+    match e {
+        MembershipError::NotLeader { leader } => ApiError::NotLeader(match leader {
+            Some(l) => format!("not the leader; send this to {}", l.api_url),
+            None => "not the leader, and no leader is known".into(),
+        }),
+        MembershipError::Invalid { reason } => ApiError::InvalidParameter(reason),
+        MembershipError::Failed { reason } => ApiError::NoQuorum { reason },
+    }
+}
+
+/// A JSON body of the operator's API, every field known.
+async fn json_body<T: DeserializeOwned>(st: &AppState, headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
+    let body = read_body(body, headers, &st.config.limits, BodyKind::Json).await?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::InvalidResource(e.to_string()))
+}
+
+pub(crate) async fn status(State(st): St, ctx: RequestCtx) -> Result<Response, ApiError> {
+    ctx.require(Role::Operator)?;
+    Ok(Json(st.replica.status()).into_response())
+}
+
+pub(crate) async fn digest(State(st): St, ctx: RequestCtx) -> Result<Response, ApiError> {
+    ctx.require(Role::Operator)?;
+    let (applied, digest, records) = st.replica.digest().await?;
+    Ok(Json(json!({ "applied_index": applied, "digest": digest, "records": records })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddLearner {
+    id: u64,
+    peer_id: String,
+    p2p_addr: String,
+    region: String,
+    #[serde(default)]
+    api_url: String,
+    #[serde(default)]
+    admin_url: String,
+}
+
+pub(crate) async fn add_learner(
+    State(st): St,
+    ctx: RequestCtx,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    ctx.require(Role::Operator)?;
+    let req: AddLearner = json_body(&st, &headers, body).await?;
+    if req.id == 0 {
+        return Err(ApiError::InvalidParameter("node ids start at 1".into()));
+    }
+    let info = NodeInfo {
+        peer_id: req.peer_id,
+        p2p_addr: req.p2p_addr,
+        region: req.region,
+        api_url: req.api_url,
+        admin_url: req.admin_url,
+    };
+    st.replica.add_learner(req.id, info).await.map_err(membership_error)?;
+    Ok(Json(json!({ "added_learner": req.id })).into_response())
+}
+
+pub(crate) async fn promote(State(st): St, ctx: RequestCtx, Path(id): Path<u64>) -> Result<Response, ApiError> {
+    ctx.require(Role::Operator)?;
+    st.replica.promote(id).await.map_err(membership_error)?;
+    Ok(Json(json!({ "promoted": id })).into_response())
+}
+
+pub(crate) async fn remove(State(st): St, ctx: RequestCtx, Path(id): Path<u64>) -> Result<Response, ApiError> {
+    ctx.require(Role::Operator)?;
+    st.replica.remove(id).await.map_err(membership_error)?;
+    Ok(Json(json!({ "removed": id })).into_response())
+}
+
+pub(crate) async fn snapshot(State(st): St, ctx: RequestCtx) -> Result<Response, ApiError> {
+    ctx.require(Role::Operator)?;
+    st.replica.trigger_snapshot().await.map_err(membership_error)?;
+    Ok(Json(json!({ "snapshot": "triggered" })).into_response())
+}
+
+/// A consistent backup of this node's state, in the snapshot file format.
+pub(crate) async fn backup(State(st): St, ctx: RequestCtx) -> Result<Response, ApiError> {
+    ctx.require(Role::Operator)?;
+    let bytes = st.replica.backup().await?;
+    tracing::info!(bytes = bytes.len(), "backup taken");
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PointerTypeIn {
+    code: String,
+    display: String,
+    category: String,
+    category_display: String,
+}
+
+pub(crate) async fn put_pointer_type(
+    State(st): St,
+    ctx: RequestCtx,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    ctx.require(Role::Operator)?;
+    let t: PointerTypeIn = json_body(&st, &headers, body).await?;
+    let code = |s: &str| SnomedCode::parse(s).map_err(|e| ApiError::InvalidResource(e.to_string()));
+    let entry = PointerType {
+        code: code(&t.code)?,
+        display: t.display,
+        category: code(&t.category)?,
+        category_display: t.category_display,
+    };
+    run_write(&st, &ctx, Command::V1(CommandV1::PutPointerType { caller: ctx.caller.clone(), entry })).await?;
+    Ok(Json(json!({ "pointer_type": t.code })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProducerIn {
+    pointer_types: Vec<String>,
+}
+
+pub(crate) async fn put_producer(
+    State(st): St,
+    ctx: RequestCtx,
+    Path(ods): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    ctx.require(Role::Operator)?;
+    let ods = OdsCode::parse(&ods).map_err(|e| ApiError::InvalidParameter(e.to_string()))?;
+    let p: ProducerIn = json_body(&st, &headers, body).await?;
+    let types = p
+        .pointer_types
+        .iter()
+        .map(|t| SnomedCode::parse(t.strip_prefix(&format!("{}|", SnomedCode::SYSTEM)).unwrap_or(t)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::InvalidResource(e.to_string()))?;
+    let cmd = Command::V1(CommandV1::SetProducerTypes { caller: ctx.caller.clone(), ods: ods.clone(), types });
+    run_write(&st, &ctx, cmd).await?;
+    Ok(Json(json!({ "producer": ods.as_str(), "pointer_types": p.pointer_types })).into_response())
+}

@@ -1,0 +1,280 @@
+//! Pointers one at a time and in bulk: create (`POST /DocumentReference`),
+//! a batch Bundle of creates (`POST /fhir`), read, update and delete
+//! (`/DocumentReference/{id}`).
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hie_audit::Action;
+use hie_domain::{
+    Caller, Command, CommandV1, Outcome, PointerId, PointerStatus, Purpose, RecordPointer, Role, Timestamp,
+};
+use hie_fhir as fhir;
+
+use crate::audit_slot::{AuditSlot, access, now};
+use crate::envelope::RequestCtx;
+use crate::error::{ApiError, operation_outcome};
+use crate::respond::{BodyKind, consistency, etag, fhir_json, fhir_text, path_id, read_body, with_freshness};
+use crate::router::{AppState, St};
+
+fn prefer(headers: &HeaderMap) -> &str {
+    headers.get("prefer").and_then(|v| v.to_str().ok()).unwrap_or("return=representation")
+}
+
+/// The answer to a create or an update: the pointer (or what `Prefer`
+/// asks for), its `ETag` and the `Location` of this version.
+fn written(status: StatusCode, st: &AppState, headers: &HeaderMap, p: &RecordPointer) -> Response {
+    let location = format!("{}/DocumentReference/{}/_history/{}", st.config.base_url, p.id.as_str(), p.version);
+    let mut resp = match prefer(headers) {
+        "return=minimal" => status.into_response(),
+        "return=OperationOutcome" => fhir_json(
+            status,
+            &operation_outcome("information", "informational", "RESOURCE_CREATED", &format!("pointer {} stored", p.id)),
+        ),
+        _ => fhir_text(status, fhir::document_reference(p)),
+    };
+    let h = resp.headers_mut();
+    h.insert(header::ETAG, etag(p.version));
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        h.insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// Sends a command through Raft; a rejection becomes its error.
+pub(crate) async fn run_write(st: &AppState, ctx: &RequestCtx, command: Command) -> Result<Outcome, ApiError> {
+    match st.replica.write(&ctx.caller, command, &ctx.request_id).await? {
+        Outcome::Rejected(r) => Err(r.into()),
+        o => Ok(o),
+    }
+}
+
+fn unexpected(outcome: Outcome) -> ApiError {
+    ApiError::Internal(format!("unexpected outcome {outcome:?}"))
+}
+
+/// Checks a pointer to be created by `caller` (status current, custodian
+/// the caller) and gives it a server id and its times.
+fn new_pointer(pointer: &mut RecordPointer, caller: &Caller, at: Timestamp) -> Result<(), ApiError> {
+    if pointer.status != PointerStatus::Current {
+        return Err(ApiError::InvalidResource("a new pointer must have status current".into()));
+    }
+    if pointer.custodian != caller.ods {
+        return Err(ApiError::Forbidden(format!("custodian must be the caller's organisation {}", caller.ods)));
+    }
+    pointer.id = PointerId::new(&pointer.custodian, uuid::Uuid::new_v4());
+    pointer.created = at;
+    pointer.updated = at;
+    Ok(())
+}
+
+pub(crate) async fn create(State(st): St, ctx: RequestCtx, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    ctx.require(Role::Producer)?;
+    let body = read_body(body, &headers, &st.config.limits, BodyKind::Json).await?;
+    let parsed = fhir::parse_document_reference(&body)?;
+    if parsed.id.is_some() {
+        return Err(ApiError::InvalidResource(
+            "a create by POST must not carry an id (use PUT to choose your own)".into(),
+        ));
+    }
+    let mut pointer = parsed.pointer;
+    ctx.audit.set(&pointer.subject, Action::Create, "create", &Purpose::DirectCare);
+    new_pointer(&mut pointer, &ctx.caller, now())?;
+    ctx.audit.resource(format!("DocumentReference/{}", pointer.id));
+    let cmd = Command::V1(CommandV1::CreatePointer { caller: ctx.caller.clone(), pointer });
+    match run_write(&st, &ctx, cmd).await? {
+        Outcome::Created { pointer } => Ok(written(StatusCode::CREATED, &st, &headers, &pointer)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// A batch's entries on their way through Raft.
+struct BatchPlan {
+    /// Each entry's answer, or `None` while its create is in `commands`.
+    out: Vec<Option<fhir::BatchEntryOut>>,
+    commands: Vec<CommandV1>,
+    /// For each command: its entry, and its access in the audit slot.
+    placed: Vec<(usize, usize)>,
+}
+
+/// Turns every entry that parses and passes into a create; answers the
+/// others at once.
+fn plan_batch(parsed: fhir::BatchIn, caller: &Caller, slot: &AuditSlot) -> BatchPlan {
+    let mut plan = BatchPlan { out: Vec::with_capacity(parsed.entries.len()), commands: vec![], placed: vec![] };
+    let at = now();
+    for (i, entry) in parsed.entries.into_iter().enumerate() {
+        // An entry that does not parse names no patient: it is not audited
+        // (as a single create that does not parse is not).
+        let p = match entry {
+            Ok(p) => p,
+            Err(e) => {
+                plan.out.push(Some(batch_entry_error(&ApiError::from(e))));
+                continue;
+            }
+        };
+        let mut pointer = p.pointer;
+        let a = slot.push(access(&pointer.subject, Action::Create, "create", &Purpose::DirectCare));
+        let checked = match p.id {
+            Some(_) => Err(ApiError::InvalidResource("a create in a batch must not carry an id".into())),
+            None => new_pointer(&mut pointer, caller, at),
+        };
+        if let Err(e) = checked {
+            slot.outcome(a, e.status(), Some(e.code()));
+            plan.out.push(Some(batch_entry_error(&e)));
+            continue;
+        }
+        slot.resource(format!("DocumentReference/{}", pointer.id));
+        plan.commands.push(CommandV1::CreatePointer { caller: caller.clone(), pointer });
+        plan.placed.push((i, a));
+        plan.out.push(None);
+    }
+    plan
+}
+
+/// The answer to one create of a batch.
+fn batch_entry(outcome: Outcome, slot: &AuditSlot, a: usize) -> fhir::BatchEntryOut {
+    let e = match outcome {
+        Outcome::Created { pointer } => {
+            slot.outcome(a, StatusCode::CREATED, None);
+            return fhir::BatchEntryOut {
+                status: "201 Created".into(),
+                location: Some(format!("DocumentReference/{}/_history/{}", pointer.id.as_str(), pointer.version)),
+                etag: etag(pointer.version).to_str().ok().map(str::to_owned),
+                outcome: None,
+            };
+        }
+        Outcome::Rejected(r) => ApiError::from(r),
+        other => unexpected(other),
+    };
+    slot.outcome(a, e.status(), Some(e.code()));
+    batch_entry_error(&e)
+}
+
+/// A batch Bundle of creates (`POST /fhir`): the bulk-load path. Every
+/// entry that parses becomes one create command, and all of them go through
+/// Raft as one entry (one fsync and one round trip for the lot); each entry
+/// succeeds or fails alone, as in FHIR's batch, and is audited on its own.
+pub(crate) async fn batch(State(st): St, ctx: RequestCtx, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    ctx.require(Role::Producer)?;
+    let body = read_body(body, &headers, &st.config.limits, BodyKind::Json).await?;
+    let parsed = fhir::parse_batch(&body, st.config.limits.bundle_entries_max).map_err(|e| match e {
+        fhir::BatchError::Fhir(e) => ApiError::from(e),
+        e @ fhir::BatchError::TooManyEntries { .. } => ApiError::TooManyEntries(e.to_string()),
+    })?;
+    let BatchPlan { mut out, commands, placed } = plan_batch(parsed, &ctx.caller, &ctx.audit);
+    if !commands.is_empty() {
+        let n = commands.len();
+        let outcomes = match run_write(&st, &ctx, Command::V1(CommandV1::Batch(commands))).await? {
+            Outcome::Batch(outcomes) if outcomes.len() == n => outcomes,
+            other => return Err(ApiError::Internal(format!("unexpected outcome of a batch: {other:?}"))),
+        };
+        for ((i, a), outcome) in placed.into_iter().zip(outcomes) {
+            out[i] = Some(batch_entry(outcome, &ctx.audit, a));
+        }
+    }
+    let entries: Vec<fhir::BatchEntryOut> = out.into_iter().map(|e| e.expect("every entry answered")).collect();
+    Ok(fhir_json(StatusCode::OK, &fhir::batch_response(&entries)))
+}
+
+/// A failed batch entry: its status line and OperationOutcome.
+fn batch_entry_error(e: &ApiError) -> fhir::BatchEntryOut {
+    let status = e.status();
+    fhir::BatchEntryOut {
+        status: format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or("")),
+        location: None,
+        etag: None,
+        outcome: Some(e.outcome()),
+    }
+}
+
+fn parse_if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let s = v.to_str().map_err(|_| ApiError::InvalidHeader("If-Match is not text".into()))?;
+    let s = s.trim().trim_start_matches("W/").trim_matches('"');
+    s.parse::<u64>()
+        .map(Some)
+        .map_err(|_| ApiError::InvalidHeader("If-Match must be W/\"<version>\" or \"<version>\"".into()))
+}
+
+/// `PUT /DocumentReference/{id}`: an update of an existing pointer, or a
+/// create with the producer's own id.
+pub(crate) async fn update(
+    State(st): St,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    ctx.require(Role::Producer)?;
+    let id = path_id(&id)?;
+    let body = read_body(body, &headers, &st.config.limits, BodyKind::Json).await?;
+    let parsed = fhir::parse_document_reference(&body)?;
+    if parsed.id.as_ref() != Some(&id) {
+        return Err(ApiError::InvalidResource("the body's id must equal the id in the URL".into()));
+    }
+    let mut pointer = parsed.pointer;
+    ctx.audit.set(&pointer.subject, Action::Update, "update", &Purpose::DirectCare);
+    ctx.audit.resource(format!("DocumentReference/{id}"));
+    pointer.id = id.clone();
+    let at = now();
+    if st.replica.stored_pointer(&id).await?.is_some() {
+        let if_match = parse_if_match(&headers)?.ok_or(ApiError::PreconditionRequired)?;
+        pointer.updated = at;
+        let cmd = Command::V1(CommandV1::UpdatePointer { caller: ctx.caller.clone(), pointer, if_match });
+        return match run_write(&st, &ctx, cmd).await? {
+            Outcome::Updated { pointer } => Ok(written(StatusCode::OK, &st, &headers, &pointer)),
+            other => Err(unexpected(other)),
+        };
+    }
+    if id.custodian() != ctx.caller.ods {
+        return Err(ApiError::Forbidden("a producer may only choose ids beginning with its own ODS code".into()));
+    }
+    pointer.version = 1;
+    pointer.created = at;
+    pointer.updated = at;
+    let cmd = Command::V1(CommandV1::CreatePointer { caller: ctx.caller.clone(), pointer });
+    match run_write(&st, &ctx, cmd).await? {
+        Outcome::Created { pointer } => Ok(written(StatusCode::CREATED, &st, &headers, &pointer)),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub(crate) async fn delete(State(st): St, ctx: RequestCtx, Path(id): Path<String>) -> Result<Response, ApiError> {
+    ctx.require(Role::Producer)?;
+    let id = path_id(&id)?;
+    if let Some(p) = st.replica.stored_pointer(&id).await? {
+        ctx.audit.set(&p.subject, Action::Delete, "delete", &Purpose::DirectCare);
+        ctx.audit.resource(format!("DocumentReference/{id}"));
+    }
+    let cmd = Command::V1(CommandV1::DeletePointer { caller: ctx.caller.clone(), id: id.clone(), at: now() });
+    run_write(&st, &ctx, cmd).await?;
+    Ok(fhir_json(
+        StatusCode::OK,
+        &operation_outcome("information", "informational", "RESOURCE_DELETED", &format!("pointer {id} deleted")),
+    ))
+}
+
+/// `GET /DocumentReference/{id}`: one pointer, if the caller may see it
+/// (otherwise 404, as for none: a hidden pointer's existence is not told).
+pub(crate) async fn read(
+    State(st): St,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let reader = ctx.reader()?;
+    let id = path_id(&id)?;
+    let purpose = ctx.read_purpose(&st)?;
+    consistency(&headers, &st.replica).await?;
+    let not_found = || ApiError::NotFound(format!("no pointer {id}"));
+    let read = st.replica.pointer(&reader, &purpose, &id).await?.ok_or_else(not_found)?;
+    ctx.audit.set(&read.pointer.subject, Action::Read, "read", &purpose);
+    ctx.audit.resource(format!("DocumentReference/{id}"));
+    if !read.visible {
+        return Err(not_found());
+    }
+    let mut resp = fhir_text(StatusCode::OK, fhir::document_reference(&read.pointer));
+    resp.headers_mut().insert(header::ETAG, etag(read.pointer.version));
+    Ok(with_freshness(resp, &st.replica))
+}

@@ -1,0 +1,71 @@
+//! Request to handler: the state every handler shares and the one router
+//! of the API listener (FHIR routes under `/fhir`, the operator's under
+//! `/admin`).
+
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::middleware;
+use axum::routing::{delete, get, post, put};
+use hie_audit::AuditLog;
+use hie_replica::Replica;
+
+use crate::error::ApiError;
+use crate::limits::RateLimiter;
+use crate::search::Cursors;
+use crate::server::ApiConfig;
+use crate::{audit_events, consent, envelope, metadata, operator, patients, pointers, search};
+
+/// What every handler shares.
+pub(crate) struct AppState {
+    pub(crate) replica: Arc<Replica>,
+    pub(crate) audit: Option<Arc<AuditLog>>,
+    /// This node as audit events name it: `node-<id> (<region>)`.
+    pub(crate) node_label: String,
+    pub(crate) event_ids: hie_audit::EventIds,
+    pub(crate) config: ApiConfig,
+    pub(crate) limiter: RateLimiter,
+    pub(crate) cursors: Mutex<Cursors>,
+}
+
+pub(crate) type St = State<Arc<AppState>>;
+
+pub(crate) fn router(config: ApiConfig, replica: Arc<Replica>, audit: Option<Arc<AuditLog>>) -> Router {
+    let limits = &config.limits;
+    let state = Arc::new(AppState {
+        limiter: RateLimiter::new(limits.rate_per_client_per_sec, limits.rate_burst),
+        cursors: Mutex::new(Cursors::default()),
+        node_label: format!("node-{} ({})", replica.id(), replica.node().region),
+        event_ids: hie_audit::EventIds::new(replica.id()),
+        replica,
+        audit,
+        config,
+    });
+    Router::new()
+        .route("/fhir/metadata", get(metadata::capability_statement))
+        .route("/fhir", post(pointers::batch))
+        .route("/fhir/DocumentReference", post(pointers::create).get(search::search_get))
+        .route("/fhir/DocumentReference/_search", post(search::search_post))
+        .route("/fhir/DocumentReference/_count", get(search::count))
+        .route("/fhir/DocumentReference/{id}", get(pointers::read).put(pointers::update).delete(pointers::delete))
+        .route("/fhir/Patient/{nhs}/$record-holders", get(patients::record_holders))
+        .route("/fhir/Consent", post(consent::consent))
+        .route("/fhir/AuditEvent", get(audit_events::audit_events))
+        .route("/admin/status", get(operator::status))
+        .route("/admin/digest", get(operator::digest))
+        .route("/admin/learners", post(operator::add_learner))
+        .route("/admin/nodes/{id}/promote", post(operator::promote))
+        .route("/admin/nodes/{id}", delete(operator::remove))
+        .route("/admin/snapshot", post(operator::snapshot))
+        .route("/admin/backup", get(operator::backup))
+        .route("/admin/pointer-types", put(operator::put_pointer_type))
+        .route("/admin/producers/{ods}", put(operator::put_producer))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), envelope::envelope))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint".into())
+}

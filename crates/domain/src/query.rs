@@ -1,0 +1,282 @@
+//! Typed reads of the replicated state: a search's page and exact total, a
+//! pointer by id, a patient's record holders, each filtered by the access
+//! rules of [`crate::access`]. Storage supplies a [`StateRead`] (the RocksDB
+//! store, or [`crate::mem::MemState`]); callers above the replica never see
+//! a storage type.
+//!
+//! Pages are found by key: a page starts after the last pointer id of the
+//! one before, so the 50th page costs what the first does. `total` is
+//! counted from the patient index entry (pointers by custodian and type),
+//! never by counting pointers, so it is exact however many there are.
+
+use crate::access::{Purpose, ReadScope, Reader};
+use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
+use crate::model::{PatientEntry, RecordPointer};
+
+/// Reads of the state, the read side of [`crate::apply::StateTxn`].
+pub trait StateRead {
+    type Error;
+
+    fn pointer(&self, id: &PointerId) -> Result<Option<RecordPointer>, Self::Error>;
+    fn patient(&self, subject: &NhsNumber) -> Result<Option<PatientEntry>, Self::Error>;
+
+    /// A patient's current pointers in id order, starting after `after`:
+    /// those that `keep` accepts (asked with each index entry's custodian
+    /// and type, before the pointer is read), at most `limit`, looking at
+    /// no more than `scan_max` index entries.
+    fn scan(
+        &self,
+        subject: &NhsNumber,
+        after: Option<&PointerId>,
+        limit: usize,
+        scan_max: usize,
+        keep: &mut dyn FnMut(&OdsCode, &SnomedCode) -> bool,
+    ) -> Result<Scanned, Self::Error>;
+}
+
+/// What a [`StateRead::scan`] found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Scanned {
+    pub pointers: Vec<RecordPointer>,
+    /// Where the next page starts, when entries after this page may match:
+    /// the last pointer returned, or the last index entry looked at when
+    /// `scan_max` ran out first.
+    pub resume_after: Option<PointerId>,
+}
+
+/// Search filters, each "any of" (empty: no filter), combined with AND.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SearchFilter {
+    pub types: Vec<SnomedCode>,
+    pub custodians: Vec<OdsCode>,
+}
+
+impl SearchFilter {
+    pub fn matches(&self, custodian: &OdsCode, type_code: &SnomedCode) -> bool {
+        (self.types.is_empty() || self.types.contains(type_code))
+            && (self.custodians.is_empty() || self.custodians.contains(custodian))
+    }
+}
+
+/// One page of a patient's current pointers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Search {
+    pub subject: NhsNumber,
+    pub filter: SearchFilter,
+    /// Start after this pointer id (from the page before).
+    pub after: Option<PointerId>,
+    /// Pointers on the page; 0 asks for the total only.
+    pub count: usize,
+    /// Index entries one page looks at, at most (a bound on its work when
+    /// filters skip most of a patient's pointers).
+    pub scan_max: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchPage {
+    /// Every pointer the search matches and the reader may see, on every page.
+    pub total: u64,
+    pub pointers: Vec<RecordPointer>,
+    /// The `after` of the next page, when there is one.
+    pub next_after: Option<PointerId>,
+}
+
+/// A page of a search, as `reader` may see it.
+pub fn search<R: StateRead>(r: &R, reader: &Reader, purpose: &Purpose, q: &Search) -> Result<SearchPage, R::Error> {
+    let patient = r.patient(&q.subject)?;
+    let scope = reader.scope(patient.as_ref(), purpose);
+    let mut keep = |c: &OdsCode, t: &SnomedCode| scope.allows(c, t) && q.filter.matches(c, t);
+    let total = patient.as_ref().map_or(0, |p| p.count_where(&mut keep));
+    if q.count == 0 || total == 0 {
+        return Ok(SearchPage { total, pointers: Vec::new(), next_after: None });
+    }
+    let scanned = r.scan(&q.subject, q.after.as_ref(), q.count, q.scan_max, &mut keep)?;
+    Ok(SearchPage { total, pointers: scanned.pointers, next_after: scanned.resume_after })
+}
+
+/// A pointer read by id, and whether `reader` may see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointerRead {
+    pub pointer: RecordPointer,
+    pub visible: bool,
+}
+
+/// The pointer `id`, if it exists, with whether `reader` may see it (a
+/// hidden pointer's subject still names the patient for the audit).
+pub fn pointer<R: StateRead>(
+    r: &R,
+    reader: &Reader,
+    purpose: &Purpose,
+    id: &PointerId,
+) -> Result<Option<PointerRead>, R::Error> {
+    let Some(pointer) = r.pointer(id)? else { return Ok(None) };
+    let patient = r.patient(&pointer.subject)?;
+    let visible = reader.may_see(&pointer, patient.as_ref(), purpose);
+    Ok(Some(PointerRead { pointer, visible }))
+}
+
+/// The organisations holding pointers of a patient that `reader` may see,
+/// with how many each, in ODS order.
+pub fn record_holders<R: StateRead>(
+    r: &R,
+    reader: &Reader,
+    purpose: &Purpose,
+    subject: &NhsNumber,
+) -> Result<Vec<(OdsCode, u64)>, R::Error> {
+    let Some(patient) = r.patient(subject)? else { return Ok(Vec::new()) };
+    let scope = reader.scope(Some(&patient), purpose);
+    Ok(visible_holders(&patient, &scope))
+}
+
+fn visible_holders(patient: &PatientEntry, scope: &ReadScope) -> Vec<(OdsCode, u64)> {
+    patient
+        .held
+        .iter()
+        .filter_map(|(ods, types)| {
+            let n: u64 = types.iter().filter(|(t, _)| scope.allows(ods, t)).map(|(_, &n)| u64::from(n)).sum();
+            (n > 0).then(|| (ods.clone(), n))
+        })
+        .collect()
+}
+
+/// One conformance suite for every [`StateRead`]: the in-memory state and
+/// the RocksDB store must answer these reads alike.
+pub mod conformance {
+    use super::*;
+    use crate::command::{Command, CommandV1, Role};
+    use crate::mem::testkit::{self, caller, create, nhs, ods, snomed};
+    use crate::model::PointerStatus;
+
+    const PATIENT_POINTERS: u32 = 45;
+
+    /// The commands the suite's state is built from: patient 1 with
+    /// pointers of two custodians and two types (a few superseded), patient
+    /// 2 opted out.
+    pub fn commands() -> Vec<Command> {
+        let mut cmds = testkit::registry_commands(&["A81001", "RV3"]);
+        for i in 0..PATIENT_POINTERS {
+            let custodian = if i % 3 == 0 { "RV3" } else { "A81001" };
+            let mut p = testkit::pointer(custodian, &format!("p{i:03}"), nhs(1), i64::from(i));
+            if i % 5 == 0 {
+                p.type_code = snomed(testkit::EMERGENCY_CARE_PLAN);
+            }
+            cmds.push(create(custodian, p));
+        }
+        // Three of A81001's pointers replaced: the old ones drop out.
+        for i in [1u32, 2, 4] {
+            let mut p = testkit::pointer("A81001", &format!("r{i:03}"), nhs(1), 100);
+            p.replaces = Some(PointerId::parse(&format!("A81001-p{i:03}")).expect("an id"));
+            p.master_identifier = None;
+            cmds.push(create("A81001", p));
+        }
+        for i in 0..4u32 {
+            let custodian = if i == 0 { "RV3" } else { "A81001" };
+            cmds.push(create(custodian, testkit::pointer(custodian, &format!("o{i}"), nhs(2), 0)));
+        }
+        cmds.push(Command::V1(CommandV1::SetConsent {
+            caller: caller("X09", &[Role::ConsentAuthority]),
+            subject: nhs(2),
+            opted_out: true,
+            at: crate::model::Timestamp(1),
+        }));
+        cmds
+    }
+
+    fn query(subject: NhsNumber, count: usize) -> Search {
+        Search { subject, filter: SearchFilter::default(), after: None, count, scan_max: 10_000 }
+    }
+
+    /// Pages through a search and returns (total, every id), checking that
+    /// each page reports the same total and holds at most `count`.
+    pub fn page_all<R: StateRead>(r: &R, reader: &Reader, mut q: Search) -> Result<(u64, Vec<PointerId>), R::Error> {
+        let mut ids = Vec::new();
+        let mut page = search(r, reader, &Purpose::DirectCare, &q)?;
+        let total = page.total;
+        loop {
+            assert_eq!(page.total, total, "total on every page");
+            assert!(page.pointers.len() <= q.count);
+            ids.extend(page.pointers.iter().map(|p| p.id.clone()));
+            match page.next_after.take() {
+                Some(after) => {
+                    q.after = Some(after);
+                    page = search(r, reader, &Purpose::DirectCare, &q)?;
+                }
+                None => return Ok((total, ids)),
+            }
+        }
+    }
+
+    /// Runs the suite on `state`, built from [`commands`].
+    pub fn check<R: StateRead>(state: &R)
+    where
+        R::Error: std::fmt::Debug,
+    {
+        let consumer = Reader::new(&caller("Y01", &[Role::Consumer])).expect("reads");
+        let producer = Reader::new(&caller("A81001", &[Role::Producer])).expect("reads");
+        let current = |ids: &[PointerId]| {
+            ids.iter().all(|id| state.pointer(id).unwrap().is_some_and(|p| p.status == PointerStatus::Current))
+        };
+
+        // Every current pointer once, in id order, whatever the page size.
+        let (total, all) = page_all(state, &consumer, query(nhs(1), 7)).unwrap();
+        assert_eq!(total, u64::from(PATIENT_POINTERS), "45 current: 3 replaced, 3 replacements");
+        assert_eq!(all.len() as u64, total);
+        assert!(all.windows(2).all(|w| w[0] < w[1]), "id order, no repeats");
+        assert!(current(&all));
+        let (_, by_one) = page_all(state, &consumer, query(nhs(1), 1)).unwrap();
+        assert_eq!(by_one, all);
+
+        // Filters: the total counted from the index entry equals what paging finds.
+        let ecp = snomed(testkit::EMERGENCY_CARE_PLAN);
+        for filter in [
+            SearchFilter { types: vec![ecp.clone()], custodians: vec![] },
+            SearchFilter { types: vec![], custodians: vec![ods("RV3")] },
+            SearchFilter { types: vec![ecp.clone()], custodians: vec![ods("A81001"), ods("RV3")] },
+            SearchFilter { types: vec![snomed(testkit::MENTAL_HEALTH_CRISIS_PLAN), ecp.clone()], custodians: vec![] },
+        ] {
+            let q = Search { filter: filter.clone(), ..query(nhs(1), 4) };
+            let (total, ids) = page_all(state, &consumer, q.clone()).unwrap();
+            assert_eq!(ids.len() as u64, total, "{filter:?}");
+            let expected: Vec<PointerId> = all
+                .iter()
+                .filter(|id| {
+                    let p = state.pointer(id).unwrap().unwrap();
+                    filter.matches(&p.custodian, &p.type_code)
+                })
+                .cloned()
+                .collect();
+            assert_eq!(ids, expected, "{filter:?}");
+            // A small scan bound gives shorter pages, never a lost pointer.
+            let (_, bounded) = page_all(state, &consumer, Search { scan_max: 2, ..q }).unwrap();
+            assert_eq!(bounded, expected, "{filter:?} with scan_max 2");
+        }
+        let count_only = search(state, &consumer, &Purpose::DirectCare, &query(nhs(1), 0)).unwrap();
+        assert_eq!((count_only.total, count_only.pointers.len()), (total, 0));
+
+        // A producer sees its own; a consumer nothing of an opted-out patient
+        // unless it breaks the glass.
+        let (own, own_ids) = page_all(state, &producer, query(nhs(1), 10)).unwrap();
+        assert_eq!(own, all.iter().filter(|id| id.as_str().starts_with("A81001-")).count() as u64);
+        assert_eq!(own_ids.len() as u64, own);
+        assert_eq!(page_all(state, &consumer, query(nhs(2), 10)).unwrap(), (0, vec![]));
+        assert_eq!(page_all(state, &producer, query(nhs(2), 10)).unwrap().0, 3);
+        let glass = Purpose::BreakGlass { reason: "collapsed in the street".into() };
+        assert_eq!(search(state, &consumer, &glass, &query(nhs(2), 10)).unwrap().total, 4);
+        assert_eq!(page_all(state, &consumer, query(nhs(3), 10)).unwrap(), (0, vec![]), "no such patient");
+
+        // Record holders and reads by id follow the same rule.
+        let holders = record_holders(state, &consumer, &Purpose::DirectCare, &nhs(1)).unwrap();
+        assert_eq!(holders.iter().map(|(_, n)| n).sum::<u64>(), total);
+        assert_eq!(holders.iter().map(|(o, _)| o.as_str()).collect::<Vec<_>>(), ["A81001", "RV3"]);
+        assert!(record_holders(state, &consumer, &Purpose::DirectCare, &nhs(2)).unwrap().is_empty());
+        assert_eq!(record_holders(state, &producer, &Purpose::DirectCare, &nhs(2)).unwrap(), [(ods("A81001"), 3)]);
+        let hidden = PointerId::parse("RV3-o0").unwrap();
+        let read = pointer(state, &consumer, &Purpose::DirectCare, &hidden).unwrap().expect("exists");
+        assert!(!read.visible, "opted out");
+        assert_eq!(read.pointer.subject, nhs(2), "names the patient for the audit");
+        assert!(pointer(state, &consumer, &glass, &hidden).unwrap().unwrap().visible);
+        assert!(!pointer(state, &producer, &Purpose::DirectCare, &hidden).unwrap().unwrap().visible, "not its own");
+        let missing = PointerId::parse("RV3-nothing").unwrap();
+        assert_eq!(pointer(state, &consumer, &Purpose::DirectCare, &missing).unwrap(), None);
+    }
+}
