@@ -13,8 +13,8 @@ use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use hie_domain::mem::testkit;
-use hie_domain::raft::{Entry, LogId};
 use hie_domain::query::{self, Search, SearchFilter};
+use hie_domain::raft::{Entry, LogId};
 use hie_domain::{NhsNumber, PointerId, Purpose, Reader, RecordPointer, Role, codec};
 use hie_store::{Store, StoreOptions};
 use openraft::storage::RaftStateMachine;
@@ -100,7 +100,7 @@ fn search(c: &mut Criterion) {
         testkit::registry_commands(&["A81001"]).into_iter().enumerate().map(|(i, c)| entry(i as u64 + 1, c)).collect();
     let base = entries.len() as u64 + 1;
     entries.extend(
-        (0..PATIENTS * POINTERS_PER_PATIENT).map(|i| entry(base + i as u64, testkit::create("A81001", pointer(i)))),
+        (0..PATIENTS * POINTERS_PER_PATIENT).map(|i| entry(base + u64::from(i), testkit::create("A81001", pointer(i)))),
     );
     for chunk in entries.chunks(1024) {
         rt.block_on(store.state_machine.apply(chunk.to_vec())).unwrap();
@@ -113,8 +113,8 @@ fn search(c: &mut Criterion) {
     g.bench_function("search_patient_of_8_pointers_in_80000", |b| {
         b.iter(|| {
             k = (k + 1) % subjects.len();
-            let page = query::search(&store.reads, &reader, &Purpose::DirectCare, &search_of(subjects[k], None, 100))
-                .unwrap();
+            let page =
+                query::search(&store.reads, &reader, &Purpose::DirectCare, &search_of(subjects[k], None, 100)).unwrap();
             assert_eq!(page.pointers.len(), POINTERS_PER_PATIENT as usize);
             black_box(page)
         })
@@ -138,9 +138,10 @@ fn paging(c: &mut Criterion) {
     let mut store = Store::open(dir.path(), StoreOptions::default()).unwrap();
     let subject = testkit::nhs(1);
     let mut commands = testkit::registry_commands(&["A81001"]);
-    commands.extend((0..BIG_PATIENT_POINTERS).map(|i| {
-        testkit::create("A81001", testkit::pointer("A81001", &format!("p{i:06}"), subject, i64::from(i)))
-    }));
+    commands
+        .extend((0..BIG_PATIENT_POINTERS).map(|i| {
+            testkit::create("A81001", testkit::pointer("A81001", &format!("p{i:06}"), subject, i64::from(i)))
+        }));
     let entries: Vec<Entry> = commands.into_iter().enumerate().map(|(i, c)| entry(i as u64 + 1, c)).collect();
     for chunk in entries.chunks(1024) {
         rt.block_on(store.state_machine.apply(chunk.to_vec())).unwrap();

@@ -122,7 +122,7 @@ fn merged_bundle(st: &AppState, answers: Vec<AuditAnswer>) -> Value {
             events.push((at, a.id, v));
         }
     }
-    events.sort_by(|x, y| (x.0, x.1).cmp(&(y.0, y.1)));
+    events.sort_by_key(|e| (e.0, e.1));
     let total = events.len();
     let base = &st.config.base_url;
     let mut entry: Vec<Value> = events

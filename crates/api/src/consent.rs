@@ -1,9 +1,8 @@
 //! `POST /Consent`: a consent authority records a patient's sharing
 //! preference (`deny` opts out, `permit` opts back in), replicated by Raft.
 
-use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use hie_audit::Action;
 use hie_domain::{Command, CommandV1, Purpose, Role};
@@ -13,12 +12,11 @@ use crate::audit_slot::now;
 use crate::envelope::RequestCtx;
 use crate::error::ApiError;
 use crate::pointers::run_write;
-use crate::respond::{BodyKind, fhir_json, read_body};
+use crate::respond::{FhirBody, fhir_json};
 use crate::router::St;
 
-pub(crate) async fn consent(State(st): St, ctx: RequestCtx, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub(crate) async fn consent(State(st): St, ctx: RequestCtx, FhirBody(body): FhirBody) -> Result<Response, ApiError> {
     ctx.require(Role::ConsentAuthority)?;
-    let body = read_body(body, &headers, &st.config.limits, BodyKind::Json).await?;
     let consent = fhir::parse_consent(&body)?;
     ctx.audit.set(&consent.patient, Action::Create, "create", &Purpose::DirectCare);
     let at = now();

@@ -5,12 +5,12 @@
 
 use std::time::Instant;
 
+use axum::Extension;
 use axum::extract::{FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
 use hie_domain::{Caller, Purpose, Reader, Role};
 use tracing::Instrument;
 
@@ -102,9 +102,7 @@ fn request_ids(headers: &HeaderMap, len_max: usize) -> Result<(Option<String>, O
         None => Ok(None),
         Some(v) => match v.to_str() {
             Ok(s) if valid_request_id(s, len_max) => Ok(Some(s.to_owned())),
-            _ => Err(ApiError::InvalidHeader(format!(
-                "{name} must be 1 to {len_max} characters of A-Z a-z 0-9 . _ -"
-            ))),
+            _ => Err(ApiError::InvalidHeader(format!("{name} must be 1 to {len_max} characters of A-Z a-z 0-9 . _ -"))),
         },
     };
     Ok((one("x-request-id")?, one("x-correlation-id")?))
@@ -126,7 +124,9 @@ fn refusal(st: &AppState, caller: &Result<Caller, String>, method: &Method, rout
     // and fail to record that (the batch route is the base, `/fhir`).
     let changes = method != Method::GET && (route == "/fhir" || route.starts_with("/fhir/"));
     (changes && st.audit.as_ref().is_some_and(|a| a.failing())).then(|| {
-        ApiError::AuditUnavailable("the audit log of this node cannot be written at the moment; nothing was changed".into())
+        ApiError::AuditUnavailable(
+            "the audit log of this node cannot be written at the moment; nothing was changed".into(),
+        )
     })
 }
 
@@ -196,4 +196,3 @@ pub(crate) async fn envelope(
     );
     resp
 }
-

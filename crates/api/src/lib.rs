@@ -28,7 +28,6 @@ mod limits;
 mod metadata;
 mod monitoring;
 mod operator;
-mod paging;
 mod patients;
 mod pointers;
 mod respond;

@@ -3,22 +3,20 @@
 //! and the replicated registry of pointer types and producers.
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use hie_domain::raft::NodeInfo;
 use hie_domain::{Command, CommandV1, OdsCode, PointerType, Role, SnomedCode};
 use hie_replica::MembershipError;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::envelope::RequestCtx;
 use crate::error::ApiError;
 use crate::pointers::run_write;
-use crate::respond::{BodyKind, read_body};
-use crate::router::{AppState, St};
+use crate::respond::JsonBody;
+use crate::router::St;
 
 fn membership_error(e: MembershipError) -> ApiError {
     match e {
@@ -29,12 +27,6 @@ fn membership_error(e: MembershipError) -> ApiError {
         MembershipError::Invalid { reason } => ApiError::InvalidParameter(reason),
         MembershipError::Failed { reason } => ApiError::NoQuorum { reason },
     }
-}
-
-/// A JSON body of the operator's API, every field known.
-async fn json_body<T: DeserializeOwned>(st: &AppState, headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
-    let body = read_body(body, headers, &st.config.limits, BodyKind::Json).await?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::InvalidResource(e.to_string()))
 }
 
 pub(crate) async fn status(State(st): St, ctx: RequestCtx) -> Result<Response, ApiError> {
@@ -50,7 +42,7 @@ pub(crate) async fn digest(State(st): St, ctx: RequestCtx) -> Result<Response, A
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AddLearner {
+pub(crate) struct AddLearner {
     id: u64,
     peer_id: String,
     p2p_addr: String,
@@ -64,11 +56,10 @@ struct AddLearner {
 pub(crate) async fn add_learner(
     State(st): St,
     ctx: RequestCtx,
-    headers: HeaderMap,
-    body: Body,
+    body: JsonBody<AddLearner>,
 ) -> Result<Response, ApiError> {
     ctx.require(Role::Operator)?;
-    let req: AddLearner = json_body(&st, &headers, body).await?;
+    let JsonBody(req) = body;
     if req.id == 0 {
         return Err(ApiError::InvalidParameter("node ids start at 1".into()));
     }
@@ -111,7 +102,7 @@ pub(crate) async fn backup(State(st): St, ctx: RequestCtx) -> Result<Response, A
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PointerTypeIn {
+pub(crate) struct PointerTypeIn {
     code: String,
     display: String,
     category: String,
@@ -121,11 +112,10 @@ struct PointerTypeIn {
 pub(crate) async fn put_pointer_type(
     State(st): St,
     ctx: RequestCtx,
-    headers: HeaderMap,
-    body: Body,
+    body: JsonBody<PointerTypeIn>,
 ) -> Result<Response, ApiError> {
     ctx.require(Role::Operator)?;
-    let t: PointerTypeIn = json_body(&st, &headers, body).await?;
+    let JsonBody(t) = body;
     let code = |s: &str| SnomedCode::parse(s).map_err(|e| ApiError::InvalidResource(e.to_string()));
     let entry = PointerType {
         code: code(&t.code)?,
@@ -139,7 +129,7 @@ pub(crate) async fn put_pointer_type(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ProducerIn {
+pub(crate) struct ProducerIn {
     pointer_types: Vec<String>,
 }
 
@@ -147,12 +137,10 @@ pub(crate) async fn put_producer(
     State(st): St,
     ctx: RequestCtx,
     Path(ods): Path<String>,
-    headers: HeaderMap,
-    body: Body,
+    JsonBody(p): JsonBody<ProducerIn>,
 ) -> Result<Response, ApiError> {
     ctx.require(Role::Operator)?;
     let ods = OdsCode::parse(&ods).map_err(|e| ApiError::InvalidParameter(e.to_string()))?;
-    let p: ProducerIn = json_body(&st, &headers, body).await?;
     let types = p
         .pointer_types
         .iter()

@@ -2,7 +2,6 @@
 //! a batch Bundle of creates (`POST /fhir`), read, update and delete
 //! (`/DocumentReference/{id}`).
 
-use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -15,7 +14,7 @@ use hie_fhir as fhir;
 use crate::audit_slot::{AuditSlot, access, now};
 use crate::envelope::RequestCtx;
 use crate::error::{ApiError, operation_outcome};
-use crate::respond::{BodyKind, consistency, etag, fhir_json, fhir_text, path_id, read_body, with_freshness};
+use crate::respond::{FhirBody, consistency, etag, fhir_json, fhir_text, path_id, with_freshness};
 use crate::router::{AppState, St};
 
 fn prefer(headers: &HeaderMap) -> &str {
@@ -69,9 +68,14 @@ fn new_pointer(pointer: &mut RecordPointer, caller: &Caller, at: Timestamp) -> R
     Ok(())
 }
 
-pub(crate) async fn create(State(st): St, ctx: RequestCtx, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub(crate) async fn create(
+    State(st): St,
+    ctx: RequestCtx,
+    headers: HeaderMap,
+    body: FhirBody,
+) -> Result<Response, ApiError> {
     ctx.require(Role::Producer)?;
-    let body = read_body(body, &headers, &st.config.limits, BodyKind::Json).await?;
+    let FhirBody(body) = body;
     let parsed = fhir::parse_document_reference(&body)?;
     if parsed.id.is_some() {
         return Err(ApiError::InvalidResource(
@@ -155,9 +159,8 @@ fn batch_entry(outcome: Outcome, slot: &AuditSlot, a: usize) -> fhir::BatchEntry
 /// entry that parses becomes one create command, and all of them go through
 /// Raft as one entry (one fsync and one round trip for the lot); each entry
 /// succeeds or fails alone, as in FHIR's batch, and is audited on its own.
-pub(crate) async fn batch(State(st): St, ctx: RequestCtx, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub(crate) async fn batch(State(st): St, ctx: RequestCtx, FhirBody(body): FhirBody) -> Result<Response, ApiError> {
     ctx.require(Role::Producer)?;
-    let body = read_body(body, &headers, &st.config.limits, BodyKind::Json).await?;
     let parsed = fhir::parse_batch(&body, st.config.limits.bundle_entries_max).map_err(|e| match e {
         fhir::BatchError::Fhir(e) => ApiError::from(e),
         e @ fhir::BatchError::TooManyEntries { .. } => ApiError::TooManyEntries(e.to_string()),
@@ -204,11 +207,10 @@ pub(crate) async fn update(
     ctx: RequestCtx,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Body,
+    FhirBody(body): FhirBody,
 ) -> Result<Response, ApiError> {
     ctx.require(Role::Producer)?;
     let id = path_id(&id)?;
-    let body = read_body(body, &headers, &st.config.limits, BodyKind::Json).await?;
     let parsed = fhir::parse_document_reference(&body)?;
     if parsed.id.as_ref() != Some(&id) {
         return Err(ApiError::InvalidResource("the body's id must equal the id in the URL".into()));

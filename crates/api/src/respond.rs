@@ -1,16 +1,21 @@
 //! What the handlers share on the way in and out: bodies read within their
 //! limits, FHIR JSON answers, ETags, and the freshness headers of reads.
 
+use std::sync::Arc;
+
 use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hie_domain::PointerId;
 use hie_fhir::{self as fhir, FHIR_JSON};
 use hie_replica::Replica;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::ApiLimits;
 use crate::error::ApiError;
+use crate::router::AppState;
 
 /// What a request body must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,4 +90,29 @@ pub(crate) fn etag(version: u64) -> HeaderValue {
 /// A pointer id from a URL path.
 pub(crate) fn path_id(id: &str) -> Result<PointerId, ApiError> {
     PointerId::parse(id).map_err(|e| ApiError::InvalidParameter(format!("id: {e}")))
+}
+
+/// A request body of FHIR JSON (`application/fhir+json`), read within the
+/// API's limits.
+pub(crate) struct FhirBody(pub(crate) Bytes);
+
+impl FromRequest<Arc<AppState>> for FhirBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, st: &Arc<AppState>) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        read_body(body, &parts.headers, &st.config.limits, BodyKind::Json).await.map(FhirBody)
+    }
+}
+
+/// A JSON body of the operator's API, every field known.
+pub(crate) struct JsonBody<T>(pub(crate) T);
+
+impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, st: &Arc<AppState>) -> Result<Self, ApiError> {
+        let FhirBody(bytes) = FhirBody::from_request(req, st).await?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| ApiError::InvalidResource(e.to_string()))
+    }
 }

@@ -68,7 +68,12 @@ impl Cursors {
     }
 }
 
-pub(crate) async fn search_get(State(st): St, ctx: RequestCtx, headers: HeaderMap, uri: Uri) -> Result<Response, ApiError> {
+pub(crate) async fn search_get(
+    State(st): St,
+    ctx: RequestCtx,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response, ApiError> {
     let pairs = parse_query(uri.query().unwrap_or(""))?;
     run_search(&st, &ctx, &headers, pairs, false).await
 }
@@ -102,9 +107,9 @@ fn search_of(st: &AppState, ctx: &RequestCtx, pairs: Vec<(String, String)>) -> R
     match (params.cursor, params.subject) {
         (Some(token), _) => {
             let mut cursors = st.cursors.lock().expect("cursor lock");
-            cursors.take(&token, &ctx.caller.ods, limits.cursor_ttl).ok_or_else(|| {
-                ApiError::InvalidParameter("the next token is unknown or expired; search again".into())
-            })
+            cursors
+                .take(&token, &ctx.caller.ods, limits.cursor_ttl)
+                .ok_or_else(|| ApiError::InvalidParameter("the next token is unknown or expired; search again".into()))
         }
         (None, Some(subject)) => Ok(Cursor {
             subject,
@@ -153,6 +158,10 @@ async fn run_search(
 fn next_link(st: &AppState, cursor: Cursor, page: &SearchPage) -> Option<String> {
     let after = page.next_after.clone()?;
     let limits = &st.config.limits;
-    let token = st.cursors.lock().expect("cursor lock").put(Cursor { after: Some(after), ..cursor }, limits.cursors_max, limits.cursor_ttl);
+    let token = st.cursors.lock().expect("cursor lock").put(
+        Cursor { after: Some(after), ..cursor },
+        limits.cursors_max,
+        limits.cursor_ttl,
+    );
     Some(format!("{}/DocumentReference?next={token}", st.config.base_url))
 }

@@ -53,7 +53,7 @@ pub enum ApplyError<E> {
     Invariant(#[from] InvariantBroken),
 }
 
-type ApplyResult<T, E> = std::result::Result<T, ApplyError<E>>;
+type ApplyResult<T, E> = Result<T, ApplyError<E>>;
 
 /// The idempotency key of a masterIdentifier.
 pub fn master_identifier_key(system: &str, value: &str) -> String {
@@ -161,9 +161,10 @@ fn holder_add(entry: &mut PatientEntry, pointer: &RecordPointer) {
     *types.entry(pointer.type_code.clone()).or_insert(0) += 1;
 }
 
-fn holder_remove(entry: &mut PatientEntry, pointer: &RecordPointer) -> std::result::Result<(), InvariantBroken> {
+fn holder_remove(entry: &mut PatientEntry, pointer: &RecordPointer) -> Result<(), InvariantBroken> {
     let (custodian, code) = (&pointer.custodian, &pointer.type_code);
-    let below_zero = || InvariantBroken(format!("the count of {custodian}'s pointers of type {code} would go below zero"));
+    let below_zero =
+        || InvariantBroken(format!("the count of {custodian}'s pointers of type {code} would go below zero"));
     let types = entry.held.get_mut(custodian).ok_or_else(below_zero)?;
     match types.get_mut(code) {
         Some(n) if *n > 1 => *n -= 1,

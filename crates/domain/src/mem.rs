@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 
 use crate::apply::StateTxn;
-use crate::query::{Scanned, StateRead};
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
 use crate::model::{PatientEntry, PointerType, ProducerEntry, RecordPointer};
+use crate::query::{Scanned, StateRead};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemState {
@@ -97,13 +97,12 @@ impl StateRead for MemState {
         // A linear scan, as in `current_pointers`.
         let mut out = Scanned::default();
         let mut looked: Option<&PointerId> = None;
-        let mut n = 0;
-        for (_, id) in self.index.iter().filter(|(s, id)| s == subject && after.is_none_or(|a| id > a)) {
+        let entries = self.index.iter().filter(|(s, id)| s == subject && after.is_none_or(|a| id > a));
+        for (n, (_, id)) in entries.enumerate() {
             if n == scan_max.max(1) {
                 out.resume_after = looked.cloned();
                 return Ok(out);
             }
-            n += 1;
             looked = Some(id);
             let p = &self.pointers[id];
             if keep(&p.custodian, &p.type_code) {
@@ -263,7 +262,7 @@ mod tests {
         let p = pointer("A81001", "p1", nhs(1), 1);
         apply(&mut s, &create("A81001", p.clone())).unwrap();
         let mut again = p.clone();
-        again.id = crate::ids::PointerId::parse("A81001-p2").unwrap();
+        again.id = PointerId::parse("A81001-p2").unwrap();
         let out = apply(&mut s, &create("A81001", again)).unwrap();
         assert!(matches!(out, Outcome::Rejected(Rejection::Duplicate { .. })), "{out:?}");
     }
@@ -277,7 +276,7 @@ mod tests {
         };
         let p = pointer("A81001", "p1", nhs(1), 1);
         let mut again = p.clone();
-        again.id = crate::ids::PointerId::parse("A81001-p2").unwrap();
+        again.id = PointerId::parse("A81001-p2").unwrap();
         let q = pointer("RR8", "q1", nhs(2), 2);
         let commands = vec![create("A81001", p), create("A81001", again), create("RR8", q)];
         let mut one_by_one = state();

@@ -12,8 +12,8 @@ pub use schema::check_document_reference;
 pub use search::{SearchLimits, SearchParams, parse_query, parse_search};
 
 use hie_domain::{
-    Coding, Content, Context, Identifier, NhsNumber, OdsCode, PointerId, PointerStatus, RecordPointer,
-    SnomedCode, Timestamp,
+    Coding, Content, Context, Identifier, NhsNumber, OdsCode, PointerId, PointerStatus, RecordPointer, SnomedCode,
+    Timestamp,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};

@@ -127,7 +127,7 @@ impl<'a> DocumentReference<'a> {
     pub(crate) fn of(p: &'a RecordPointer) -> Self {
         let context = p.context.as_ref().and_then(|c| {
             let period = (c.period_start.is_some() || c.period_end.is_some())
-                .then(|| Period { start: c.period_start.as_deref(), end: c.period_end.as_deref() });
+                .then_some(Period { start: c.period_start.as_deref(), end: c.period_end.as_deref() });
             let practice_setting = c.practice_setting.as_ref().map(|ps| Concept { coding: [CodingOut::of(ps)] });
             (period.is_some() || practice_setting.is_some()).then_some(ContextOut { practice_setting, period })
         });

@@ -56,7 +56,9 @@ fn complex(name: &str) -> Option<(Elements, bool)> {
     Some(match name {
         "DocumentReference" => (DOCUMENT_REFERENCE, false),
         "DocumentReference.relatesTo" => (&[("code", P(Code), false), ("target", C("Reference"), false)], true),
-        "DocumentReference.content" => (&[("attachment", C("Attachment"), false), ("format", C("Coding"), false)], true),
+        "DocumentReference.content" => {
+            (&[("attachment", C("Attachment"), false), ("format", C("Coding"), false)], true)
+        }
         "DocumentReference.context" => (CONTEXT, true),
         "Meta" => (META, false),
         "Narrative" => (&[("status", P(Code), false), ("div", P(Xhtml), false)], false),
@@ -221,8 +223,8 @@ fn extension_value(suffix: &str) -> Option<Ty> {
         "Instant" => P(Instant),
         "Time" => P(Time),
         "Id" => P(Id),
-        "Coding" | "CodeableConcept" | "Identifier" | "Reference" | "Period" | "Attachment" | "Quantity"
-        | "Range" | "Ratio" | "Annotation" | "ContactPoint" | "HumanName" | "Address" | "Meta" => {
+        "Coding" | "CodeableConcept" | "Identifier" | "Reference" | "Period" | "Attachment" | "Quantity" | "Range"
+        | "Ratio" | "Annotation" | "ContactPoint" | "HumanName" | "Address" | "Meta" => {
             return complex_name(suffix);
         }
         "Age" | "Count" | "Distance" | "Duration" | "Money" => C("Quantity"),
@@ -266,7 +268,10 @@ fn check_object(path: &str, type_name: &str, map: &Map<String, Value>, depth: us
     for (name, v) in map {
         let here = format!("{path}.{name}");
         if name == "modifierExtension" {
-            return Err(bad(&here, "is not understood by this server (a modifier extension changes the meaning of its element, so it is refused rather than ignored)"));
+            return Err(bad(
+                &here,
+                "is not understood by this server (a modifier extension changes the meaning of its element, so it is refused rather than ignored)",
+            ));
         }
         if let Some(base) = name.strip_prefix('_') {
             // A primitive's id and extensions.
@@ -308,7 +313,9 @@ fn check_one(path: &str, ty: Ty, v: &Value, depth: usize) -> Result<(), FhirErro
                 for (k, item) in m {
                     match k.as_str() {
                         "id" => check_primitive(&format!("{path}.id"), Str, item)?,
-                        "extension" => check_value(&format!("{path}.extension"), C("Extension"), true, item, depth + 1)?,
+                        "extension" => {
+                            check_value(&format!("{path}.extension"), C("Extension"), true, item, depth + 1)?
+                        }
                         _ => return Err(bad(&format!("{path}.{k}"), "is not an element of FHIR R4")),
                     }
                 }
@@ -362,8 +369,8 @@ fn check_primitive(path: &str, p: Prim, v: &Value) -> Result<(), FhirError> {
     let ok = match p {
         Boolean => v.is_boolean(),
         Integer => v.as_i64().is_some_and(|n| i32::try_from(n).is_ok()),
-        UnsignedInt => v.as_u64().is_some_and(|n| n <= i32::MAX as u64),
-        PositiveInt => v.as_u64().is_some_and(|n| n >= 1 && n <= i32::MAX as u64),
+        UnsignedInt => v.as_u64().is_some_and(|n| i32::try_from(n).is_ok()),
+        PositiveInt => v.as_u64().is_some_and(|n| n >= 1 && i32::try_from(n).is_ok()),
         Decimal => v.is_number(),
         Str | Xhtml => !text()?.trim().is_empty(),
         Code => {

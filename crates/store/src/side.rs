@@ -8,6 +8,9 @@ use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 
 use crate::StoreError;
 
+/// A key and its value, as stored.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 pub struct SideTable {
     db: DB,
 }
@@ -62,7 +65,7 @@ impl SideTable {
         prefix: &[u8],
         max: usize,
         mut keep: impl FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool), StoreError> {
+    ) -> Result<(Vec<KeyValue>, bool), StoreError> {
         let mut upper = prefix.to_vec();
         // The smallest key greater than every key with this prefix.
         while let Some(last) = upper.pop() {

@@ -315,13 +315,13 @@ pub(crate) fn open_file(path: &Path) -> Result<Option<(SnapshotMeta, File)>, Sto
 /// its stream is complete with the right checksum. Its meta and record count.
 pub(crate) fn verify_file(path: &Path, expected: Option<&SnapshotMeta>) -> Result<(SnapshotMeta, u64), StoreError> {
     let (meta, r) = open_reader(path)?;
-    if let Some(want) = expected {
-        if meta.snapshot_id != want.snapshot_id || meta.last_log_id != want.last_log_id {
-            return Err(bad(format!(
-                "the file holds snapshot {} up to {:?}, not {} up to {:?}",
-                meta.snapshot_id, meta.last_log_id, want.snapshot_id, want.last_log_id
-            )));
-        }
+    if let Some(want) = expected
+        && (meta.snapshot_id != want.snapshot_id || meta.last_log_id != want.last_log_id)
+    {
+        return Err(bad(format!(
+            "the file holds snapshot {} up to {:?}, not {} up to {:?}",
+            meta.snapshot_id, meta.last_log_id, want.snapshot_id, want.last_log_id
+        )));
     }
     let records = parse(r, |_, _, _| Ok(()))?;
     Ok((meta, records))

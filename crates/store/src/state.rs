@@ -510,7 +510,7 @@ impl ReadView {
         let prop = |cf_name: &str, name: &str| {
             self.db.property_int_value_cf(handle(&self.db, cf_name), name).ok().flatten().unwrap_or(0)
         };
-        let sum = |name: &str| crate::cf::ALL.iter().map(|c| prop(c, name)).sum::<u64>();
+        let sum = |name: &str| cf::ALL.iter().map(|c| prop(c, name)).sum::<u64>();
         StateStats {
             pointers_estimate: prop(cf::POINTERS, "rocksdb.estimate-num-keys"),
             patients_estimate: prop(cf::PATIENTS, "rocksdb.estimate-num-keys"),

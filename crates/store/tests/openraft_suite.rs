@@ -16,6 +16,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for RocksBuilder 
 }
 
 #[test]
+#[allow(clippy::result_large_err)] // openraft's suite returns its own error type
 fn openraft_storage_suite() -> Result<(), StorageError> {
     Suite::test_all(RocksBuilder)
 }
