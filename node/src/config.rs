@@ -448,7 +448,6 @@ impl Config {
                 snapshot_chunk_bytes: r.snapshot_chunk_bytes,
                 install_snapshot_timeout: Duration::from_millis(r.install_snapshot_timeout_ms),
                 append_entries_max: r.append_entries_max,
-                ..RaftTuning::default()
             },
             p2p: P2pConfig {
                 listen: self.p2p.listen.parse().expect("validated"),

@@ -663,7 +663,7 @@ async fn seed(cluster: &ClusterFile, patients: u32) -> anyhow::Result<()> {
     // too. Each producer's pointers go in batch Bundles (the bulk-load path:
     // one Raft entry a Bundle), several Bundles at once; each Bundle is made
     // only when it is sent, so memory stays bounded.
-    let wanted = |k: usize, i: u32| k == 0 || i % 2 == 0;
+    let wanted = |k: usize, i: u32| k == 0 || i.is_multiple_of(2);
     let mut bundles: Vec<(usize, std::ops::Range<u32>)> = Vec::new();
     let mut planned = 0u32;
     for k in 0..apis.len() {
@@ -698,7 +698,7 @@ async fn seed(cluster: &ClusterFile, patients: u32) -> anyhow::Result<()> {
             let entries: Vec<serde_json::Value> = range
                 .filter(|&i| wanted(k, i))
                 .map(|i| {
-                    let code = if (i + k as u32) % 3 == 0 {
+                    let code = if (i + k as u32).is_multiple_of(3) {
                         testkit::EMERGENCY_CARE_PLAN
                     } else {
                         testkit::MENTAL_HEALTH_CRISIS_PLAN

@@ -15,7 +15,9 @@ pub struct ApiLimits {
     pub header_bytes_max: usize,
     pub page_size_default: usize,
     pub page_size_max: usize,
-    /// Pointers of one patient a search looks at (the total is exact up to this).
+    /// Index entries one page of a search looks at, at most: a filter that
+    /// skips most of a patient's pointers gives a shorter page with a `next`
+    /// link instead of unbounded work (`total` is exact regardless).
     pub search_scan_max: usize,
     pub connections_max: usize,
     pub request_timeout: Duration,

@@ -6,6 +6,7 @@ use std::time::Duration;
 use hie_domain::raft::{NodeId, NodeInfo};
 use hie_p2p::P2pConfig;
 use hie_store::StoreOptions;
+use openraft::SnapshotPolicy;
 
 #[derive(Debug, Clone)]
 pub struct RaftTuning {
@@ -38,6 +39,24 @@ impl Default for RaftTuning {
             snapshot_chunk_bytes: 2 << 20,
             append_entries_max: 256,
             install_snapshot_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RaftTuning {
+    /// openraft's settings for these (to validate before use).
+    pub(crate) fn openraft_config(&self) -> openraft::Config {
+        openraft::Config {
+            cluster_name: "hie".into(),
+            heartbeat_interval: self.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: self.election_timeout_min.as_millis() as u64,
+            election_timeout_max: self.election_timeout_max.as_millis() as u64,
+            install_snapshot_timeout: self.install_snapshot_timeout.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
+            snapshot_max_chunk_size: self.snapshot_chunk_bytes,
+            max_payload_entries: self.append_entries_max,
+            ..Default::default()
         }
     }
 }

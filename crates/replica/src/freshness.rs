@@ -3,6 +3,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use openraft::ServerState;
+
+use crate::replica::Replica;
+
 /// Tracks contact with the leader (on followers and learners) so reads can be
 /// flagged stale, and how long the replica has been behind the leader's commit.
 pub(crate) struct ContactClock {
@@ -74,4 +78,31 @@ pub struct Freshness {
     pub replication_lag_ms: u64,
     /// Entries behind the leader's commit index as last heard (0 on the leader).
     pub behind_entries: u64,
+}
+
+impl Replica {
+    /// How fresh the local state is.
+    pub fn freshness(&self) -> Freshness {
+        // Every read asks this: copy the four fields out of openraft's
+        // metrics rather than clone them all (the replication map is a
+        // BTreeMap), and hold the borrow for nothing else.
+        let (applied, leads, quorum_ack_ms, leader) = {
+            let m = self.core.raft.metrics();
+            let m = m.borrow();
+            (
+                m.last_applied.map(|l| l.index).unwrap_or(0),
+                m.state == ServerState::Leader,
+                m.millis_since_quorum_ack,
+                m.current_leader,
+            )
+        };
+        let stale_ms = self.core.stale_after.as_millis() as u64;
+        let (stale, lag, behind) = if leads {
+            (quorum_ack_ms.is_some_and(|ms| ms > stale_ms), 0, 0)
+        } else {
+            let stale = leader.is_none() || self.clock.since_leader_contact_ms().is_none_or(|ms| ms > stale_ms);
+            (stale, self.clock.lag_ms(applied), self.clock.behind_entries(applied))
+        };
+        Freshness { applied_index: applied, stale, replication_lag_ms: lag, behind_entries: behind }
+    }
 }

@@ -5,11 +5,12 @@ use std::sync::{Arc, OnceLock};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use hie_domain::raft::Raft;
-use hie_p2p::{ForwardError, Inbound, PeerId, Request, Response};
+use hie_p2p::{Inbound, PeerId, Request, Response};
 use openraft::raft::AppendEntriesResponse;
 
 use crate::freshness::ContactClock;
-use crate::replica::{Core, propose_local};
+use crate::replica::Core;
+use crate::writes::propose_local;
 
 /// Serves peers' requests. Installed in the transport before Raft exists,
 /// so it answers `Refused` until the replica has started.
@@ -62,15 +63,5 @@ async fn handle(core: Arc<Core>, clock: Arc<ContactClock>, peer: PeerId, request
         // Followers' read-index requests share rounds with each other and
         // with this node's own linearizable reads.
         Request::ReadIndex => Response::ReadIndex(core.leader_read_index().await),
-    }
-}
-
-impl From<ForwardError> for crate::replica::WriteError {
-    fn from(e: ForwardError) -> Self {
-        match e {
-            ForwardError::NotLeader { .. } => crate::replica::WriteError::NoQuorum { reason: e.to_string() },
-            ForwardError::NoQuorum(reason) => crate::replica::WriteError::NoQuorum { reason },
-            ForwardError::Refused(reason) => crate::replica::WriteError::Internal { reason },
-        }
     }
 }

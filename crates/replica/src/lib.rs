@@ -6,13 +6,24 @@
 //!
 //! It knows nothing of HTTP or FHIR: the API crate calls it.
 
+mod audit_fanout;
 mod coalesce;
 mod config;
+mod error;
 mod freshness;
+mod gauges;
 mod inbound;
+mod linearizable;
+mod membership;
 mod proposals;
+mod query;
 mod replica;
+mod status;
+mod writes;
 
+pub use audit_fanout::AuditAnswer;
 pub use config::{RaftTuning, ReplicaConfig};
+pub use error::{MembershipError, ReadError, StartError, WriteError};
 pub use freshness::Freshness;
-pub use replica::{AuditAnswer, ClusterStatus, MemberStatus, MembershipError, ReadError, Replica, WriteError};
+pub use replica::Replica;
+pub use status::{ClusterStatus, MemberStatus};

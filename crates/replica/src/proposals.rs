@@ -33,7 +33,9 @@ pub const BATCH_BYTES_MAX: usize = 1 << 20;
 /// (within its write timeout).
 pub const WAITING_MAX: usize = 4096;
 
-type Waiting = (Command, oneshot::Sender<Result<Outcome, ForwardError>>);
+/// Where a waiting write's outcome goes.
+type Answer = oneshot::Sender<Result<Outcome, ForwardError>>;
+type Waiting = (Command, Answer);
 
 /// What proposing needs: cheap to clone into each proposal's task.
 #[derive(Clone)]
@@ -143,35 +145,40 @@ fn commands_in(c: &Command) -> usize {
     }
 }
 
+/// The entry for the waiting writes, their answers, and how many commands
+/// each put in (`None`: one, not a batch of its own).
+fn one_entry(batch: Vec<Waiting>) -> (Command, Vec<Answer>, Vec<Option<usize>>) {
+    if batch.len() == 1 {
+        let (c, done) = batch.into_iter().next().expect("one");
+        return (c, vec![done], vec![None]);
+    }
+    // A client's own batch (a FHIR batch Bundle) is spread into the
+    // group, since a batch may not hold another; `sizes` says how many
+    // commands each waiting write put in, so its outcomes go back to it.
+    let mut commands = Vec::new();
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut sizes = Vec::with_capacity(batch.len());
+    for (c, done) in batch {
+        match c {
+            Command::V1(CommandV1::Batch(inner)) => {
+                sizes.push(Some(inner.len()));
+                commands.extend(inner);
+            }
+            Command::V1(c) => {
+                sizes.push(None);
+                commands.push(c);
+            }
+        }
+        answers.push(done);
+    }
+    (Command::V1(CommandV1::Batch(commands)), answers, sizes)
+}
+
 /// Proposes one entry for the commands and answers each.
 async fn propose_batch(p: &Proposer, batch: Vec<Waiting>) {
     let started = Instant::now();
     let kinds: Vec<&'static str> = batch.iter().map(|(c, _)| c.kind()).collect();
-    let (command, answers, sizes): (Command, Vec<_>, Vec<Option<usize>>) = if batch.len() == 1 {
-        let (c, done) = batch.into_iter().next().expect("one");
-        (c, vec![done], vec![None])
-    } else {
-        // A client's own batch (a FHIR batch Bundle) is spread into the
-        // group, since a batch may not hold another; `sizes` says how many
-        // commands each waiting write put in, so its outcomes go back to it.
-        let mut commands = Vec::new();
-        let mut answers = Vec::with_capacity(batch.len());
-        let mut sizes = Vec::with_capacity(batch.len());
-        for (c, done) in batch {
-            match c {
-                Command::V1(CommandV1::Batch(inner)) => {
-                    sizes.push(Some(inner.len()));
-                    commands.extend(inner);
-                }
-                Command::V1(c) => {
-                    sizes.push(None);
-                    commands.push(c);
-                }
-            }
-            answers.push(done);
-        }
-        (Command::V1(CommandV1::Batch(commands)), answers, sizes)
-    };
+    let (command, answers, sizes) = one_entry(batch);
     let grouped = answers.len() > 1;
     let commands_total: usize = sizes.iter().map(|s| s.unwrap_or(1)).sum();
     let result = match tokio::time::timeout(p.write_timeout, p.raft.client_write(command)).await {
@@ -185,6 +192,7 @@ async fn propose_batch(p: &Proposer, batch: Vec<Waiting>) {
         }
         Ok(Err(RaftError::Fatal(e))) => Err(ForwardError::NoQuorum(format!("raft stopped: {e}"))),
     };
+    #[allow(clippy::result_large_err)] // ForwardError, the p2p crate's wire type
     let outcomes: Vec<Result<Outcome, ForwardError>> = match result {
         Ok(Outcome::Batch(outcomes)) if grouped && outcomes.len() == commands_total => {
             let mut outcomes = outcomes.into_iter();

@@ -1,0 +1,49 @@
+//! Typed reads of the local replica: what the API asks, answered by
+//! [`hie_domain::query`] over the store, with the access rules applied. The
+//! API never sees a storage type.
+
+use hie_domain::query::{self, PointerRead, Search, SearchPage};
+use hie_domain::{NhsNumber, OdsCode, PointerId, Purpose, Reader, RecordPointer};
+
+use crate::error::ReadError;
+use crate::replica::Replica;
+
+impl Replica {
+    /// A page of a patient's current pointers that `reader` may see, with
+    /// the exact total.
+    pub async fn search(&self, reader: &Reader, purpose: &Purpose, q: Search) -> Result<SearchPage, ReadError> {
+        let (reader, purpose) = (reader.clone(), purpose.clone());
+        self.read(move |view| query::search(view, &reader, &purpose, &q)).await
+    }
+
+    /// The pointer `id`, with whether `reader` may see it.
+    pub async fn pointer(
+        &self,
+        reader: &Reader,
+        purpose: &Purpose,
+        id: &PointerId,
+    ) -> Result<Option<PointerRead>, ReadError> {
+        let (reader, purpose, id) = (reader.clone(), purpose.clone(), id.clone());
+        self.read(move |view| query::pointer(view, &reader, &purpose, &id)).await
+    }
+
+    /// The organisations holding pointers of `subject` that `reader` may
+    /// see, with how many each.
+    pub async fn record_holders(
+        &self,
+        reader: &Reader,
+        purpose: &Purpose,
+        subject: &NhsNumber,
+    ) -> Result<Vec<(OdsCode, u64)>, ReadError> {
+        let (reader, purpose, subject) = (reader.clone(), purpose.clone(), *subject);
+        self.read(move |view| query::record_holders(view, &reader, &purpose, &subject)).await
+    }
+
+    /// A pointer as stored, whoever may see it: for the write path only
+    /// (the patient a delete's audit record names; a pointer's subject
+    /// never changes, so this replica's copy names it).
+    pub async fn stored_pointer(&self, id: &PointerId) -> Result<Option<RecordPointer>, ReadError> {
+        let id = id.clone();
+        self.read(move |view| view.pointer(&id)).await
+    }
+}
