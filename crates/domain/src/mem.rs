@@ -92,7 +92,7 @@ impl StateRead for MemState {
         after: Option<&PointerId>,
         limit: usize,
         scan_max: usize,
-        keep: &mut dyn FnMut(&OdsCode, &SnomedCode) -> bool,
+        keep: &mut dyn FnMut(&str, &str) -> bool,
     ) -> Result<Scanned, Infallible> {
         // A linear scan, as in `current_pointers`.
         let mut out = Scanned::default();
@@ -105,7 +105,7 @@ impl StateRead for MemState {
             }
             looked = Some(id);
             let p = &self.pointers[id];
-            if keep(&p.custodian, &p.type_code) {
+            if keep(p.custodian.as_str(), p.type_code.as_str()) {
                 if out.pointers.len() == limit {
                     out.resume_after = out.pointers.last().map(|p| p.id.clone());
                     return Ok(out);

@@ -22,15 +22,16 @@ pub trait StateRead {
 
     /// A patient's current pointers in id order, starting after `after`:
     /// those that `keep` accepts (asked with each index entry's custodian
-    /// and type, before the pointer is read), at most `limit`, looking at
-    /// no more than `scan_max` index entries.
+    /// and type as text, before the pointer is read, so a skipped entry
+    /// costs no allocation), at most `limit`, looking at no more than
+    /// `scan_max` index entries.
     fn scan(
         &self,
         subject: &NhsNumber,
         after: Option<&PointerId>,
         limit: usize,
         scan_max: usize,
-        keep: &mut dyn FnMut(&OdsCode, &SnomedCode) -> bool,
+        keep: &mut dyn FnMut(&str, &str) -> bool,
     ) -> Result<Scanned, Self::Error>;
 }
 
@@ -52,9 +53,10 @@ pub struct SearchFilter {
 }
 
 impl SearchFilter {
-    pub fn matches(&self, custodian: &OdsCode, type_code: &SnomedCode) -> bool {
-        (self.types.is_empty() || self.types.contains(type_code))
-            && (self.custodians.is_empty() || self.custodians.contains(custodian))
+    /// Does a pointer of this custodian and type (as text) match?
+    pub fn matches(&self, custodian: &str, type_code: &str) -> bool {
+        (self.types.is_empty() || self.types.iter().any(|t| t.as_str() == type_code))
+            && (self.custodians.is_empty() || self.custodians.iter().any(|c| c.as_str() == custodian))
     }
 }
 
@@ -85,8 +87,8 @@ pub struct SearchPage {
 pub fn search<R: StateRead>(r: &R, reader: &Reader, purpose: &Purpose, q: &Search) -> Result<SearchPage, R::Error> {
     let patient = r.patient(&q.subject)?;
     let scope = reader.scope(patient.as_ref(), purpose);
-    let mut keep = |c: &OdsCode, t: &SnomedCode| scope.allows(c, t) && q.filter.matches(c, t);
-    let total = patient.as_ref().map_or(0, |p| p.count_where(&mut keep));
+    let mut keep = |c: &str, t: &str| scope.allows(c, t) && q.filter.matches(c, t);
+    let total = patient.as_ref().map_or(0, |p| p.count_where(|c, t| keep(c.as_str(), t.as_str())));
     if q.count == 0 || total == 0 {
         return Ok(SearchPage { total, pointers: Vec::new(), next_after: None });
     }
@@ -133,7 +135,7 @@ fn visible_holders(patient: &PatientEntry, scope: &ReadScope) -> Vec<(OdsCode, u
         .held
         .iter()
         .filter_map(|(ods, types)| {
-            let n: u64 = types.iter().filter(|(t, _)| scope.allows(ods, t)).map(|(_, &n)| u64::from(n)).sum();
+            let n: u64 = types.iter().filter(|(t, _)| scope.allows(ods.as_str(), t.as_str())).map(|(_, &n)| u64::from(n)).sum();
             (n > 0).then(|| (ods.clone(), n))
         })
         .collect()
@@ -241,7 +243,7 @@ pub mod conformance {
                 .iter()
                 .filter(|id| {
                     let p = state.pointer(id).unwrap().unwrap();
-                    filter.matches(&p.custodian, &p.type_code)
+                    filter.matches(p.custodian.as_str(), p.type_code.as_str())
                 })
                 .cloned()
                 .collect();

@@ -31,12 +31,11 @@ pub fn index_value(custodian: &OdsCode, type_code: &SnomedCode) -> Vec<u8> {
 
 /// The custodian and type an index entry's value names; `None` for a value
 /// that is not one (the caller then reads the pointer).
-pub fn parse_index_value(value: &[u8]) -> Option<(OdsCode, SnomedCode)> {
+pub fn parse_index_value(value: &[u8]) -> Option<(&str, &str)> {
     let at = value.iter().position(|&b| b == 0)?;
-    let text = |b: &[u8]| std::str::from_utf8(b).ok().map(str::to_owned);
-    let custodian = OdsCode::parse(&text(&value[..at])?).ok()?;
-    let type_code = SnomedCode::parse(&text(&value[at + 1..])?).ok()?;
-    Some((custodian, type_code))
+    let custodian = std::str::from_utf8(&value[..at]).ok()?;
+    let type_code = std::str::from_utf8(&value[at + 1..]).ok()?;
+    (!custodian.is_empty() && !type_code.is_empty()).then_some((custodian, type_code))
 }
 
 pub fn pointer(id: &PointerId) -> Vec<u8> {

@@ -553,7 +553,7 @@ impl StateRead for ReadView {
         after: Option<&PointerId>,
         limit: usize,
         scan_max: usize,
-        keep: &mut dyn FnMut(&OdsCode, &SnomedCode) -> bool,
+        keep: &mut dyn FnMut(&str, &str) -> bool,
     ) -> Result<Scanned, StoreError> {
         let prefix = keys::patient(subject);
         let snap = self.db.snapshot();
@@ -595,10 +595,10 @@ impl StateRead for ReadView {
             // not (written before index entries carried them) is decided
             // on the pointer.
             let (wanted, pointer) = match keys::parse_index_value(v) {
-                Some((custodian, type_code)) => (keep(&custodian, &type_code), None),
+                Some((custodian, type_code)) => (keep(custodian, type_code), None),
                 None => {
                     let p = read_pointer(id)?;
-                    (keep(&p.custodian, &p.type_code), Some(p))
+                    (keep(p.custodian.as_str(), p.type_code.as_str()), Some(p))
                 }
             };
             if wanted {
