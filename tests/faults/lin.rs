@@ -195,6 +195,16 @@ struct Search<'a> {
     stuck: Option<usize>,
 }
 
+/// What applying a step did to the model's state.
+enum Applied {
+    /// The step's result is impossible in this state.
+    Refused,
+    /// Allowed, and the state is as it was.
+    Unchanged,
+    /// Allowed, and member `m` was flipped: flip it back to undo.
+    Flipped(usize),
+}
+
 fn bit(v: &[u64], i: usize) -> bool {
     v[i / 64] & (1 << (i % 64)) != 0
 }
@@ -204,27 +214,33 @@ fn flip(v: &mut [u64], i: usize) {
 }
 
 impl Search<'_> {
-    /// Applies step `i` if the model allows its result; returns what to undo.
-    fn apply(&mut self, i: usize) -> Option<Option<usize>> {
+    /// Applies step `i` if the model allows its result; says what to undo.
+    fn apply(&mut self, i: usize) -> Applied {
         match &self.steps[i].kind {
             StepKind::Add(m) => {
                 if bit(&self.state, *m) {
-                    return Some(None);
+                    return Applied::Unchanged;
                 }
                 flip(&mut self.state, *m);
-                Some(Some(*m))
+                Applied::Flipped(*m)
             }
             StepKind::Remove(m, present) => {
                 if bit(&self.state, *m) != *present {
-                    return None;
+                    return Applied::Refused;
                 }
                 if *present {
                     flip(&mut self.state, *m);
-                    return Some(Some(*m));
+                    return Applied::Flipped(*m);
                 }
-                Some(None)
+                Applied::Unchanged
             }
-            StepKind::Read(bits) => (*bits == self.state).then_some(None),
+            StepKind::Read(bits) => {
+                if *bits == self.state {
+                    Applied::Unchanged
+                } else {
+                    Applied::Refused
+                }
+            }
         }
     }
 
@@ -248,11 +264,12 @@ impl Search<'_> {
                 break;
             }
             // Take effect now...
-            if let Some(undo) = self.apply(i) {
+            let applied = self.apply(i);
+            if !matches!(applied, Applied::Refused) {
                 flip(&mut self.done, i);
                 let r = self.run();
                 flip(&mut self.done, i);
-                if let Some(m) = undo {
+                if let Applied::Flipped(m) = applied {
                     flip(&mut self.state, m);
                 }
                 if r != Some(false) {

@@ -501,7 +501,7 @@ impl Clients {
     }
 
     async fn run(self: Arc<Self>, c: u32, seed: u64) {
-        let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(7919).wrapping_add(c as u64));
+        let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(7919).wrapping_add(u64::from(c)));
         while !self.stop.load(Ordering::SeqCst) {
             let node = rng.random_range(1..=self.nodes);
             let patient = rng.random_range(0..self.patients) + 900_000;

@@ -1,6 +1,6 @@
 //! 3. After 10,000 writes and a log purge, a 4th region joins as a learner,
-//! catches up by snapshot and serves reads; it is promoted to voter; another
-//! node is removed; the cluster keeps accepting writes throughout.
+//!    catches up by snapshot and serves reads; it is promoted to voter; another
+//!    node is removed; the cluster keeps accepting writes throughout.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

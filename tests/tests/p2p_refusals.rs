@@ -1,5 +1,5 @@
 //! 6. A peer that is not a member, and malformed or oversized messages from a
-//! member's identity, are refused and logged; the node never panics.
+//!    member's identity, are refused and logged; the node never panics.
 
 use std::io;
 use std::time::Duration;
@@ -86,7 +86,7 @@ async fn rogue(key: Keypair, addr: Multiaddr, protocol: &'static str, messages: 
             match ev {
                 Ok(SwarmEvent::ConnectionEstablished { peer_id, .. }) => break peer_id,
                 Ok(SwarmEvent::OutgoingConnectionError { error, .. }) => return vec![format!("dial refused: {error}")],
-                Ok(_) => continue,
+                Ok(_) => {}
                 Err(_) => return vec!["dial timed out".into()],
             }
         }
@@ -108,7 +108,7 @@ async fn rogue(key: Keypair, addr: Multiaddr, protocol: &'static str, messages: 
                     break format!("failed: {error}");
                 }
                 Ok(SwarmEvent::ConnectionClosed { .. }) => break "connection closed".into(),
-                Ok(_) => continue,
+                Ok(_) => {}
                 Err(_) => break "no answer".into(),
             }
         };

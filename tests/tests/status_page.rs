@@ -32,7 +32,7 @@ fn chromium(user_data: &std::path::Path, args: &[&str]) -> anyhow::Result<String
 }
 
 /// The `data-*` attributes of the row for node `id` in the dumped DOM.
-fn row<'a>(dom: &'a str, id: u64) -> &'a str {
+fn row(dom: &str, id: u64) -> &str {
     let start = dom.find(&format!("<tr data-node=\"{id}\"")).unwrap_or_else(|| panic!("no row for node {id}:\n{dom}"));
     &dom[start..start + dom[start..].find('>').unwrap()]
 }

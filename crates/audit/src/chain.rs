@@ -149,14 +149,13 @@ pub fn walk(dir: &Path, mut each: impl FnMut(&Record) -> std::io::Result<()>) ->
     })?;
     let mut prev = GENESIS.to_owned();
     let mut seq = 0u64;
-    let mut expected_segment = segs.first().map(|(n, _)| *n).unwrap_or(1);
-    for (n, path) in &segs {
+    let first_segment = segs.first().map(|(n, _)| *n).unwrap_or(1);
+    for (expected_segment, (n, path)) in (first_segment..).zip(&segs) {
         let bad =
             |line: u64, seq: u64, reason: String| Break { segment: path.clone(), line, expected_seq: seq, reason };
         if *n != expected_segment {
             return Err(bad(0, seq + 1, format!("segment {expected_segment:08} is missing")));
         }
-        expected_segment += 1;
         let file = File::open(path).map_err(|e| bad(0, seq + 1, format!("cannot open: {e}")))?;
         let mut reader = BufReader::new(file);
         let mut buf = Vec::new();

@@ -227,7 +227,7 @@ const fn coding<'a>(system: &'a str, code: &'a str, display: &'a str) -> Coding<
 }
 
 /// The event for an access, in its stored form.
-pub fn audit_event(access: &Access, ctx: &Context) -> Event {
+pub fn audit_event(access: &Access, ctx: &Context<'_>) -> Event {
     let subject = access.subject.as_str();
     let stored = Stored {
         action: access.action.code(),

@@ -624,11 +624,12 @@ impl Inner {
         let seq = head.seq + 1;
         let (line, hash) = chain::record_line(seq, &head.prev, &event.json);
         let n = line.len() as u64;
-        if head.len > 0 && head.len + n > self.config.segment_bytes_max {
-            if let Err(e) = self.roll(&mut head) {
-                self.mark_failed();
-                return Err(AuditError::Write(format!("starting a new segment: {e}")));
-            }
+        if head.len > 0
+            && head.len + n > self.config.segment_bytes_max
+            && let Err(e) = self.roll(&mut head)
+        {
+            self.mark_failed();
+            return Err(AuditError::Write(format!("starting a new segment: {e}")));
         }
         let end = head.len + n;
         if let Err(e) = reserve(&mut head, end) {
@@ -880,7 +881,7 @@ mod tests {
         config.segment_bytes_max = 8 << 10; // records after the mark span segments
         let log = AuditLog::open(config, Arc::new(Metrics::new())).unwrap();
         for i in 0..60 {
-            log.append(event(i % 3, 1_000 + i as i64), false).await.unwrap();
+            log.append(event(i % 3, 1_000 + i64::from(i)), false).await.unwrap();
         }
         let q = |limit| AuditQuery { subject: nhs(1), since: None, until: None, limit };
         // An index that missed every write: a new, empty one (mark 0).

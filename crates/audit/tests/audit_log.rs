@@ -12,7 +12,7 @@ use hie_metrics::Metrics;
 
 fn event(subject: &NhsNumber, at: i64, emergency: bool) -> hie_audit::Event {
     let access = Access {
-        subject: subject.clone(),
+        subject: *subject,
         action: Action::Read,
         interaction: "search-type",
         resource: None,
@@ -38,7 +38,7 @@ fn open(dir: &std::path::Path) -> Arc<AuditLog> {
 }
 
 fn query(subject: &NhsNumber, since: Option<i64>, until: Option<i64>, limit: u32) -> AuditQuery {
-    AuditQuery { subject: subject.clone(), since: since.map(Timestamp), until: until.map(Timestamp), limit }
+    AuditQuery { subject: *subject, since: since.map(Timestamp), until: until.map(Timestamp), limit }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,7 +57,7 @@ async fn records_chain_survive_restart_and_answer_patient_queries() {
     for t in tasks {
         seqs.push(t.await.unwrap().unwrap());
     }
-    seqs.sort();
+    seqs.sort_unstable();
     assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
 
     assert_eq!(chain::verify(dir.path()).unwrap().records, 200);
@@ -176,7 +176,7 @@ async fn export_writes_every_event_as_ndjson() {
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path());
     for i in 0..10 {
-        log.append(event(&nhs(i), 1_000 + i as i64, i == 3), false).await.unwrap();
+        log.append(event(&nhs(i), 1_000 + i64::from(i), i == 3), false).await.unwrap();
     }
     let mut out = Vec::new();
     chain::export(dir.path(), Some(1_005), &mut out).unwrap();

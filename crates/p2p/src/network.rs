@@ -78,7 +78,7 @@ impl P2pNetwork {
         }
     }
 
-    fn unexpected<E: std::error::Error>(&self) -> RPCError<NodeId, NodeInfo, RaftError<NodeId, E>> {
+    fn unexpected<E: std::error::Error>() -> RPCError<NodeId, NodeInfo, RaftError<NodeId, E>> {
         RPCError::Network(NetworkError::new(&Msg("response of the wrong kind".into())))
     }
 }
@@ -144,7 +144,7 @@ impl RaftNetwork<TypeConfig> for P2pNetwork {
         match sent {
             Response::AppendEntries(Ok(r)) => Ok(r),
             Response::AppendEntries(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
-            _ => Err(self.unexpected()),
+            _ => Err(Self::unexpected()),
         }
     }
 
@@ -156,7 +156,7 @@ impl RaftNetwork<TypeConfig> for P2pNetwork {
         match self.call(RPCTypes::InstallSnapshot, Request::InstallSnapshot(rpc.into()), &option).await? {
             Response::InstallSnapshot(Ok(r)) => Ok(r),
             Response::InstallSnapshot(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
-            _ => Err(self.unexpected()),
+            _ => Err(Self::unexpected()),
         }
     }
 
@@ -164,7 +164,7 @@ impl RaftNetwork<TypeConfig> for P2pNetwork {
         match self.call(RPCTypes::Vote, Request::Vote(rpc), &option).await? {
             Response::Vote(Ok(r)) => Ok(r),
             Response::Vote(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
-            _ => Err(self.unexpected()),
+            _ => Err(Self::unexpected()),
         }
     }
 

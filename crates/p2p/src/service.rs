@@ -323,11 +323,9 @@ impl SwarmTask {
                     p.backoff = self.config.reconnect_backoff_min;
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
-                if num_established == 0 {
-                    self.counters.connected_peers.fetch_sub(1, Ordering::Relaxed);
-                    tracing::info!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
-                }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } => {
+                self.counters.connected_peers.fetch_sub(1, Ordering::Relaxed);
+                tracing::info!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
             }
             SwarmEvent::IncomingConnectionError { send_back_addr, error, peer_id, .. } => {
                 self.counters.refused_connections.fetch_add(1, Ordering::Relaxed);

@@ -33,6 +33,9 @@ impl From<SnapshotChunk> for InstallSnapshotRequest<TypeConfig> {
     }
 }
 
+// A message lives only from decode to dispatch and is never stored: boxing
+// its large variants would add an allocation per message and save nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
@@ -82,6 +85,9 @@ pub enum ReadIndexError {
     NoQuorum(String),
 }
 
+// A message lives only from decode to dispatch and is never stored: boxing
+// its large variants would add an allocation per message and save nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Response {
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),

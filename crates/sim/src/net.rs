@@ -124,6 +124,7 @@ pub struct SimNetwork {
 
 type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
 
+#[allow(clippy::result_large_err)] // openraft's RPCError, what RaftNetwork returns
 fn remote<T, E: std::error::Error>(to: NodeId, r: Result<T, RaftError<NodeId, E>>) -> RpcResult<T, E> {
     r.map_err(|e| RPCError::RemoteError(RemoteError::new(to, e)))
 }

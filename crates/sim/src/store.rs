@@ -52,6 +52,7 @@ pub enum Defect {
 }
 
 /// The data behind `m`, unless the run holding this handle has crashed.
+#[allow(clippy::result_large_err)] // openraft's StorageError, what its storage traits return
 fn guard<'a, T>(alive: &AtomicBool, m: &'a Mutex<T>) -> Result<MutexGuard<'a, T>, StorageError> {
     if !alive.load(Ordering::SeqCst) {
         return Err(StorageIOError::write(AnyError::error("the process using this storage has crashed")).into());
@@ -84,6 +85,7 @@ impl MemLog {
         self.alive.store(false, Ordering::SeqCst);
     }
 
+    #[allow(clippy::result_large_err)] // openraft's StorageError, what its storage traits return
     fn lock(&self) -> Result<MutexGuard<'_, LogInner>, StorageError> {
         guard(&self.alive, &self.inner)
     }
@@ -215,6 +217,7 @@ impl MemSm {
         self.alive.store(false, Ordering::SeqCst);
     }
 
+    #[allow(clippy::result_large_err)] // openraft's StorageError, what its storage traits return
     fn lock(&self) -> Result<MutexGuard<'_, SmInner>, StorageError> {
         guard(&self.alive, &self.inner)
     }

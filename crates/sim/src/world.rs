@@ -193,7 +193,7 @@ impl World {
         let stop = Arc::new(AtomicBool::new(false));
         let clients: Vec<_> = (0..self.opts.clients)
             .map(|c| {
-                let rng = StdRng::seed_from_u64(self.opts.seed.wrapping_mul(31).wrapping_add(c as u64));
+                let rng = StdRng::seed_from_u64(self.opts.seed.wrapping_mul(31).wrapping_add(u64::from(c)));
                 tokio::spawn(client(c, rng, self.router.clone(), self.history.clone(), stop.clone()))
             })
             .collect();
@@ -457,6 +457,8 @@ fn target(router: &Router, hint: Option<NodeId>, rng: &mut StdRng) -> Option<(No
     router.get(id).map(|r| (id, r))
 }
 
+// One per client write, matched on at once.
+#[allow(clippy::large_enum_variant)]
 enum Written {
     Acked(Acked),
     NotLeader(Option<NodeId>),
@@ -506,12 +508,12 @@ async fn client(c: u32, mut rng: StdRng, router: Arc<Router>, history: Arc<Mutex
             Command::V1(CommandV1::DeletePointer {
                 caller: testkit::caller(&custodian, &[Role::Producer]),
                 id,
-                at: Timestamp(n as i64),
+                at: Timestamp(i64::from(n)),
             })
         } else {
             n += 1;
             let patient = testkit::nhs(rng.gen_range(0..PATIENTS));
-            let pointer = testkit::pointer(custodian, &format!("c{c}n{n}"), patient, n as i64);
+            let pointer = testkit::pointer(custodian, &format!("c{c}n{n}"), patient, i64::from(n));
             history.lock().unwrap().created_attempted.insert(pointer.id.clone());
             testkit::create(custodian, pointer)
         };
