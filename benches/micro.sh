@@ -3,7 +3,7 @@
 # from the workspace's one build (so RocksDB is not compiled a second time
 # in another profile): NHS Number parsing, pointer encode and decode,
 # applying a batch of 64 creates, a patient search in RocksDB, DocumentReference
-# parsing and searchset rendering.
+# parsing and searchset rendering, and paging a patient with 50,000 pointers.
 #   benches/micro.sh [FILTER]     (for example: benches/micro.sh fhir)
 set -euo pipefail
 cd "$(dirname "$0")/.."
