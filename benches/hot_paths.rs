@@ -189,8 +189,20 @@ fn fhir(c: &mut Criterion) {
     g.bench_function("parse_document_reference", |b| {
         b.iter(|| black_box(hie_fhir::parse_document_reference(black_box(&body))))
     });
+    let base = "https://node.example/fhir";
+    let self_url = "https://node.example/fhir/DocumentReference/_search";
     g.bench_function("render_searchset_of_8", |b| {
-        b.iter(|| black_box(hie_fhir::searchset("https://node.example/fhir", 8, black_box(&pointers), None)))
+        b.iter(|| black_box(hie_fhir::searchset(base, 8, black_box(&pointers), self_url, None)))
+    });
+    // NRLF-sized pointers: every element of NRLF's ssp sample (2.4 KB of JSON).
+    let nrlf = include_bytes!("../tests/data/nrlf/valid-with-ssp-content.json");
+    let nrlf_pointer = hie_fhir::parse_document_reference(nrlf).expect("the sample parses").pointer;
+    let nrlf_pointers = vec![nrlf_pointer; 8];
+    g.bench_function("parse_document_reference_nrlf", |b| {
+        b.iter(|| black_box(hie_fhir::parse_document_reference(black_box(nrlf))))
+    });
+    g.bench_function("render_searchset_of_8_nrlf", |b| {
+        b.iter(|| black_box(hie_fhir::searchset(base, 8, black_box(&nrlf_pointers), self_url, None)))
     });
     g.finish();
 }

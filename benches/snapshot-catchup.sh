@@ -8,15 +8,17 @@
 # resident memory (VmHWM: the most it ever held, snapshot build, send and
 # install included). The preload goes through the bulk-load path (batch
 # Bundles), and its time is printed by `hie dev up` ("seeded ...").
-# Usage: benches/snapshot-catchup.sh [PATIENTS]   (default 66667: ~100,000 pointers)
+# Usage: benches/snapshot-catchup.sh [PATIENTS] [SAMPLE]   (default 66667: ~100,000
+# pointers; SAMPLE `minimal` or `nrlf`, the shape of each pointer: `hie dev up --sample`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . cluster/setup.sh
 cargo build --workspace --all-targets
 PATIENTS="${1:-66667}"
+SAMPLE="${2:-minimal}"
 DIR="$(mktemp -d -t hie-catchup.XXXXXX)"
 trap '"$HIE_BIN" dev down --dir "$DIR" >/dev/null 2>&1 || true; rm -rf "$DIR"' EXIT
-"$HIE_BIN" dev up --dir "$DIR" --patients "$PATIENTS" --snapshot-logs-since-last 20000
+"$HIE_BIN" dev up --dir "$DIR" --patients "$PATIENTS" --sample "$SAMPLE" --snapshot-logs-since-last 20000
 ADMIN=$(jq -r '.nodes[0].admin_url' "$DIR/cluster.json")
 # Every node's figures once every node has applied the whole preload (the
 # seeding returns when the writes are committed, not applied everywhere).

@@ -109,7 +109,7 @@ fn client(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -
 fn endpoints(args: &BenchArgs, cluster: &ClusterFile) -> anyhow::Result<Vec<(Endpoint, Endpoint)>> {
     let consumer = cluster.client_with_role("consumer").context("no consumer client in cluster.json")?;
     let producer =
-        cluster.clients.iter().find(|c| !c.pointer_types.is_empty()).context("no producer in cluster.json")?;
+        cluster.clients.iter().find(|c| c.is("producer")).context("no producer in cluster.json")?;
     let bases: Vec<String> = match args.target {
         TargetKind::Hie => cluster
             .nodes
@@ -135,7 +135,7 @@ fn endpoints(args: &BenchArgs, cluster: &ClusterFile) -> anyhow::Result<Vec<(End
 
 /// The producer's ODS code, for the custodian of created pointers.
 fn producer_ods(cluster: &ClusterFile) -> String {
-    cluster.clients.iter().find(|c| !c.pointer_types.is_empty()).map(|c| c.ods.clone()).unwrap_or_default()
+    cluster.clients.iter().find(|c| c.is("producer")).map(|c| c.ods.clone()).unwrap_or_default()
 }
 
 fn b64(bytes: &[u8]) -> String {

@@ -40,10 +40,20 @@ pub struct ClientEntry {
     pub name: String,
     pub ods: String,
     pub roles: Vec<String>,
+    /// A producer's types, or the only types a restricted consumer may read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pointer_types: Vec<String>,
+    /// A producer's permissions (`migration`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub permissions: Vec<String>,
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+impl ClientEntry {
+    pub fn is(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
 }
 
 impl ClusterFile {
@@ -143,7 +153,31 @@ pub enum PointerCmd {
         #[command(flatten)]
         target: Target,
     },
-    /// Delete a pointer (its custodian only).
+    /// Replace a pointer with a new version (its custodian only): PUT of a
+    /// DocumentReference file whose id is the pointer's.
+    Update {
+        /// The pointer id (`<ODS>-<id>`).
+        id: String,
+        /// The DocumentReference JSON file (its `id` must be the pointer's).
+        #[arg(long)]
+        file: PathBuf,
+        /// Only if the pointer is at this version (else 412).
+        #[arg(long)]
+        if_match: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// A pointer's versions, newest first (or one version with --version).
+    History {
+        /// The pointer id (`<ODS>-<id>`).
+        id: String,
+        /// Read this version only.
+        #[arg(long)]
+        version: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Delete a pointer and its history (its custodian only).
     Delete {
         /// The pointer id (`<ODS>-<id>`).
         id: String,
@@ -217,11 +251,62 @@ pub enum ClusterCmd {
     },
 }
 
+/// The replicated registry (operator): pointer types, producers, consumers.
+#[derive(Subcommand, Debug)]
+pub enum RegistryCmd {
+    /// Every pointer type, producer and restricted consumer.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Register a pointer type, or change its display or category.
+    Type {
+        /// SNOMED CT code of the type.
+        code: String,
+        #[arg(long)]
+        display: String,
+        /// SNOMED CT code of its category.
+        #[arg(long)]
+        category: String,
+        #[arg(long)]
+        category_display: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Set the types a producer may publish and its permissions.
+    Producer {
+        /// The producer's ODS code.
+        ods: String,
+        /// SNOMED CT codes, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        types: Vec<String>,
+        /// `migration`: keep the date the producer sends.
+        #[arg(long = "permission")]
+        permissions: Vec<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Restrict a consumer to some pointer types (or --all-types to lift it).
+    Consumer {
+        /// The consumer's ODS code.
+        ods: String,
+        /// SNOMED CT codes, comma-separated.
+        #[arg(long, value_delimiter = ',', required_unless_present = "all_types", conflicts_with = "all_types")]
+        types: Vec<String>,
+        /// May read every type.
+        #[arg(long)]
+        all_types: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
 pub enum Op {
     Search(SearchArgs),
     Holders(HoldersArgs),
     Pointer(PointerCmd),
     Cluster(ClusterCmd),
+    Registry(RegistryCmd),
 }
 
 /// An HTTPS client for one node, acting as one client certificate.
@@ -425,8 +510,89 @@ async fn run_async(op: Op) -> anyhow::Result<()> {
             println!("created {}", headers.get("location").and_then(|v| v.to_str().ok()).unwrap_or(""));
             Ok(())
         }
+        Op::Pointer(PointerCmd::Update { id, file, if_match, target }) => {
+            let api = Api::from_target(&target, "producer")?;
+            let body = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let mut req = api
+                .http
+                .put(api.fhir_url(&format!("/DocumentReference/{id}")))
+                .header("content-type", "application/fhir+json")
+                .body(body);
+            if let Some(v) = if_match {
+                req = req.header("if-match", format!("W/\"{v}\""));
+            }
+            let (status, headers, body) = answer(req.send().await?).await?;
+            if !status.is_success() {
+                return Err(fail(status, &body));
+            }
+            let verb = if status == reqwest::StatusCode::CREATED { "created" } else { "updated" };
+            println!("{verb} {}", headers.get("location").and_then(|v| v.to_str().ok()).unwrap_or(""));
+            Ok(())
+        }
+        Op::Pointer(PointerCmd::History { id, version, target }) => {
+            let api = Api::from_target(&target, "consumer")?;
+            let path = match version {
+                Some(v) => format!("/DocumentReference/{id}/_history/{v}"),
+                None => format!("/DocumentReference/{id}/_history"),
+            };
+            let (status, _, body) = answer(api.http.get(api.fhir_url(&path)).send().await?).await?;
+            if !status.is_success() {
+                return Err(fail(status, &body));
+            }
+            if target.json || version.is_some() {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+                return Ok(());
+            }
+            println!("{} version(s) of {id}, newest first:", body["total"]);
+            for e in body["entry"].as_array().into_iter().flatten() {
+                let r = &e["resource"];
+                println!(
+                    "  version {}  {}  {}  {}",
+                    r["meta"]["versionId"].as_str().unwrap_or(""),
+                    r["meta"]["lastUpdated"].as_str().unwrap_or(""),
+                    r["status"].as_str().unwrap_or(""),
+                    r["content"][0]["attachment"]["url"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
         Op::Cluster(cmd) => cluster(cmd).await,
+        Op::Registry(cmd) => registry(cmd).await,
     }
+}
+
+async fn registry(cmd: RegistryCmd) -> anyhow::Result<()> {
+    let (target, method, path, body) = match cmd {
+        RegistryCmd::List { target } => (target, "GET", "/admin/registry".to_owned(), None),
+        RegistryCmd::Type { code, display, category, category_display, target } => (
+            target,
+            "PUT",
+            "/admin/pointer-types".to_owned(),
+            Some(json!({ "code": code, "display": display, "category": category, "category_display": category_display })),
+        ),
+        RegistryCmd::Producer { ods, types, permissions, target } => (
+            target,
+            "PUT",
+            format!("/admin/producers/{ods}"),
+            Some(json!({ "pointer_types": types, "permissions": permissions })),
+        ),
+        RegistryCmd::Consumer { ods, types, all_types, target } => {
+            let types = if all_types { Value::Null } else { json!(types) };
+            (target, "PUT", format!("/admin/consumers/{ods}"), Some(json!({ "pointer_types": types })))
+        }
+    };
+    let api = Api::from_target(&target, "operator")?;
+    let url = api.admin_url(&path);
+    let req = match method {
+        "GET" => api.http.get(url),
+        _ => api.http.put(url).json(&body.unwrap_or(Value::Null)),
+    };
+    let (status, _, body) = answer(req.send().await?).await?;
+    if !status.is_success() {
+        return Err(fail(status, &body));
+    }
+    println!("{}", serde_json::to_string_pretty(&body)?);
+    Ok(())
 }
 
 fn own_ods(t: &Target) -> anyhow::Result<String> {

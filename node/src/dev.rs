@@ -61,6 +61,11 @@ struct UpArgs {
     /// Synthetic patients to create (each with pointers from one or more organisations).
     #[arg(long, default_value_t = 1000)]
     patients: u32,
+    /// The synthetic pointers' shape: `minimal` (NRL's required elements,
+    /// about 600 bytes of JSON) or `nrlf` (every element of NRLF's sample
+    /// pointers, about 2.3 KB).
+    #[arg(long, default_value = "minimal", value_parser = ["minimal", "nrlf"])]
+    sample: String,
     /// Raft snapshot threshold for the dev nodes (entries since the last snapshot).
     #[arg(long)]
     snapshot_logs_since_last: Option<u64>,
@@ -149,17 +154,46 @@ struct DevClient {
     name: &'static str,
     ods: &'static str,
     roles: &'static [Role],
-    producer: bool,
+    /// Which pointer types its registry entry names.
+    types: DevTypes,
+    permissions: &'static [&'static str],
+}
+
+enum DevTypes {
+    /// None: not a producer, or a consumer of every type.
+    None,
+    /// A producer of every registered type.
+    All,
+    /// A consumer of these types only.
+    Only(&'static [&'static str]),
 }
 
 const CLIENTS: &[DevClient] = &[
-    DevClient { name: "gp-practice-a", ods: "A81001", roles: &[Role::Producer], producer: true },
-    DevClient { name: "mental-health-trust", ods: "RV3", roles: &[Role::Producer], producer: true },
-    DevClient { name: "ambulance-service", ods: "RX9", roles: &[Role::Consumer], producer: false },
-    DevClient { name: "out-of-hours-111", ods: "NLO10", roles: &[Role::Consumer], producer: false },
-    DevClient { name: "consent-authority", ods: "X26", roles: &[Role::ConsentAuthority], producer: false },
-    DevClient { name: "patient-app", ods: "X27", roles: &[Role::PatientAccess], producer: false },
-    DevClient { name: "operator", ods: "X26OPS", roles: &[Role::Operator], producer: false },
+    DevClient { name: "gp-practice-a", ods: "A81001", roles: &[Role::Producer], types: DevTypes::All, permissions: &[] },
+    DevClient {
+        name: "mental-health-trust",
+        ods: "RV3",
+        roles: &[Role::Producer],
+        types: DevTypes::All,
+        permissions: &["migration"],
+    },
+    DevClient { name: "ambulance-service", ods: "RX9", roles: &[Role::Consumer], types: DevTypes::None, permissions: &[] },
+    DevClient {
+        name: "out-of-hours-111",
+        ods: "NLO10",
+        roles: &[Role::Consumer],
+        types: DevTypes::Only(&[testkit::MENTAL_HEALTH_CRISIS_PLAN]),
+        permissions: &[],
+    },
+    DevClient {
+        name: "consent-authority",
+        ods: "X26",
+        roles: &[Role::ConsentAuthority],
+        types: DevTypes::None,
+        permissions: &[],
+    },
+    DevClient { name: "patient-app", ods: "X27", roles: &[Role::PatientAccess], types: DevTypes::None, permissions: &[] },
+    DevClient { name: "operator", ods: "X26OPS", roles: &[Role::Operator], types: DevTypes::None, permissions: &[] },
 ];
 
 pub fn main(args: DevArgs) -> anyhow::Result<()> {
@@ -502,10 +536,8 @@ async fn create(dir: &Path, args: &UpArgs) -> anyhow::Result<ClusterFile> {
     write_pem(&certs.join("ca.key"), &ca.pem.key)?;
 
     let mut clients = Vec::new();
-    let producer_types = vec![
-        format!("http://snomed.info/sct|{}", testkit::MENTAL_HEALTH_CRISIS_PLAN),
-        format!("http://snomed.info/sct|{}", testkit::EMERGENCY_CARE_PLAN),
-    ];
+    let snomed = |code: &str| format!("http://snomed.info/sct|{code}");
+    let every_type: Vec<String> = hie_domain::nrl::pointer_types().iter().map(|t| snomed(t.code.as_str())).collect();
     for c in CLIENTS {
         let pem = ca.issue_client(c.name, &OdsCode::parse(c.ods)?, c.roles)?;
         let cert = certs.join(format!("client-{}.pem", c.name));
@@ -516,7 +548,12 @@ async fn create(dir: &Path, args: &UpArgs) -> anyhow::Result<ClusterFile> {
             name: c.name.into(),
             ods: c.ods.into(),
             roles: c.roles.iter().map(|r| r.as_str().to_owned()).collect(),
-            pointer_types: if c.producer { producer_types.clone() } else { vec![] },
+            pointer_types: match c.types {
+                DevTypes::None => vec![],
+                DevTypes::All => every_type.clone(),
+                DevTypes::Only(codes) => codes.iter().map(|c| snomed(c)).collect(),
+            },
+            permissions: c.permissions.iter().map(|p| (*p).to_owned()).collect(),
             cert,
             key,
         });
@@ -538,7 +575,7 @@ async fn create(dir: &Path, args: &UpArgs) -> anyhow::Result<ClusterFile> {
     let mut cluster = ClusterFile { ca_cert: certs.join("ca.pem"), ca_key: Some(certs.join("ca.key")), nodes, clients };
     write_cluster(dir, &cluster)?;
     wait_ready(&cluster.nodes).await?;
-    seed(&cluster, args.patients).await?;
+    seed(&cluster, args.patients, args.sample == "nrlf").await?;
     for i in 0..args.learners {
         let id = args.nodes + i + 1;
         let region = REGIONS[(id - 1) as usize];
@@ -629,31 +666,27 @@ async fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
     write_cluster(&dir, &cluster)
 }
 
-/// Registers the pointer types and producers, then creates synthetic patients.
-async fn seed(cluster: &ClusterFile, patients: u32) -> anyhow::Result<()> {
+/// Registers NRL's pointer types, the producers and the restricted
+/// consumers, then creates synthetic patients.
+async fn seed(cluster: &ClusterFile, patients: u32, nrlf: bool) -> anyhow::Result<()> {
     let api = operator_api(cluster, &cluster.nodes[0])?;
-    for (code, display) in [
-        (testkit::MENTAL_HEALTH_CRISIS_PLAN, "Mental health crisis plan"),
-        (testkit::EMERGENCY_CARE_PLAN, "Emergency care plan"),
-    ] {
-        let body = json!({ "code": code, "display": display, "category": testkit::CARE_PLAN_CATEGORY, "category_display": "Care plan" });
-        let resp = api.http.put(api.admin_url("/admin/pointer-types")).json(&body).send().await?;
-        if !resp.status().is_success() {
-            bail!("registering pointer type {code}: {}", resp.text().await?);
-        }
+    for t in hie_domain::nrl::pointer_types() {
+        let body = json!({ "code": t.code.as_str(), "display": t.display, "category": t.category.as_str(), "category_display": t.category_display });
+        registry_put(&api, "/admin/pointer-types", &body).await.with_context(|| format!("registering pointer type {}", t.code.as_str()))?;
     }
-    for c in cluster.clients.iter().filter(|c| !c.pointer_types.is_empty()) {
+    for c in cluster.clients.iter().filter(|c| c.is("producer")) {
+        let body = json!({ "pointer_types": c.pointer_types, "permissions": c.permissions });
+        registry_put(&api, &format!("/admin/producers/{}", c.ods), &body).await.with_context(|| format!("allowing producer {}", c.ods))?;
+    }
+    for c in cluster.clients.iter().filter(|c| c.is("consumer") && !c.pointer_types.is_empty()) {
         let body = json!({ "pointer_types": c.pointer_types });
-        let resp = api.http.put(api.admin_url(&format!("/admin/producers/{}", c.ods))).json(&body).send().await?;
-        if !resp.status().is_success() {
-            bail!("allowing producer {}: {}", c.ods, resp.text().await?);
-        }
+        registry_put(&api, &format!("/admin/consumers/{}", c.ods), &body).await.with_context(|| format!("restricting consumer {}", c.ods))?;
     }
     if patients == 0 {
         return Ok(());
     }
     let started = Instant::now();
-    let producers: Vec<&ClientEntry> = cluster.clients.iter().filter(|c| !c.pointer_types.is_empty()).collect();
+    let producers: Vec<&ClientEntry> = cluster.clients.iter().filter(|c| c.is("producer")).collect();
     let mut apis = Vec::new();
     for (i, p) in producers.iter().enumerate() {
         let node = &cluster.nodes[i % cluster.nodes.len()];
@@ -699,11 +732,14 @@ async fn seed(cluster: &ClusterFile, patients: u32) -> anyhow::Result<()> {
                 .filter(|&i| wanted(k, i))
                 .map(|i| {
                     let code = if (i + k as u32).is_multiple_of(3) {
-                        testkit::EMERGENCY_CARE_PLAN
+                        testkit::END_OF_LIFE_CARE_PLAN
                     } else {
                         testkit::MENTAL_HEALTH_CRISIS_PLAN
                     };
-                    let doc = sample_pointer(testkit::nhs(i).as_str(), &ods, code, i);
+                    let mut doc = sample_pointer(testkit::nhs(i).as_str(), &ods, code, i);
+                    if nrlf {
+                        nrlf_elements(&mut doc, &ods, i);
+                    }
                     json!({ "resource": doc, "request": { "method": "POST", "url": "DocumentReference" } })
                 })
                 .collect();
@@ -742,7 +778,7 @@ async fn seed(cluster: &ClusterFile, patients: u32) -> anyhow::Result<()> {
 
 pub fn sample_pointer(nhs: &str, ods: &str, code: &str, i: u32) -> serde_json::Value {
     let display =
-        if code == testkit::EMERGENCY_CARE_PLAN { "Emergency care plan" } else { "Mental health crisis plan" };
+        if code == testkit::END_OF_LIFE_CARE_PLAN { "End of life care plan" } else { "Mental health crisis plan" };
     json!({
         "resourceType": "DocumentReference",
         "status": "current",
@@ -754,6 +790,56 @@ pub fn sample_pointer(nhs: &str, ods: &str, code: &str, i: u32) -> serde_json::V
         "custodian": { "identifier": { "system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": ods } },
         "content": [{ "attachment": { "contentType": "application/pdf", "url": format!("https://{}.example.nhs.uk/records/{i}", ods.to_lowercase()) } }]
     })
+}
+
+/// Times a registry change is tried while the operator's rate limit refuses it.
+const REGISTRY_PUT_TRIES: u32 = 30;
+
+/// A registry change as the operator, waiting out the rate limit (a dev
+/// cluster may be started with a low one).
+async fn registry_put(api: &Api, path: &str, body: &serde_json::Value) -> anyhow::Result<()> {
+    for _ in 0..REGISTRY_PUT_TRIES {
+        let resp = api.http.put(api.admin_url(path)).json(body).send().await?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        if resp.status() != reqwest::StatusCode::TOO_MANY_REQUESTS {
+            bail!("{}", resp.text().await?);
+        }
+        let wait = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(1);
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+    }
+    bail!("still rate limited after {REGISTRY_PUT_TRIES} tries")
+}
+
+/// Adds to a sample pointer every element NRLF's sample pointers use
+/// (`tests/data/nrlf/`), with values of its own: an NRLF-sized pointer.
+fn nrlf_elements(doc: &mut serde_json::Value, ods: &str, i: u32) {
+    let host = format!("{}.example.nhs.uk", ods.to_lowercase());
+    doc["docStatus"] = json!("final");
+    doc["description"] = json!(format!("Care plan {i}, agreed with the patient and their family at a review meeting"));
+    doc["securityLabel"] = json!([{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "N", "display": "normal" }] }]);
+    doc["content"] = json!([{
+        "attachment": {
+            "contentType": "application/pdf",
+            "language": "en-GB",
+            "url": format!("https://{host}/records/care-plans/{i}/document%20{i}.pdf"),
+            "size": 182_734 + i % 5000,
+            "hash": "2jmj7l5rSw0yVb/vlWAYkK/YBwk=",
+            "title": format!("Care plan for patient {i}"),
+            "creation": "2026-03-14T10:12:00+00:00"
+        },
+        "format": { "system": "https://fhir.nhs.uk/England/CodeSystem/England-NRLFormatCode", "code": "urn:nhs-ic:unstructured", "display": "Unstructured Document" },
+        "extension": [{
+            "url": "https://fhir.nhs.uk/England/StructureDefinition/Extension-England-ContentStability",
+            "valueCodeableConcept": { "coding": [{ "system": "https://fhir.nhs.uk/England/CodeSystem/England-NRLContentStability", "code": "static", "display": "Static" }] }
+        }]
+    }]);
+    doc["context"] = json!({
+        "practiceSetting": { "coding": [{ "system": "http://snomed.info/sct", "code": "788002001", "display": "Adult mental health service" }] },
+        "sourcePatientInfo": { "identifier": { "system": "https://fhir.nhs.uk/Id/nhs-number", "value": doc["subject"]["identifier"]["value"].clone() } },
+        "period": { "start": "2026-03-14T10:00:00+00:00" }
+    });
 }
 
 /// Stops the nodes found in the cluster's pid files: SIGTERM, then SIGKILL

@@ -39,7 +39,7 @@ enum Cmd {
     Search(client::SearchArgs),
     /// Which organisations hold records for a patient (consumer).
     Holders(client::HoldersArgs),
-    /// Create, read or delete a record pointer.
+    /// Create, read, update, delete a record pointer, or read its history.
     Pointer {
         #[command(subcommand)]
         command: client::PointerCmd,
@@ -48,6 +48,12 @@ enum Cmd {
     Cluster {
         #[command(subcommand)]
         command: client::ClusterCmd,
+    },
+    /// The replicated registry (operator): pointer types, what each
+    /// producer may publish, what each consumer may read.
+    Registry {
+        #[command(subcommand)]
+        command: client::RegistryCmd,
     },
     /// The load generator: create, search, linearizable and mixed workloads
     /// over HTTPS with client certificates, against hie or etcd.
@@ -109,6 +115,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Holders(args) => client::run(client::Op::Holders(args)),
         Cmd::Pointer { command } => client::run(client::Op::Pointer(command)),
         Cmd::Cluster { command } => client::run(client::Op::Cluster(command)),
+        Cmd::Registry { command } => client::run(client::Op::Registry(command)),
         Cmd::Audit { command } => audit::run(command),
         Cmd::Bench(args) => bench::main(args),
     };

@@ -1,6 +1,7 @@
 """Validates what a live hie node answers with a real FHIR R4 library
 (fhir.resources, FHIR 4.0.1 models) and uses a stock FHIR client (fhirpy)
-to search and read pointers, following `next` links.
+to search and read pointers, following `next` links, to read a pointer's
+history and one version, and to page a search begun on one node on another.
 
 Usage: check.py CLUSTER_JSON NHS_NUMBER POINTER_ID
 Exits non-zero, naming what failed, if anything does not validate.
@@ -80,7 +81,38 @@ def main(cluster_json, nhs, pointer_id):
     one = client.reference("DocumentReference", pointer_id).to_resource()
     if one["id"] != pointer_id or one["status"] != "current":
         sys.exit(f"fhirpy read returned {one}")
-    print(f"fhir: {validated} resources valid FHIR R4 ({', '.join(checked)}); fhirpy found {len(ids)} pointers over pages of 1 and read {pointer_id}")
+
+    # History and one version, read by the stock client on another node.
+    other = SyncFHIRClient(cluster["nodes"][2]["api_url"], requests_config=tls)
+    history = other.execute(f"DocumentReference/{pointer_id}/_history", method="get")
+    construct_fhir_element("Bundle", history)
+    if history["type"] != "history":
+        sys.exit(f"_history answered a {history['type']} Bundle")
+    versions = [e["resource"]["meta"]["versionId"] for e in history["entry"]]
+    if len(versions) < 2 or versions != sorted(versions, key=int, reverse=True):
+        sys.exit(f"_history versions {versions}: expected at least two, newest first")
+    oldest = other.execute(f"DocumentReference/{pointer_id}/_history/{versions[-1]}", method="get")
+    construct_fhir_element("DocumentReference", oldest)
+    if oldest["meta"]["versionId"] != versions[-1]:
+        sys.exit(f"vread of version {versions[-1]} answered {oldest['meta']}")
+
+    # A search begun on node 2 and continued on node 3 with its next links.
+    page = client.resources("DocumentReference").search(subject__identifier=f"{NHS}|{nhs}").limit(1).fetch_raw()
+    paged = [e["resource"]["id"] for e in page["entry"]]
+    pages = 1
+    while True:
+        nexts = [l["url"] for l in page.get("link", []) if l["relation"] == "next"]
+        if not nexts:
+            break
+        token = nexts[0].split("next=", 1)[1]
+        page = other.execute("DocumentReference", method="get", params={"next": token})
+        construct_fhir_element("Bundle", page)
+        paged += [e["resource"]["id"] for e in page["entry"]]
+        pages += 1
+    if sorted(paged) != ids:
+        sys.exit(f"paging across nodes found {sorted(paged)}, not {ids}")
+    print(f"fhir: {validated} resources valid FHIR R4 ({', '.join(checked)}); fhirpy found {len(ids)} pointers over pages of 1 and read {pointer_id}; "
+          f"read its {len(versions)} versions and version {versions[-1]} on another node; paged {pages} pages from node 2 to node 3")
 
 
 if __name__ == "__main__":

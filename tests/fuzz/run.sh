@@ -11,9 +11,9 @@ command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR="${HIE_FUZZ_TARGET_DIR:-$HOME/.cache/hie-fuzz-target}"
 unset CARGO_INCREMENTAL
-for target in nhs_number document_reference search_params; do
+for target in nhs_number document_reference search_params search_body; do
   mkdir -p "corpus/$target"
-  cp seeds/"$target".* "corpus/$target/" 2>/dev/null || true
+  cp seeds/"$target"* "corpus/$target/" 2>/dev/null || true
   echo "fuzzing $target for $SECONDS_EACH s"
   cargo fuzz run --fuzz-dir . "$target" "corpus/$target" -- -max_total_time="$SECONDS_EACH" -max_len=65536 2>&1 \
     | grep -E "^(#[0-9]+.*DONE|Done|==[0-9]+==|SUMMARY|thread .* panicked)" || true

@@ -21,6 +21,10 @@ async fn put(http: &reqwest::Client, url: &str, body: &Value, if_match: Option<&
     reply(r).await
 }
 
+fn next_link(bundle: &Value) -> Option<String> {
+    bundle["link"].as_array()?.iter().find(|l| l["relation"] == "next")?["url"].as_str().map(str::to_owned)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_behaves_as_the_contract_says() -> anyhow::Result<()> {
     let c = Cluster::up(&["--patients", "0"])?;
@@ -73,11 +77,11 @@ async fn every_endpoint_behaves_as_the_contract_says() -> anyhow::Result<()> {
     let dup = create_pointer(&gp, &n3, &pointer_body(&patient, "A81001", "contract-1")).await?;
     assert_eq!((dup.status, dup.code()), (409, "DUPLICATE_REJECTED"));
 
-    // update: If-Match missing, stale, weak and strong forms
+    // update: stale, weak and strong forms of If-Match, and none (NRL's
+    // unconditional update)
     let mut changed = read.body.clone();
     changed["content"][0]["attachment"]["url"] = json!("https://a81001.example.nhs.uk/r/contract-1-v2");
     let url = format!("{n1}/DocumentReference/{id}");
-    assert_eq!(put(&gp, &url, &changed, None).await?.status, 428);
     let stale = put(&gp, &url, &changed, Some("W/\"9\"")).await?;
     assert_eq!((stale.status, stale.code()), (412, "VERSION_CONFLICT"));
     let v2 = put(&gp, &url, &changed, Some("W/\"1\"")).await?;
@@ -86,11 +90,13 @@ async fn every_endpoint_behaves_as_the_contract_says() -> anyhow::Result<()> {
     let v3 = put(&gp, &url, &changed, Some("\"2\"")).await?;
     assert_eq!(v3.status, 200);
     assert_eq!(v3.body["meta"]["versionId"], "3");
+    let v4 = put(&gp, &url, &changed, None).await?;
+    assert_eq!((v4.status, v4.header("etag")), (200, Some("W/\"4\"")), "{}", v4.body);
     let mut immutable = changed.clone();
     immutable["type"]["coding"][0]["code"] = json!("736373009");
-    let r = put(&gp, &url, &immutable, Some("W/\"3\"")).await?;
+    let r = put(&gp, &url, &immutable, Some("W/\"4\"")).await?;
     assert_eq!((r.status, r.code()), (400, "INVALID_RESOURCE"));
-    let r = put(&mh, &url, &changed, Some("W/\"3\"")).await?;
+    let r = put(&mh, &url, &changed, Some("W/\"4\"")).await?;
     assert_eq!((r.status, r.code()), (403, "AUTHOR_CREDENTIALS_ERROR"), "another organisation cannot change it");
     let again = get(&consumer, &format!("{n2}/DocumentReference/{id}")).await?;
     assert_eq!(again.body["content"][0]["attachment"]["url"], "https://a81001.example.nhs.uk/r/contract-1-v2");
@@ -146,7 +152,7 @@ async fn every_endpoint_behaves_as_the_contract_says() -> anyhow::Result<()> {
     assert_eq!(s.body["entry"].as_array().unwrap().len(), 2);
     let mut seen: Vec<String> =
         s.body["entry"].as_array().unwrap().iter().map(|e| e["resource"]["id"].as_str().unwrap().to_owned()).collect();
-    let mut next = s.body["link"][0]["url"].as_str().map(str::to_owned);
+    let mut next = next_link(&s.body);
     while let Some(url) = next {
         assert!(!url.contains(&patient), "no NHS Number in a next link");
         let page = get(&consumer, &url).await?;
@@ -155,7 +161,7 @@ async fn every_endpoint_behaves_as_the_contract_says() -> anyhow::Result<()> {
         seen.extend(
             page.body["entry"].as_array().unwrap().iter().map(|e| e["resource"]["id"].as_str().unwrap().to_owned()),
         );
-        next = page.body["link"][0]["url"].as_str().map(str::to_owned);
+        next = next_link(&page.body);
     }
     seen.sort();
     seen.dedup();
@@ -190,17 +196,17 @@ async fn every_endpoint_behaves_as_the_contract_says() -> anyhow::Result<()> {
 
     // The registry is data: an operator registers a type and allows it to a
     // producer, without a restart; before that the producer is refused.
-    const END_OF_LIFE: &str = "861421000000109";
+    const TEST_TYPE: &str = "1234567000";
     let op = c.http("operator");
     let admin = |path: &str| format!("{}{path}", n2.trim_end_matches("/fhir"));
     let r = reply(op.put(admin("/admin/pointer-types")).json(&json!({
-        "code": END_OF_LIFE, "display": "End of life care coordination summary",
+        "code": TEST_TYPE, "display": "A pointer type for this test",
         "category": "734163000", "category_display": "Care plan"
     })))
     .await?;
     assert_eq!(r.status, 200, "{}", r.body);
     let mut eol = pointer_body(&patient, "A81001", "contract-eol");
-    eol["type"]["coding"][0]["code"] = json!(END_OF_LIFE);
+    eol["type"]["coding"][0]["code"] = json!(TEST_TYPE);
     let r = create_pointer(&gp, &n3, &eol).await?;
     assert_eq!(
         (r.status, r.code()),
@@ -208,7 +214,7 @@ async fn every_endpoint_behaves_as_the_contract_says() -> anyhow::Result<()> {
         "a registered type the producer is not allowed"
     );
     let r = reply(op.put(admin("/admin/producers/A81001")).json(&json!({
-        "pointer_types": ["http://snomed.info/sct|736253002", "http://snomed.info/sct|736373009", format!("http://snomed.info/sct|{END_OF_LIFE}")]
+        "pointer_types": ["http://snomed.info/sct|736253002", "http://snomed.info/sct|736373009", format!("http://snomed.info/sct|{TEST_TYPE}")]
     })))
     .await?;
     assert_eq!(r.status, 200, "{}", r.body);

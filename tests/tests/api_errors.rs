@@ -125,9 +125,47 @@ async fn bad_input_gets_a_clear_operation_outcome_and_changes_nothing() -> anyho
             "gp-practice-a",
             "POST",
             "/DocumentReference".into(),
-            with(&|v| v["type"]["coding"][0]["code"] = json!("861421000000109")),
+            with(&|v| v["type"]["coding"][0]["code"] = json!("1234567000")),
             400,
             "INVALID_RESOURCE",
+        ),
+        case(
+            "an element FHIR R4 does not define",
+            "gp-practice-a",
+            "POST",
+            "/DocumentReference".into(),
+            with(&|v| v["content"][0]["attachment"]["colour"] = json!("red")),
+            400,
+            "INVALID_RESOURCE",
+        ),
+        case(
+            "a modifierExtension hie does not understand",
+            "gp-practice-a",
+            "POST",
+            "/DocumentReference".into(),
+            with(&|v| {
+                v["modifierExtension"] = json!([{ "url": "https://example.org/fhir/not-really", "valueBoolean": true }])
+            }),
+            400,
+            "INVALID_RESOURCE",
+        ),
+        case(
+            "an ssp:// URL without a Spine ASID",
+            "gp-practice-a",
+            "POST",
+            "/DocumentReference".into(),
+            with(&|v| v["content"][0]["attachment"]["url"] = json!("ssp://a81001.example.nhs.uk/records/1")),
+            400,
+            "INVALID_RESOURCE",
+        ),
+        case(
+            "a malformed next-page-token",
+            "ambulance-service",
+            "GET",
+            "/DocumentReference?next-page-token=not%2Fa%2Ftoken".into(),
+            Value::Null,
+            400,
+            "INVALID_PARAMETER",
         ),
         case(
             "invalid NHS Number in a search",
@@ -228,6 +266,17 @@ async fn bad_input_gets_a_clear_operation_outcome_and_changes_nothing() -> anyho
     );
     ct.content_type = "text/plain";
     cases.push(ct);
+    let mut not_object = case(
+        "a JSON _search body that is not an object",
+        "ambulance-service",
+        "POST",
+        "/DocumentReference/_search".into(),
+        json!(["subject:identifier", "https://fhir.nhs.uk/Id/nhs-number|9000000009"]),
+        400,
+        "MESSAGE_NOT_WELL_FORMED",
+    );
+    not_object.content_type = "application/json";
+    cases.push(not_object);
     let mut rid = case(
         "bad X-Request-ID",
         "ambulance-service",

@@ -1,5 +1,6 @@
 //! What the API returns validates as FHIR R4 with a real FHIR library, and a
-//! stock FHIR client can search (following `next` links) and read pointers.
+//! stock FHIR client can search (following `next` links, from one node to
+//! another), read pointers, their history and one version.
 //! Runs `tests/fhir/check.py` with the Python environment `tests/run.sh`
 //! prepares (`HIE_FHIR_PYTHON`).
 
@@ -34,6 +35,16 @@ async fn responses_are_valid_fhir_r4_and_a_stock_client_works() -> anyhow::Resul
     let r = create_pointer(&gp, &c.api_url(1), &replacement).await?;
     assert_eq!(r.status, 201);
     let current = r.body["id"].as_str().unwrap().to_owned();
+    // A second version of it, for the history check.
+    let mut v2 = r.body.clone();
+    v2["description"] = serde_json::json!("Reviewed with the patient");
+    let r = reply(
+        gp.put(format!("{}/DocumentReference/{current}", c.api_url(1)))
+            .header("content-type", "application/fhir+json")
+            .json(&v2),
+    )
+    .await?;
+    assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(create_pointer(&mh, &c.api_url(1), &pointer_body(&patient, "RV3", "fhir-3")).await?.status, 201);
     // The check reads node 2: wait until it has applied everything.
     c.wait_converged(&c.node_ids(), Duration::from_secs(10)).await?;

@@ -83,9 +83,10 @@ pub(crate) async fn record_accesses(
     log: &AuditLog,
     accesses: Vec<Slotted>,
     caller: &Caller,
-    request_id: &str,
+    ids: (&str, Option<&str>),
     resp: Response,
 ) -> Response {
+    let (request_id, correlation_id) = ids;
     let roles: Vec<&str> = caller.roles.iter().map(|r| r.as_str()).collect();
     let last = accesses.len().saturating_sub(1);
     let mut change = false;
@@ -97,6 +98,7 @@ pub(crate) async fn record_accesses(
             caller_ods: caller.ods.as_str(),
             caller_roles: roles.clone(),
             request_id,
+            correlation_id,
             node: &st.node_label,
             recorded: now(),
             status,

@@ -170,7 +170,7 @@ pub(crate) async fn envelope(
         }
     };
     if let (Some(log), Ok(c)) = (&st.audit, &caller) {
-        resp = record_accesses(&st, log, slot.take(), c, &request_id, resp).await;
+        resp = record_accesses(&st, log, slot.take(), c, (&request_id, correlation_id.as_deref()), resp).await;
     }
     let status = resp.status();
     let m = st.replica.metrics();

@@ -34,6 +34,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Forbidden(String),
+    /// A consumer's read of a pointer type it is not allowed.
+    #[error("{0}")]
+    AccessDenied(String),
     #[error("{0}")]
     Unauthenticated(String),
     #[error("{0}")]
@@ -74,6 +77,7 @@ impl ApiError {
             }
             NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "NO_RECORD_FOUND"),
             Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "AUTHOR_CREDENTIALS_ERROR"),
+            AccessDenied(_) => (StatusCode::FORBIDDEN, "forbidden", "ACCESS_DENIED"),
             Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "security", "ACCESS_DENIED"),
             Duplicate(_) => (StatusCode::CONFLICT, "duplicate", "DUPLICATE_REJECTED"),
             VersionConflict(_) => (StatusCode::PRECONDITION_FAILED, "conflict", "VERSION_CONFLICT"),
@@ -114,6 +118,25 @@ pub fn operation_outcome(severity: &str, issue_type: &str, code: &str, diagnosti
                 "code": code,
                 "display": code.replace('_', " ").to_lowercase(),
             }] },
+            "diagnostics": diagnostics,
+        }]
+    })
+}
+
+/// NRL's success codes, answered in an OperationOutcome.
+pub const NRL_RESPONSE_CODES: &str = "https://fhir.nhs.uk/ValueSet/NRL-ResponseCode";
+
+/// An OperationOutcome telling of a success in NRL's terms
+/// (`RESOURCE_CREATED`, `RESOURCE_SUPERSEDED`, `RESOURCE_UPDATED`, `RESOURCE_DELETED`).
+pub fn success_outcome(code: &str, diagnostics: &str) -> serde_json::Value {
+    let display = code.replace('_', " ").to_lowercase();
+    let display = display[..1].to_uppercase() + &display[1..];
+    json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{
+            "severity": "information",
+            "code": "informational",
+            "details": { "coding": [{ "system": NRL_RESPONSE_CODES, "code": code, "display": display }] },
             "diagnostics": diagnostics,
         }]
     })

@@ -28,6 +28,7 @@ mod limits;
 mod metadata;
 mod monitoring;
 mod operator;
+mod paging;
 mod patients;
 mod pointers;
 mod respond;

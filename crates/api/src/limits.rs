@@ -26,8 +26,7 @@ pub struct ApiLimits {
     pub rate_per_client_per_sec: u32,
     /// Requests a client may make in a burst above the sustained rate.
     pub rate_burst: u32,
-    /// Search continuation tokens held, and for how long.
-    pub cursors_max: usize,
+    /// How long a paging token may be used after its first page.
     pub cursor_ttl: Duration,
     pub request_id_len_max: usize,
     /// Most audit events each node returns for one "who looked" query.
@@ -51,7 +50,6 @@ impl Default for ApiLimits {
             tls_handshake_timeout: Duration::from_secs(5),
             rate_per_client_per_sec: 2000,
             rate_burst: 4000,
-            cursors_max: 10_000,
             cursor_ttl: Duration::from_secs(600),
             request_id_len_max: 200,
             audit_query_events_max: 1_000,

@@ -1,6 +1,7 @@
-//! `GET /metadata`: the CapabilityStatement of what this node supports.
+//! `GET /metadata` (the CapabilityStatement of what this node supports),
+//! the OperationDefinitions it links to, and `GET /_status`.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use hie_fhir::{self as fhir, FHIR_JSON};
@@ -15,11 +16,16 @@ use crate::router::St;
 /// Every caller with a valid certificate may read it (the envelope has
 /// checked that before this runs).
 pub(crate) async fn capability_statement(State(st): St, _ctx: RequestCtx) -> Result<Response, ApiError> {
+    let base = &st.config.base_url;
+    let token = |name: &str, doc: &str| json!({ "name": name, "type": "token", "documentation": doc });
     let search_params = json!([
-        { "name": "subject:identifier", "type": "token", "documentation": "https://fhir.nhs.uk/Id/nhs-number|<NHS Number> (required)" },
-        { "name": "type", "type": "token" },
-        { "name": "custodian:identifier", "type": "token" },
-        { "name": "_count", "type": "number" }
+        token("subject:identifier", "https://fhir.nhs.uk/Id/nhs-number|<NHS Number> (required)"),
+        token("type", "SNOMED CT pointer types, comma-separated for any of them"),
+        token("category", "SNOMED CT categories, comma-separated for any of them"),
+        token("custodian:identifier", "ODS codes of custodians, comma-separated for any of them"),
+        { "name": "_count", "type": "number", "documentation": format!("page size, default {}, at most {}", st.config.limits.page_size_default, st.config.limits.page_size_max) },
+        { "name": "_summary", "type": "token", "documentation": "count: the total only" },
+        { "name": "next-page-token", "type": "string", "documentation": "the paging token of a next link (also accepted as next)" }
     ]);
     let body = json!({
         "resourceType": "CapabilityStatement",
@@ -29,7 +35,7 @@ pub(crate) async fn capability_statement(State(st): St, _ctx: RequestCtx) -> Res
         "fhirVersion": "4.0.1",
         "format": [FHIR_JSON],
         "software": { "name": "hie", "version": env!("CARGO_PKG_VERSION") },
-        "implementation": { "description": "hie federated record locator node", "url": st.config.base_url },
+        "implementation": { "description": "hie federated record locator node", "url": base },
         "rest": [{
             "mode": "server",
             "security": { "description": "Mutual TLS: a client certificate from the cluster CA naming urn:hie:ods:<ODS> and urn:hie:role:<role> SAN URIs." },
@@ -41,11 +47,17 @@ pub(crate) async fn capability_statement(State(st): St, _ctx: RequestCtx) -> Res
                 {
                     "type": "DocumentReference",
                     "interaction": [
-                        { "code": "read" }, { "code": "create" }, { "code": "update" }, { "code": "delete" }, { "code": "search-type" }
+                        { "code": "read" }, { "code": "vread" }, { "code": "history-instance" }, { "code": "create" },
+                        { "code": "update", "documentation": "If-Match optional; without it an unconditional update" },
+                        { "code": "delete", "documentation": "removes the pointer and its history" },
+                        { "code": "search-type", "documentation": "GET, or POST _search with a form or a JSON object" }
                     ],
-                    "versioning": "versioned-update",
+                    "versioning": "versioned",
+                    "readHistory": true,
                     "updateCreate": true,
                     "conditionalCreate": false,
+                    "conditionalUpdate": false,
+                    "conditionalDelete": "not-supported",
                     "searchParam": search_params
                 },
                 {
@@ -54,11 +66,67 @@ pub(crate) async fn capability_statement(State(st): St, _ctx: RequestCtx) -> Res
                     "documentation": "consent-authority only: provision.type deny opts the patient out, permit opts back in"
                 },
                 {
+                    "type": "AuditEvent",
+                    "interaction": [{ "code": "search-type" }],
+                    "searchParam": [
+                        token("entity.identifier", "https://fhir.nhs.uk/Id/nhs-number|<NHS Number> (required)"),
+                        { "name": "date", "type": "date", "documentation": "ge and le prefixes" }
+                    ],
+                    "documentation": "patient-access and consent-authority only: every node's events for the patient"
+                },
+                {
                     "type": "Patient",
-                    "operation": [{ "name": "record-holders", "definition": format!("{}/OperationDefinition/record-holders", st.config.base_url) }]
+                    "operation": [{ "name": "record-holders", "definition": format!("{base}/OperationDefinition/record-holders") }]
                 }
             ]
         }]
     });
     Ok(fhir_json(StatusCode::OK, &body))
+}
+
+/// `GET /OperationDefinition/{name}`: the definitions the
+/// CapabilityStatement links to.
+pub(crate) async fn operation_definition(
+    State(st): St,
+    _ctx: RequestCtx,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let base = &st.config.base_url;
+    let body = match name.as_str() {
+        "record-holders" => json!({
+            "resourceType": "OperationDefinition",
+            "id": "record-holders",
+            "url": format!("{base}/OperationDefinition/record-holders"),
+            "name": "RecordHolders",
+            "status": "active",
+            "kind": "operation",
+            "code": "record-holders",
+            "description": "The organisations holding record pointers for the patient that the caller may see, with how many each.",
+            "resource": ["Patient"],
+            "system": false,
+            "type": false,
+            "instance": true,
+            "affectsState": false,
+            "parameter": [{
+                "name": "holder", "use": "out", "min": 0, "max": "*",
+                "part": [
+                    { "name": "organization", "use": "out", "min": 1, "max": "1", "type": "Identifier" },
+                    { "name": "pointers", "use": "out", "min": 1, "max": "1", "type": "integer" }
+                ]
+            }]
+        }),
+        _ => return Err(ApiError::NotFound("no such OperationDefinition".into())),
+    };
+    Ok(fhir_json(StatusCode::OK, &body))
+}
+
+/// `GET /_status` (NRLF's health check): 200 when this node can serve
+/// reads and has a leader with a quorum; 503 otherwise. Needs a client
+/// certificate like every API call.
+pub(crate) async fn status(State(st): St, _ctx: RequestCtx) -> Result<Response, ApiError> {
+    let f = st.replica.freshness();
+    if f.stale {
+        return Err(ApiError::NoQuorum { reason: "this node has no contact with a quorum".into() });
+    }
+    Ok(fhir_json(StatusCode::OK, &crate::error::success_outcome("OK", "this node can serve")))
 }

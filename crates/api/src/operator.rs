@@ -1,13 +1,13 @@
 //! The operator's routes on the API listener (`/admin/*`, the `operator`
 //! role): cluster status and digest, membership changes, snapshots, backups
-//! and the replicated registry of pointer types and producers.
+//! and the replicated registry of pointer types, producers and consumers.
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use hie_domain::raft::NodeInfo;
-use hie_domain::{Command, CommandV1, OdsCode, PointerType, Role, SnomedCode};
+use hie_domain::{Command, CommandV1, OdsCode, PointerType, ProducerPermission, Role, SnomedCode};
 use hie_replica::MembershipError;
 use serde::Deserialize;
 use serde_json::json;
@@ -127,10 +127,25 @@ pub(crate) async fn put_pointer_type(
     Ok(Json(json!({ "pointer_type": t.code })).into_response())
 }
 
+fn snomed_codes(types: &[String]) -> Result<Vec<SnomedCode>, ApiError> {
+    types
+        .iter()
+        .map(|t| SnomedCode::parse(t.strip_prefix(&format!("{}|", SnomedCode::SYSTEM)).unwrap_or(t)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::InvalidResource(e.to_string()))
+}
+
+fn ods_param(ods: &str) -> Result<OdsCode, ApiError> {
+    OdsCode::parse(ods).map_err(|e| ApiError::InvalidParameter(e.to_string()))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ProducerIn {
     pointer_types: Vec<String>,
+    /// `migration`: the producer's own `date` is kept.
+    #[serde(default)]
+    permissions: Vec<String>,
 }
 
 pub(crate) async fn put_producer(
@@ -140,14 +155,69 @@ pub(crate) async fn put_producer(
     JsonBody(p): JsonBody<ProducerIn>,
 ) -> Result<Response, ApiError> {
     ctx.require(Role::Operator)?;
-    let ods = OdsCode::parse(&ods).map_err(|e| ApiError::InvalidParameter(e.to_string()))?;
-    let types = p
-        .pointer_types
+    let ods = ods_param(&ods)?;
+    let types = snomed_codes(&p.pointer_types)?;
+    let permissions = p
+        .permissions
         .iter()
-        .map(|t| SnomedCode::parse(t.strip_prefix(&format!("{}|", SnomedCode::SYSTEM)).unwrap_or(t)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ApiError::InvalidResource(e.to_string()))?;
-    let cmd = Command::V1(CommandV1::SetProducerTypes { caller: ctx.caller.clone(), ods: ods.clone(), types });
+        .map(|s| {
+            ProducerPermission::parse(s).ok_or_else(|| {
+                ApiError::InvalidResource(format!("unknown permission {s:?} (known: migration)"))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let cmd =
+        Command::V1(CommandV1::SetProducerTypes { caller: ctx.caller.clone(), ods: ods.clone(), types, permissions });
     run_write(&st, &ctx, cmd).await?;
-    Ok(Json(json!({ "producer": ods.as_str(), "pointer_types": p.pointer_types })).into_response())
+    Ok(Json(json!({ "producer": ods.as_str(), "pointer_types": p.pointer_types, "permissions": p.permissions }))
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ConsumerIn {
+    /// The types the consumer may read; `null` lifts the restriction.
+    pointer_types: Option<Vec<String>>,
+}
+
+/// `PUT /admin/consumers/{ods}`: restrict a consumer to some pointer types
+/// (or, with `null`, let it read every type again).
+pub(crate) async fn put_consumer(
+    State(st): St,
+    ctx: RequestCtx,
+    Path(ods): Path<String>,
+    JsonBody(c): JsonBody<ConsumerIn>,
+) -> Result<Response, ApiError> {
+    ctx.require(Role::Operator)?;
+    let ods = ods_param(&ods)?;
+    let types = c.pointer_types.as_deref().map(snomed_codes).transpose()?;
+    let cmd = Command::V1(CommandV1::SetConsumerTypes { caller: ctx.caller.clone(), ods: ods.clone(), types });
+    run_write(&st, &ctx, cmd).await?;
+    Ok(Json(json!({ "consumer": ods.as_str(), "pointer_types": c.pointer_types })).into_response())
+}
+
+/// `GET /admin/registry`: the pointer types, producers and consumers.
+pub(crate) async fn registry(State(st): St, ctx: RequestCtx) -> Result<Response, ApiError> {
+    ctx.require(Role::Operator)?;
+    let r = st.replica.registry().await?;
+    let codes = |v: &[SnomedCode]| v.iter().map(|c| c.as_str().to_owned()).collect::<Vec<_>>();
+    let types: Vec<_> = r
+        .types
+        .iter()
+        .map(|t| json!({ "code": t.code.as_str(), "display": t.display, "category": t.category.as_str(), "category_display": t.category_display }))
+        .collect();
+    let producers: serde_json::Map<String, serde_json::Value> = r
+        .producers
+        .iter()
+        .map(|(ods, p)| {
+            let permissions: Vec<&str> = p.permissions.iter().map(|p| p.as_str()).collect();
+            (ods.as_str().to_owned(), json!({ "pointer_types": codes(&p.allowed_types), "permissions": permissions }))
+        })
+        .collect();
+    let consumers: serde_json::Map<String, serde_json::Value> = r
+        .consumers
+        .iter()
+        .map(|(ods, c)| (ods.as_str().to_owned(), json!({ "pointer_types": codes(&c.allowed_types) })))
+        .collect();
+    Ok(Json(json!({ "pointer_types": types, "producers": producers, "consumers": consumers })).into_response())
 }

@@ -6,14 +6,16 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hie_audit::Action;
+use std::sync::Arc;
+
 use hie_domain::{
-    Caller, Command, CommandV1, Outcome, PointerId, PointerStatus, Purpose, RecordPointer, Role, Timestamp,
+    Caller, Command, CommandV1, Outcome, PointerId, PointerStatus, Purpose, RecordPointer, Role, Timestamp, Visibility,
 };
 use hie_fhir as fhir;
 
 use crate::audit_slot::{AuditSlot, access, now};
 use crate::envelope::RequestCtx;
-use crate::error::{ApiError, operation_outcome};
+use crate::error::{ApiError, success_outcome};
 use crate::respond::{FhirBody, consistency, etag, fhir_json, fhir_text, path_id, with_freshness};
 use crate::router::{AppState, St};
 
@@ -22,23 +24,29 @@ fn prefer(headers: &HeaderMap) -> &str {
 }
 
 /// The answer to a create or an update: the pointer (or what `Prefer`
-/// asks for), its `ETag` and the `Location` of this version.
-fn written(status: StatusCode, st: &AppState, headers: &HeaderMap, p: &RecordPointer) -> Response {
+/// asks for: nothing, or an OperationOutcome with NRL's success code), its
+/// `ETag` and the `Location` of this version.
+fn written(st: &AppState, headers: &HeaderMap, outcome: Outcome) -> Result<Response, ApiError> {
+    let (status, code, p) = match outcome {
+        Outcome::Created { pointer, superseded: None } => (StatusCode::CREATED, "RESOURCE_CREATED", pointer),
+        Outcome::Created { pointer, superseded: Some(_) } => (StatusCode::CREATED, "RESOURCE_SUPERSEDED", pointer),
+        Outcome::Updated { pointer } => (StatusCode::OK, "RESOURCE_UPDATED", pointer),
+        other => return Err(unexpected(other)),
+    };
     let location = format!("{}/DocumentReference/{}/_history/{}", st.config.base_url, p.id.as_str(), p.version);
     let mut resp = match prefer(headers) {
         "return=minimal" => status.into_response(),
-        "return=OperationOutcome" => fhir_json(
-            status,
-            &operation_outcome("information", "informational", "RESOURCE_CREATED", &format!("pointer {} stored", p.id)),
-        ),
-        _ => fhir_text(status, fhir::document_reference(p)),
+        "return=OperationOutcome" => {
+            fhir_json(status, &success_outcome(code, &format!("pointer {} version {} stored", p.id, p.version)))
+        }
+        _ => fhir_text(status, fhir::document_reference(&p)),
     };
     let h = resp.headers_mut();
     h.insert(header::ETAG, etag(p.version));
     if let Ok(v) = HeaderValue::from_str(&location) {
         h.insert(header::LOCATION, v);
     }
-    resp
+    Ok(resp)
 }
 
 /// Sends a command through Raft; a rejection becomes its error.
@@ -87,10 +95,8 @@ pub(crate) async fn create(
     new_pointer(&mut pointer, &ctx.caller, now())?;
     ctx.audit.resource(format!("DocumentReference/{}", pointer.id));
     let cmd = Command::V1(CommandV1::CreatePointer { caller: ctx.caller.clone(), pointer });
-    match run_write(&st, &ctx, cmd).await? {
-        Outcome::Created { pointer } => Ok(written(StatusCode::CREATED, &st, &headers, &pointer)),
-        other => Err(unexpected(other)),
-    }
+    let outcome = run_write(&st, &ctx, cmd).await?;
+    written(&st, &headers, outcome)
 }
 
 /// A batch's entries on their way through Raft.
@@ -139,7 +145,7 @@ fn plan_batch(parsed: fhir::BatchIn, caller: &Caller, slot: &AuditSlot) -> Batch
 /// The answer to one create of a batch.
 fn batch_entry(outcome: Outcome, slot: &AuditSlot, a: usize) -> fhir::BatchEntryOut {
     let e = match outcome {
-        Outcome::Created { pointer } => {
+        Outcome::Created { pointer, .. } => {
             slot.outcome(a, StatusCode::CREATED, None);
             return fhir::BatchEntryOut {
                 status: "201 Created".into(),
@@ -201,7 +207,9 @@ fn parse_if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 }
 
 /// `PUT /DocumentReference/{id}`: an update of an existing pointer, or a
-/// create with the producer's own id.
+/// create with the producer's own id. Which of the two is decided where
+/// the command is applied, from the replicated state: never from this
+/// node's view, which may not have applied the pointer's create yet.
 pub(crate) async fn update(
     State(st): St,
     ctx: RequestCtx,
@@ -209,37 +217,45 @@ pub(crate) async fn update(
     headers: HeaderMap,
     FhirBody(body): FhirBody,
 ) -> Result<Response, ApiError> {
-    ctx.require(Role::Producer)?;
     let id = path_id(&id)?;
-    let parsed = fhir::parse_document_reference(&body)?;
-    if parsed.id.as_ref() != Some(&id) {
-        return Err(ApiError::InvalidResource("the body's id must equal the id in the URL".into()));
-    }
+    put_pointer(&st, &ctx, Some(id), &headers, &body).await
+}
+
+/// `PUT /DocumentReference` with the id in the body: NRLF's upsert, the
+/// same as a PUT to the pointer's own URL.
+pub(crate) async fn upsert(
+    State(st): St,
+    ctx: RequestCtx,
+    headers: HeaderMap,
+    FhirBody(body): FhirBody,
+) -> Result<Response, ApiError> {
+    put_pointer(&st, &ctx, None, &headers, &body).await
+}
+
+async fn put_pointer(
+    st: &AppState,
+    ctx: &RequestCtx,
+    path_id: Option<PointerId>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    ctx.require(Role::Producer)?;
+    let if_match = parse_if_match(headers)?;
+    let parsed = fhir::parse_document_reference(body)?;
+    let id = match (path_id, parsed.id) {
+        (Some(path), Some(body)) if path == body => path,
+        (Some(_), _) => return Err(ApiError::InvalidResource("the body's id must equal the id in the URL".into())),
+        (None, Some(body)) => body,
+        (None, None) => return Err(ApiError::InvalidResource("a PUT needs the pointer's id in the body".into())),
+    };
     let mut pointer = parsed.pointer;
     ctx.audit.set(&pointer.subject, Action::Update, "update", &Purpose::DirectCare);
     ctx.audit.resource(format!("DocumentReference/{id}"));
-    pointer.id = id.clone();
-    let at = now();
-    if st.replica.stored_pointer(&id).await?.is_some() {
-        let if_match = parse_if_match(&headers)?.ok_or(ApiError::PreconditionRequired)?;
-        pointer.updated = at;
-        let cmd = Command::V1(CommandV1::UpdatePointer { caller: ctx.caller.clone(), pointer, if_match });
-        return match run_write(&st, &ctx, cmd).await? {
-            Outcome::Updated { pointer } => Ok(written(StatusCode::OK, &st, &headers, &pointer)),
-            other => Err(unexpected(other)),
-        };
-    }
-    if id.custodian() != ctx.caller.ods {
-        return Err(ApiError::Forbidden("a producer may only choose ids beginning with its own ODS code".into()));
-    }
-    pointer.version = 1;
-    pointer.created = at;
-    pointer.updated = at;
-    let cmd = Command::V1(CommandV1::CreatePointer { caller: ctx.caller.clone(), pointer });
-    match run_write(&st, &ctx, cmd).await? {
-        Outcome::Created { pointer } => Ok(written(StatusCode::CREATED, &st, &headers, &pointer)),
-        other => Err(unexpected(other)),
-    }
+    pointer.id = id;
+    pointer.updated = now();
+    let cmd = Command::V1(CommandV1::PutPointer { caller: ctx.caller.clone(), pointer, if_match });
+    let outcome = run_write(st, ctx, cmd).await?;
+    written(st, headers, outcome)
 }
 
 pub(crate) async fn delete(State(st): St, ctx: RequestCtx, Path(id): Path<String>) -> Result<Response, ApiError> {
@@ -251,10 +267,20 @@ pub(crate) async fn delete(State(st): St, ctx: RequestCtx, Path(id): Path<String
     }
     let cmd = Command::V1(CommandV1::DeletePointer { caller: ctx.caller.clone(), id: id.clone(), at: now() });
     run_write(&st, &ctx, cmd).await?;
-    Ok(fhir_json(
-        StatusCode::OK,
-        &operation_outcome("information", "informational", "RESOURCE_DELETED", &format!("pointer {id} deleted")),
-    ))
+    Ok(fhir_json(StatusCode::OK, &success_outcome("RESOURCE_DELETED", &format!("pointer {id} deleted"))))
+}
+
+/// The answer for a pointer the reader may not see: 404, as for none (a
+/// hidden pointer's existence is not told), or 403 for a type the
+/// consumer is not allowed.
+fn refuse(visibility: Visibility, id: &PointerId) -> Result<(), ApiError> {
+    match visibility {
+        Visibility::Visible => Ok(()),
+        Visibility::Hidden => Err(ApiError::NotFound(format!("no pointer {id}"))),
+        Visibility::TypeNotAllowed => {
+            Err(ApiError::AccessDenied(format!("the caller may not read pointer {id}: its type is not permitted")))
+        }
+    }
 }
 
 /// `GET /DocumentReference/{id}`: one pointer, if the caller may see it
@@ -273,10 +299,70 @@ pub(crate) async fn read(
     let read = st.replica.pointer(&reader, &purpose, &id).await?.ok_or_else(not_found)?;
     ctx.audit.set(&read.pointer.subject, Action::Read, "read", &purpose);
     ctx.audit.resource(format!("DocumentReference/{id}"));
-    if !read.visible {
-        return Err(not_found());
-    }
+    refuse(read.visibility, &id)?;
     let mut resp = fhir_text(StatusCode::OK, fhir::document_reference(&read.pointer));
     resp.headers_mut().insert(header::ETAG, etag(read.pointer.version));
+    Ok(with_freshness(resp, &st.replica))
+}
+
+/// `GET /DocumentReference/{id}/_history` (every kept version, newest
+/// first) and `.../_history/{vid}` (one version), for whoever may read the
+/// pointer.
+pub(crate) async fn history(
+    State(st): St,
+    ctx: RequestCtx,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    read_history(st, ctx, id, None, headers).await
+}
+
+pub(crate) async fn version(
+    State(st): St,
+    ctx: RequestCtx,
+    Path((id, vid)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let vid: u64 = vid.parse().map_err(|_| ApiError::NotFound(format!("no version {}", printable(&vid))))?;
+    read_history(st, ctx, id, Some(vid), headers).await
+}
+
+fn printable(s: &str) -> String {
+    s.chars().filter(|c| c.is_ascii_alphanumeric()).take(20).collect()
+}
+
+async fn read_history(
+    st: Arc<AppState>,
+    ctx: RequestCtx,
+    id: String,
+    vid: Option<u64>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let reader = ctx.reader()?;
+    let id = path_id(&id)?;
+    let purpose = ctx.read_purpose(&st)?;
+    consistency(&headers, &st.replica).await?;
+    // Every kept version: the current one and the past ones.
+    let limit = usize::try_from(RecordPointer::PAST_VERSIONS_MAX).unwrap_or(usize::MAX).saturating_add(1);
+    let read = st.replica.history(&reader, &purpose, &id, vid, limit).await?;
+    let read = read.ok_or_else(|| ApiError::NotFound(format!("no pointer {id}")))?;
+    let subject = read.versions.first().map(|p| p.subject);
+    if let Some(subject) = &subject {
+        ctx.audit.set(subject, Action::Read, if vid.is_some() { "vread" } else { "history-instance" }, &purpose);
+    }
+    ctx.audit.resource(format!("DocumentReference/{id}"));
+    refuse(read.visibility, &id)?;
+    let resp = match vid {
+        Some(v) => {
+            let p = read.versions.first().ok_or_else(|| ApiError::NotFound(format!("no version {v} of pointer {id}")))?;
+            let mut resp = fhir_text(StatusCode::OK, fhir::document_reference(p));
+            resp.headers_mut().insert(header::ETAG, etag(p.version));
+            resp
+        }
+        None => {
+            let self_url = format!("{}/DocumentReference/{id}/_history", st.config.base_url);
+            fhir_text(StatusCode::OK, fhir::history(&st.config.base_url, &read.versions, &self_url))
+        }
+    };
     Ok(with_freshness(resp, &st.replica))
 }

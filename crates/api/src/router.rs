@@ -2,7 +2,7 @@
 //! of the API listener (FHIR routes under `/fhir`, the operator's under
 //! `/admin`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::extract::State;
@@ -13,7 +13,6 @@ use hie_replica::Replica;
 
 use crate::error::ApiError;
 use crate::limits::RateLimiter;
-use crate::search::Cursors;
 use crate::server::ApiConfig;
 use crate::{audit_events, consent, envelope, metadata, operator, patients, pointers, search};
 
@@ -26,7 +25,8 @@ pub(crate) struct AppState {
     pub(crate) event_ids: hie_audit::EventIds,
     pub(crate) config: ApiConfig,
     pub(crate) limiter: RateLimiter,
-    pub(crate) cursors: Mutex<Cursors>,
+    /// The cluster's paging-token key, once read from the replicated state.
+    pub(crate) paging_key: OnceLock<crate::paging::PagingKey>,
 }
 
 pub(crate) type St = State<Arc<AppState>>;
@@ -35,7 +35,7 @@ pub(crate) fn router(config: ApiConfig, replica: Arc<Replica>, audit: Option<Arc
     let limits = &config.limits;
     let state = Arc::new(AppState {
         limiter: RateLimiter::new(limits.rate_per_client_per_sec, limits.rate_burst),
-        cursors: Mutex::new(Cursors::default()),
+        paging_key: OnceLock::new(),
         node_label: format!("node-{} ({})", replica.id(), replica.node().region),
         event_ids: hie_audit::EventIds::new(replica.id()),
         replica,
@@ -45,10 +45,12 @@ pub(crate) fn router(config: ApiConfig, replica: Arc<Replica>, audit: Option<Arc
     Router::new()
         .route("/fhir/metadata", get(metadata::capability_statement))
         .route("/fhir", post(pointers::batch))
-        .route("/fhir/DocumentReference", post(pointers::create).get(search::search_get))
+        .route("/fhir/DocumentReference", post(pointers::create).get(search::search_get).put(pointers::upsert))
         .route("/fhir/DocumentReference/_search", post(search::search_post))
         .route("/fhir/DocumentReference/_count", get(search::count))
         .route("/fhir/DocumentReference/{id}", get(pointers::read).put(pointers::update).delete(pointers::delete))
+        .route("/fhir/DocumentReference/{id}/_history", get(pointers::history))
+        .route("/fhir/DocumentReference/{id}/_history/{vid}", get(pointers::version))
         .route("/fhir/Patient/{nhs}/$record-holders", get(patients::record_holders))
         .route("/fhir/Consent", post(consent::consent))
         .route("/fhir/AuditEvent", get(audit_events::audit_events))
@@ -61,6 +63,11 @@ pub(crate) fn router(config: ApiConfig, replica: Arc<Replica>, audit: Option<Arc
         .route("/admin/backup", get(operator::backup))
         .route("/admin/pointer-types", put(operator::put_pointer_type))
         .route("/admin/producers/{ods}", put(operator::put_producer))
+        .route("/admin/consumers/{ods}", put(operator::put_consumer))
+        .route("/admin/registry", get(operator::registry))
+        .route("/fhir/OperationDefinition/{name}", get(metadata::operation_definition))
+        .route("/_status", get(metadata::status))
+        .route("/fhir/_status", get(metadata::status))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), envelope::envelope))
         .with_state(state)

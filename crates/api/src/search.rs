@@ -1,72 +1,25 @@
 //! Searches of a patient's pointers: `GET /DocumentReference`, `POST
-//! /DocumentReference/_search` (a form, keeping NHS Numbers out of URLs),
-//! and `GET /DocumentReference/_count`; pages by key with continuation
-//! tokens that never carry the NHS Number.
-
-use std::collections::HashMap;
-use std::time::Instant;
+//! /DocumentReference/_search` (a form, or NRLF's JSON object, keeping NHS
+//! Numbers out of URLs), and `GET /DocumentReference/_count`; pages by key
+//! with sealed paging tokens (see [`crate::paging`]) that any node
+//! continues and that never carry the NHS Number in clear.
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::Response;
 use hie_audit::Action;
 use hie_domain::query::{Search, SearchFilter, SearchPage};
-use hie_domain::{NhsNumber, OdsCode, PointerId};
-use hie_fhir::{self as fhir, SearchLimits, parse_query, parse_search};
+use hie_domain::{CommandV1, NhsNumber, OdsCode, PointerId, SnomedCode};
+use hie_fhir::{self as fhir, SearchLimits, SearchParams, parse_json_search, parse_query, parse_search};
 use serde_json::json;
 
+use crate::audit_slot::now;
 use crate::envelope::RequestCtx;
 use crate::error::ApiError;
+use crate::paging::{self, Cursor, TokenError};
 use crate::respond::{BodyKind, consistency, fhir_json, fhir_text, read_body, with_freshness};
 use crate::router::{AppState, St};
-
-/// Continuation tokens: opaque ids standing for a search and the position
-/// after its last page, so no NHS Number ever appears in a URL. Held on
-/// this node for `cursor_ttl`, at most `cursors_max`.
-#[derive(Default)]
-pub(crate) struct Cursors {
-    entries: HashMap<String, (Instant, Cursor)>,
-}
-
-/// A search and where its next page starts.
-#[derive(Clone)]
-struct Cursor {
-    subject: NhsNumber,
-    filter: SearchFilter,
-    count: usize,
-    /// The last pointer id of the page before (none: the first page).
-    after: Option<PointerId>,
-    /// Only the organisation that searched may continue.
-    owner: OdsCode,
-}
-
-impl Cursors {
-    /// The search a token stands for (once: a token is spent by its use).
-    fn take(&mut self, token: &str, owner: &OdsCode, ttl: std::time::Duration) -> Option<Cursor> {
-        let live = self.entries.get(token).is_some_and(|(at, c)| at.elapsed() < ttl && &c.owner == owner);
-        if !live {
-            return None;
-        }
-        self.entries.remove(token).map(|(_, c)| c)
-    }
-
-    /// Holds `cursor` under a new token; when full, forgets expired ones,
-    /// then the oldest.
-    fn put(&mut self, cursor: Cursor, max: usize, ttl: std::time::Duration) -> String {
-        if self.entries.len() >= max {
-            self.entries.retain(|_, (at, _)| at.elapsed() < ttl);
-            if self.entries.len() >= max
-                && let Some(oldest) = self.entries.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| k.clone())
-            {
-                self.entries.remove(&oldest);
-            }
-        }
-        let token = uuid::Uuid::new_v4().simple().to_string();
-        self.entries.insert(token.clone(), (Instant::now(), cursor));
-        token
-    }
-}
 
 pub(crate) async fn search_get(
     State(st): St,
@@ -75,9 +28,12 @@ pub(crate) async fn search_get(
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let pairs = parse_query(uri.query().unwrap_or(""))?;
-    run_search(&st, &ctx, &headers, pairs, false).await
+    let self_url = format!("{}/DocumentReference{}", st.config.base_url, query_suffix(&uri));
+    run_search(&st, &ctx, &headers, pairs, false, self_url).await
 }
 
+/// `POST /DocumentReference/_search`: a form (FHIR's way) or a JSON object
+/// (NRLF's), told apart by the Content-Type.
 pub(crate) async fn search_post(
     State(st): St,
     ctx: RequestCtx,
@@ -85,44 +41,110 @@ pub(crate) async fn search_post(
     uri: Uri,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(body, &headers, &st.config.limits, BodyKind::Form).await?;
+    let json_body = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.split(';').next().is_some_and(|t| t.trim().ends_with("json")));
+    let kind = if json_body { BodyKind::Json } else { BodyKind::Form };
+    let body = read_body(body, &headers, &st.config.limits, kind).await?;
     let mut pairs = parse_query(uri.query().unwrap_or(""))?;
-    let form = std::str::from_utf8(&body).map_err(|_| ApiError::NotWellFormed("form is not UTF-8".into()))?;
-    pairs.extend(parse_query(form)?);
-    run_search(&st, &ctx, &headers, pairs, false).await
+    if json_body {
+        pairs.extend(parse_json_search(&body)?);
+    } else {
+        let form = std::str::from_utf8(&body).map_err(|_| ApiError::NotWellFormed("form is not UTF-8".into()))?;
+        pairs.extend(parse_query(form)?);
+    }
+    // The self link of a POSTed search names no parameters: they were
+    // posted to keep the NHS Number out of URLs.
+    let self_url = format!("{}/DocumentReference/_search", st.config.base_url);
+    run_search(&st, &ctx, &headers, pairs, false, self_url).await
 }
 
 pub(crate) async fn count(State(st): St, ctx: RequestCtx, headers: HeaderMap, uri: Uri) -> Result<Response, ApiError> {
     let pairs = parse_query(uri.query().unwrap_or(""))?;
-    run_search(&st, &ctx, &headers, pairs, true).await
+    let self_url = format!("{}/DocumentReference/_count{}", st.config.base_url, query_suffix(&uri));
+    run_search(&st, &ctx, &headers, pairs, true, self_url).await
 }
 
-/// The search the parameters ask for: new, or continued from a token.
-fn search_of(st: &AppState, ctx: &RequestCtx, pairs: Vec<(String, String)>) -> Result<Cursor, ApiError> {
+fn query_suffix(uri: &Uri) -> String {
+    uri.query().map(|q| format!("?{q}")).unwrap_or_default()
+}
+
+/// A search to run: its parameters, and where it starts.
+struct Planned {
+    subject: NhsNumber,
+    filter: SearchFilter,
+    count: usize,
+    after: Option<PointerId>,
+    summary_count: bool,
+}
+
+fn codes(v: &[SnomedCode]) -> Vec<String> {
+    v.iter().map(|c| c.as_str().to_owned()).collect()
+}
+
+fn filter_of(params: &SearchParams) -> SearchFilter {
+    SearchFilter {
+        types: params.types.clone(),
+        categories: params.categories.clone(),
+        custodians: params.custodians.clone(),
+    }
+}
+
+/// The parameters a cursor was made from.
+fn params_of(c: &Cursor) -> Result<SearchParams, ApiError> {
+    let invalid = || ApiError::InvalidParameter("the paging token is not valid; search again".into());
+    let snomed = |v: &[String]| -> Result<Vec<SnomedCode>, ApiError> {
+        v.iter().map(|c| SnomedCode::parse(c).map_err(|_| invalid())).collect()
+    };
+    Ok(SearchParams {
+        subject: Some(NhsNumber::parse(&c.subject).map_err(|_| invalid())?),
+        types: snomed(&c.types)?,
+        categories: snomed(&c.categories)?,
+        custodians: c.custodians.iter().map(|o| OdsCode::parse(o).map_err(|_| invalid())).collect::<Result<_, _>>()?,
+        count: c.count,
+        summary_count: false,
+        cursor: None,
+    })
+}
+
+/// The search the parameters ask for: new, or continued from a token
+/// (with which the request may repeat the search's parameters, as NRLF's
+/// clients do, but not change them).
+async fn plan(st: &AppState, ctx: &RequestCtx, pairs: Vec<(String, String)>) -> Result<Planned, ApiError> {
     let limits = &st.config.limits;
     let params = parse_search(
         pairs,
         SearchLimits { page_size_default: limits.page_size_default, page_size_max: limits.page_size_max },
     )?;
-    match (params.cursor, params.subject) {
-        (Some(token), _) => {
-            let mut cursors = st.cursors.lock().expect("cursor lock");
-            cursors
-                .take(&token, &ctx.caller.ods, limits.cursor_ttl)
-                .ok_or_else(|| ApiError::InvalidParameter("the next token is unknown or expired; search again".into()))
-        }
-        (None, Some(subject)) => Ok(Cursor {
+    let Some(token) = &params.cursor else {
+        let subject = params.subject.ok_or_else(|| ApiError::InvalidParameter("subject:identifier is required".into()))?;
+        return Ok(Planned {
             subject,
-            filter: SearchFilter {
-                types: params.type_code.into_iter().collect(),
-                custodians: params.custodian.into_iter().collect(),
-            },
+            filter: filter_of(&params),
             count: params.count,
             after: None,
-            owner: ctx.caller.ods.clone(),
-        }),
-        (None, None) => unreachable!("parse_search requires a subject or a token"),
+            summary_count: params.summary_count,
+        });
+    };
+    let key = paging_key(st, ctx).await?;
+    let cursor = key.open(token, ctx.caller.ods.as_str(), now().0, limits.cursor_ttl).map_err(|e| match e {
+        TokenError::Invalid | TokenError::Expired => ApiError::InvalidParameter(e.to_string()),
+        TokenError::NotYours => ApiError::Forbidden(e.to_string()),
+    })?;
+    let first = params_of(&cursor)?;
+    if params.names_a_search() && !params.same_search(&first) {
+        return Err(ApiError::InvalidParameter("the search parameters differ from the paging token's".into()));
     }
+    let after = PointerId::parse(&cursor.after)
+        .map_err(|_| ApiError::InvalidParameter("the paging token is not valid; search again".into()))?;
+    Ok(Planned {
+        subject: first.subject.expect("a cursor names its patient"),
+        filter: filter_of(&first),
+        count: first.count,
+        after: Some(after),
+        summary_count: params.summary_count,
+    })
 }
 
 async fn run_search(
@@ -130,38 +152,78 @@ async fn run_search(
     ctx: &RequestCtx,
     headers: &HeaderMap,
     pairs: Vec<(String, String)>,
-    count_only: bool,
+    count_route: bool,
+    self_url: String,
 ) -> Result<Response, ApiError> {
     let reader = ctx.reader()?;
     let purpose = ctx.read_purpose(st)?;
-    let cursor = search_of(st, ctx, pairs)?;
-    ctx.audit.set(&cursor.subject, Action::Read, "search-type", &purpose);
+    let planned = plan(st, ctx, pairs).await?;
+    ctx.audit.set(&planned.subject, Action::Read, "search-type", &purpose);
     consistency(headers, &st.replica).await?;
+    let count_only = count_route || planned.summary_count;
     let query = Search {
-        subject: cursor.subject,
-        filter: cursor.filter.clone(),
-        after: cursor.after.clone(),
-        count: if count_only { 0 } else { cursor.count },
+        subject: planned.subject,
+        filter: planned.filter.clone(),
+        after: planned.after.clone(),
+        count: if count_only { 0 } else { planned.count },
         scan_max: st.config.limits.search_scan_max,
     };
     let page = st.replica.search(&reader, &purpose, query).await?;
     if count_only {
-        let body = json!({ "resourceType": "Bundle", "type": "searchset", "total": page.total });
+        let body = json!({
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": page.total,
+            "link": [{ "relation": "self", "url": self_url }],
+        });
         return Ok(with_freshness(fhir_json(StatusCode::OK, &body), &st.replica));
     }
-    let next = next_link(st, cursor, &page);
-    let body = fhir::searchset(&st.config.base_url, page.total, &page.pointers, next.as_deref());
+    let next = next_link(st, ctx, &planned, &page).await?;
+    let body = fhir::searchset(&st.config.base_url, page.total, &page.pointers, &self_url, next.as_deref());
     Ok(with_freshness(fhir_text(StatusCode::OK, body), &st.replica))
 }
 
 /// The `next` link of a page that has one.
-fn next_link(st: &AppState, cursor: Cursor, page: &SearchPage) -> Option<String> {
-    let after = page.next_after.clone()?;
-    let limits = &st.config.limits;
-    let token = st.cursors.lock().expect("cursor lock").put(
-        Cursor { after: Some(after), ..cursor },
-        limits.cursors_max,
-        limits.cursor_ttl,
-    );
-    Some(format!("{}/DocumentReference?next={token}", st.config.base_url))
+async fn next_link(
+    st: &AppState,
+    ctx: &RequestCtx,
+    planned: &Planned,
+    page: &SearchPage,
+) -> Result<Option<String>, ApiError> {
+    let Some(after) = &page.next_after else { return Ok(None) };
+    let cursor = Cursor {
+        subject: planned.subject.as_str().to_owned(),
+        types: codes(&planned.filter.types),
+        categories: codes(&planned.filter.categories),
+        custodians: planned.filter.custodians.iter().map(|o| o.as_str().to_owned()).collect(),
+        count: planned.count,
+        after: after.as_str().to_owned(),
+        owner: ctx.caller.ods.as_str().to_owned(),
+        issued_ms: now().0,
+    };
+    let token = paging_key(st, ctx).await?.seal(&cursor);
+    Ok(Some(format!("{}/DocumentReference?next={token}", st.config.base_url)))
+}
+
+/// The cluster's paging key: read from the replicated state once, and
+/// cached. If the cluster has none yet, this node proposes one (the first
+/// proposed wins on every node) and waits until its replica has it.
+async fn paging_key<'a>(st: &'a AppState, ctx: &RequestCtx) -> Result<&'a paging::PagingKey, ApiError> {
+    if let Some(k) = st.paging_key.get() {
+        return Ok(k);
+    }
+    let key = match st.replica.paging_key().await? {
+        Some(k) => k,
+        None => {
+            let proposed = hie_domain::PagingKey(paging::random_key());
+            let cmd = hie_domain::Command::V1(CommandV1::SetPagingKey { key: proposed });
+            st.replica.write(&ctx.caller, cmd, &ctx.request_id).await?;
+            st.replica.linearizable_barrier().await?;
+            st.replica
+                .paging_key()
+                .await?
+                .ok_or_else(|| ApiError::Internal("the paging key was set but is not in the state".into()))?
+        }
+    };
+    Ok(st.paging_key.get_or_init(|| paging::PagingKey::new(&key.0)))
 }

@@ -57,6 +57,8 @@ pub struct Context<'a> {
     pub caller_ods: &'a str,
     pub caller_roles: Vec<&'a str>,
     pub request_id: &'a str,
+    /// The client's `X-Correlation-ID`, when it sent one.
+    pub correlation_id: Option<&'a str>,
     /// The node that served the request, for example `node-1 (north-east)`.
     pub node: &'a str,
     pub recorded: Timestamp,
@@ -106,6 +108,9 @@ struct Stored<'a> {
     action: &'a str,
     /// When it was recorded, in ms since the epoch.
     at: i64,
+    /// The client's correlation id.
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    corr: Option<&'a str>,
     /// The break-glass reason of an emergency override.
     #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
     emergency: Option<&'a str>,
@@ -232,6 +237,7 @@ pub fn audit_event(access: &Access, ctx: &Context<'_>) -> Event {
     let stored = Stored {
         action: access.action.code(),
         at: ctx.recorded.0,
+        corr: ctx.correlation_id,
         emergency: access.emergency_reason.as_deref(),
         error: ctx.error_code,
         id: &ctx.event_id,
@@ -324,6 +330,22 @@ fn balp<'a>(s: &Stored<'a>) -> AuditEvent<'a> {
             },
         },
     ];
+    if let Some(corr) = s.corr {
+        // The client's correlation id, as a second request identifier.
+        entity.push(Entity {
+            role: None,
+            kind: Coding {
+                code: "XrequestId",
+                display: None,
+                system: "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
+            },
+            what: Reference {
+                display: None,
+                identifier: Some(Ident { system: "urn:hie:correlation-id", value: corr }),
+                reference: None,
+            },
+        });
+    }
     if let Some(resource) = s.resource {
         entity.push(Entity {
             role: Some(coding("http://terminology.hl7.org/CodeSystem/object-role", "4", "Domain Resource")),
@@ -432,6 +454,7 @@ mod tests {
                 caller_ods: "RX9",
                 caller_roles: vec!["consumer", "producer"],
                 request_id: "r-\"quoted\"",
+                correlation_id: Some("c-1"),
                 node: "node-1 (north-east)",
                 recorded: Timestamp(1_700_000_000_123),
                 status,
@@ -455,6 +478,7 @@ mod tests {
             assert_eq!(r["agent"][0]["role"][1]["coding"][0]["code"], "producer");
             assert_eq!(r["source"]["observer"]["display"], "node-1 (north-east)");
             assert_eq!(r["entity"][1]["what"]["identifier"]["value"], "r-\"quoted\"");
+            assert_eq!(r["entity"][2]["what"]["identifier"], serde_json::json!({ "system": "urn:hie:correlation-id", "value": "c-1" }));
             assert_eq!(r["subtype"][0]["code"], "read");
             let purpose = &r["purposeOfEvent"][0];
             match reason {
@@ -467,10 +491,10 @@ mod tests {
             }
             if status == 404 {
                 assert_eq!((&r["outcome"], &r["outcomeDesc"]), (&"4".into(), &"HTTP 404 NO_RECORD_FOUND".into()));
-                assert_eq!(r["entity"][2]["what"]["reference"], "DocumentReference/x");
+                assert_eq!(r["entity"][3]["what"]["reference"], "DocumentReference/x");
             } else {
                 assert_eq!((&r["outcome"], r.get("outcomeDesc")), (&"0".into(), None));
-                assert_eq!(r["entity"].as_array().unwrap().len(), 2);
+                assert_eq!(r["entity"].as_array().unwrap().len(), 3, "patient, request id, correlation id");
             }
             // A format 1 record (the whole resource) reads back as itself.
             assert_eq!(render(&r).unwrap(), r);
@@ -496,6 +520,7 @@ mod tests {
             caller_ods: "A81001",
             caller_roles: vec!["producer"],
             request_id: "r",
+            correlation_id: None,
             node: "node-1",
             recorded: Timestamp(0),
             status: 201,

@@ -864,6 +864,7 @@ mod tests {
             caller_ods: "RX9",
             caller_roles: vec!["consumer"],
             request_id: "req-1",
+            correlation_id: None,
             node: "node-1 (north-east)",
             recorded: Timestamp(at),
             status: 200,

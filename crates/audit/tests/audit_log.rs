@@ -23,6 +23,7 @@ fn event(subject: &NhsNumber, at: i64, emergency: bool) -> hie_audit::Event {
         caller_ods: "RX9",
         caller_roles: vec!["consumer"],
         request_id: "req-1",
+        correlation_id: None,
         node: "node-1 (north-east)",
         recorded: Timestamp(at),
         status: 200,

@@ -6,13 +6,18 @@
 //! - reading pointers needs the `consumer` or the `producer` role;
 //! - a producer sees its own pointers (those whose custodian it is), always,
 //!   opted-out patients' included;
-//! - a consumer sees every custodian's pointers, unless the patient has
+//! - a consumer sees every custodian's pointers of the types it is allowed
+//!   (every type, unless the registry restricts it), unless the patient has
 //!   opted out; breaking the glass (an emergency, with a reason) lifts the
-//!   opt-out for that request.
+//!   opt-out for that request, never the type restriction;
+//! - a pointer read by id that the reader may not see is not told apart
+//!   from none (404), except a pointer of a type the consumer is not
+//!   allowed, of a patient who has not opted out: that is refused (403), as
+//!   NRL does.
 
 use crate::command::{Caller, Role};
-use crate::ids::OdsCode;
-use crate::model::{PatientEntry, RecordPointer};
+use crate::ids::{OdsCode, SnomedCode};
+use crate::model::{ConsumerEntry, PatientEntry, RecordPointer};
 
 /// Why a read happens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,19 +64,47 @@ impl Reader {
         &self.ods
     }
 
-    /// What this reader may see of one patient's pointers.
-    pub fn scope(&self, patient: Option<&PatientEntry>, purpose: &Purpose) -> ReadScope {
+    pub fn is_consumer(&self) -> bool {
+        self.consumer
+    }
+
+    /// What this reader may see of one patient's pointers; `restriction`
+    /// is the reader's consumer registry entry, if it has one.
+    pub fn scope(
+        &self,
+        patient: Option<&PatientEntry>,
+        purpose: &Purpose,
+        restriction: Option<&ConsumerEntry>,
+    ) -> ReadScope {
         let opted_out = patient.is_some_and(|p| p.opted_out);
         ReadScope {
             own: self.producer.then(|| self.ods.clone()),
             everyone: self.consumer && (!opted_out || purpose.breaks_glass()),
+            types: restriction.map(|r| r.allowed_types.clone()),
         }
     }
 
     /// May this reader see `pointer`, whose patient's entry is `patient`?
-    pub fn may_see(&self, pointer: &RecordPointer, patient: Option<&PatientEntry>, purpose: &Purpose) -> bool {
-        self.scope(patient, purpose).allows(pointer.custodian.as_str(), pointer.type_code.as_str())
+    pub fn sees(
+        &self,
+        pointer: &RecordPointer,
+        patient: Option<&PatientEntry>,
+        purpose: &Purpose,
+        restriction: Option<&ConsumerEntry>,
+    ) -> Visibility {
+        self.scope(patient, purpose, restriction).verdict(pointer.custodian.as_str(), pointer.type_code.as_str())
     }
+}
+
+/// What a reader may know of one pointer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    Visible,
+    /// As if there were none (404): the patient opted out, or the pointer
+    /// is another producer's and the reader is no consumer.
+    Hidden,
+    /// A type this consumer is not allowed (403).
+    TypeNotAllowed,
 }
 
 /// The pointers of one patient a reader may see, as a rule on each
@@ -82,14 +115,28 @@ pub struct ReadScope {
     /// A custodian whose pointers are seen whatever the patient's
     /// preference: the reader's own organisation, when it is a producer.
     own: Option<OdsCode>,
-    /// Every custodian's pointers are seen.
+    /// Every custodian's pointers are seen (of the allowed `types`).
     everyone: bool,
+    /// The only types seen of other custodians' pointers (`None`: all).
+    types: Option<Vec<SnomedCode>>,
 }
 
 impl ReadScope {
     /// May a pointer of this custodian and type (as text) be seen?
-    pub fn allows(&self, custodian: &str, _type_code: &str) -> bool {
-        self.everyone || self.own.as_ref().is_some_and(|o| o.as_str() == custodian)
+    pub fn allows(&self, custodian: &str, type_code: &str) -> bool {
+        self.verdict(custodian, type_code) == Visibility::Visible
+    }
+
+    pub fn verdict(&self, custodian: &str, type_code: &str) -> Visibility {
+        if self.own.as_ref().is_some_and(|o| o.as_str() == custodian) {
+            Visibility::Visible
+        } else if !self.everyone {
+            Visibility::Hidden
+        } else if self.types.as_ref().is_some_and(|t| !t.iter().any(|t| t.as_str() == type_code)) {
+            Visibility::TypeNotAllowed
+        } else {
+            Visibility::Visible
+        }
     }
 
     /// Nothing of this patient is visible.
@@ -101,7 +148,7 @@ impl ReadScope {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mem::testkit::{caller, nhs, ods, pointer};
+    use crate::mem::testkit::{END_OF_LIFE_CARE_PLAN, caller, nhs, ods, pointer, snomed};
 
     fn opted_out() -> PatientEntry {
         PatientEntry { opted_out: true, ..PatientEntry::default() }
@@ -117,23 +164,35 @@ mod tests {
         assert_eq!(Reader::new(&caller("X26", &[Role::Operator])), Err(ReadDenied::NoReadRole));
 
         let consumer = Reader::new(&caller("A81001", &[Role::Consumer])).unwrap();
-        assert!(consumer.may_see(&theirs, None, &care));
-        assert!(!consumer.may_see(&theirs, Some(&opted_out()), &care), "opted out");
-        assert!(!consumer.may_see(&ours, Some(&opted_out()), &care), "a consumer only: not its own either");
-        assert!(consumer.may_see(&theirs, Some(&opted_out()), &glass), "the glass broken");
+        assert!(consumer.sees(&theirs, None, &care, None) == Visibility::Visible);
+        assert!(consumer.sees(&theirs, Some(&opted_out()), &care, None) != Visibility::Visible, "opted out");
+        assert!(consumer.sees(&ours, Some(&opted_out()), &care, None) != Visibility::Visible, "a consumer only: not its own either");
+        assert!(consumer.sees(&theirs, Some(&opted_out()), &glass, None) == Visibility::Visible, "the glass broken");
 
         let producer = Reader::new(&caller("A81001", &[Role::Producer])).unwrap();
-        assert!(producer.may_see(&ours, None, &care));
-        assert!(producer.may_see(&ours, Some(&opted_out()), &care), "its own, whatever the preference");
-        assert!(!producer.may_see(&theirs, None, &care), "a producer sees only its own");
-        assert!(!producer.may_see(&theirs, None, &glass), "breaking the glass is for consumers");
+        assert!(producer.sees(&ours, None, &care, None) == Visibility::Visible);
+        assert!(producer.sees(&ours, Some(&opted_out()), &care, None) == Visibility::Visible, "its own, whatever the preference");
+        assert!(producer.sees(&theirs, None, &care, None) != Visibility::Visible, "a producer sees only its own");
+        assert!(producer.sees(&theirs, None, &glass, None) != Visibility::Visible, "breaking the glass is for consumers");
 
         let both = Reader::new(&caller("A81001", &[Role::Consumer, Role::Producer])).unwrap();
-        assert!(both.may_see(&theirs, None, &care));
-        assert!(!both.may_see(&theirs, Some(&opted_out()), &care));
-        assert!(both.may_see(&ours, Some(&opted_out()), &care));
-        assert!(!both.scope(Some(&opted_out()), &care).is_empty());
-        assert!(consumer.scope(Some(&opted_out()), &care).is_empty());
+        assert!(both.sees(&theirs, None, &care, None) == Visibility::Visible);
+        assert!(both.sees(&theirs, Some(&opted_out()), &care, None) != Visibility::Visible);
+        assert!(both.sees(&ours, Some(&opted_out()), &care, None) == Visibility::Visible);
+        assert!(!both.scope(Some(&opted_out()), &care, None).is_empty());
+        assert!(consumer.scope(Some(&opted_out()), &care, None).is_empty());
         assert_eq!(both.ods(), &ods("A81001"));
+
+        // A consumer allowed one type: 403 for another, unless the patient
+        // opted out (then nothing is told); its own pointers are its own.
+        let only = ConsumerEntry { allowed_types: vec![snomed(END_OF_LIFE_CARE_PLAN)] };
+        let restricted = Some(&only);
+        assert_eq!(consumer.sees(&theirs, None, &care, restricted), Visibility::TypeNotAllowed);
+        assert_eq!(consumer.sees(&theirs, Some(&opted_out()), &care, restricted), Visibility::Hidden);
+        assert_eq!(consumer.sees(&theirs, Some(&opted_out()), &glass, restricted), Visibility::TypeNotAllowed);
+        let mut ecp = theirs.clone();
+        ecp.type_code = snomed(END_OF_LIFE_CARE_PLAN);
+        assert_eq!(consumer.sees(&ecp, None, &care, restricted), Visibility::Visible);
+        assert_eq!(both.sees(&ours, None, &care, restricted), Visibility::Visible);
     }
 }

@@ -6,7 +6,10 @@
 
 use crate::command::{Caller, Command, CommandV1, Outcome, Rejection, Role};
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
-use crate::model::{PatientEntry, PointerStatus, PointerType, ProducerEntry, RecordPointer, Timestamp};
+use crate::model::{
+    ConsumerEntry, PagingKey, PatientEntry, PointerStatus, PointerType, ProducerEntry, ProducerPermission,
+    RecordPointer, Timestamp,
+};
 
 /// Reads and changes state within one apply. Reads see the transaction's
 /// own earlier writes.
@@ -37,6 +40,19 @@ pub trait StateTxn {
 
     fn producer(&mut self, ods: &OdsCode) -> Result<Option<ProducerEntry>, Self::Error>;
     fn put_producer(&mut self, ods: &OdsCode, entry: &ProducerEntry);
+
+    fn consumer(&mut self, ods: &OdsCode) -> Result<Option<ConsumerEntry>, Self::Error>;
+    fn put_consumer(&mut self, ods: &OdsCode, entry: &ConsumerEntry);
+    fn delete_consumer(&mut self, ods: &OdsCode);
+
+    /// A version of a pointer that is no longer its current one.
+    fn put_past_version(&mut self, pointer: &RecordPointer);
+    fn delete_past_version(&mut self, id: &PointerId, version: u64);
+    /// Every past version of the pointer.
+    fn delete_past_versions(&mut self, id: &PointerId);
+
+    fn paging_key(&mut self) -> Result<Option<PagingKey>, Self::Error>;
+    fn put_paging_key(&mut self, key: &PagingKey);
 }
 
 /// An invariant of the state that applying found broken: the replica's data
@@ -69,7 +85,7 @@ pub fn apply<T: StateTxn>(txn: &mut T, command: &Command) -> ApplyResult<Outcome
 fn apply_v1<T: StateTxn>(txn: &mut T, command: &CommandV1) -> ApplyResult<Outcome, T::Error> {
     let outcome = match command {
         CommandV1::CreatePointer { caller, pointer } => create(txn, caller, pointer)?,
-        CommandV1::UpdatePointer { caller, pointer, if_match } => update(txn, caller, pointer, *if_match)?,
+        CommandV1::PutPointer { caller, pointer, if_match } => put(txn, caller, pointer, *if_match)?,
         CommandV1::DeletePointer { caller, id, at } => delete(txn, caller, id, *at)?,
         CommandV1::PutPointerType { caller, entry } => {
             if !caller.has(Role::Operator) {
@@ -78,14 +94,28 @@ fn apply_v1<T: StateTxn>(txn: &mut T, command: &CommandV1) -> ApplyResult<Outcom
             txn.put_pointer_type(entry);
             Outcome::Done
         }
-        CommandV1::SetProducerTypes { caller, ods, types } => {
+        CommandV1::SetProducerTypes { caller, ods, types, permissions } => {
             if !caller.has(Role::Operator) {
                 return Ok(forbidden("only an operator may change a producer's pointer types"));
             }
-            let mut allowed = types.clone();
-            allowed.sort();
-            allowed.dedup();
-            txn.put_producer(ods, &ProducerEntry { allowed_types: allowed });
+            let entry = ProducerEntry { allowed_types: sorted(types), permissions: permissions.clone() };
+            txn.put_producer(ods, &entry);
+            Outcome::Done
+        }
+        CommandV1::SetConsumerTypes { caller, ods, types } => {
+            if !caller.has(Role::Operator) {
+                return Ok(forbidden("only an operator may change a consumer's pointer types"));
+            }
+            match types {
+                Some(types) => txn.put_consumer(ods, &ConsumerEntry { allowed_types: sorted(types) }),
+                None => txn.delete_consumer(ods),
+            }
+            Outcome::Done
+        }
+        CommandV1::SetPagingKey { key } => {
+            if txn.paging_key().map_err(ApplyError::Storage)?.is_none() {
+                txn.put_paging_key(key);
+            }
             Outcome::Done
         }
         CommandV1::SetConsent { caller, subject, opted_out, at } => {
@@ -114,46 +144,60 @@ fn apply_v1<T: StateTxn>(txn: &mut T, command: &CommandV1) -> ApplyResult<Outcom
     Ok(outcome)
 }
 
+fn sorted(types: &[SnomedCode]) -> Vec<SnomedCode> {
+    let mut out = types.to_vec();
+    out.sort();
+    out.dedup();
+    out
+}
+
 fn forbidden(reason: &str) -> Outcome {
     Outcome::Rejected(Rejection::Forbidden { reason: reason.to_owned() })
 }
 
 /// Checks that the caller may publish or change this pointer: a producer,
 /// custodian of it, allowed its type, whose category matches the registry.
+/// The producer's registry entry, or why it may not.
 fn check_producer<T: StateTxn>(
     txn: &mut T,
     caller: &Caller,
     pointer: &RecordPointer,
-) -> ApplyResult<Option<Rejection>, T::Error> {
+) -> ApplyResult<Result<ProducerEntry, Rejection>, T::Error> {
     if !caller.has(Role::Producer) {
-        return Ok(Some(Rejection::Forbidden { reason: "only a producer may publish pointers".into() }));
+        return Ok(Err(Rejection::Forbidden { reason: "only a producer may publish pointers".into() }));
     }
     if pointer.custodian != caller.ods {
-        return Ok(Some(Rejection::Forbidden {
+        return Ok(Err(Rejection::Forbidden {
             reason: format!("custodian {} is not the caller's organisation {}", pointer.custodian, caller.ods),
         }));
     }
     if pointer.id.custodian() != pointer.custodian {
-        return Ok(Some(Rejection::Invalid {
-            reason: "the pointer id must begin with the custodian's ODS code".into(),
+        return Ok(Err(Rejection::Forbidden {
+            reason: "a producer may only choose ids beginning with its own ODS code".into(),
         }));
     }
     let Some(registered) = txn.pointer_type(&pointer.type_code).map_err(ApplyError::Storage)? else {
-        return Ok(Some(Rejection::UnknownType { code: pointer.type_code.clone() }));
+        return Ok(Err(Rejection::UnknownType { code: pointer.type_code.clone() }));
     };
     if registered.category != pointer.category {
-        return Ok(Some(Rejection::CategoryMismatch {
-            given: pointer.category.clone(),
-            registered: registered.category,
-        }));
+        return Ok(Err(Rejection::CategoryMismatch { given: pointer.category.clone(), registered: registered.category }));
     }
-    let allowed = txn.producer(&caller.ods).map_err(ApplyError::Storage)?.unwrap_or_default();
-    if !allowed.allowed_types.contains(&pointer.type_code) {
-        return Ok(Some(Rejection::Forbidden {
+    let producer = txn.producer(&caller.ods).map_err(ApplyError::Storage)?.unwrap_or_default();
+    if !producer.allowed_types.contains(&pointer.type_code) {
+        return Ok(Err(Rejection::Forbidden {
             reason: format!("organisation {} may not publish pointers of type {}", caller.ods, pointer.type_code),
         }));
     }
-    Ok(None)
+    Ok(Ok(producer))
+}
+
+/// Keeps `version` as a past version of its pointer, forgetting the one
+/// [`RecordPointer::PAST_VERSIONS_MAX`] before it.
+fn keep_past_version<T: StateTxn>(txn: &mut T, version: &RecordPointer) {
+    txn.put_past_version(version);
+    if version.version > RecordPointer::PAST_VERSIONS_MAX {
+        txn.delete_past_version(&version.id, version.version - RecordPointer::PAST_VERSIONS_MAX);
+    }
 }
 
 fn holder_add(entry: &mut PatientEntry, pointer: &RecordPointer) {
@@ -187,10 +231,17 @@ fn save_patient<T: StateTxn>(txn: &mut T, subject: &NhsNumber, entry: &PatientEn
     }
 }
 
-fn create<T: StateTxn>(txn: &mut T, caller: &Caller, pointer: &RecordPointer) -> ApplyResult<Outcome, T::Error> {
-    if let Some(r) = check_producer(txn, caller, pointer)? {
-        return Ok(Outcome::Rejected(r));
+fn create<T: StateTxn>(txn: &mut T, caller: &Caller, sent: &RecordPointer) -> ApplyResult<Outcome, T::Error> {
+    let producer = match check_producer(txn, caller, sent)? {
+        Ok(p) => p,
+        Err(r) => return Ok(Outcome::Rejected(r)),
+    };
+    let mut pointer = sent.clone();
+    if !producer.permissions.contains(&ProducerPermission::Migration) {
+        // The server's time of the create: only a migration keeps its own.
+        pointer.date = None;
     }
+    let pointer = &pointer;
     if pointer.status != PointerStatus::Current || pointer.version != 1 {
         return Ok(Outcome::Rejected(Rejection::Invalid {
             reason: "a new pointer must be `current` at version 1".into(),
@@ -227,6 +278,7 @@ fn create<T: StateTxn>(txn: &mut T, caller: &Caller, pointer: &RecordPointer) ->
                 reason: format!("relatesTo target {old_id} is not current"),
             }));
         }
+        keep_past_version(txn, &old);
         old.status = PointerStatus::Superseded;
         old.version += 1;
         old.updated = pointer.created;
@@ -242,35 +294,60 @@ fn create<T: StateTxn>(txn: &mut T, caller: &Caller, pointer: &RecordPointer) ->
     }
     holder_add(&mut patient, pointer);
     save_patient(txn, &pointer.subject, &patient);
-    Ok(Outcome::Created { pointer: pointer.clone() })
+    Ok(Outcome::Created { pointer: pointer.clone(), superseded: pointer.replaces.clone() })
+}
+
+/// A PUT: an update if the pointer exists here, at apply, else a create
+/// with the producer's own id.
+fn put<T: StateTxn>(
+    txn: &mut T,
+    caller: &Caller,
+    pointer: &RecordPointer,
+    if_match: Option<u64>,
+) -> ApplyResult<Outcome, T::Error> {
+    match txn.pointer(&pointer.id).map_err(ApplyError::Storage)? {
+        Some(old) => update(txn, caller, old, pointer, if_match),
+        None => {
+            let mut new = pointer.clone();
+            new.version = 1;
+            new.created = pointer.updated;
+            create(txn, caller, &new)
+        }
+    }
+}
+
+/// What an update may not change (NRL's immutable fields): the typed ones,
+/// and `author` and `relatesTo` as sent.
+fn immutable_changed(old: &RecordPointer, new: &RecordPointer) -> bool {
+    old.subject != new.subject
+        || old.custodian != new.custodian
+        || old.type_code != new.type_code
+        || old.master_identifier != new.master_identifier
+        || old.replaces != new.replaces
+        || old.status != new.status
+        || old.body.member("author") != new.body.member("author")
+        || old.body.member("relatesTo") != new.body.member("relatesTo")
 }
 
 fn update<T: StateTxn>(
     txn: &mut T,
     caller: &Caller,
+    old: RecordPointer,
     new: &RecordPointer,
-    if_match: u64,
+    if_match: Option<u64>,
 ) -> ApplyResult<Outcome, T::Error> {
-    let Some(old) = txn.pointer(&new.id).map_err(ApplyError::Storage)? else {
-        return Ok(Outcome::Rejected(Rejection::NotFound { id: new.id.clone() }));
-    };
     if old.custodian != caller.ods || !caller.has(Role::Producer) {
         return Ok(forbidden("only the custodian may change a pointer"));
     }
-    if let Some(r) = check_producer(txn, caller, new)? {
+    if let Err(r) = check_producer(txn, caller, new)? {
         return Ok(Outcome::Rejected(r));
     }
-    if old.version != if_match {
-        return Ok(Outcome::Rejected(Rejection::VersionConflict { given: if_match, current: old.version }));
+    if let Some(given) = if_match
+        && given != old.version
+    {
+        return Ok(Outcome::Rejected(Rejection::VersionConflict { given, current: old.version }));
     }
-    let immutable_changed = old.subject != new.subject
-        || old.custodian != new.custodian
-        || old.author != new.author
-        || old.type_code != new.type_code
-        || old.master_identifier != new.master_identifier
-        || old.replaces != new.replaces
-        || old.status != new.status;
-    if immutable_changed {
+    if immutable_changed(&old, new) {
         return Ok(Outcome::Rejected(Rejection::Invalid {
             reason: "an update may not change masterIdentifier, status, type, subject, custodian, author or relatesTo"
                 .into(),
@@ -279,6 +356,9 @@ fn update<T: StateTxn>(
     let mut stored = new.clone();
     stored.version = old.version + 1;
     stored.created = old.created;
+    // An update never changes the date.
+    stored.date = old.date.clone();
+    keep_past_version(txn, &old);
     txn.put_pointer(&stored);
     Ok(Outcome::Updated { pointer: stored })
 }
@@ -291,6 +371,8 @@ fn delete<T: StateTxn>(txn: &mut T, caller: &Caller, id: &PointerId, _at: Timest
         return Ok(forbidden("only the custodian may delete a pointer"));
     }
     txn.delete_pointer(id);
+    // NRL's hard delete: the history goes too.
+    txn.delete_past_versions(id);
     if let Some(m) = &old.master_identifier {
         txn.delete_idempotency(&old.custodian, &master_identifier_key(&m.system, &m.value));
     }

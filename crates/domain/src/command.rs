@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
-use crate::model::{Coding, PointerType, RecordPointer, Timestamp};
+use crate::model::{PagingKey, PointerType, ProducerPermission, RecordPointer, Timestamp};
 
 /// What a client certificate says its holder may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -61,34 +61,20 @@ pub enum Command {
 
 impl CommandV1 {
     fn approx_bytes(&self) -> usize {
-        fn coding(c: &Option<Coding>) -> usize {
-            c.as_ref().map_or(0, |c| 32 + c.system.len() + c.code.len() + c.display.as_ref().map_or(0, String::len))
-        }
-        fn text(t: &Option<String>) -> usize {
-            t.as_ref().map_or(0, String::len)
-        }
         fn pointer(p: &RecordPointer) -> usize {
-            // Field names, ids, codes and times: about 400 bytes of CBOR.
-            let fixed = 400 + text(&p.type_display) + text(&p.category_display);
-            let master = p.master_identifier.as_ref().map_or(0, |m| m.system.len() + m.value.len());
-            let content: usize = p
-                .content
-                .iter()
-                .map(|c| 48 + c.url.len() + c.content_type.len() + text(&c.creation) + coding(&c.format))
-                .sum();
-            let context = p
-                .context
-                .as_ref()
-                .map_or(0, |c| 64 + coding(&c.practice_setting) + text(&c.period_start) + text(&c.period_end));
-            fixed + master + content + context
+            // Field names, ids, codes and times: about 300 bytes of CBOR.
+            300 + p.body.len() + p.date.as_ref().map_or(0, String::len)
         }
         match self {
-            CommandV1::CreatePointer { pointer: p, .. } | CommandV1::UpdatePointer { pointer: p, .. } => {
-                64 + pointer(p)
-            }
+            CommandV1::CreatePointer { pointer: p, .. } | CommandV1::PutPointer { pointer: p, .. } => 64 + pointer(p),
             CommandV1::PutPointerType { entry, .. } => 256 + entry.display.len() + entry.category_display.len(),
-            CommandV1::SetProducerTypes { types, .. } => 128 + 24 * types.len(),
-            CommandV1::DeletePointer { .. } | CommandV1::SetConsent { .. } => 160,
+            CommandV1::SetProducerTypes { types, .. } | CommandV1::SetConsumerTypes { types: Some(types), .. } => {
+                128 + 24 * types.len()
+            }
+            CommandV1::SetConsumerTypes { types: None, .. }
+            | CommandV1::DeletePointer { .. }
+            | CommandV1::SetConsent { .. }
+            | CommandV1::SetPagingKey { .. } => 160,
             CommandV1::Batch(commands) => 16 + commands.iter().map(CommandV1::approx_bytes).sum::<usize>(),
         }
     }
@@ -102,11 +88,14 @@ pub enum CommandV1 {
         caller: Caller,
         pointer: RecordPointer,
     },
-    /// Replace the mutable parts of a pointer, if its version is `if_match`.
-    UpdatePointer {
+    /// A PUT: decided where it is applied, from the replicated state. If
+    /// the pointer exists, its mutable parts are replaced (when `if_match`
+    /// is given, only at that version); if not, it is created with the
+    /// producer's own id, as `CreatePointer` would.
+    PutPointer {
         caller: Caller,
         pointer: RecordPointer,
-        if_match: u64,
+        if_match: Option<u64>,
     },
     DeletePointer {
         caller: Caller,
@@ -118,11 +107,26 @@ pub enum CommandV1 {
         caller: Caller,
         entry: PointerType,
     },
-    /// Set the pointer types a producer organisation may publish. Operator only.
+    /// Set the pointer types a producer organisation may publish, and its
+    /// permissions. Operator only.
     SetProducerTypes {
         caller: Caller,
         ods: OdsCode,
         types: Vec<SnomedCode>,
+        #[serde(default)]
+        permissions: BTreeSet<ProducerPermission>,
+    },
+    /// Restrict a consumer organisation to some pointer types (`None`: every
+    /// type). Operator only.
+    SetConsumerTypes {
+        caller: Caller,
+        ods: OdsCode,
+        types: Option<Vec<SnomedCode>>,
+    },
+    /// Set the key that seals paging tokens, if none is set yet (the first
+    /// wins; later ones are ignored). Proposed by a node, not a client.
+    SetPagingKey {
+        key: PagingKey,
     },
     /// Record a patient's sharing preference. Consent authority only.
     SetConsent {
@@ -153,10 +157,12 @@ impl Command {
         match self {
             Command::V1(c) => match c {
                 CommandV1::CreatePointer { .. } => "create_pointer",
-                CommandV1::UpdatePointer { .. } => "update_pointer",
+                CommandV1::PutPointer { .. } => "put_pointer",
                 CommandV1::DeletePointer { .. } => "delete_pointer",
                 CommandV1::PutPointerType { .. } => "put_pointer_type",
                 CommandV1::SetProducerTypes { .. } => "set_producer_types",
+                CommandV1::SetConsumerTypes { .. } => "set_consumer_types",
+                CommandV1::SetPagingKey { .. } => "set_paging_key",
                 CommandV1::SetConsent { .. } => "set_consent",
                 CommandV1::Batch(_) => "batch",
             },
@@ -172,6 +178,8 @@ pub enum Outcome {
     None,
     Created {
         pointer: RecordPointer,
+        /// The pointer it superseded (`relatesTo` `replaces`), if any.
+        superseded: Option<PointerId>,
     },
     Updated {
         pointer: RecordPointer,

@@ -13,13 +13,14 @@ pub mod command;
 pub mod ids;
 pub mod mem;
 pub mod model;
+pub mod nrl;
 pub mod query;
 pub mod raft;
 
-pub use access::{Purpose, ReadDenied, Reader};
+pub use access::{Purpose, ReadDenied, Reader, Visibility};
 pub use command::{Caller, Command, CommandV1, Outcome, Rejection, Role};
 pub use ids::{IdError, NhsNumber, OdsCode, PointerId, SnomedCode};
 pub use model::{
-    Coding, Content, Context, Identifier, PatientEntry, PointerStatus, PointerType, ProducerEntry, RecordPointer,
-    Timestamp,
+    ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerBody, PointerStatus, PointerType, ProducerEntry,
+    ProducerPermission, RecordPointer, Registry, Timestamp,
 };

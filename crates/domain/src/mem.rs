@@ -6,7 +6,7 @@ use std::convert::Infallible;
 
 use crate::apply::StateTxn;
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
-use crate::model::{PatientEntry, PointerType, ProducerEntry, RecordPointer};
+use crate::model::{ConsumerEntry, PagingKey, PatientEntry, PointerType, ProducerEntry, RecordPointer};
 use crate::query::{Scanned, StateRead};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -17,6 +17,10 @@ pub struct MemState {
     pub idempotency: BTreeMap<(OdsCode, String), PointerId>,
     pub types: BTreeMap<SnomedCode, PointerType>,
     pub producers: BTreeMap<OdsCode, ProducerEntry>,
+    pub consumers: BTreeMap<OdsCode, ConsumerEntry>,
+    /// Past versions of pointers, by id and version.
+    pub past: BTreeMap<(PointerId, u64), RecordPointer>,
+    pub paging_key: Option<PagingKey>,
 }
 
 impl MemState {
@@ -75,6 +79,30 @@ impl StateTxn for MemState {
     fn put_producer(&mut self, ods: &OdsCode, entry: &ProducerEntry) {
         self.producers.insert(ods.clone(), entry.clone());
     }
+    fn consumer(&mut self, ods: &OdsCode) -> Result<Option<ConsumerEntry>, Infallible> {
+        Ok(self.consumers.get(ods).cloned())
+    }
+    fn put_consumer(&mut self, ods: &OdsCode, entry: &ConsumerEntry) {
+        self.consumers.insert(ods.clone(), entry.clone());
+    }
+    fn delete_consumer(&mut self, ods: &OdsCode) {
+        self.consumers.remove(ods);
+    }
+    fn put_past_version(&mut self, pointer: &RecordPointer) {
+        self.past.insert((pointer.id.clone(), pointer.version), pointer.clone());
+    }
+    fn delete_past_version(&mut self, id: &PointerId, version: u64) {
+        self.past.remove(&(id.clone(), version));
+    }
+    fn delete_past_versions(&mut self, id: &PointerId) {
+        self.past.retain(|(i, _), _| i != id);
+    }
+    fn paging_key(&mut self) -> Result<Option<PagingKey>, Infallible> {
+        Ok(self.paging_key.clone())
+    }
+    fn put_paging_key(&mut self, key: &PagingKey) {
+        self.paging_key = Some(key.clone());
+    }
 }
 
 impl StateRead for MemState {
@@ -85,6 +113,22 @@ impl StateRead for MemState {
     }
     fn patient(&self, subject: &NhsNumber) -> Result<Option<PatientEntry>, Infallible> {
         Ok(self.patients.get(subject).cloned())
+    }
+    fn consumer(&self, ods: &OdsCode) -> Result<Option<ConsumerEntry>, Infallible> {
+        Ok(self.consumers.get(ods).cloned())
+    }
+    fn pointer_types(&self) -> Result<Vec<PointerType>, Infallible> {
+        Ok(self.types.values().cloned().collect())
+    }
+    fn paging_key(&self) -> Result<Option<PagingKey>, Infallible> {
+        Ok(self.paging_key.clone())
+    }
+    fn past_version(&self, id: &PointerId, version: u64) -> Result<Option<RecordPointer>, Infallible> {
+        Ok(self.past.get(&(id.clone(), version)).cloned())
+    }
+    fn past_versions(&self, id: &PointerId, limit: usize) -> Result<Vec<RecordPointer>, Infallible> {
+        let range = (id.clone(), 0)..=(id.clone(), u64::MAX);
+        Ok(self.past.range(range).rev().take(limit).map(|(_, p)| p.clone()).collect())
     }
     fn scan(
         &self,
@@ -123,11 +167,13 @@ pub mod testkit {
 
     use crate::command::{Caller, Command, CommandV1, Role};
     use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
-    use crate::model::{Content, Identifier, PointerStatus, PointerType, RecordPointer, Timestamp};
+    use crate::model::{Identifier, PointerBody, PointerStatus, PointerType, RecordPointer, Timestamp};
 
     pub const MENTAL_HEALTH_CRISIS_PLAN: &str = "736253002";
-    pub const EMERGENCY_CARE_PLAN: &str = "736373009";
+    pub const END_OF_LIFE_CARE_PLAN: &str = "736373009";
     pub const CARE_PLAN_CATEGORY: &str = "734163000";
+    pub const NEWS2_CHART: &str = "1363501000000100";
+    pub const OBSERVATIONS_CATEGORY: &str = "1102421000000108";
 
     /// The i-th valid test NHS Number (all begin with 9; distinct for i below ten million).
     pub fn nhs(i: u32) -> NhsNumber {
@@ -156,19 +202,22 @@ pub mod testkit {
         caller("X26", &[Role::Operator])
     }
 
-    /// The commands that register the standard types and allow `producers` both.
+    /// The commands that register three types (two care plans and the
+    /// NEWS2 chart, an observation) and allow `producers` all three.
     pub fn registry_commands(producers: &[&str]) -> Vec<Command> {
         let mut out = vec![];
-        for (code, display) in
-            [(MENTAL_HEALTH_CRISIS_PLAN, "Mental health crisis plan"), (EMERGENCY_CARE_PLAN, "Emergency care plan")]
-        {
+        for (code, display, category, category_display) in [
+            (MENTAL_HEALTH_CRISIS_PLAN, "Mental health crisis plan", CARE_PLAN_CATEGORY, "Care plan"),
+            (END_OF_LIFE_CARE_PLAN, "End of life care plan", CARE_PLAN_CATEGORY, "Care plan"),
+            (NEWS2_CHART, "NEWS2 chart", OBSERVATIONS_CATEGORY, "Observations"),
+        ] {
             out.push(Command::V1(CommandV1::PutPointerType {
                 caller: operator(),
                 entry: PointerType {
                     code: snomed(code),
                     display: display.into(),
-                    category: snomed(CARE_PLAN_CATEGORY),
-                    category_display: "Care plan".into(),
+                    category: snomed(category),
+                    category_display: category_display.into(),
                 },
             }));
         }
@@ -176,39 +225,54 @@ pub mod testkit {
             out.push(Command::V1(CommandV1::SetProducerTypes {
                 caller: operator(),
                 ods: ods(p),
-                types: vec![snomed(MENTAL_HEALTH_CRISIS_PLAN), snomed(EMERGENCY_CARE_PLAN)],
+                types: vec![snomed(MENTAL_HEALTH_CRISIS_PLAN), snomed(END_OF_LIFE_CARE_PLAN), snomed(NEWS2_CHART)],
+                permissions: Default::default(),
             }));
         }
         out
     }
 
+    /// A pointer's type and category set together.
+    pub fn with_type(mut p: RecordPointer, code: &str) -> RecordPointer {
+        p.type_code = snomed(code);
+        p.category = snomed(if code == NEWS2_CHART { OBSERVATIONS_CATEGORY } else { CARE_PLAN_CATEGORY });
+        p
+    }
+
     pub fn pointer(custodian: &str, local: &str, subject: NhsNumber, at: i64) -> RecordPointer {
+        let ods_ref = serde_json::json!({ "identifier": { "system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": custodian } });
+        let serde_json::Value::Object(members) = serde_json::json!({
+            "author": [ods_ref.clone()],
+            "custodian": ods_ref,
+            "content": [{ "attachment": {
+                "contentType": "application/pdf",
+                "url": format!("https://{}.example.nhs.uk/records/{local}", custodian.to_lowercase()),
+            } }],
+        }) else {
+            unreachable!("an object")
+        };
         RecordPointer {
             id: PointerId::parse(&format!("{custodian}-{local}")).unwrap(),
             version: 1,
             subject,
             custodian: ods(custodian),
-            author: ods(custodian),
             type_code: snomed(MENTAL_HEALTH_CRISIS_PLAN),
-            type_display: Some("Mental health crisis plan".into()),
             category: snomed(CARE_PLAN_CATEGORY),
-            category_display: Some("Care plan".into()),
             master_identifier: Some(Identifier {
                 system: "urn:ietf:rfc:3986".into(),
                 value: format!("urn:oid:{local}"),
             }),
-            content: vec![Content {
-                url: format!("https://{}.example.nhs.uk/records/{local}", custodian.to_lowercase()),
-                content_type: "application/pdf".into(),
-                creation: None,
-                format: None,
-            }],
-            context: None,
             status: PointerStatus::Current,
             replaces: None,
+            date: None,
             created: Timestamp(at),
             updated: Timestamp(at),
+            body: PointerBody::of(&serde_json::Map::new(), &members),
         }
+    }
+
+    pub fn put(custodian: &str, pointer: RecordPointer, if_match: Option<u64>) -> Command {
+        Command::V1(CommandV1::PutPointer { caller: caller(custodian, &[Role::Producer]), pointer, if_match })
     }
 
     pub fn create(custodian: &str, pointer: RecordPointer) -> Command {
@@ -304,8 +368,7 @@ mod tests {
         let cmd = Command::V1(CommandV1::CreatePointer { caller: caller("A81001", &[Role::Consumer]), pointer: p });
         assert!(matches!(apply(&mut s, &cmd).unwrap(), Outcome::Rejected(Rejection::Forbidden { .. })));
         // A type the producer is not allowed.
-        let mut p = pointer("Y05868", "p1", nhs(1), 1);
-        p.type_code = snomed(EMERGENCY_CARE_PLAN);
+        let p = with_type(pointer("Y05868", "p1", nhs(1), 1), END_OF_LIFE_CARE_PLAN);
         assert!(matches!(apply(&mut s, &create("Y05868", p)).unwrap(), Outcome::Rejected(Rejection::Forbidden { .. })));
         // Category must match the registry.
         let mut p = pointer("A81001", "p9", nhs(1), 1);
@@ -326,6 +389,8 @@ mod tests {
         new.replaces = Some(old.id.clone());
         apply(&mut s, &create("A81001", new.clone())).unwrap();
         assert_eq!(s.pointers[&old.id].status, PointerStatus::Superseded);
+        assert_eq!(s.pointers[&old.id].version, 2, "superseding makes a version");
+        assert_eq!(s.past[&(old.id.clone(), 1)].status, PointerStatus::Current);
         assert_eq!(s.current_pointers(&nhs(1)).len(), 1);
         assert_eq!(s.patients[&nhs(1)].pointer_count(), 1);
 
@@ -340,23 +405,95 @@ mod tests {
         assert!(s.pointers.contains_key(&old.id));
     }
 
+    /// A changed copy of `p`'s body: another content URL.
+    fn with_url(mut p: RecordPointer, url: &str) -> RecordPointer {
+        let mut members: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&format!("{{{}}}", p.body.members)).unwrap();
+        members["content"][0]["attachment"]["url"] = url.into();
+        p.body = crate::model::PointerBody::of(&serde_json::Map::new(), &members);
+        p
+    }
+
     #[test]
     fn update_checks_version_and_immutable_fields() {
         let mut s = state();
         let p = pointer("A81001", "p1", nhs(1), 1);
         apply(&mut s, &create("A81001", p.clone())).unwrap();
-        let mut changed = p.clone();
-        changed.content[0].url = "https://a81001.example.nhs.uk/v2".into();
-        let upd = |pointer, if_match| {
-            Command::V1(CommandV1::UpdatePointer { caller: caller("A81001", &[Role::Producer]), pointer, if_match })
-        };
-        let out = apply(&mut s, &upd(changed.clone(), 7)).unwrap();
+        let changed = with_url(p.clone(), "https://a81001.example.nhs.uk/v2");
+        let out = apply(&mut s, &put("A81001", changed.clone(), Some(7))).unwrap();
         assert_eq!(out, Outcome::Rejected(Rejection::VersionConflict { given: 7, current: 1 }));
-        let out = apply(&mut s, &upd(changed.clone(), 1)).unwrap();
+        let out = apply(&mut s, &put("A81001", changed.clone(), Some(1))).unwrap();
         assert!(matches!(out, Outcome::Updated { ref pointer } if pointer.version == 2));
+        // Without If-Match: an unconditional update, as in NRL.
+        let again = with_url(p.clone(), "https://a81001.example.nhs.uk/v3");
+        assert!(matches!(apply(&mut s, &put("A81001", again, None)).unwrap(), Outcome::Updated { ref pointer } if pointer.version == 3));
         let mut bad = changed.clone();
         bad.subject = nhs(2);
-        assert!(matches!(apply(&mut s, &upd(bad, 2)).unwrap(), Outcome::Rejected(Rejection::Invalid { .. })));
+        assert!(matches!(apply(&mut s, &put("A81001", bad, None)).unwrap(), Outcome::Rejected(Rejection::Invalid { .. })));
+        // The author is immutable too, though only the body holds it.
+        let mut other_author = changed.clone();
+        other_author.body.members = other_author.body.members.replacen("A81001", "A81002", 1);
+        assert!(other_author.body.member("author") != p.body.member("author"));
+        let out = apply(&mut s, &put("A81001", other_author, None)).unwrap();
+        assert!(matches!(out, Outcome::Rejected(Rejection::Invalid { .. })), "{out:?}");
+
+        // Versions 1 and 2 are past, 3 current; a delete takes them all.
+        assert_eq!(s.past.keys().map(|(_, v)| *v).collect::<Vec<_>>(), [1, 2]);
+        assert!(s.past[&(p.id.clone(), 1)].body.members.contains("/records/p1"));
+        let del = Command::V1(CommandV1::DeletePointer { caller: caller("A81001", &[Role::Producer]), id: p.id.clone(), at: Timestamp(9) });
+        apply(&mut s, &del).unwrap();
+        assert!(s.past.is_empty(), "NRL's hard delete removes the history");
+    }
+
+    /// A PUT is a create when the pointer does not exist where it is
+    /// applied, an update when it does: never decided on a stale view.
+    #[test]
+    fn put_is_decided_at_apply() {
+        let mut s = state();
+        let p = pointer("A81001", "own-id", nhs(1), 5);
+        let out = apply(&mut s, &put("A81001", p.clone(), None)).unwrap();
+        assert!(matches!(out, Outcome::Created { ref pointer, superseded: None } if pointer.version == 1 && pointer.created == Timestamp(5)));
+        let out = apply(&mut s, &put("A81001", with_url(p.clone(), "https://a81001.example.nhs.uk/x"), None)).unwrap();
+        assert!(matches!(out, Outcome::Updated { ref pointer } if pointer.version == 2));
+        // Another producer's id is refused either way.
+        let theirs = pointer("RR8", "own-id", nhs(1), 5);
+        assert!(matches!(apply(&mut s, &put("A81001", theirs, None)).unwrap(), Outcome::Rejected(Rejection::Forbidden { .. })));
+    }
+
+    /// Only a producer with the migration permission keeps its own date; an
+    /// update never changes it.
+    #[test]
+    fn dates_follow_the_migration_permission() {
+        let mut s = state();
+        let mut p = pointer("A81001", "d1", nhs(1), 5);
+        p.date = Some("2019-04-01T09:00:00+01:00".into());
+        let Outcome::Created { pointer: stored, .. } = apply(&mut s, &create("A81001", p.clone())).unwrap() else { panic!() };
+        assert_eq!(stored.date, None, "server time for an ordinary producer");
+        let migrate = Command::V1(CommandV1::SetProducerTypes {
+            caller: operator(),
+            ods: ods("A81001"),
+            types: vec![snomed(MENTAL_HEALTH_CRISIS_PLAN)],
+            permissions: [crate::model::ProducerPermission::Migration].into(),
+        });
+        apply(&mut s, &migrate).unwrap();
+        let mut q = pointer("A81001", "d2", nhs(1), 6);
+        q.master_identifier = None;
+        q.date = p.date.clone();
+        let Outcome::Created { pointer: stored, .. } = apply(&mut s, &create("A81001", q.clone())).unwrap() else { panic!() };
+        assert_eq!(stored.date, p.date, "kept for a migration");
+        let mut changed = with_url(q, "https://a81001.example.nhs.uk/d2v2");
+        changed.date = Some("2020-01-01T00:00:00Z".into());
+        let Outcome::Updated { pointer: updated } = apply(&mut s, &put("A81001", changed, None)).unwrap() else { panic!() };
+        assert_eq!(updated.date, p.date, "an update never changes the date");
+    }
+
+    #[test]
+    fn the_paging_key_is_set_once() {
+        let mut s = state();
+        let set = |b| Command::V1(CommandV1::SetPagingKey { key: PagingKey([b; 32]) });
+        apply(&mut s, &set(1)).unwrap();
+        apply(&mut s, &set(2)).unwrap();
+        assert_eq!(s.paging_key, Some(PagingKey([1; 32])));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The replicated data: record pointers, the pointer-type registry, producers
 //! and the patient index.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -12,42 +12,11 @@ use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Timestamp(pub i64);
 
-/// A FHIR `Coding`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Coding {
-    pub system: String,
-    pub code: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub display: Option<String>,
-}
-
 /// A FHIR `Identifier` (system and value).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Identifier {
     pub system: String,
     pub value: String,
-}
-
-/// Where the record is and how to fetch it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Content {
-    pub url: String,
-    pub content_type: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub creation: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub format: Option<Coding>,
-}
-
-/// The clinical context of a pointer.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Context {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub practice_setting: Option<Coding>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub period_start: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub period_end: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,38 +37,91 @@ impl PointerStatus {
     }
 }
 
-/// A record pointer (an NRL-shaped FHIR `DocumentReference`).
+/// What a producer sent of a DocumentReference, kept as sent, except what
+/// the server owns (`resourceType`, `id`, `meta.versionId`,
+/// `meta.lastUpdated`, `status` and `date`, which the pointer's typed fields
+/// hold). Both are the members of a JSON object without its braces, in
+/// canonical (sorted) order, so rendering a pointer splices text and never
+/// parses it again.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PointerBody {
+    /// The members of the producer's `meta` other than the server's
+    /// (`profile`, `security`, `tag`, `source`, ...); often empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub meta: String,
+    /// Every other member the producer sent.
+    pub members: String,
+}
+
+impl PointerBody {
+    /// The body of these JSON objects' members.
+    pub fn of(meta: &serde_json::Map<String, serde_json::Value>, members: &serde_json::Map<String, serde_json::Value>) -> Self {
+        PointerBody { meta: members_text(meta), members: members_text(members) }
+    }
+
+    /// One member of the body, parsed (for the few checks that need one:
+    /// the immutable fields of an update). `None` if absent.
+    pub fn member(&self, name: &str) -> Option<serde_json::Value> {
+        let text = format!("{{{}}}", self.members);
+        let serde_json::Value::Object(mut m) = serde_json::from_str(&text).ok()? else { return None };
+        m.remove(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.meta.len() + self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An object's members as JSON text, without the braces.
+fn members_text(map: &serde_json::Map<String, serde_json::Value>) -> String {
+    let mut text = serde_json::to_string(map).expect("a JSON object serialises");
+    text.pop();
+    text.remove(0);
+    text
+}
+
+/// A record pointer (an NRL-shaped FHIR `DocumentReference`): the fields
+/// the state machine decides on, typed, and everything else as its
+/// producer sent it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordPointer {
     pub id: PointerId,
-    /// Starts at 1 and grows by one with every accepted update.
+    /// Starts at 1 and grows by one with every change (an update, or being
+    /// superseded).
     pub version: u64,
     pub subject: NhsNumber,
     pub custodian: OdsCode,
-    pub author: OdsCode,
     pub type_code: SnomedCode,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub type_display: Option<String>,
     pub category: SnomedCode,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub category_display: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub master_identifier: Option<Identifier>,
-    pub content: Vec<Content>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub context: Option<Context>,
     pub status: PointerStatus,
-    /// The pointer this one replaces (`relatesTo` code `replaces`).
+    /// The pointer this one supersedes (its `relatesTo` entry with code
+    /// `replaces`; other `relatesTo` entries are in `body`, unchecked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaces: Option<PointerId>,
+    /// The producer's own `date`, kept only for a producer with the
+    /// `migration` permission; otherwise the pointer's date is `created`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub date: Option<String>,
     pub created: Timestamp,
     pub updated: Timestamp,
+    pub body: PointerBody,
 }
 
 impl RecordPointer {
-    /// Upper bounds on the free-form parts, so no pointer grows unbounded.
+    /// Upper bounds on what a producer may send, so no pointer grows unbounded.
     pub const CONTENT_MAX: usize = 16;
     pub const TEXT_LEN_MAX: usize = 2048;
+    /// The body as sent, in bytes of JSON (an NRL pointer is 2 to 3 KB).
+    pub const BODY_BYTES_MAX: usize = 64 * 1024;
+    /// Versions of a pointer kept besides the current one; older ones are
+    /// forgotten as new ones are made.
+    pub const PAST_VERSIONS_MAX: u64 = 100;
 }
 
 /// A registered pointer type: a SNOMED CT type and the category it belongs to.
@@ -111,10 +133,53 @@ pub struct PointerType {
     pub category_display: String,
 }
 
-/// A producer organisation and the pointer types it may publish.
+/// What a producer organisation may do beyond publishing its types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProducerPermission {
+    /// Its pointers keep the `date` it sends (backfill of existing
+    /// records); NRLF's `audit-dates-from-payload`.
+    Migration,
+}
+
+impl ProducerPermission {
+    pub const ALL: [ProducerPermission; 1] = [ProducerPermission::Migration];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProducerPermission::Migration => "migration",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ProducerPermission> {
+        ProducerPermission::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+/// A producer organisation: the pointer types it may publish and its permissions.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ProducerEntry {
     pub allowed_types: Vec<SnomedCode>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub permissions: BTreeSet<ProducerPermission>,
+}
+
+/// A consumer organisation restricted to some pointer types. A consumer
+/// with no entry may read every type.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ConsumerEntry {
+    pub allowed_types: Vec<SnomedCode>,
+}
+
+/// The key that seals paging tokens, the same on every node: set once by
+/// the first command that proposes one, never changed after.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagingKey(pub [u8; 32]);
+
+impl std::fmt::Debug for PagingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PagingKey(..)")
+    }
 }
 
 /// The patient index entry for one NHS Number.
@@ -160,4 +225,12 @@ impl PatientEntry {
     pub fn is_empty(&self) -> bool {
         self.held.is_empty() && !self.opted_out && self.consent_updated.is_none()
     }
+}
+
+/// The replicated registry, whole: for an operator to read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Registry {
+    pub types: Vec<PointerType>,
+    pub producers: BTreeMap<OdsCode, ProducerEntry>,
+    pub consumers: BTreeMap<OdsCode, ConsumerEntry>,
 }

@@ -9,9 +9,9 @@
 //! counted from the patient index entry (pointers by custodian and type),
 //! never by counting pointers, so it is exact however many there are.
 
-use crate::access::{Purpose, ReadScope, Reader};
+use crate::access::{Purpose, ReadScope, Reader, Visibility};
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
-use crate::model::{PatientEntry, RecordPointer};
+use crate::model::{ConsumerEntry, PagingKey, PatientEntry, PointerType, RecordPointer};
 
 /// Reads of the state, the read side of [`crate::apply::StateTxn`].
 pub trait StateRead {
@@ -19,6 +19,14 @@ pub trait StateRead {
 
     fn pointer(&self, id: &PointerId) -> Result<Option<RecordPointer>, Self::Error>;
     fn patient(&self, subject: &NhsNumber) -> Result<Option<PatientEntry>, Self::Error>;
+    fn consumer(&self, ods: &OdsCode) -> Result<Option<ConsumerEntry>, Self::Error>;
+    fn pointer_types(&self) -> Result<Vec<PointerType>, Self::Error>;
+    fn paging_key(&self) -> Result<Option<PagingKey>, Self::Error>;
+
+    /// A version of a pointer that is no longer its current one.
+    fn past_version(&self, id: &PointerId, version: u64) -> Result<Option<RecordPointer>, Self::Error>;
+    /// The pointer's past versions, newest first, at most `limit`.
+    fn past_versions(&self, id: &PointerId, limit: usize) -> Result<Vec<RecordPointer>, Self::Error>;
 
     /// A patient's current pointers in id order, starting after `after`:
     /// those that `keep` accepts (asked with each index entry's custodian
@@ -46,18 +54,46 @@ pub struct Scanned {
 }
 
 /// Search filters, each "any of" (empty: no filter), combined with AND.
+/// A category stands for the registered types of that category.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SearchFilter {
     pub types: Vec<SnomedCode>,
+    pub categories: Vec<SnomedCode>,
     pub custodians: Vec<OdsCode>,
 }
 
 impl SearchFilter {
-    /// Does a pointer of this custodian and type (as text) match?
+    /// Does a pointer of this custodian and type (as text) match? (After
+    /// [`SearchFilter::resolve`], which turns categories into types.)
     pub fn matches(&self, custodian: &str, type_code: &str) -> bool {
         (self.types.is_empty() || self.types.iter().any(|t| t.as_str() == type_code))
             && (self.custodians.is_empty() || self.custodians.iter().any(|c| c.as_str() == custodian))
     }
+
+    /// The filter with its categories turned into the types the registry
+    /// files under them (intersected with `types` when both are given). A
+    /// category with no registered type matches nothing.
+    fn resolve<R: StateRead>(&self, r: &R) -> Result<Option<SearchFilter>, R::Error> {
+        if self.categories.is_empty() {
+            return Ok(Some(self.clone()));
+        }
+        let in_categories: Vec<SnomedCode> = r
+            .pointer_types()?
+            .into_iter()
+            .filter(|t| self.categories.contains(&t.category))
+            .map(|t| t.code)
+            .filter(|c| self.types.is_empty() || self.types.contains(c))
+            .collect();
+        if in_categories.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(SearchFilter { types: in_categories, categories: vec![], custodians: self.custodians.clone() }))
+    }
+}
+
+/// The reader's consumer restriction, if it is a consumer with one.
+fn restriction<R: StateRead>(r: &R, reader: &Reader) -> Result<Option<ConsumerEntry>, R::Error> {
+    if reader.is_consumer() { r.consumer(reader.ods()) } else { Ok(None) }
 }
 
 /// One page of a patient's current pointers.
@@ -85,9 +121,12 @@ pub struct SearchPage {
 
 /// A page of a search, as `reader` may see it.
 pub fn search<R: StateRead>(r: &R, reader: &Reader, purpose: &Purpose, q: &Search) -> Result<SearchPage, R::Error> {
+    let Some(filter) = q.filter.resolve(r)? else {
+        return Ok(SearchPage { total: 0, pointers: Vec::new(), next_after: None });
+    };
     let patient = r.patient(&q.subject)?;
-    let scope = reader.scope(patient.as_ref(), purpose);
-    let mut keep = |c: &str, t: &str| scope.allows(c, t) && q.filter.matches(c, t);
+    let scope = reader.scope(patient.as_ref(), purpose, restriction(r, reader)?.as_ref());
+    let mut keep = |c: &str, t: &str| scope.allows(c, t) && filter.matches(c, t);
     let total = patient.as_ref().map_or(0, |p| p.count_where(|c, t| keep(c.as_str(), t.as_str())));
     if q.count == 0 || total == 0 {
         return Ok(SearchPage { total, pointers: Vec::new(), next_after: None });
@@ -96,11 +135,11 @@ pub fn search<R: StateRead>(r: &R, reader: &Reader, purpose: &Purpose, q: &Searc
     Ok(SearchPage { total, pointers: scanned.pointers, next_after: scanned.resume_after })
 }
 
-/// A pointer read by id, and whether `reader` may see it.
+/// A pointer read by id, and what `reader` may know of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PointerRead {
     pub pointer: RecordPointer,
-    pub visible: bool,
+    pub visibility: Visibility,
 }
 
 /// The pointer `id`, if it exists, with whether `reader` may see it (a
@@ -113,8 +152,40 @@ pub fn pointer<R: StateRead>(
 ) -> Result<Option<PointerRead>, R::Error> {
     let Some(pointer) = r.pointer(id)? else { return Ok(None) };
     let patient = r.patient(&pointer.subject)?;
-    let visible = reader.may_see(&pointer, patient.as_ref(), purpose);
-    Ok(Some(PointerRead { pointer, visible }))
+    let visibility = reader.sees(&pointer, patient.as_ref(), purpose, restriction(r, reader)?.as_ref());
+    Ok(Some(PointerRead { pointer, visibility }))
+}
+
+/// A pointer's versions, newest first: the current one, then past ones,
+/// at most `limit` in all; with what `reader` may know of the pointer
+/// (decided on the current version, so a history shows no more than a read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRead {
+    pub versions: Vec<RecordPointer>,
+    pub visibility: Visibility,
+}
+
+/// The history of `id` (`version`: one version only), if the pointer exists.
+pub fn history<R: StateRead>(
+    r: &R,
+    reader: &Reader,
+    purpose: &Purpose,
+    id: &PointerId,
+    version: Option<u64>,
+    limit: usize,
+) -> Result<Option<HistoryRead>, R::Error> {
+    let Some(current) = pointer(r, reader, purpose, id)? else { return Ok(None) };
+    let visibility = current.visibility;
+    let versions = match version {
+        Some(v) if v == current.pointer.version => vec![current.pointer],
+        Some(v) => r.past_version(id, v)?.into_iter().collect(),
+        None => {
+            let mut all = vec![current.pointer];
+            all.extend(r.past_versions(id, limit.saturating_sub(1))?);
+            all
+        }
+    };
+    Ok(Some(HistoryRead { versions, visibility }))
 }
 
 /// The organisations holding pointers of a patient that `reader` may see,
@@ -126,7 +197,7 @@ pub fn record_holders<R: StateRead>(
     subject: &NhsNumber,
 ) -> Result<Vec<(OdsCode, u64)>, R::Error> {
     let Some(patient) = r.patient(subject)? else { return Ok(Vec::new()) };
-    let scope = reader.scope(Some(&patient), purpose);
+    let scope = reader.scope(Some(&patient), purpose, restriction(r, reader)?.as_ref());
     Ok(visible_holders(&patient, &scope))
 }
 
@@ -160,7 +231,9 @@ pub mod conformance {
             let custodian = if i % 3 == 0 { "RV3" } else { "A81001" };
             let mut p = testkit::pointer(custodian, &format!("p{i:03}"), nhs(1), i64::from(i));
             if i % 5 == 0 {
-                p.type_code = snomed(testkit::EMERGENCY_CARE_PLAN);
+                p = testkit::with_type(p, testkit::END_OF_LIFE_CARE_PLAN);
+            } else if i % 7 == 0 {
+                p = testkit::with_type(p, testkit::NEWS2_CHART);
             }
             cmds.push(create(custodian, p));
         }
@@ -180,6 +253,18 @@ pub mod conformance {
             subject: nhs(2),
             opted_out: true,
             at: crate::model::Timestamp(1),
+        }));
+        // Pointer p008 updated twice: versions 1 and 2 past, 3 current.
+        for at in [200, 201] {
+            let mut p = testkit::pointer("A81001", "p008", nhs(1), at);
+            p.body.members = p.body.members.replace("/records/", &format!("/records/v{at}/"));
+            cmds.push(testkit::put("A81001", p, None));
+        }
+        // Consumer Y02 may read mental health crisis plans only.
+        cmds.push(Command::V1(CommandV1::SetConsumerTypes {
+            caller: testkit::operator(),
+            ods: ods("Y02"),
+            types: Some(vec![snomed(testkit::MENTAL_HEALTH_CRISIS_PLAN)]),
         }));
         cmds
     }
@@ -229,12 +314,16 @@ pub mod conformance {
         assert_eq!(by_one, all);
 
         // Filters: the total counted from the index entry equals what paging finds.
-        let ecp = snomed(testkit::EMERGENCY_CARE_PLAN);
+        let eol = snomed(testkit::END_OF_LIFE_CARE_PLAN);
+        let mhcp = snomed(testkit::MENTAL_HEALTH_CRISIS_PLAN);
+        let news2 = snomed(testkit::NEWS2_CHART);
+        let f = |types: Vec<SnomedCode>, custodians: Vec<OdsCode>| SearchFilter { types, categories: vec![], custodians };
         for filter in [
-            SearchFilter { types: vec![ecp.clone()], custodians: vec![] },
-            SearchFilter { types: vec![], custodians: vec![ods("RV3")] },
-            SearchFilter { types: vec![ecp.clone()], custodians: vec![ods("A81001"), ods("RV3")] },
-            SearchFilter { types: vec![snomed(testkit::MENTAL_HEALTH_CRISIS_PLAN), ecp.clone()], custodians: vec![] },
+            f(vec![eol.clone()], vec![]),
+            f(vec![], vec![ods("RV3")]),
+            f(vec![eol.clone()], vec![ods("A81001"), ods("RV3")]),
+            f(vec![mhcp.clone(), eol.clone()], vec![]),
+            f(vec![news2.clone()], vec![]),
         ] {
             let q = Search { filter: filter.clone(), ..query(nhs(1), 4) };
             let (total, ids) = page_all(state, &consumer, q.clone()).unwrap();
@@ -252,6 +341,48 @@ pub mod conformance {
             let (_, bounded) = page_all(state, &consumer, Search { scan_max: 2, ..q }).unwrap();
             assert_eq!(bounded, expected, "{filter:?} with scan_max 2");
         }
+        // A category stands for its registered types.
+        let by_category = |categories: Vec<SnomedCode>, types: Vec<SnomedCode>| {
+            let q = Search { filter: SearchFilter { types, categories, custodians: vec![] }, ..query(nhs(1), 6) };
+            page_all(state, &consumer, q).unwrap()
+        };
+        let observations = snomed(testkit::OBSERVATIONS_CATEGORY);
+        let care_plans = snomed(testkit::CARE_PLAN_CATEGORY);
+        assert_eq!(by_category(vec![observations.clone()], vec![]), page_all(state, &consumer, Search { filter: f(vec![news2.clone()], vec![]), ..query(nhs(1), 6) }).unwrap());
+        let (n_care, _) = by_category(vec![care_plans.clone()], vec![]);
+        let (n_obs, _) = by_category(vec![observations.clone()], vec![]);
+        assert!(n_obs > 0 && n_care > 0);
+        assert_eq!(n_care + n_obs, total);
+        assert_eq!(by_category(vec![care_plans.clone(), observations.clone()], vec![]).0, total);
+        assert_eq!(by_category(vec![observations.clone()], vec![eol.clone()]), (0, vec![]), "category and type disjoint");
+        assert_eq!(by_category(vec![snomed("123456789")], vec![]), (0, vec![]), "no type in that category");
+
+        // A consumer restricted to one type sees only that type, and is
+        // refused a read by id of another.
+        let restricted = Reader::new(&caller("Y02", &[Role::Consumer])).expect("reads");
+        let (n_mhcp, mhcp_ids) = page_all(state, &restricted, query(nhs(1), 9)).unwrap();
+        assert_eq!((n_mhcp, mhcp_ids.clone()), page_all(state, &consumer, Search { filter: f(vec![mhcp.clone()], vec![]), ..query(nhs(1), 9) }).unwrap());
+        assert!(n_mhcp < total);
+        let eol_id = PointerId::parse("RV3-p000").unwrap();
+        assert_eq!(pointer(state, &restricted, &Purpose::DirectCare, &eol_id).unwrap().unwrap().visibility, Visibility::TypeNotAllowed);
+        assert_eq!(pointer(state, &consumer, &Purpose::DirectCare, &eol_id).unwrap().unwrap().visibility, Visibility::Visible);
+        let holders = record_holders(state, &restricted, &Purpose::DirectCare, &nhs(1)).unwrap();
+        assert_eq!(holders.iter().map(|(_, n)| n).sum::<u64>(), n_mhcp);
+
+        // Versions: the current one first, then the past ones, newest first.
+        let p008 = PointerId::parse("A81001-p008").unwrap();
+        let h = history(state, &consumer, &Purpose::DirectCare, &p008, None, 10).unwrap().unwrap();
+        assert_eq!(h.versions.iter().map(|p| p.version).collect::<Vec<_>>(), [3, 2, 1]);
+        assert!(h.versions[0].body.members.contains("/records/v201/"));
+        assert!(h.versions[1].body.members.contains("/records/v200/"));
+        assert_eq!(history(state, &consumer, &Purpose::DirectCare, &p008, None, 2).unwrap().unwrap().versions.len(), 2);
+        let v1 = history(state, &consumer, &Purpose::DirectCare, &p008, Some(1), 10).unwrap().unwrap();
+        assert_eq!(v1.versions.iter().map(|p| p.version).collect::<Vec<_>>(), [1]);
+        assert!(history(state, &consumer, &Purpose::DirectCare, &p008, Some(4), 10).unwrap().unwrap().versions.is_empty());
+        let superseded = PointerId::parse("A81001-p001").unwrap();
+        let h = history(state, &consumer, &Purpose::DirectCare, &superseded, None, 10).unwrap().unwrap();
+        assert_eq!(h.versions.iter().map(|p| p.status).collect::<Vec<_>>(), [PointerStatus::Superseded, PointerStatus::Current]);
+
         let count_only = search(state, &consumer, &Purpose::DirectCare, &query(nhs(1), 0)).unwrap();
         assert_eq!((count_only.total, count_only.pointers.len()), (total, 0));
 
@@ -274,10 +405,14 @@ pub mod conformance {
         assert_eq!(record_holders(state, &producer, &Purpose::DirectCare, &nhs(2)).unwrap(), [(ods("A81001"), 3)]);
         let hidden = PointerId::parse("RV3-o0").unwrap();
         let read = pointer(state, &consumer, &Purpose::DirectCare, &hidden).unwrap().expect("exists");
-        assert!(!read.visible, "opted out");
+        assert_eq!(read.visibility, Visibility::Hidden, "opted out");
         assert_eq!(read.pointer.subject, nhs(2), "names the patient for the audit");
-        assert!(pointer(state, &consumer, &glass, &hidden).unwrap().unwrap().visible);
-        assert!(!pointer(state, &producer, &Purpose::DirectCare, &hidden).unwrap().unwrap().visible, "not its own");
+        assert_eq!(pointer(state, &consumer, &glass, &hidden).unwrap().unwrap().visibility, Visibility::Visible);
+        assert_eq!(
+            pointer(state, &producer, &Purpose::DirectCare, &hidden).unwrap().unwrap().visibility,
+            Visibility::Hidden,
+            "not its own"
+        );
         let missing = PointerId::parse("RV3-nothing").unwrap();
         assert_eq!(pointer(state, &consumer, &Purpose::DirectCare, &missing).unwrap(), None);
     }

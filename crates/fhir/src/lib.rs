@@ -9,11 +9,10 @@ mod schema;
 mod search;
 
 pub use schema::check_document_reference;
-pub use search::{SearchLimits, SearchParams, parse_query, parse_search};
+pub use search::{SearchLimits, SearchParams, parse_json_search, parse_query, parse_search};
 
 use hie_domain::{
-    Coding, Content, Context, Identifier, NhsNumber, OdsCode, PointerId, PointerStatus, RecordPointer, SnomedCode,
-    Timestamp,
+    Identifier, NhsNumber, OdsCode, PointerBody, PointerId, PointerStatus, RecordPointer, SnomedCode, Timestamp,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -37,153 +36,121 @@ pub const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
 pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
 pub const FHIR_JSON: &str = "application/fhir+json";
 
-// The accepted shape. Unknown fields are refused rather than silently dropped.
+/// The Spine ASID identifier system, required on `context.related` for an
+/// `ssp://` attachment URL (NRL's rule).
+pub const SPINE_ASID_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhsSpineASID";
+
+/// The `relatesTo` codes FHIR R4 defines: only `replaces` supersedes.
+const RELATION_CODES: [&str; 4] = ["replaces", "transforms", "signs", "appends"];
+
+// The parts the record locator decides on, read from a body that the schema
+// check has already passed (so every element here is well typed; elements
+// not named here are kept as sent, unread).
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 struct DocumentReferenceIn {
-    resource_type: String,
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
-    meta: Option<Value>,
-    #[serde(default)]
     master_identifier: Option<IdentifierIn>,
-    status: String,
     #[serde(default)]
-    doc_status: Option<String>,
+    status: Option<String>,
     #[serde(rename = "type")]
-    type_: CodeableConceptIn,
+    #[serde(default)]
+    type_: Option<CodeableConceptIn>,
+    #[serde(default)]
     category: Vec<CodeableConceptIn>,
-    subject: ReferenceIn,
+    #[serde(default)]
+    subject: Option<ReferenceIn>,
     #[serde(default)]
     date: Option<String>,
-    author: Vec<ReferenceIn>,
-    custodian: ReferenceIn,
+    #[serde(default)]
+    author: Vec<Value>,
+    #[serde(default)]
+    custodian: Option<ReferenceIn>,
     #[serde(default)]
     relates_to: Vec<RelatesToIn>,
     #[serde(default)]
-    description: Option<String>,
     content: Vec<ContentIn>,
     #[serde(default)]
     context: Option<ContextIn>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct IdentifierIn {
     system: Option<String>,
     value: Option<String>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct CodingIn {
     system: Option<String>,
     code: Option<String>,
-    display: Option<String>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct CodeableConceptIn {
-    coding: Vec<CodingIn>,
-    /// Accepted (FHIR defines it) but not stored: the coding is authoritative.
     #[serde(default)]
-    #[allow(dead_code)]
-    text: Option<String>,
+    coding: Vec<CodingIn>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ReferenceIn {
     #[serde(default)]
     identifier: Option<IdentifierIn>,
     #[serde(default)]
     reference: Option<String>,
-    /// Accepted (FHIR defines it) but not stored: the identifier is authoritative.
-    #[serde(default)]
-    #[allow(dead_code)]
-    display: Option<String>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RelatesToIn {
-    code: String,
-    target: ReferenceIn,
+    code: Option<String>,
+    target: Option<ReferenceIn>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 struct AttachmentIn {
     content_type: Option<String>,
     url: Option<String>,
-    #[serde(default)]
-    creation: Option<String>,
-    #[serde(default)]
-    title: Option<String>,
-    #[serde(default)]
-    language: Option<String>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ContentIn {
-    attachment: AttachmentIn,
-    #[serde(default)]
-    format: Option<CodingIn>,
+    attachment: Option<AttachmentIn>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PeriodIn {
-    #[serde(default)]
-    start: Option<String>,
-    #[serde(default)]
-    end: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ContextIn {
     #[serde(default)]
-    practice_setting: Option<CodeableConceptIn>,
-    #[serde(default)]
-    period: Option<PeriodIn>,
+    related: Vec<ReferenceIn>,
 }
 
 fn invalid(msg: impl Into<String>) -> FhirError {
     FhirError::InvalidResource(msg.into())
 }
 
-fn text_field(field: &str, s: Option<String>) -> Result<String, FhirError> {
+fn text_field(field: &str, s: Option<&str>) -> Result<String, FhirError> {
     let s = s.ok_or_else(|| invalid(format!("{field} is required")))?;
     if s.is_empty() || s.len() > RecordPointer::TEXT_LEN_MAX {
         return Err(invalid(format!("{field} must be 1 to {} characters", RecordPointer::TEXT_LEN_MAX)));
     }
-    Ok(s)
+    Ok(s.to_owned())
 }
 
-fn optional_text(field: &str, s: Option<String>) -> Result<Option<String>, FhirError> {
-    match s {
-        None => Ok(None),
-        Some(s) => text_field(field, Some(s)).map(Some),
-    }
-}
-
-fn snomed_coding(field: &str, c: &CodeableConceptIn) -> Result<(SnomedCode, Option<String>), FhirError> {
+fn snomed_coding(field: &str, c: &CodeableConceptIn) -> Result<SnomedCode, FhirError> {
     let coding = c
         .coding
         .iter()
         .find(|c| c.system.as_deref() == Some(SnomedCode::SYSTEM))
         .ok_or_else(|| invalid(format!("{field} needs a coding with system {}", SnomedCode::SYSTEM)))?;
     let code = coding.code.as_deref().ok_or_else(|| invalid(format!("{field}.coding.code is required")))?;
-    let code = SnomedCode::parse(code).map_err(|e| invalid(format!("{field}: {e}")))?;
-    Ok((code, coding.display.clone()))
+    SnomedCode::parse(code).map_err(|e| invalid(format!("{field}: {e}")))
 }
 
-fn ods_reference(field: &str, r: &ReferenceIn) -> Result<OdsCode, FhirError> {
+fn ods_reference(field: &str, r: Option<&ReferenceIn>) -> Result<OdsCode, FhirError> {
+    let r = r.ok_or_else(|| invalid(format!("{field} is required")))?;
     let ident = r.identifier.as_ref().ok_or_else(|| invalid(format!("{field}.identifier is required")))?;
     if ident.system.as_deref() != Some(ODS_SYSTEM) {
         return Err(invalid(format!("{field}.identifier.system must be {ODS_SYSTEM}")));
@@ -192,18 +159,20 @@ fn ods_reference(field: &str, r: &ReferenceIn) -> Result<OdsCode, FhirError> {
     OdsCode::parse(value).map_err(|e| invalid(format!("{field}: {e}")))
 }
 
-fn status(s: &str) -> Result<PointerStatus, FhirError> {
+fn status(s: Option<&str>) -> Result<PointerStatus, FhirError> {
     match s {
-        "current" => Ok(PointerStatus::Current),
-        "superseded" => Ok(PointerStatus::Superseded),
-        "entered-in-error" => Ok(PointerStatus::EnteredInError),
-        _ => Err(invalid("status must be current, superseded or entered-in-error")),
+        Some("current") => Ok(PointerStatus::Current),
+        Some("superseded") => Ok(PointerStatus::Superseded),
+        Some("entered-in-error") => Ok(PointerStatus::EnteredInError),
+        Some(_) => Err(invalid("status must be current, superseded or entered-in-error")),
+        None => Err(invalid("status is required")),
     }
 }
 
 /// Parses an NHS Number from a subject reference: the error is the
 /// contract's INVALID_NHS_NUMBER when the number itself is wrong.
-fn subject(r: &ReferenceIn) -> Result<NhsNumber, FhirError> {
+fn subject(r: Option<&ReferenceIn>) -> Result<NhsNumber, FhirError> {
+    let r = r.ok_or_else(|| invalid("subject is required"))?;
     let ident = r.identifier.as_ref().ok_or_else(|| invalid("subject.identifier is required"))?;
     if ident.system.as_deref() != Some(NHS_NUMBER_SYSTEM) {
         return Err(invalid(format!("subject.identifier.system must be {NHS_NUMBER_SYSTEM}")));
@@ -356,20 +325,57 @@ pub fn batch_response(entries: &[BatchEntryOut]) -> Value {
     json!({ "resourceType": "Bundle", "type": "batch-response", "entry": entry })
 }
 
-fn document_reference_of(value: Value) -> Result<ParsedPointer, FhirError> {
-    let doc: DocumentReferenceIn = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
-    debug_assert_eq!(doc.resource_type, "DocumentReference");
-    let _ = (&doc.meta, &doc.doc_status, &doc.date, &doc.description);
+/// NRL's rule for `ssp://` URLs: the pointer names the Spine ASID of the
+/// system that serves it, as a `context.related` identifier of 12 digits.
+fn check_ssp(doc: &DocumentReferenceIn) -> Result<(), FhirError> {
+    let ssp = doc.content.iter().any(|c| {
+        c.attachment.as_ref().and_then(|a| a.url.as_deref()).is_some_and(|u| u.starts_with("ssp://"))
+    });
+    if !ssp {
+        return Ok(());
+    }
+    let asid = doc.context.iter().flat_map(|c| &c.related).find_map(|r| {
+        r.identifier.as_ref().filter(|i| i.system.as_deref() == Some(SPINE_ASID_SYSTEM)).and_then(|i| i.value.as_deref())
+    });
+    match asid {
+        Some(v) if v.len() == 12 && v.bytes().all(|b| b.is_ascii_digit()) => Ok(()),
+        Some(_) => Err(invalid(format!("context.related {SPINE_ASID_SYSTEM} must be 12 digits"))),
+        None => Err(invalid(format!(
+            "an ssp:// attachment URL needs a context.related identifier with system {SPINE_ASID_SYSTEM}"
+        ))),
+    }
+}
 
-    let subject = subject(&doc.subject)?;
-    let custodian = ods_reference("custodian", &doc.custodian)?;
-    let author = match doc.author.as_slice() {
-        [one] => ods_reference("author", one)?,
-        [] => return Err(invalid("author is required")),
-        _ => return Err(invalid("exactly one author is supported")),
-    };
-    let (type_code, type_display) = snomed_coding("type", &doc.type_)?;
-    let (category, category_display) = match doc.category.as_slice() {
+/// The pointer `relatesTo` supersedes (its `replaces` entry), after
+/// checking every entry's code.
+fn replaces(doc: &DocumentReferenceIn) -> Result<Option<PointerId>, FhirError> {
+    let mut replaced = None;
+    for r in &doc.relates_to {
+        let code = r.code.as_deref().ok_or_else(|| invalid("relatesTo.code is required"))?;
+        if !RELATION_CODES.contains(&code) {
+            return Err(invalid(format!("relatesTo.code must be one of {}", RELATION_CODES.join(", "))));
+        }
+        let target = r.target.as_ref().ok_or_else(|| invalid("relatesTo.target is required"))?;
+        if code == "replaces" {
+            if replaced.is_some() {
+                return Err(invalid("at most one relatesTo may replace a pointer"));
+            }
+            replaced = Some(relates_to_target(target)?);
+        }
+    }
+    Ok(replaced)
+}
+
+fn document_reference_of(value: Value) -> Result<ParsedPointer, FhirError> {
+    check_document_reference(&value)?;
+    let doc = DocumentReferenceIn::deserialize(&value).map_err(|e| invalid(e.to_string()))?;
+    let subject = subject(doc.subject.as_ref())?;
+    let custodian = ods_reference("custodian", doc.custodian.as_ref())?;
+    if doc.author.is_empty() {
+        return Err(invalid("author is required"));
+    }
+    let type_code = snomed_coding("type", doc.type_.as_ref().ok_or_else(|| invalid("type is required"))?)?;
+    let category = match doc.category.as_slice() {
         [one] => snomed_coding("category", one)?,
         [] => return Err(invalid("category is required")),
         _ => return Err(invalid("exactly one category is supported")),
@@ -377,57 +383,28 @@ fn document_reference_of(value: Value) -> Result<ParsedPointer, FhirError> {
     if doc.content.is_empty() || doc.content.len() > RecordPointer::CONTENT_MAX {
         return Err(invalid(format!("content must have 1 to {} entries", RecordPointer::CONTENT_MAX)));
     }
-    let mut content = Vec::with_capacity(doc.content.len());
-    for c in doc.content {
-        let url = text_field("content.attachment.url", c.attachment.url)?;
+    for c in &doc.content {
+        let a = c.attachment.as_ref().ok_or_else(|| invalid("content.attachment is required"))?;
+        let url = text_field("content.attachment.url", a.url.as_deref())?;
         if !(url.starts_with("https://") || url.starts_with("http://") || url.starts_with("ssp://")) {
             return Err(invalid("content.attachment.url must be an absolute http(s) or ssp URL"));
         }
-        let _ = (&c.attachment.title, &c.attachment.language);
-        content.push(Content {
-            url,
-            content_type: text_field("content.attachment.contentType", c.attachment.content_type)?,
-            creation: optional_text("content.attachment.creation", c.attachment.creation)?,
-            format: match c.format {
-                None => None,
-                Some(f) => Some(Coding {
-                    system: text_field("content.format.system", f.system)?,
-                    code: text_field("content.format.code", f.code)?,
-                    display: optional_text("content.format.display", f.display)?,
-                }),
-            },
-        });
+        text_field("content.attachment.contentType", a.content_type.as_deref())?;
     }
-    let context = match doc.context {
-        None => None,
-        Some(ctx) => Some(Context {
-            practice_setting: match ctx.practice_setting.and_then(|p| p.coding.into_iter().next()) {
-                None => None,
-                Some(c) => Some(Coding {
-                    system: text_field("context.practiceSetting.coding.system", c.system)?,
-                    code: text_field("context.practiceSetting.coding.code", c.code)?,
-                    display: optional_text("context.practiceSetting.coding.display", c.display)?,
-                }),
-            },
-            period_start: ctx.period.as_ref().and_then(|p| p.start.clone()),
-            period_end: ctx.period.and_then(|p| p.end),
-        }),
-    };
-    let master_identifier = match doc.master_identifier {
+    check_ssp(&doc)?;
+    let master_identifier = match &doc.master_identifier {
         None => None,
         Some(m) => Some(Identifier {
-            system: text_field("masterIdentifier.system", m.system)?,
-            value: text_field("masterIdentifier.value", m.value)?,
+            system: text_field("masterIdentifier.system", m.system.as_deref())?,
+            value: text_field("masterIdentifier.value", m.value.as_deref())?,
         }),
     };
-    let replaces = match doc.relates_to.as_slice() {
-        [] => None,
-        [r] if r.code == "replaces" => Some(relates_to_target(&r.target)?),
-        [_] => return Err(invalid("relatesTo.code must be replaces")),
-        _ => return Err(invalid("at most one relatesTo is supported")),
-    };
+    let replaces = replaces(&doc)?;
     let id = doc.id.as_deref().map(PointerId::parse).transpose().map_err(|e| invalid(format!("id: {e}")))?;
     let placeholder_id = id.clone().unwrap_or_else(|| PointerId::new(&custodian, uuid::Uuid::nil()));
+    let status = status(doc.status.as_deref())?;
+    let date = doc.date;
+    let body = body_of(value)?;
     Ok(ParsedPointer {
         id,
         pointer: RecordPointer {
@@ -435,20 +412,39 @@ fn document_reference_of(value: Value) -> Result<ParsedPointer, FhirError> {
             version: 1,
             subject,
             custodian,
-            author,
             type_code,
-            type_display,
             category,
-            category_display,
             master_identifier,
-            content,
-            context,
-            status: status(&doc.status)?,
+            status,
             replaces,
+            date,
             created: Timestamp(0),
             updated: Timestamp(0),
+            body,
         },
     })
+}
+
+/// What is kept as sent: everything but the members the server owns.
+fn body_of(value: Value) -> Result<PointerBody, FhirError> {
+    let Value::Object(mut members) = value else { return Err(invalid("a DocumentReference must be an object")) };
+    for owned in ["resourceType", "id", "status", "date"] {
+        members.remove(owned);
+    }
+    let mut meta = match members.remove("meta") {
+        Some(Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    meta.remove("versionId");
+    meta.remove("lastUpdated");
+    let body = PointerBody::of(&meta, &members);
+    if body.len() > RecordPointer::BODY_BYTES_MAX {
+        return Err(invalid(format!(
+            "a DocumentReference may be at most {} bytes of JSON",
+            RecordPointer::BODY_BYTES_MAX
+        )));
+    }
+    Ok(body)
 }
 
 pub fn instant(t: Timestamp) -> String {
@@ -457,16 +453,24 @@ pub fn instant(t: Timestamp) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// Renders a pointer as a FHIR R4 DocumentReference (JSON text, straight
-/// from the pointer).
+/// Renders a pointer as a FHIR R4 DocumentReference (JSON text: the
+/// server's members, then the producer's as stored).
 pub fn document_reference(p: &RecordPointer) -> String {
-    serde_json::to_string(&render::DocumentReference::of(p)).expect("a DocumentReference serialises")
+    let mut out = String::with_capacity(320 + p.body.len());
+    render::document_reference(&mut out, p);
+    out
 }
 
-/// A searchset Bundle of pointers, as JSON text (rendered straight from the
-/// pointers: the hot path of every search).
-pub fn searchset(base: &str, total: u64, pointers: &[RecordPointer], next: Option<&str>) -> String {
-    serde_json::to_string(&render::Searchset::of(base, total, pointers, next)).expect("a Bundle serialises")
+/// A searchset Bundle of pointers, as JSON text (spliced from the stored
+/// pointers: the hot path of every search), with its `self` link and a
+/// `next` link when there is a next page.
+pub fn searchset(base: &str, total: u64, pointers: &[RecordPointer], self_url: &str, next: Option<&str>) -> String {
+    render::searchset(base, total, pointers, self_url, next)
+}
+
+/// A `history` Bundle of a pointer's versions, newest first.
+pub fn history(base: &str, versions: &[RecordPointer], self_url: &str) -> String {
+    render::history(base, versions, self_url)
 }
 
 /// `$record-holders`: one `holder` per organisation with its pointer count.
@@ -533,19 +537,47 @@ mod tests {
         })
     }
 
+    /// What the server adds to a pointer on the way out.
+    fn without_server_members(mut v: Value) -> Value {
+        let m = v.as_object_mut().unwrap();
+        m.remove("id");
+        m.remove("date");
+        if let Some(Value::Object(meta)) = m.get_mut("meta") {
+            meta.remove("versionId");
+            meta.remove("lastUpdated");
+            if meta.is_empty() {
+                m.remove("meta");
+            }
+        }
+        v
+    }
+
+    /// A pointer is kept as sent: rendered back, it is the same JSON but
+    /// for the server's members; and it parses back to the same pointer.
     #[test]
     fn round_trip() {
-        let body = serde_json::to_vec(&sample("9434765919")).unwrap();
-        let parsed = parse_document_reference(&body).unwrap();
-        let rendered = document_reference(&parsed.pointer);
-        let again = parse_document_reference(rendered.as_bytes()).unwrap();
+        let mut v = sample("9434765919");
+        v["meta"] = json!({ "profile": ["https://fhir.nhs.uk/StructureDefinition/NRL-DocumentReference"] });
+        v["description"] = json!("Crisis plan, reviewed with the patient");
+        v["docStatus"] = json!("final");
+        v["content"][0]["attachment"]["title"] = json!("Crisis plan");
+        v["content"][0]["attachment"]["size"] = json!(48213);
+        v["content"][0]["extension"] = json!([{ "url": "https://fhir.nhs.uk/England/StructureDefinition/Extension-England-ContentStability",
+            "valueCodeableConcept": { "coding": [{ "system": "https://fhir.nhs.uk/England/CodeSystem/England-NRLContentStability", "code": "static", "display": "Static" }] } }]);
+        v["author"][0]["display"] = json!("A GP practice");
+        let parsed = parse_document_reference(&serde_json::to_vec(&v).unwrap()).unwrap();
+        let rendered: Value = serde_json::from_str(&document_reference(&parsed.pointer)).unwrap();
+        assert_eq!(rendered["resourceType"], "DocumentReference");
+        assert_eq!(rendered["meta"]["versionId"], "1");
+        assert_eq!(without_server_members(rendered.clone()), v);
+        let again = parse_document_reference(&serde_json::to_vec(&rendered).unwrap()).unwrap();
+        assert_eq!(again.pointer.body, parsed.pointer.body);
         assert_eq!(again.pointer.subject, parsed.pointer.subject);
-        assert_eq!(again.pointer.content, parsed.pointer.content);
         assert_eq!(again.pointer.master_identifier, parsed.pointer.master_identifier);
     }
 
-    /// The searchset is rendered straight to text: it is well-formed FHIR
-    /// JSON with `resourceType` first, and each entry parses back.
+    /// The searchset is spliced as text: well-formed FHIR JSON with
+    /// `resourceType` first, a `self` link, and each entry as stored.
     #[test]
     fn searchset_text() {
         let mut v = sample("9434765919");
@@ -553,23 +585,68 @@ mod tests {
         v["content"][0]["format"] = json!({ "system": "urn:x", "code": "f" });
         let parsed = parse_document_reference(&serde_json::to_vec(&v).unwrap()).unwrap();
         let pointers = vec![parsed.pointer.clone(), parsed.pointer];
-        let text =
-            searchset("https://n.example/fhir", 7, &pointers, Some("https://n.example/fhir/DocumentReference?next=t"));
+        let text = searchset(
+            "https://n.example/fhir",
+            7,
+            &pointers,
+            "https://n.example/fhir/DocumentReference?_count=2",
+            Some("https://n.example/fhir/DocumentReference?next=t"),
+        );
         assert!(text.starts_with(r#"{"resourceType":"Bundle","type":"searchset","total":7,"#), "{text}");
         let b: Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(b["link"][0]["relation"], "next");
+        assert_eq!(b["link"][0]["relation"], "self");
+        assert_eq!(b["link"][1]["relation"], "next");
         assert_eq!(b["entry"].as_array().unwrap().len(), 2);
         let e = &b["entry"][0];
         assert_eq!(e["search"]["mode"], "match");
         assert!(e["fullUrl"].as_str().unwrap().ends_with(e["resource"]["id"].as_str().unwrap()));
-        assert_eq!(e["resource"]["context"]["period"]["start"], "2026-01-01");
-        assert_eq!(e["resource"]["content"][0]["format"]["code"], "f");
-        assert!(e["resource"].get("relatesTo").is_none());
-        let again = parse_document_reference(&serde_json::to_vec(&e["resource"]).unwrap()).unwrap();
-        assert_eq!(again.pointer.content, pointers[0].content);
-        assert_eq!(again.pointer.context, pointers[0].context);
-        let empty = searchset("https://n.example/fhir", 0, &[], None);
-        assert_eq!(empty, r#"{"resourceType":"Bundle","type":"searchset","total":0,"entry":[]}"#);
+        assert_eq!(without_server_members(e["resource"].clone()), v);
+        let empty = searchset("https://n.example/fhir", 0, &[], "https://n.example/fhir/DocumentReference", None);
+        assert_eq!(
+            empty,
+            r#"{"resourceType":"Bundle","type":"searchset","total":0,"link":[{"relation":"self","url":"https://n.example/fhir/DocumentReference"}],"entry":[]}"#
+        );
+    }
+
+    #[test]
+    fn nrl_rules() {
+        let refused = |v: &Value| parse_document_reference(&serde_json::to_vec(v).unwrap()).err();
+        // ssp:// needs the Spine ASID.
+        let mut v = sample("9434765919");
+        v["content"][0]["attachment"]["url"] = json!("ssp://a81001.example.nhs.uk/records/1");
+        assert!(matches!(refused(&v), Some(FhirError::InvalidResource(m)) if m.contains("nhsSpineASID")));
+        v["context"] = json!({ "related": [{ "identifier": { "system": SPINE_ASID_SYSTEM, "value": "2000000001" } }] });
+        assert!(matches!(refused(&v), Some(FhirError::InvalidResource(m)) if m.contains("12 digits")));
+        v["context"]["related"][0]["identifier"]["value"] = json!("200000000117");
+        assert!(refused(&v).is_none());
+        // relatesTo: the four R4 codes, one replaces at most.
+        let mut v = sample("9434765919");
+        v["relatesTo"] = json!([
+            { "code": "transforms", "target": { "reference": "DocumentReference/A81001-old1" } },
+            { "code": "appends", "target": { "identifier": { "value": "A81001-old2" }, "type": "DocumentReference" } }
+        ]);
+        let p = parse_document_reference(&serde_json::to_vec(&v).unwrap()).unwrap();
+        assert_eq!(p.pointer.replaces, None, "only replaces supersedes");
+        v["relatesTo"][1]["code"] = json!("replaces");
+        let p = parse_document_reference(&serde_json::to_vec(&v).unwrap()).unwrap();
+        assert_eq!(p.pointer.replaces.unwrap().as_str(), "A81001-old2");
+        v["relatesTo"][0]["code"] = json!("replaces");
+        assert!(refused(&v).is_some(), "two replaces");
+        v["relatesTo"][0]["code"] = json!("incorporates");
+        assert!(refused(&v).is_some(), "not an R4 code");
+        // Undefined elements and modifier extensions stay refused.
+        let mut v = sample("9434765919");
+        v["content"][0]["attachment"]["colour"] = json!("red");
+        assert!(matches!(refused(&v), Some(FhirError::InvalidResource(_))));
+        let mut v = sample("9434765919");
+        v["modifierExtension"] = json!([{ "url": "https://example.org/x", "valueBoolean": true }]);
+        assert!(matches!(refused(&v), Some(FhirError::InvalidResource(_))));
+        // Any kind of author reference.
+        let mut v = sample("9434765919");
+        v["author"] = json!([{ "reference": "Practitioner/abc", "display": "Dr A" }]);
+        assert!(refused(&v).is_none());
+        v["author"] = json!([]);
+        assert!(refused(&v).is_some());
     }
 
     #[test]

@@ -1,218 +1,120 @@
-//! Rendering pointers as FHIR JSON straight from typed structs: no
-//! intermediate `serde_json::Value` tree (a map and a string allocation per
-//! field), which was the largest cost of a search with results.
-//! Fields are in the conventional FHIR order, `resourceType` first.
+//! Rendering pointers as FHIR JSON text by splicing: the server-owned
+//! members (`resourceType`, `id`, `meta`, `status`, `date`) are written
+//! first, then the producer's own members exactly as stored. Nothing is
+//! parsed or built as a `serde_json::Value` tree, so a search's cost is
+//! copying its pointers' bytes.
 
-use hie_domain::{Coding, OdsCode, RecordPointer, SnomedCode};
-use serde::Serialize;
+use hie_domain::RecordPointer;
 
-use crate::{NHS_NUMBER_SYSTEM, ODS_SYSTEM, instant};
+use crate::instant;
 
-#[derive(Serialize)]
-struct CodingOut<'a> {
-    system: &'a str,
-    code: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    display: Option<&'a str>,
+/// Appends `s` as a JSON string.
+fn push_str(out: &mut String, s: &str) {
+    // serde_json escapes exactly as JSON requires; writing into a String
+    // cannot fail.
+    out.push_str(&serde_json::to_string(s).expect("a string serialises"));
 }
 
-impl<'a> CodingOut<'a> {
-    fn of(c: &'a Coding) -> Self {
-        CodingOut { system: &c.system, code: &c.code, display: c.display.as_deref() }
+/// Appends the pointer as a DocumentReference.
+pub(crate) fn document_reference(out: &mut String, p: &RecordPointer) {
+    out.push_str(r#"{"resourceType":"DocumentReference","id":"#);
+    push_str(out, p.id.as_str());
+    out.push_str(r#","meta":{"versionId":""#);
+    out.push_str(&p.version.to_string());
+    out.push_str(r#"","lastUpdated":""#);
+    out.push_str(&instant(p.updated));
+    out.push('"');
+    if !p.body.meta.is_empty() {
+        out.push(',');
+        out.push_str(&p.body.meta);
     }
-
-    fn snomed(code: &'a SnomedCode, display: &'a Option<String>) -> Self {
-        CodingOut { system: SnomedCode::SYSTEM, code: code.as_str(), display: display.as_deref() }
-    }
-}
-
-#[derive(Serialize)]
-struct Concept<'a> {
-    coding: [CodingOut<'a>; 1],
-}
-
-#[derive(Serialize)]
-struct Ident<'a> {
-    system: &'a str,
-    value: &'a str,
-}
-
-#[derive(Serialize)]
-struct ByIdentifier<'a> {
-    identifier: Ident<'a>,
-}
-
-impl<'a> ByIdentifier<'a> {
-    fn ods(ods: &'a OdsCode) -> Self {
-        ByIdentifier { identifier: Ident { system: ODS_SYSTEM, value: ods.as_str() } }
-    }
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Meta {
-    version_id: String,
-    last_updated: String,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Attachment<'a> {
-    content_type: &'a str,
-    url: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    creation: Option<&'a str>,
-}
-
-#[derive(Serialize)]
-struct ContentOut<'a> {
-    attachment: Attachment<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    format: Option<CodingOut<'a>>,
-}
-
-#[derive(Serialize)]
-struct Reference {
-    reference: String,
-}
-
-#[derive(Serialize)]
-struct RelatesTo {
-    code: &'static str,
-    target: Reference,
-}
-
-#[derive(Serialize)]
-struct Period<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    start: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    end: Option<&'a str>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ContextOut<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    practice_setting: Option<Concept<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    period: Option<Period<'a>>,
-}
-
-/// A pointer as a FHIR R4 DocumentReference.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct DocumentReference<'a> {
-    resource_type: &'static str,
-    id: &'a str,
-    meta: Meta,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    master_identifier: Option<Ident<'a>>,
-    status: &'static str,
-    #[serde(rename = "type")]
-    type_: Concept<'a>,
-    category: [Concept<'a>; 1],
-    subject: ByIdentifier<'a>,
-    date: String,
-    author: [ByIdentifier<'a>; 1],
-    custodian: ByIdentifier<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    relates_to: Option<[RelatesTo; 1]>,
-    content: Vec<ContentOut<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    context: Option<ContextOut<'a>>,
-}
-
-impl<'a> DocumentReference<'a> {
-    pub(crate) fn of(p: &'a RecordPointer) -> Self {
-        let context = p.context.as_ref().and_then(|c| {
-            let period = (c.period_start.is_some() || c.period_end.is_some())
-                .then_some(Period { start: c.period_start.as_deref(), end: c.period_end.as_deref() });
-            let practice_setting = c.practice_setting.as_ref().map(|ps| Concept { coding: [CodingOut::of(ps)] });
-            (period.is_some() || practice_setting.is_some()).then_some(ContextOut { practice_setting, period })
-        });
-        DocumentReference {
-            resource_type: "DocumentReference",
-            id: p.id.as_str(),
-            meta: Meta { version_id: p.version.to_string(), last_updated: instant(p.updated) },
-            master_identifier: p.master_identifier.as_ref().map(|m| Ident { system: &m.system, value: &m.value }),
-            status: p.status.as_str(),
-            type_: Concept { coding: [CodingOut::snomed(&p.type_code, &p.type_display)] },
-            category: [Concept { coding: [CodingOut::snomed(&p.category, &p.category_display)] }],
-            subject: ByIdentifier { identifier: Ident { system: NHS_NUMBER_SYSTEM, value: p.subject.as_str() } },
-            date: instant(p.created),
-            author: [ByIdentifier::ods(&p.author)],
-            custodian: ByIdentifier::ods(&p.custodian),
-            relates_to: p.replaces.as_ref().map(|r| {
-                [RelatesTo {
-                    code: "replaces",
-                    target: Reference { reference: format!("DocumentReference/{}", r.as_str()) },
-                }]
-            }),
-            content: p
-                .content
-                .iter()
-                .map(|c| ContentOut {
-                    attachment: Attachment {
-                        content_type: &c.content_type,
-                        url: &c.url,
-                        creation: c.creation.as_deref(),
-                    },
-                    format: c.format.as_ref().map(CodingOut::of),
-                })
-                .collect(),
-            context,
+    out.push_str(r#"},"status":""#);
+    out.push_str(p.status.as_str());
+    out.push_str(r#"","date":"#);
+    match &p.date {
+        Some(d) => push_str(out, d),
+        None => {
+            out.push('"');
+            out.push_str(&instant(p.created));
+            out.push('"');
         }
     }
+    if !p.body.members.is_empty() {
+        out.push(',');
+        out.push_str(&p.body.members);
+    }
+    out.push('}');
 }
 
-#[derive(Serialize)]
-struct Link<'a> {
-    relation: &'static str,
-    url: &'a str,
-}
-
-#[derive(Serialize)]
-struct SearchMode {
-    mode: &'static str,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Entry<'a> {
-    full_url: String,
-    resource: DocumentReference<'a>,
-    search: SearchMode,
+/// A Bundle's `link` array: `self`, then `next` if there is one.
+fn links(out: &mut String, self_url: &str, next: Option<&str>) {
+    out.push_str(r#","link":[{"relation":"self","url":"#);
+    push_str(out, self_url);
+    out.push('}');
+    if let Some(next) = next {
+        out.push_str(r#",{"relation":"next","url":"#);
+        push_str(out, next);
+        out.push('}');
+    }
+    out.push(']');
 }
 
 /// A searchset Bundle of pointers.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct Searchset<'a> {
-    resource_type: &'static str,
-    #[serde(rename = "type")]
-    type_: &'static str,
+pub(crate) fn searchset(
+    base: &str,
     total: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    link: Option<[Link<'a>; 1]>,
-    entry: Vec<Entry<'a>>,
+    pointers: &[RecordPointer],
+    self_url: &str,
+    next: Option<&str>,
+) -> String {
+    let bytes: usize = pointers.iter().map(|p| 320 + p.body.len()).sum();
+    let mut out = String::with_capacity(160 + bytes);
+    out.push_str(r#"{"resourceType":"Bundle","type":"searchset","total":"#);
+    out.push_str(&total.to_string());
+    links(&mut out, self_url, next);
+    out.push_str(r#","entry":["#);
+    for (i, p) in pointers.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(r#"{"fullUrl":"#);
+        push_str(&mut out, &format!("{base}/DocumentReference/{}", p.id.as_str()));
+        out.push_str(r#","resource":"#);
+        document_reference(&mut out, p);
+        out.push_str(r#","search":{"mode":"match"}}"#);
+    }
+    out.push_str("]}");
+    out
 }
 
-impl<'a> Searchset<'a> {
-    pub(crate) fn of(base: &str, total: u64, pointers: &'a [RecordPointer], next: Option<&'a str>) -> Self {
-        Searchset {
-            resource_type: "Bundle",
-            type_: "searchset",
-            total,
-            link: next.map(|url| [Link { relation: "next", url }]),
-            entry: pointers
-                .iter()
-                .map(|p| Entry {
-                    full_url: format!("{base}/DocumentReference/{}", p.id.as_str()),
-                    resource: DocumentReference::of(p),
-                    search: SearchMode { mode: "match" },
-                })
-                .collect(),
+/// A history Bundle of one pointer's versions, newest first.
+pub(crate) fn history(base: &str, versions: &[RecordPointer], self_url: &str) -> String {
+    let bytes: usize = versions.iter().map(|p| 400 + p.body.len()).sum();
+    let mut out = String::with_capacity(160 + bytes);
+    out.push_str(r#"{"resourceType":"Bundle","type":"history","total":"#);
+    out.push_str(&versions.len().to_string());
+    links(&mut out, self_url, None);
+    out.push_str(r#","entry":["#);
+    for (i, p) in versions.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
         }
+        let url = format!("DocumentReference/{}", p.id.as_str());
+        out.push_str(r#"{"fullUrl":"#);
+        push_str(&mut out, &format!("{base}/{url}/_history/{}", p.version));
+        out.push_str(r#","resource":"#);
+        document_reference(&mut out, p);
+        let (method, status) = if p.version == 1 { ("POST", "201") } else { ("PUT", "200") };
+        out.push_str(r#","request":{"method":""#);
+        out.push_str(method);
+        out.push_str(r#"","url":"#);
+        push_str(&mut out, if p.version == 1 { "DocumentReference" } else { &url });
+        out.push_str(r#"},"response":{"status":""#);
+        out.push_str(status);
+        out.push_str(r#"","lastModified":""#);
+        out.push_str(&instant(p.updated));
+        out.push_str(r#""}}"#);
     }
+    out.push_str("]}");
+    out
 }

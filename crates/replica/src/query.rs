@@ -2,8 +2,8 @@
 //! [`hie_domain::query`] over the store, with the access rules applied. The
 //! API never sees a storage type.
 
-use hie_domain::query::{self, PointerRead, Search, SearchPage};
-use hie_domain::{NhsNumber, OdsCode, PointerId, Purpose, Reader, RecordPointer};
+use hie_domain::query::{self, HistoryRead, PointerRead, Search, SearchPage, StateRead};
+use hie_domain::{NhsNumber, OdsCode, PagingKey, PointerId, Purpose, Reader, RecordPointer};
 
 use crate::error::ReadError;
 use crate::replica::Replica;
@@ -45,5 +45,33 @@ impl Replica {
     pub async fn stored_pointer(&self, id: &PointerId) -> Result<Option<RecordPointer>, ReadError> {
         let id = id.clone();
         self.read(move |view| view.pointer(&id)).await
+    }
+}
+
+impl Replica {
+    /// The versions of pointer `id` (`version`: that one only), at most
+    /// `limit`, with what `reader` may know of the pointer.
+    pub async fn history(
+        &self,
+        reader: &Reader,
+        purpose: &Purpose,
+        id: &PointerId,
+        version: Option<u64>,
+        limit: usize,
+    ) -> Result<Option<HistoryRead>, ReadError> {
+        let (reader, purpose, id) = (reader.clone(), purpose.clone(), id.clone());
+        self.read(move |view| query::history(view, &reader, &purpose, &id, version, limit)).await
+    }
+
+    /// The cluster's paging-token key, if one has been set.
+    pub async fn paging_key(&self) -> Result<Option<PagingKey>, ReadError> {
+        self.read(|view| view.paging_key()).await
+    }
+}
+
+impl Replica {
+    /// The replicated registry: pointer types, producers and consumers.
+    pub async fn registry(&self) -> Result<hie_domain::Registry, ReadError> {
+        self.read(|view| view.registry()).await
     }
 }

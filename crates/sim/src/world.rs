@@ -427,7 +427,7 @@ impl World {
         }
         let state = self.nodes[&1].sm.state();
         for a in &history.acked {
-            if let Outcome::Created { pointer } = &a.outcome
+            if let Outcome::Created { pointer, .. } = &a.outcome
                 && !state.pointers.contains_key(&pointer.id)
                 && !history.delete_attempted.contains(&pointer.id)
             {
@@ -522,7 +522,7 @@ async fn client(c: u32, mut rng: StdRng, router: Arc<Router>, history: Arc<Mutex
             let Some((_, raft)) = target(&router, hint, &mut rng) else { break };
             match write(&raft, command.clone()).await {
                 Written::Acked(a) => {
-                    if let Outcome::Created { pointer } = &a.outcome {
+                    if let Outcome::Created { pointer, .. } = &a.outcome {
                         mine.push((pointer.custodian.to_string(), pointer.id.clone()));
                     }
                     if std::env::var_os("HIE_SIM_TRACE").is_some() {

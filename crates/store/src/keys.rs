@@ -59,7 +59,25 @@ pub fn producer(ods: &OdsCode) -> Vec<u8> {
     [b"p/".as_slice(), ods.as_str().as_bytes()].concat()
 }
 
+pub fn consumer(ods: &OdsCode) -> Vec<u8> {
+    [b"c/".as_slice(), ods.as_str().as_bytes()].concat()
+}
+
 pub const TYPE_PREFIX: &[u8] = b"t/";
+pub const PRODUCER_PREFIX: &[u8] = b"p/";
+pub const CONSUMER_PREFIX: &[u8] = b"c/";
+/// The cluster's paging-token key, in the registry table.
+pub const PAGING_KEY: &[u8] = b"k/paging";
+
+/// `<pointer id>\0`: every past version of a pointer.
+pub fn history_prefix(id: &PointerId) -> Vec<u8> {
+    [id.as_str().as_bytes(), b"\0"].concat()
+}
+
+/// `<pointer id>\0<version, big-endian>`: versions in order under their pointer.
+pub fn history(id: &PointerId, version: u64) -> Vec<u8> {
+    [id.as_str().as_bytes(), b"\0", &version.to_be_bytes()].concat()
+}
 
 pub const VOTE: &[u8] = b"vote";
 pub const COMMITTED: &[u8] = b"committed";

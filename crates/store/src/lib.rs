@@ -91,10 +91,12 @@ pub(crate) mod cf {
     pub const INDEX: &str = "patient_pointers";
     pub const IDEMPOTENCY: &str = "idempotency";
     pub const REGISTRY: &str = "registry";
+    /// Past versions of pointers: `<pointer id>\0<version, 8 bytes big-endian>`.
+    pub const HISTORY: &str = "pointer_history";
 
     /// State-machine data: what a snapshot carries and a digest covers.
-    pub const STATE: [&str; 5] = [POINTERS, PATIENTS, INDEX, IDEMPOTENCY, REGISTRY];
-    pub const ALL: [&str; 8] = [LOG, RAFT_META, SM_META, POINTERS, PATIENTS, INDEX, IDEMPOTENCY, REGISTRY];
+    pub const STATE: [&str; 6] = [POINTERS, PATIENTS, INDEX, IDEMPOTENCY, REGISTRY, HISTORY];
+    pub const ALL: [&str; 9] = [LOG, RAFT_META, SM_META, POINTERS, PATIENTS, INDEX, IDEMPOTENCY, REGISTRY, HISTORY];
 }
 
 /// An opened store: the log, the state machine and a read view, sharing one database.

@@ -10,7 +10,8 @@ use hie_domain::codec;
 use hie_domain::query::{Scanned, StateRead};
 use hie_domain::raft::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use hie_domain::{
-    NhsNumber, OdsCode, Outcome, PatientEntry, PointerId, PointerType, ProducerEntry, RecordPointer, SnomedCode,
+    ConsumerEntry, NhsNumber, OdsCode, Outcome, PagingKey, PatientEntry, PointerId, PointerType, ProducerEntry,
+    RecordPointer, Registry, SnomedCode,
 };
 use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, RaftLogId, RaftSnapshotBuilder, StorageIOError};
@@ -166,6 +167,34 @@ impl StateTxn for RocksTxn<'_> {
     }
     fn put_producer(&mut self, ods: &OdsCode, entry: &ProducerEntry) {
         self.put(cf::REGISTRY, keys::producer(ods), entry)
+    }
+    fn consumer(&mut self, ods: &OdsCode) -> Result<Option<ConsumerEntry>, StoreError> {
+        self.get(cf::REGISTRY, keys::consumer(ods))
+    }
+    fn put_consumer(&mut self, ods: &OdsCode, entry: &ConsumerEntry) {
+        self.put(cf::REGISTRY, keys::consumer(ods), entry)
+    }
+    fn delete_consumer(&mut self, ods: &OdsCode) {
+        self.delete(cf::REGISTRY, keys::consumer(ods))
+    }
+    fn put_past_version(&mut self, pointer: &RecordPointer) {
+        self.put(cf::HISTORY, keys::history(&pointer.id, pointer.version), pointer)
+    }
+    fn delete_past_version(&mut self, id: &PointerId, version: u64) {
+        self.delete(cf::HISTORY, keys::history(id, version))
+    }
+    fn delete_past_versions(&mut self, id: &PointerId) {
+        // A range delete in the batch: nothing in one apply reads a past
+        // version back, so the overlay need not know of it.
+        let (from, to) = (keys::history(id, 0), keys::history(id, u64::MAX));
+        self.batch.delete_range_cf(handle(self.db, cf::HISTORY), &from, &to);
+        self.batch.delete_cf(handle(self.db, cf::HISTORY), &to);
+    }
+    fn paging_key(&mut self) -> Result<Option<PagingKey>, StoreError> {
+        self.get(cf::REGISTRY, keys::PAGING_KEY.to_vec())
+    }
+    fn put_paging_key(&mut self, key: &PagingKey) {
+        self.put(cf::REGISTRY, keys::PAGING_KEY.to_vec(), key)
     }
 }
 
@@ -491,6 +520,36 @@ impl ReadView {
         self.scan_prefix(cf::REGISTRY, keys::TYPE_PREFIX)
     }
 
+    /// The registry, whole: types, producers and consumers.
+    pub fn registry(&self) -> Result<Registry, StoreError> {
+        let entries = |prefix: &'static [u8]| -> Result<Vec<(OdsCode, Vec<u8>)>, StoreError> {
+            let mut out = vec![];
+            let mut it = self.db.raw_iterator_cf_opt(handle(&self.db, cf::REGISTRY), self.options());
+            it.seek(prefix);
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                let ods = std::str::from_utf8(&k[prefix.len()..]).ok().and_then(|s| OdsCode::parse(s).ok());
+                let ods = ods.ok_or_else(|| corrupt(cf::REGISTRY, &String::from_utf8_lossy(k), "not an ODS code"))?;
+                out.push((ods, v.to_vec()));
+                it.next();
+            }
+            it.status().map_err(StoreError::from_read)?;
+            Ok(out)
+        };
+        let mut registry = Registry { types: self.pointer_types()?, ..Registry::default() };
+        for (ods, v) in entries(keys::PRODUCER_PREFIX)? {
+            let entry = codec::decode(&v).map_err(|e| corrupt(cf::REGISTRY, ods.as_str(), e))?;
+            registry.producers.insert(ods, entry);
+        }
+        for (ods, v) in entries(keys::CONSUMER_PREFIX)? {
+            let entry = codec::decode(&v).map_err(|e| corrupt(cf::REGISTRY, ods.as_str(), e))?;
+            registry.consumers.insert(ods, entry);
+        }
+        Ok(registry)
+    }
+
     fn scan_prefix<T: DeserializeOwned>(&self, cf_name: &'static str, prefix: &[u8]) -> Result<Vec<T>, StoreError> {
         let mut out = vec![];
         let mut it = self.db.raw_iterator_cf_opt(handle(&self.db, cf_name), self.options());
@@ -542,6 +601,41 @@ impl StateRead for ReadView {
 
     fn patient(&self, subject: &NhsNumber) -> Result<Option<PatientEntry>, StoreError> {
         ReadView::patient(self, subject)
+    }
+
+    fn consumer(&self, ods: &OdsCode) -> Result<Option<ConsumerEntry>, StoreError> {
+        self.get(cf::REGISTRY, &keys::consumer(ods))
+    }
+
+    fn pointer_types(&self) -> Result<Vec<PointerType>, StoreError> {
+        ReadView::pointer_types(self)
+    }
+
+    fn paging_key(&self) -> Result<Option<PagingKey>, StoreError> {
+        self.get(cf::REGISTRY, keys::PAGING_KEY)
+    }
+
+    fn past_version(&self, id: &PointerId, version: u64) -> Result<Option<RecordPointer>, StoreError> {
+        self.get(cf::HISTORY, &keys::history(id, version))
+    }
+
+    /// Walks the pointer's past versions backwards from the newest.
+    fn past_versions(&self, id: &PointerId, limit: usize) -> Result<Vec<RecordPointer>, StoreError> {
+        let prefix = keys::history_prefix(id);
+        let mut out = vec![];
+        let mut it = self.db.raw_iterator_cf_opt(handle(&self.db, cf::HISTORY), self.options());
+        it.seek_for_prev(keys::history(id, u64::MAX));
+        while out.len() < limit
+            && let (Some(k), Some(v)) = (it.key(), it.value())
+        {
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(codec::decode(v).map_err(|e| corrupt(cf::HISTORY, &String::from_utf8_lossy(k), e))?);
+            it.prev();
+        }
+        it.status().map_err(StoreError::from_read)?;
+        Ok(out)
     }
 
     /// Seeks to the patient's first index entry after `after` and walks
