@@ -108,8 +108,7 @@ fn client(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -
 /// One connection's endpoints: (reader client, writer client) on one node.
 fn endpoints(args: &BenchArgs, cluster: &ClusterFile) -> anyhow::Result<Vec<(Endpoint, Endpoint)>> {
     let consumer = cluster.client_with_role("consumer").context("no consumer client in cluster.json")?;
-    let producer =
-        cluster.clients.iter().find(|c| c.is("producer")).context("no producer in cluster.json")?;
+    let producer = cluster.clients.iter().find(|c| c.is("producer")).context("no producer in cluster.json")?;
     let bases: Vec<String> = match args.target {
         TargetKind::Hie => cluster
             .nodes

@@ -263,11 +263,13 @@ pub enum RegistryCmd {
     Type {
         /// SNOMED CT code of the type.
         code: String,
+        /// The type's name, as pointers show it.
         #[arg(long)]
         display: String,
         /// SNOMED CT code of its category.
         #[arg(long)]
         category: String,
+        /// The category's name.
         #[arg(long)]
         category_display: String,
         #[command(flatten)]
@@ -568,7 +570,9 @@ async fn registry(cmd: RegistryCmd) -> anyhow::Result<()> {
             target,
             "PUT",
             "/admin/pointer-types".to_owned(),
-            Some(json!({ "code": code, "display": display, "category": category, "category_display": category_display })),
+            Some(
+                json!({ "code": code, "display": display, "category": category, "category_display": category_display }),
+            ),
         ),
         RegistryCmd::Producer { ods, types, permissions, target } => (
             target,

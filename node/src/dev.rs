@@ -169,7 +169,13 @@ enum DevTypes {
 }
 
 const CLIENTS: &[DevClient] = &[
-    DevClient { name: "gp-practice-a", ods: "A81001", roles: &[Role::Producer], types: DevTypes::All, permissions: &[] },
+    DevClient {
+        name: "gp-practice-a",
+        ods: "A81001",
+        roles: &[Role::Producer],
+        types: DevTypes::All,
+        permissions: &[],
+    },
     DevClient {
         name: "mental-health-trust",
         ods: "RV3",
@@ -177,7 +183,13 @@ const CLIENTS: &[DevClient] = &[
         types: DevTypes::All,
         permissions: &["migration"],
     },
-    DevClient { name: "ambulance-service", ods: "RX9", roles: &[Role::Consumer], types: DevTypes::None, permissions: &[] },
+    DevClient {
+        name: "ambulance-service",
+        ods: "RX9",
+        roles: &[Role::Consumer],
+        types: DevTypes::None,
+        permissions: &[],
+    },
     DevClient {
         name: "out-of-hours-111",
         ods: "NLO10",
@@ -192,7 +204,13 @@ const CLIENTS: &[DevClient] = &[
         types: DevTypes::None,
         permissions: &[],
     },
-    DevClient { name: "patient-app", ods: "X27", roles: &[Role::PatientAccess], types: DevTypes::None, permissions: &[] },
+    DevClient {
+        name: "patient-app",
+        ods: "X27",
+        roles: &[Role::PatientAccess],
+        types: DevTypes::None,
+        permissions: &[],
+    },
     DevClient { name: "operator", ods: "X26OPS", roles: &[Role::Operator], types: DevTypes::None, permissions: &[] },
 ];
 
@@ -672,15 +690,21 @@ async fn seed(cluster: &ClusterFile, patients: u32, nrlf: bool) -> anyhow::Resul
     let api = operator_api(cluster, &cluster.nodes[0])?;
     for t in hie_domain::nrl::pointer_types() {
         let body = json!({ "code": t.code.as_str(), "display": t.display, "category": t.category.as_str(), "category_display": t.category_display });
-        registry_put(&api, "/admin/pointer-types", &body).await.with_context(|| format!("registering pointer type {}", t.code.as_str()))?;
+        registry_put(&api, "/admin/pointer-types", &body)
+            .await
+            .with_context(|| format!("registering pointer type {}", t.code.as_str()))?;
     }
     for c in cluster.clients.iter().filter(|c| c.is("producer")) {
         let body = json!({ "pointer_types": c.pointer_types, "permissions": c.permissions });
-        registry_put(&api, &format!("/admin/producers/{}", c.ods), &body).await.with_context(|| format!("allowing producer {}", c.ods))?;
+        registry_put(&api, &format!("/admin/producers/{}", c.ods), &body)
+            .await
+            .with_context(|| format!("allowing producer {}", c.ods))?;
     }
     for c in cluster.clients.iter().filter(|c| c.is("consumer") && !c.pointer_types.is_empty()) {
         let body = json!({ "pointer_types": c.pointer_types });
-        registry_put(&api, &format!("/admin/consumers/{}", c.ods), &body).await.with_context(|| format!("restricting consumer {}", c.ods))?;
+        registry_put(&api, &format!("/admin/consumers/{}", c.ods), &body)
+            .await
+            .with_context(|| format!("restricting consumer {}", c.ods))?;
     }
     if patients == 0 {
         return Ok(());
@@ -886,6 +910,16 @@ fn print_hints(dir: &Path, cluster: &ClusterFile) {
     println!("  hie cluster status --cluster {}", c.display());
     println!("  hie search {} --cluster {}", nhs.as_str(), c.display());
     println!("  hie holders {} --cluster {} --node 2", nhs.as_str(), c.display());
+    println!(
+        "  hie search {} --cluster {} --as out-of-hours-111   # a consumer allowed one type",
+        nhs.as_str(),
+        c.display()
+    );
+    println!(
+        "  hie pointer create --file tests/data/nrlf/valid.json --cluster {}   # an NRLF pointer, kept as sent",
+        c.display()
+    );
+    println!("  hie registry list --cluster {}", c.display());
     println!("  curl -s {}/metrics | grep hie_raft", cluster.nodes[0].admin_url);
     println!("  hie dev down --dir {}", dir.display());
 }

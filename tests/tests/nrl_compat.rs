@@ -100,7 +100,8 @@ async fn pointers_modelled_on_nrlf_samples_are_kept_as_sent() -> anyhow::Result<
             assert_ne!(&read.body["date"], date, "{name}: server time without the migration permission");
             // The mental health trust holds the migration permission: its date is kept.
             let mut theirs = as_producer(sample.clone(), "RV3");
-            theirs["masterIdentifier"]["value"] = json!(format!("{}-rv3", sample["masterIdentifier"]["value"].as_str().unwrap()));
+            theirs["masterIdentifier"]["value"] =
+                json!(format!("{}-rv3", sample["masterIdentifier"]["value"].as_str().unwrap()));
             let created = create_pointer(&mh, &c.api_url(3), &theirs).await?;
             assert_eq!(created.status, 201, "{name}: {}", created.body);
             let rid = created.body["id"].as_str().unwrap();
@@ -147,8 +148,12 @@ async fn versions_history_search_and_types_work_the_nrl_way() -> anyhow::Result<
     let h = get(&consumer, &format!("{n2}/DocumentReference/{id}/_history")).await?;
     assert_eq!(h.status, 200, "{}", h.body);
     assert_eq!((h.body["type"].as_str(), h.body["total"].as_u64()), (Some("history"), Some(3)));
-    let versions: Vec<&str> =
-        h.body["entry"].as_array().unwrap().iter().map(|e| e["resource"]["meta"]["versionId"].as_str().unwrap()).collect();
+    let versions: Vec<&str> = h.body["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["meta"]["versionId"].as_str().unwrap())
+        .collect();
     assert_eq!(versions, ["3", "2", "1"], "newest first");
     let out = hie(&["pointer", "history", &id, "--cluster", &c.cluster_json(), "--node", "2"])?;
     assert!(out.starts_with("3 version(s)"), "{out}");
@@ -176,13 +181,15 @@ async fn versions_history_search_and_types_work_the_nrl_way() -> anyhow::Result<
 
     // A second type and a restricted consumer.
     let mut eol = pointer_body(&patient, "A81001", "nrl-eol");
-    eol["type"]["coding"][0] = json!({ "system": "http://snomed.info/sct", "code": "736373009", "display": "End of life care plan" });
+    eol["type"]["coding"][0] =
+        json!({ "system": "http://snomed.info/sct", "code": "736373009", "display": "End of life care plan" });
     let r = create_pointer(&gp, &n1, &eol).await?;
     assert_eq!(r.status, 201, "{}", r.body);
     let eol_id = r.body["id"].as_str().unwrap().to_owned();
     let mut news2 = pointer_body(&patient, "A81001", "nrl-news2");
     news2["type"]["coding"][0] = json!({ "system": "http://snomed.info/sct", "code": "1363501000000100" });
-    news2["category"][0]["coding"][0] = json!({ "system": "http://snomed.info/sct", "code": "1102421000000108", "display": "Observations" });
+    news2["category"][0]["coding"][0] =
+        json!({ "system": "http://snomed.info/sct", "code": "1102421000000108", "display": "Observations" });
     assert_eq!(create_pointer(&gp, &n1, &news2).await?.status, 201);
     // Current: transforms, replaces, eol, news2.
     let subject = format!("{NHS_SYSTEM}|{patient}");
@@ -194,7 +201,9 @@ async fn versions_history_search_and_types_work_the_nrl_way() -> anyhow::Result<
     let all = json_search(json!({ "subject:identifier": subject }), &n2).await?;
     assert_eq!((all.status, all.body["total"].as_u64()), (200, Some(4)), "{}", all.body);
     assert_eq!(link(&all.body, "self").as_deref(), Some(format!("{n2}/DocumentReference/_search").as_str()));
-    let care_plans = json_search(json!({ "subject:identifier": subject, "category": "http://snomed.info/sct|734163000" }), &n3).await?;
+    let care_plans =
+        json_search(json!({ "subject:identifier": subject, "category": "http://snomed.info/sct|734163000" }), &n3)
+            .await?;
     assert_eq!(care_plans.body["total"], 3);
     let two_types = json_search(
         json!({ "subject:identifier": subject, "type": "http://snomed.info/sct|736373009,http://snomed.info/sct|1363501000000100" }),
@@ -204,15 +213,18 @@ async fn versions_history_search_and_types_work_the_nrl_way() -> anyhow::Result<
     assert_eq!(two_types.body["total"], 2);
     let counted = json_search(json!({ "subject:identifier": subject, "_summary": "count" }), &n1).await?;
     assert_eq!((counted.body["total"].as_u64(), counted.body.get("entry")), (Some(4), None));
-    let bad = reply(consumer.post(format!("{n1}/DocumentReference/_search")).json(&json!(["not", "an", "object"]))).await?;
+    let bad =
+        reply(consumer.post(format!("{n1}/DocumentReference/_search")).json(&json!(["not", "an", "object"]))).await?;
     assert_eq!((bad.status, bad.code()), (400, "MESSAGE_NOT_WELL_FORMED"));
 
     // Paging: a token made on one node is continued on another, under
     // NRLF's parameter name; it names neither the patient nor a pointer.
-    let first = reply(consumer.get(format!("{n1}/DocumentReference")).header(LIN.0, LIN.1).query(&[
-        ("subject:identifier", subject.clone()),
-        ("_count", "1".into()),
-    ]))
+    let first = reply(
+        consumer
+            .get(format!("{n1}/DocumentReference"))
+            .header(LIN.0, LIN.1)
+            .query(&[("subject:identifier", subject.clone()), ("_count", "1".into())]),
+    )
     .await?;
     let mut seen = entry_ids(&first.body);
     let mut next = link(&first.body, "next");
@@ -228,7 +240,15 @@ async fn versions_history_search_and_types_work_the_nrl_way() -> anyhow::Result<
         next = link(&page.body, "next");
     }
     seen.sort();
-    assert_eq!(seen, { let mut a = entry_ids(&all.body); a.sort(); a }, "every pointer once");
+    assert_eq!(
+        seen,
+        {
+            let mut a = entry_ids(&all.body);
+            a.sort();
+            a
+        },
+        "every pointer once"
+    );
     let forged = get(&consumer, &format!("{n2}/DocumentReference?next=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")).await?;
     assert_eq!((forged.status, forged.code()), (400, "INVALID_PARAMETER"));
     let malformed = get(&consumer, &format!("{n2}/DocumentReference?next-page-token=not%2Fa%2Ftoken")).await?;
@@ -286,7 +306,8 @@ async fn a_put_right_after_a_create_on_another_node_is_an_update() -> anyhow::Re
         // NRLF's upsert (`PUT /DocumentReference`, the id in the body) every
         // other time.
         let node = c.api_url(1 + (i + 1) % 3);
-        let url = if i % 2 == 0 { format!("{node}/DocumentReference/{id}") } else { format!("{node}/DocumentReference") };
+        let url =
+            if i % 2 == 0 { format!("{node}/DocumentReference/{id}") } else { format!("{node}/DocumentReference") };
         let second = put(&gp, &url, &body, None).await?;
         assert_eq!((second.status, second.header("etag")), (200, Some("W/\"2\"")), "{}", second.body);
     }

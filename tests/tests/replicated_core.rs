@@ -211,7 +211,7 @@ async fn a_full_restart_keeps_the_state() -> anyhow::Result<()> {
     let (applied_after, digest_after) = c.wait_converged(&ids, Duration::from_secs(20)).await?;
     assert!(applied_after >= applied);
     assert_eq!(digest_after, digest, "state digest survives a full restart");
-    let consumer = c.http("out-of-hours-111");
+    let consumer = c.http("ambulance-service");
     let s = search(&consumer, &c.api_url(ids[1]), &nhs(3), &[]).await?;
     assert_eq!(s.status, 200);
     assert!(s.body["total"].as_u64().unwrap() >= 1);

@@ -161,9 +161,8 @@ pub(crate) async fn put_producer(
         .permissions
         .iter()
         .map(|s| {
-            ProducerPermission::parse(s).ok_or_else(|| {
-                ApiError::InvalidResource(format!("unknown permission {s:?} (known: migration)"))
-            })
+            ProducerPermission::parse(s)
+                .ok_or_else(|| ApiError::InvalidResource(format!("unknown permission {s:?} (known: migration)")))
         })
         .collect::<Result<_, _>>()?;
     let cmd =

@@ -123,7 +123,10 @@ mod tests {
     fn a_token_opens_under_the_same_key_only_unchanged_unexpired_and_for_its_owner() {
         let key = PagingKey::new(&[7; 32]);
         let token = key.seal(&cursor());
-        assert!(!token.contains("9000000009") && !token.contains("A81001") && !token.contains("736253002"), "reveals nothing");
+        assert!(
+            !token.contains("9000000009") && !token.contains("A81001") && !token.contains("736253002"),
+            "reveals nothing"
+        );
         assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "URL-safe");
         let ttl = Duration::from_secs(60);
         assert_eq!(key.open(&token, "Y05868", 2_000, ttl), Ok(cursor()));

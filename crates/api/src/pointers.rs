@@ -354,7 +354,8 @@ async fn read_history(
     refuse(read.visibility, &id)?;
     let resp = match vid {
         Some(v) => {
-            let p = read.versions.first().ok_or_else(|| ApiError::NotFound(format!("no version {v} of pointer {id}")))?;
+            let p =
+                read.versions.first().ok_or_else(|| ApiError::NotFound(format!("no version {v} of pointer {id}")))?;
             let mut resp = fhir_text(StatusCode::OK, fhir::document_reference(p));
             resp.headers_mut().insert(header::ETAG, etag(p.version));
             resp

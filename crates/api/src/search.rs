@@ -118,7 +118,8 @@ async fn plan(st: &AppState, ctx: &RequestCtx, pairs: Vec<(String, String)>) -> 
         SearchLimits { page_size_default: limits.page_size_default, page_size_max: limits.page_size_max },
     )?;
     let Some(token) = &params.cursor else {
-        let subject = params.subject.ok_or_else(|| ApiError::InvalidParameter("subject:identifier is required".into()))?;
+        let subject =
+            params.subject.ok_or_else(|| ApiError::InvalidParameter("subject:identifier is required".into()))?;
         return Ok(Planned {
             subject,
             filter: filter_of(&params),

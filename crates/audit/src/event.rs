@@ -478,7 +478,10 @@ mod tests {
             assert_eq!(r["agent"][0]["role"][1]["coding"][0]["code"], "producer");
             assert_eq!(r["source"]["observer"]["display"], "node-1 (north-east)");
             assert_eq!(r["entity"][1]["what"]["identifier"]["value"], "r-\"quoted\"");
-            assert_eq!(r["entity"][2]["what"]["identifier"], serde_json::json!({ "system": "urn:hie:correlation-id", "value": "c-1" }));
+            assert_eq!(
+                r["entity"][2]["what"]["identifier"],
+                serde_json::json!({ "system": "urn:hie:correlation-id", "value": "c-1" })
+            );
             assert_eq!(r["subtype"][0]["code"], "read");
             let purpose = &r["purposeOfEvent"][0];
             match reason {

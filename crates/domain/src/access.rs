@@ -166,14 +166,23 @@ mod tests {
         let consumer = Reader::new(&caller("A81001", &[Role::Consumer])).unwrap();
         assert!(consumer.sees(&theirs, None, &care, None) == Visibility::Visible);
         assert!(consumer.sees(&theirs, Some(&opted_out()), &care, None) != Visibility::Visible, "opted out");
-        assert!(consumer.sees(&ours, Some(&opted_out()), &care, None) != Visibility::Visible, "a consumer only: not its own either");
+        assert!(
+            consumer.sees(&ours, Some(&opted_out()), &care, None) != Visibility::Visible,
+            "a consumer only: not its own either"
+        );
         assert!(consumer.sees(&theirs, Some(&opted_out()), &glass, None) == Visibility::Visible, "the glass broken");
 
         let producer = Reader::new(&caller("A81001", &[Role::Producer])).unwrap();
         assert!(producer.sees(&ours, None, &care, None) == Visibility::Visible);
-        assert!(producer.sees(&ours, Some(&opted_out()), &care, None) == Visibility::Visible, "its own, whatever the preference");
+        assert!(
+            producer.sees(&ours, Some(&opted_out()), &care, None) == Visibility::Visible,
+            "its own, whatever the preference"
+        );
         assert!(producer.sees(&theirs, None, &care, None) != Visibility::Visible, "a producer sees only its own");
-        assert!(producer.sees(&theirs, None, &glass, None) != Visibility::Visible, "breaking the glass is for consumers");
+        assert!(
+            producer.sees(&theirs, None, &glass, None) != Visibility::Visible,
+            "breaking the glass is for consumers"
+        );
 
         let both = Reader::new(&caller("A81001", &[Role::Consumer, Role::Producer])).unwrap();
         assert!(both.sees(&theirs, None, &care, None) == Visibility::Visible);

@@ -180,7 +180,10 @@ fn check_producer<T: StateTxn>(
         return Ok(Err(Rejection::UnknownType { code: pointer.type_code.clone() }));
     };
     if registered.category != pointer.category {
-        return Ok(Err(Rejection::CategoryMismatch { given: pointer.category.clone(), registered: registered.category }));
+        return Ok(Err(Rejection::CategoryMismatch {
+            given: pointer.category.clone(),
+            registered: registered.category,
+        }));
     }
     let producer = txn.producer(&caller.ods).map_err(ApplyError::Storage)?.unwrap_or_default();
     if !producer.allowed_types.contains(&pointer.type_code) {

@@ -426,10 +426,15 @@ mod tests {
         assert!(matches!(out, Outcome::Updated { ref pointer } if pointer.version == 2));
         // Without If-Match: an unconditional update, as in NRL.
         let again = with_url(p.clone(), "https://a81001.example.nhs.uk/v3");
-        assert!(matches!(apply(&mut s, &put("A81001", again, None)).unwrap(), Outcome::Updated { ref pointer } if pointer.version == 3));
+        assert!(
+            matches!(apply(&mut s, &put("A81001", again, None)).unwrap(), Outcome::Updated { ref pointer } if pointer.version == 3)
+        );
         let mut bad = changed.clone();
         bad.subject = nhs(2);
-        assert!(matches!(apply(&mut s, &put("A81001", bad, None)).unwrap(), Outcome::Rejected(Rejection::Invalid { .. })));
+        assert!(matches!(
+            apply(&mut s, &put("A81001", bad, None)).unwrap(),
+            Outcome::Rejected(Rejection::Invalid { .. })
+        ));
         // The author is immutable too, though only the body holds it.
         let mut other_author = changed.clone();
         other_author.body.members = other_author.body.members.replacen("A81001", "A81002", 1);
@@ -440,7 +445,11 @@ mod tests {
         // Versions 1 and 2 are past, 3 current; a delete takes them all.
         assert_eq!(s.past.keys().map(|(_, v)| *v).collect::<Vec<_>>(), [1, 2]);
         assert!(s.past[&(p.id.clone(), 1)].body.members.contains("/records/p1"));
-        let del = Command::V1(CommandV1::DeletePointer { caller: caller("A81001", &[Role::Producer]), id: p.id.clone(), at: Timestamp(9) });
+        let del = Command::V1(CommandV1::DeletePointer {
+            caller: caller("A81001", &[Role::Producer]),
+            id: p.id.clone(),
+            at: Timestamp(9),
+        });
         apply(&mut s, &del).unwrap();
         assert!(s.past.is_empty(), "NRL's hard delete removes the history");
     }
@@ -452,12 +461,17 @@ mod tests {
         let mut s = state();
         let p = pointer("A81001", "own-id", nhs(1), 5);
         let out = apply(&mut s, &put("A81001", p.clone(), None)).unwrap();
-        assert!(matches!(out, Outcome::Created { ref pointer, superseded: None } if pointer.version == 1 && pointer.created == Timestamp(5)));
+        assert!(
+            matches!(out, Outcome::Created { ref pointer, superseded: None } if pointer.version == 1 && pointer.created == Timestamp(5))
+        );
         let out = apply(&mut s, &put("A81001", with_url(p.clone(), "https://a81001.example.nhs.uk/x"), None)).unwrap();
         assert!(matches!(out, Outcome::Updated { ref pointer } if pointer.version == 2));
         // Another producer's id is refused either way.
         let theirs = pointer("RR8", "own-id", nhs(1), 5);
-        assert!(matches!(apply(&mut s, &put("A81001", theirs, None)).unwrap(), Outcome::Rejected(Rejection::Forbidden { .. })));
+        assert!(matches!(
+            apply(&mut s, &put("A81001", theirs, None)).unwrap(),
+            Outcome::Rejected(Rejection::Forbidden { .. })
+        ));
     }
 
     /// Only a producer with the migration permission keeps its own date; an
@@ -467,7 +481,9 @@ mod tests {
         let mut s = state();
         let mut p = pointer("A81001", "d1", nhs(1), 5);
         p.date = Some("2019-04-01T09:00:00+01:00".into());
-        let Outcome::Created { pointer: stored, .. } = apply(&mut s, &create("A81001", p.clone())).unwrap() else { panic!() };
+        let Outcome::Created { pointer: stored, .. } = apply(&mut s, &create("A81001", p.clone())).unwrap() else {
+            panic!()
+        };
         assert_eq!(stored.date, None, "server time for an ordinary producer");
         let migrate = Command::V1(CommandV1::SetProducerTypes {
             caller: operator(),
@@ -479,11 +495,15 @@ mod tests {
         let mut q = pointer("A81001", "d2", nhs(1), 6);
         q.master_identifier = None;
         q.date = p.date.clone();
-        let Outcome::Created { pointer: stored, .. } = apply(&mut s, &create("A81001", q.clone())).unwrap() else { panic!() };
+        let Outcome::Created { pointer: stored, .. } = apply(&mut s, &create("A81001", q.clone())).unwrap() else {
+            panic!()
+        };
         assert_eq!(stored.date, p.date, "kept for a migration");
         let mut changed = with_url(q, "https://a81001.example.nhs.uk/d2v2");
         changed.date = Some("2020-01-01T00:00:00Z".into());
-        let Outcome::Updated { pointer: updated } = apply(&mut s, &put("A81001", changed, None)).unwrap() else { panic!() };
+        let Outcome::Updated { pointer: updated } = apply(&mut s, &put("A81001", changed, None)).unwrap() else {
+            panic!()
+        };
         assert_eq!(updated.date, p.date, "an update never changes the date");
     }
 

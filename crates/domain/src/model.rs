@@ -55,7 +55,10 @@ pub struct PointerBody {
 
 impl PointerBody {
     /// The body of these JSON objects' members.
-    pub fn of(meta: &serde_json::Map<String, serde_json::Value>, members: &serde_json::Map<String, serde_json::Value>) -> Self {
+    pub fn of(
+        meta: &serde_json::Map<String, serde_json::Value>,
+        members: &serde_json::Map<String, serde_json::Value>,
+    ) -> Self {
         PointerBody { meta: members_text(meta), members: members_text(members) }
     }
 

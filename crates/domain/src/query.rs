@@ -206,7 +206,8 @@ fn visible_holders(patient: &PatientEntry, scope: &ReadScope) -> Vec<(OdsCode, u
         .held
         .iter()
         .filter_map(|(ods, types)| {
-            let n: u64 = types.iter().filter(|(t, _)| scope.allows(ods.as_str(), t.as_str())).map(|(_, &n)| u64::from(n)).sum();
+            let n: u64 =
+                types.iter().filter(|(t, _)| scope.allows(ods.as_str(), t.as_str())).map(|(_, &n)| u64::from(n)).sum();
             (n > 0).then(|| (ods.clone(), n))
         })
         .collect()
@@ -317,7 +318,8 @@ pub mod conformance {
         let eol = snomed(testkit::END_OF_LIFE_CARE_PLAN);
         let mhcp = snomed(testkit::MENTAL_HEALTH_CRISIS_PLAN);
         let news2 = snomed(testkit::NEWS2_CHART);
-        let f = |types: Vec<SnomedCode>, custodians: Vec<OdsCode>| SearchFilter { types, categories: vec![], custodians };
+        let f =
+            |types: Vec<SnomedCode>, custodians: Vec<OdsCode>| SearchFilter { types, categories: vec![], custodians };
         for filter in [
             f(vec![eol.clone()], vec![]),
             f(vec![], vec![ods("RV3")]),
@@ -348,24 +350,40 @@ pub mod conformance {
         };
         let observations = snomed(testkit::OBSERVATIONS_CATEGORY);
         let care_plans = snomed(testkit::CARE_PLAN_CATEGORY);
-        assert_eq!(by_category(vec![observations.clone()], vec![]), page_all(state, &consumer, Search { filter: f(vec![news2.clone()], vec![]), ..query(nhs(1), 6) }).unwrap());
+        assert_eq!(
+            by_category(vec![observations.clone()], vec![]),
+            page_all(state, &consumer, Search { filter: f(vec![news2.clone()], vec![]), ..query(nhs(1), 6) }).unwrap()
+        );
         let (n_care, _) = by_category(vec![care_plans.clone()], vec![]);
         let (n_obs, _) = by_category(vec![observations.clone()], vec![]);
         assert!(n_obs > 0 && n_care > 0);
         assert_eq!(n_care + n_obs, total);
         assert_eq!(by_category(vec![care_plans.clone(), observations.clone()], vec![]).0, total);
-        assert_eq!(by_category(vec![observations.clone()], vec![eol.clone()]), (0, vec![]), "category and type disjoint");
+        assert_eq!(
+            by_category(vec![observations.clone()], vec![eol.clone()]),
+            (0, vec![]),
+            "category and type disjoint"
+        );
         assert_eq!(by_category(vec![snomed("123456789")], vec![]), (0, vec![]), "no type in that category");
 
         // A consumer restricted to one type sees only that type, and is
         // refused a read by id of another.
         let restricted = Reader::new(&caller("Y02", &[Role::Consumer])).expect("reads");
         let (n_mhcp, mhcp_ids) = page_all(state, &restricted, query(nhs(1), 9)).unwrap();
-        assert_eq!((n_mhcp, mhcp_ids.clone()), page_all(state, &consumer, Search { filter: f(vec![mhcp.clone()], vec![]), ..query(nhs(1), 9) }).unwrap());
+        assert_eq!(
+            (n_mhcp, mhcp_ids.clone()),
+            page_all(state, &consumer, Search { filter: f(vec![mhcp.clone()], vec![]), ..query(nhs(1), 9) }).unwrap()
+        );
         assert!(n_mhcp < total);
         let eol_id = PointerId::parse("RV3-p000").unwrap();
-        assert_eq!(pointer(state, &restricted, &Purpose::DirectCare, &eol_id).unwrap().unwrap().visibility, Visibility::TypeNotAllowed);
-        assert_eq!(pointer(state, &consumer, &Purpose::DirectCare, &eol_id).unwrap().unwrap().visibility, Visibility::Visible);
+        assert_eq!(
+            pointer(state, &restricted, &Purpose::DirectCare, &eol_id).unwrap().unwrap().visibility,
+            Visibility::TypeNotAllowed
+        );
+        assert_eq!(
+            pointer(state, &consumer, &Purpose::DirectCare, &eol_id).unwrap().unwrap().visibility,
+            Visibility::Visible
+        );
         let holders = record_holders(state, &restricted, &Purpose::DirectCare, &nhs(1)).unwrap();
         assert_eq!(holders.iter().map(|(_, n)| n).sum::<u64>(), n_mhcp);
 
@@ -378,10 +396,15 @@ pub mod conformance {
         assert_eq!(history(state, &consumer, &Purpose::DirectCare, &p008, None, 2).unwrap().unwrap().versions.len(), 2);
         let v1 = history(state, &consumer, &Purpose::DirectCare, &p008, Some(1), 10).unwrap().unwrap();
         assert_eq!(v1.versions.iter().map(|p| p.version).collect::<Vec<_>>(), [1]);
-        assert!(history(state, &consumer, &Purpose::DirectCare, &p008, Some(4), 10).unwrap().unwrap().versions.is_empty());
+        assert!(
+            history(state, &consumer, &Purpose::DirectCare, &p008, Some(4), 10).unwrap().unwrap().versions.is_empty()
+        );
         let superseded = PointerId::parse("A81001-p001").unwrap();
         let h = history(state, &consumer, &Purpose::DirectCare, &superseded, None, 10).unwrap().unwrap();
-        assert_eq!(h.versions.iter().map(|p| p.status).collect::<Vec<_>>(), [PointerStatus::Superseded, PointerStatus::Current]);
+        assert_eq!(
+            h.versions.iter().map(|p| p.status).collect::<Vec<_>>(),
+            [PointerStatus::Superseded, PointerStatus::Current]
+        );
 
         let count_only = search(state, &consumer, &Purpose::DirectCare, &query(nhs(1), 0)).unwrap();
         assert_eq!((count_only.total, count_only.pointers.len()), (total, 0));

@@ -328,14 +328,18 @@ pub fn batch_response(entries: &[BatchEntryOut]) -> Value {
 /// NRL's rule for `ssp://` URLs: the pointer names the Spine ASID of the
 /// system that serves it, as a `context.related` identifier of 12 digits.
 fn check_ssp(doc: &DocumentReferenceIn) -> Result<(), FhirError> {
-    let ssp = doc.content.iter().any(|c| {
-        c.attachment.as_ref().and_then(|a| a.url.as_deref()).is_some_and(|u| u.starts_with("ssp://"))
-    });
+    let ssp = doc
+        .content
+        .iter()
+        .any(|c| c.attachment.as_ref().and_then(|a| a.url.as_deref()).is_some_and(|u| u.starts_with("ssp://")));
     if !ssp {
         return Ok(());
     }
     let asid = doc.context.iter().flat_map(|c| &c.related).find_map(|r| {
-        r.identifier.as_ref().filter(|i| i.system.as_deref() == Some(SPINE_ASID_SYSTEM)).and_then(|i| i.value.as_deref())
+        r.identifier
+            .as_ref()
+            .filter(|i| i.system.as_deref() == Some(SPINE_ASID_SYSTEM))
+            .and_then(|i| i.value.as_deref())
     });
     match asid {
         Some(v) if v.len() == 12 && v.bytes().all(|b| b.is_ascii_digit()) => Ok(()),

@@ -133,8 +133,8 @@ pub fn parse_search(pairs: Vec<(String, String)>, limits: SearchLimits) -> Resul
 /// members are parameter names and whose values are strings (or a number,
 /// for `_count`).
 pub fn parse_json_search(body: &[u8]) -> Result<Vec<(String, String)>, FhirError> {
-    let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| FhirError::NotWellFormed(format!("the search body is not JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| FhirError::NotWellFormed(format!("the search body is not JSON: {e}")))?;
     let serde_json::Value::Object(map) = v else {
         return Err(FhirError::NotWellFormed("a JSON search body must be an object of parameters".into()));
     };
@@ -232,6 +232,15 @@ mod tests {
         let json = br#"{"subject:identifier":"https://fhir.nhs.uk/Id/nhs-number|9434765919","type":"http://snomed.info/sct|736253002","_count":5}"#;
         let p = parse_search(parse_json_search(json).unwrap(), LIMITS).unwrap();
         assert_eq!((p.subject.unwrap().as_str(), p.types.len(), p.count), ("9434765919", 1, 5));
+        // NRLF's scenarios: a type of another system, an extra key, no subject.
+        assert!(matches!(
+            parse(&format!("{s}&type=http://incorrect.info/sct|736253002")),
+            Err(FhirError::InvalidParameter(_))
+        ));
+        let extra =
+            parse_json_search(br#"{"subject:identifier":"https://fhir.nhs.uk/Id/nhs-number|9434765919","extra":"x"}"#);
+        assert!(matches!(parse_search(extra.unwrap(), LIMITS), Err(FhirError::InvalidParameter(_))));
+        assert!(matches!(parse_search(parse_json_search(b"{}").unwrap(), LIMITS), Err(FhirError::InvalidParameter(_))));
         assert!(matches!(parse_json_search(b"[1,2]"), Err(FhirError::NotWellFormed(_))));
         assert!(matches!(parse_json_search(b"{not json"), Err(FhirError::NotWellFormed(_))));
         assert!(matches!(parse_json_search(br#"{"type":["a"]}"#), Err(FhirError::InvalidParameter(_))));
