@@ -236,22 +236,13 @@ pub mod testkit {
     pub fn with_type(mut p: RecordPointer, code: &str) -> RecordPointer {
         p.type_code = snomed(code);
         p.category = snomed(if code == NEWS2_CHART { OBSERVATIONS_CATEGORY } else { CARE_PLAN_CATEGORY });
+        let url = p.body.member("content").and_then(|c| c[0]["attachment"]["url"].as_str().map(str::to_owned));
+        p.body = body_of(&p, &url.unwrap_or_default());
         p
     }
 
     pub fn pointer(custodian: &str, local: &str, subject: NhsNumber, at: i64) -> RecordPointer {
-        let ods_ref = serde_json::json!({ "identifier": { "system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": custodian } });
-        let serde_json::Value::Object(members) = serde_json::json!({
-            "author": [ods_ref.clone()],
-            "custodian": ods_ref,
-            "content": [{ "attachment": {
-                "contentType": "application/pdf",
-                "url": format!("https://{}.example.nhs.uk/records/{local}", custodian.to_lowercase()),
-            } }],
-        }) else {
-            unreachable!("an object")
-        };
-        RecordPointer {
+        let mut p = RecordPointer {
             id: PointerId::parse(&format!("{custodian}-{local}")).unwrap(),
             version: 1,
             subject,
@@ -267,8 +258,32 @@ pub mod testkit {
             date: None,
             created: Timestamp(at),
             updated: Timestamp(at),
-            body: PointerBody::of(&serde_json::Map::new(), &members),
+            body: PointerBody::default(),
+        };
+        p.body = body_of(&p, &format!("https://{}.example.nhs.uk/records/{local}", custodian.to_lowercase()));
+        p
+    }
+
+    /// What a producer would have sent for `p` (its typed fields as FHIR
+    /// JSON), with one content URL: a body that renders to a whole
+    /// DocumentReference.
+    pub fn body_of(p: &RecordPointer, url: &str) -> PointerBody {
+        let ods_ref = |ods: &OdsCode| serde_json::json!({ "identifier": { "system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": ods.as_str() } });
+        let coding =
+            |c: &SnomedCode| serde_json::json!({ "coding": [{ "system": SnomedCode::SYSTEM, "code": c.as_str() }] });
+        let mut members = serde_json::json!({
+            "subject": { "identifier": { "system": "https://fhir.nhs.uk/Id/nhs-number", "value": p.subject.as_str() } },
+            "type": coding(&p.type_code),
+            "category": [coding(&p.category)],
+            "author": [ods_ref(&p.custodian)],
+            "custodian": ods_ref(&p.custodian),
+            "content": [{ "attachment": { "contentType": "application/pdf", "url": url } }],
+        });
+        if let Some(m) = &p.master_identifier {
+            members["masterIdentifier"] = serde_json::json!({ "system": m.system, "value": m.value });
         }
+        let serde_json::Value::Object(members) = members else { unreachable!("an object") };
+        PointerBody::of(&serde_json::Map::new(), &members)
     }
 
     pub fn put(custodian: &str, pointer: RecordPointer, if_match: Option<u64>) -> Command {
