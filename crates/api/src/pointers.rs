@@ -9,7 +9,8 @@ use hie_audit::Action;
 use std::sync::Arc;
 
 use hie_domain::{
-    Caller, Command, CommandV1, Outcome, PointerId, PointerStatus, Purpose, RecordPointer, Role, Timestamp, Visibility,
+    Caller, Command, CommandV1, Outcome, PointerId, PointerStatus, Purpose, Reader, RecordPointer, Role, Timestamp,
+    Visibility,
 };
 use hie_fhir as fhir;
 
@@ -283,6 +284,21 @@ fn refuse(visibility: Visibility, id: &PointerId) -> Result<(), ApiError> {
     }
 }
 
+/// What a read of one pointer starts with: the caller as a reader, the
+/// id checked, the purpose of use, and the consistency it asks for.
+async fn begin_read(
+    st: &AppState,
+    ctx: &RequestCtx,
+    id: &str,
+    headers: &HeaderMap,
+) -> Result<(Reader, PointerId, Purpose), ApiError> {
+    let reader = ctx.reader()?;
+    let id = path_id(id)?;
+    let purpose = ctx.read_purpose(st)?;
+    consistency(headers, &st.replica).await?;
+    Ok((reader, id, purpose))
+}
+
 /// `GET /DocumentReference/{id}`: one pointer, if the caller may see it
 /// (otherwise 404, as for none: a hidden pointer's existence is not told).
 pub(crate) async fn read(
@@ -291,10 +307,7 @@ pub(crate) async fn read(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let reader = ctx.reader()?;
-    let id = path_id(&id)?;
-    let purpose = ctx.read_purpose(&st)?;
-    consistency(&headers, &st.replica).await?;
+    let (reader, id, purpose) = begin_read(&st, &ctx, &id, &headers).await?;
     let not_found = || ApiError::NotFound(format!("no pointer {id}"));
     let read = st.replica.pointer(&reader, &purpose, &id).await?.ok_or_else(not_found)?;
     ctx.audit.set(&read.pointer.subject, Action::Read, "read", &purpose);
@@ -338,10 +351,7 @@ async fn read_history(
     vid: Option<u64>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let reader = ctx.reader()?;
-    let id = path_id(&id)?;
-    let purpose = ctx.read_purpose(&st)?;
-    consistency(&headers, &st.replica).await?;
+    let (reader, id, purpose) = begin_read(&st, &ctx, &id, &headers).await?;
     // Every kept version: the current one and the past ones.
     let limit = usize::try_from(RecordPointer::PAST_VERSIONS_MAX).unwrap_or(usize::MAX).saturating_add(1);
     let read = st.replica.history(&reader, &purpose, &id, vid, limit).await?;
