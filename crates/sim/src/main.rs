@@ -103,7 +103,7 @@ fn main() -> ExitCode {
                     let mut replay_cmd =
                         format!("hie-sim --seed {seed} --nodes {nodes} --steps {steps} --clients {clients}");
                     if let Some(d) = defect {
-                        replay_cmd.push_str(&format!(" --defect {d:?}"));
+                        replay_cmd.push_str(&format!(" --defect {}", d.as_arg()));
                     }
                     let mut problems = Vec::new();
                     match run_one(opts.clone()) {

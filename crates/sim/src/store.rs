@@ -51,6 +51,17 @@ pub enum Defect {
     ShiftedRead,
 }
 
+impl Defect {
+    /// How `--defect` names it.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Defect::ForgetVote => "forget-vote",
+            Defect::LoseTail => "lose-tail",
+            Defect::ShiftedRead => "shifted-read",
+        }
+    }
+}
+
 /// The data behind `m`, unless the run holding this handle has crashed.
 #[allow(clippy::result_large_err)] // openraft's StorageError, what its storage traits return
 fn guard<'a, T>(alive: &AtomicBool, m: &'a Mutex<T>) -> Result<MutexGuard<'a, T>, StorageError> {
