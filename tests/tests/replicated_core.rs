@@ -128,7 +128,12 @@ async fn killing_the_leader_loses_no_acknowledged_write() -> anyhow::Result<()> 
             let s = search(&consumer, &c.api_url(*id), patient, &[]).await?;
             let found: BTreeSet<&str> =
                 s.body["entry"].as_array().into_iter().flatten().filter_map(|e| e["resource"]["id"].as_str()).collect();
-            assert!(found.contains(pointer_id.as_str()), "node {id} lacks acknowledged pointer {pointer_id}");
+            assert!(
+                found.contains(pointer_id.as_str()),
+                "node {id} lacks acknowledged pointer {pointer_id}: search answered {} {}",
+                s.status,
+                s.body.to_string().chars().take(400).collect::<String>()
+            );
         }
     }
     Ok(())
