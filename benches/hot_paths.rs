@@ -192,7 +192,7 @@ fn fhir(c: &mut Criterion) {
     let base = "https://node.example/fhir";
     let self_url = "https://node.example/fhir/DocumentReference/_search";
     g.bench_function("render_searchset_of_8", |b| {
-        b.iter(|| black_box(hie_fhir::searchset(base, 8, black_box(&pointers), self_url, None)))
+        b.iter(|| black_box(hie_fhir::searchset(base, 8, black_box(&pointers), self_url, None, None)))
     });
     // NRLF-sized pointers: every element of NRLF's ssp sample (2.4 KB of JSON).
     let nrlf = include_bytes!("../tests/data/nrlf/valid-with-ssp-content.json");
@@ -202,7 +202,7 @@ fn fhir(c: &mut Criterion) {
         b.iter(|| black_box(hie_fhir::parse_document_reference(black_box(nrlf))))
     });
     g.bench_function("render_searchset_of_8_nrlf", |b| {
-        b.iter(|| black_box(hie_fhir::searchset(base, 8, black_box(&nrlf_pointers), self_url, None)))
+        b.iter(|| black_box(hie_fhir::searchset(base, 8, black_box(&nrlf_pointers), self_url, None, None)))
     });
     g.finish();
 }

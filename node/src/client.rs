@@ -46,6 +46,9 @@ pub struct ClientEntry {
     /// A producer's permissions (`migration`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub permissions: Vec<String>,
+    /// A producer's local identifier system (it is the assigning authority).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identifier_system: Option<String>,
     pub cert: PathBuf,
     pub key: PathBuf,
 }
@@ -288,6 +291,20 @@ pub enum RegistryCmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Register a local identifier system and the organisation that assigns
+    /// it (or --remove it).
+    Authority {
+        /// The identifier system (a URI).
+        system: String,
+        /// The ODS code of the organisation that assigns it.
+        #[arg(long, required_unless_present = "remove", conflicts_with = "remove")]
+        ods: Option<String>,
+        /// Remove the registration.
+        #[arg(long)]
+        remove: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Restrict a consumer to some pointer types (or --all-types to lift it).
     Consumer {
         /// The consumer's ODS code.
@@ -303,12 +320,57 @@ pub enum RegistryCmd {
     },
 }
 
+/// Patient identity: local identifiers (IHE PIXm) and NHS Number merges.
+#[derive(Subcommand, Debug)]
+pub enum PatientCmd {
+    /// Record that a local identifier names a patient (producer of the
+    /// organisation that assigns the system; IHE ITI-104).
+    Xref {
+        /// The patient's NHS Number.
+        nhs_number: String,
+        /// The local identifier, `<system>|<value>`.
+        #[arg(long)]
+        identifier: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove a local identifier's cross-reference (producer of its assigning organisation).
+    Unxref {
+        /// The local identifier, `<system>|<value>`.
+        #[arg(long)]
+        identifier: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The patient's other identifiers (IHE PIXm ITI-83; consumer or producer).
+    Pix {
+        /// The identifier asked about: `<system>|<value>`, or an NHS Number alone.
+        source: String,
+        /// Only identifiers of this system (repeatable).
+        #[arg(long = "target-system")]
+        target_systems: Vec<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Retire an NHS Number into the surviving one, moving every pointer (identity authority).
+    Merge {
+        /// The retired NHS Number.
+        source: String,
+        /// The surviving NHS Number.
+        #[arg(long = "into")]
+        into: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
 pub enum Op {
     Search(SearchArgs),
     Holders(HoldersArgs),
     Pointer(PointerCmd),
     Cluster(ClusterCmd),
     Registry(RegistryCmd),
+    Patient(PatientCmd),
 }
 
 /// An HTTPS client for one node, acting as one client certificate.
@@ -560,7 +622,89 @@ async fn run_async(op: Op) -> anyhow::Result<()> {
         }
         Op::Cluster(cmd) => cluster(cmd).await,
         Op::Registry(cmd) => registry(cmd).await,
+        Op::Patient(cmd) => patient(cmd).await,
     }
+}
+
+const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
+
+async fn patient(cmd: PatientCmd) -> anyhow::Result<()> {
+    let (status, body) = match cmd {
+        PatientCmd::Xref { nhs_number, identifier, target } => {
+            let api = Api::from_target(&target, "producer")?;
+            let (system, value) = identifier.split_once('|').context("--identifier must be <system>|<value>")?;
+            let body = json!({
+                "resourceType": "Patient",
+                "identifier": [
+                    { "system": NHS_NUMBER_SYSTEM, "value": nhs_number },
+                    { "system": system, "value": value },
+                ],
+            });
+            let req = api.http.put(api.fhir_url("/Patient")).query(&[("identifier", &identifier)]);
+            let (status, _, body) =
+                answer(req.header("content-type", "application/fhir+json").json(&body).send().await?).await?;
+            (status, body)
+        }
+        PatientCmd::Unxref { identifier, target } => {
+            let api = Api::from_target(&target, "producer")?;
+            let req = api.http.delete(api.fhir_url("/Patient")).query(&[("identifier", &identifier)]);
+            let (status, _, body) = answer(req.send().await?).await?;
+            (status, body)
+        }
+        PatientCmd::Pix { source, target_systems, target } => {
+            let api = Api::from_target(&target, "consumer")?;
+            let source = if source.contains('|') { source } else { format!("{NHS_NUMBER_SYSTEM}|{source}") };
+            let mut query = vec![("sourceIdentifier", source)];
+            query.extend(target_systems.into_iter().map(|t| ("targetSystem", t)));
+            let req = api.http.get(api.fhir_url("/Patient/$ihe-pix")).query(&query);
+            let (status, _, body) = answer(req.send().await?).await?;
+            if status.is_success() && !target.json {
+                for p in body["parameter"].as_array().into_iter().flatten() {
+                    match p["name"].as_str() {
+                        Some("targetIdentifier") => println!(
+                            "  {}|{}",
+                            p["valueIdentifier"]["system"].as_str().unwrap_or(""),
+                            p["valueIdentifier"]["value"].as_str().unwrap_or("")
+                        ),
+                        Some("targetId") => {
+                            println!("  -> {}", p["valueReference"]["reference"].as_str().unwrap_or(""))
+                        }
+                        _ => {}
+                    }
+                }
+                return Ok(());
+            }
+            (status, body)
+        }
+        PatientCmd::Merge { source, into, target } => {
+            let api = Api::from_target(&target, "identity-authority")?;
+            let id = |v: &str| json!({ "system": NHS_NUMBER_SYSTEM, "value": v });
+            let body = json!({
+                "resourceType": "Parameters",
+                "parameter": [
+                    { "name": "source-patient-identifier", "valueIdentifier": id(&source) },
+                    { "name": "target-patient-identifier", "valueIdentifier": id(&into) },
+                ],
+            });
+            let req = api.http.post(api.fhir_url("/Patient/$merge")).header("content-type", "application/fhir+json");
+            let (status, _, body) = answer(req.json(&body).send().await?).await?;
+            if status.is_success() && !target.json {
+                let moved = body["parameter"]
+                    .as_array()
+                    .and_then(|ps| ps.iter().find(|p| p["name"] == "pointers-moved"))
+                    .map(|p| p["valueInteger"].clone())
+                    .unwrap_or(Value::Null);
+                println!("merged: {moved} pointer(s) moved to the surviving number");
+                return Ok(());
+            }
+            (status, body)
+        }
+    };
+    if !status.is_success() {
+        return Err(fail(status, &body));
+    }
+    println!("{}", serde_json::to_string_pretty(&body)?);
+    Ok(())
 }
 
 async fn registry(cmd: RegistryCmd) -> anyhow::Result<()> {
@@ -580,6 +724,9 @@ async fn registry(cmd: RegistryCmd) -> anyhow::Result<()> {
             format!("/admin/producers/{ods}"),
             Some(json!({ "pointer_types": types, "permissions": permissions })),
         ),
+        RegistryCmd::Authority { system, ods, remove: _, target } => {
+            (target, "PUT", "/admin/authorities".to_owned(), Some(json!({ "system": system, "ods": ods })))
+        }
         RegistryCmd::Consumer { ods, types, all_types, target } => {
             let types = if all_types { Value::Null } else { json!(types) };
             (target, "PUT", format!("/admin/consumers/{ods}"), Some(json!({ "pointer_types": types })))

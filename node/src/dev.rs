@@ -157,6 +157,8 @@ struct DevClient {
     /// Which pointer types its registry entry names.
     types: DevTypes,
     permissions: &'static [&'static str],
+    /// The local identifier system it assigns (producers).
+    identifier_system: Option<&'static str>,
 }
 
 enum DevTypes {
@@ -175,6 +177,7 @@ const CLIENTS: &[DevClient] = &[
         roles: &[Role::Producer],
         types: DevTypes::All,
         permissions: &[],
+        identifier_system: Some("https://a81001.example.nhs.uk/Id/patient-number"),
     },
     DevClient {
         name: "mental-health-trust",
@@ -182,6 +185,7 @@ const CLIENTS: &[DevClient] = &[
         roles: &[Role::Producer],
         types: DevTypes::All,
         permissions: &["migration"],
+        identifier_system: Some("https://rv3.example.nhs.uk/Id/mrn"),
     },
     DevClient {
         name: "ambulance-service",
@@ -189,6 +193,7 @@ const CLIENTS: &[DevClient] = &[
         roles: &[Role::Consumer],
         types: DevTypes::None,
         permissions: &[],
+        identifier_system: None,
     },
     DevClient {
         name: "out-of-hours-111",
@@ -196,6 +201,7 @@ const CLIENTS: &[DevClient] = &[
         roles: &[Role::Consumer],
         types: DevTypes::Only(&[testkit::MENTAL_HEALTH_CRISIS_PLAN]),
         permissions: &[],
+        identifier_system: None,
     },
     DevClient {
         name: "consent-authority",
@@ -203,6 +209,7 @@ const CLIENTS: &[DevClient] = &[
         roles: &[Role::ConsentAuthority],
         types: DevTypes::None,
         permissions: &[],
+        identifier_system: None,
     },
     DevClient {
         name: "patient-app",
@@ -210,8 +217,24 @@ const CLIENTS: &[DevClient] = &[
         roles: &[Role::PatientAccess],
         types: DevTypes::None,
         permissions: &[],
+        identifier_system: None,
     },
-    DevClient { name: "operator", ods: "X26OPS", roles: &[Role::Operator], types: DevTypes::None, permissions: &[] },
+    DevClient {
+        name: "demographics-feed",
+        ods: "X28",
+        roles: &[Role::IdentityAuthority],
+        types: DevTypes::None,
+        permissions: &[],
+        identifier_system: None,
+    },
+    DevClient {
+        name: "operator",
+        ods: "X26OPS",
+        roles: &[Role::Operator],
+        types: DevTypes::None,
+        permissions: &[],
+        identifier_system: None,
+    },
 ];
 
 pub fn main(args: DevArgs) -> anyhow::Result<()> {
@@ -572,6 +595,7 @@ async fn create(dir: &Path, args: &UpArgs) -> anyhow::Result<ClusterFile> {
                 DevTypes::Only(codes) => codes.iter().map(|c| snomed(c)).collect(),
             },
             permissions: c.permissions.iter().map(|p| (*p).to_owned()).collect(),
+            identifier_system: c.identifier_system.map(str::to_owned),
             cert,
             key,
         });
@@ -706,6 +730,14 @@ async fn seed(cluster: &ClusterFile, patients: u32, nrlf: bool) -> anyhow::Resul
             .await
             .with_context(|| format!("restricting consumer {}", c.ods))?;
     }
+    for c in cluster.clients.iter() {
+        if let Some(system) = &c.identifier_system {
+            let body = json!({ "system": system, "ods": c.ods });
+            registry_put(&api, "/admin/authorities", &body)
+                .await
+                .with_context(|| format!("registering {}'s identifier system", c.ods))?;
+        }
+    }
     if patients == 0 {
         return Ok(());
     }
@@ -797,7 +829,50 @@ async fn seed(cluster: &ClusterFile, patients: u32, nrlf: bool) -> anyhow::Resul
     }
     bar.finish_and_clear();
     println!("seeded {patients} patients with {planned} pointers in {:.1} s", started.elapsed().as_secs_f64());
+    seed_local_ids(cluster, patients).await
+}
+
+/// Patients whose local identifier each producer feeds while seeding.
+const SEED_LOCAL_IDS: u32 = 10;
+
+/// Each producer with an identifier system feeds the local identifiers of
+/// the first patients it holds pointers for (ITI-104), so that PIXm queries
+/// and searches by local identifier have something to find.
+async fn seed_local_ids(cluster: &ClusterFile, patients: u32) -> anyhow::Result<()> {
+    for (k, p) in cluster.clients.iter().filter(|c| c.is("producer")).enumerate() {
+        let Some(system) = &p.identifier_system else { continue };
+        let node = &cluster.nodes[k % cluster.nodes.len()];
+        let api = Api::new(&node.api_url, &cluster.ca_cert, &p.cert, &p.key)?;
+        for i in (0..patients).filter(|&i| k == 0 || i.is_multiple_of(2)).take(SEED_LOCAL_IDS as usize) {
+            let nhs = testkit::nhs(i);
+            let value = local_id_value(&p.ods, i);
+            let body = json!({
+                "resourceType": "Patient",
+                "identifier": [
+                    { "system": hie_domain::NhsNumber::SYSTEM, "value": nhs.as_str() },
+                    { "system": system, "value": value },
+                ],
+            });
+            let resp = api
+                .http
+                .put(api.fhir_url("/Patient"))
+                .query(&[("identifier", format!("{system}|{value}"))])
+                .header("content-type", "application/fhir+json")
+                .json(&body)
+                .send()
+                .await?;
+            let status = resp.status();
+            if !status.is_success() {
+                bail!("feeding a local identifier of {}: {status} {}", p.ods, resp.text().await.unwrap_or_default());
+            }
+        }
+    }
     Ok(())
+}
+
+/// The local identifier producer `ods` gives seeded patient `i`.
+pub fn local_id_value(ods: &str, i: u32) -> String {
+    format!("{ods}-{:06}", i + 1)
 }
 
 pub fn sample_pointer(nhs: &str, ods: &str, code: &str, i: u32) -> serde_json::Value {

@@ -44,13 +44,19 @@ enum Cmd {
         #[command(subcommand)]
         command: client::PointerCmd,
     },
+    /// Patient identity: feed a local identifier, query PIXm, merge NHS Numbers.
+    Patient {
+        #[command(subcommand)]
+        command: client::PatientCmd,
+    },
     /// Operator commands: status, membership, snapshots, digests.
     Cluster {
         #[command(subcommand)]
         command: client::ClusterCmd,
     },
     /// The replicated registry (operator): pointer types, what each
-    /// producer may publish, what each consumer may read.
+    /// producer may publish, what each consumer may read, and who assigns
+    /// each local identifier system.
     Registry {
         #[command(subcommand)]
         command: client::RegistryCmd,
@@ -116,6 +122,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Pointer { command } => client::run(client::Op::Pointer(command)),
         Cmd::Cluster { command } => client::run(client::Op::Cluster(command)),
         Cmd::Registry { command } => client::run(client::Op::Registry(command)),
+        Cmd::Patient { command } => client::run(client::Op::Patient(command)),
         Cmd::Audit { command } => audit::run(command),
         Cmd::Bench(args) => bench::main(args),
     };

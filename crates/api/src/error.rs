@@ -32,6 +32,15 @@ pub enum ApiError {
     TooManyEntries(String),
     #[error("{0}")]
     NotFound(String),
+    /// An identifier system that is neither the NHS Number's nor registered.
+    #[error("{0}")]
+    UnknownSystem(String),
+    /// PIXm: a `targetSystem` that is not registered (its 403).
+    #[error("{0}")]
+    UnknownTargetSystem(String),
+    /// A request whose work would exceed a named limit (a merge of too many pointers).
+    #[error("{0}")]
+    TooCostly(String),
     #[error("{0}")]
     Forbidden(String),
     /// A consumer's read of a pointer type it is not allowed.
@@ -76,6 +85,9 @@ impl ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too-costly", "PAYLOAD_TOO_LARGE")
             }
             NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "NO_RECORD_FOUND"),
+            UnknownSystem(_) => (StatusCode::BAD_REQUEST, "code-invalid", "INVALID_IDENTIFIER_SYSTEM"),
+            UnknownTargetSystem(_) => (StatusCode::FORBIDDEN, "code-invalid", "INVALID_IDENTIFIER_SYSTEM"),
+            TooCostly(_) => (StatusCode::UNPROCESSABLE_ENTITY, "too-costly", "MERGE_TOO_LARGE"),
             Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "AUTHOR_CREDENTIALS_ERROR"),
             AccessDenied(_) => (StatusCode::FORBIDDEN, "forbidden", "ACCESS_DENIED"),
             Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "security", "ACCESS_DENIED"),
@@ -171,6 +183,9 @@ impl From<Rejection> for ApiError {
             Rejection::NotFound { .. } => ApiError::NotFound(r.to_string()),
             Rejection::VersionConflict { .. } => ApiError::VersionConflict(r.to_string()),
             Rejection::Invalid { .. } => ApiError::InvalidResource(r.to_string()),
+            Rejection::UnknownSystem { .. } => ApiError::UnknownSystem(r.to_string()),
+            Rejection::UnknownLocalId => ApiError::NotFound(r.to_string()),
+            Rejection::MergeTooLarge { .. } => ApiError::TooCostly(r.to_string()),
             Rejection::UnknownVersion => ApiError::Internal(r.to_string()),
         }
     }

@@ -76,7 +76,12 @@ pub(crate) async fn capability_statement(State(st): St, _ctx: RequestCtx) -> Res
                 },
                 {
                     "type": "Patient",
-                    "operation": [{ "name": "record-holders", "definition": format!("{base}/OperationDefinition/record-holders") }]
+                    "interaction": [{ "code": "update", "documentation": "IHE ITI-104 feed of a local identifier: PUT /Patient?identifier=<system>|<value> (producers of the assigning organisation); DELETE removes it" }],
+                    "operation": [
+                        { "name": "record-holders", "definition": format!("{base}/OperationDefinition/record-holders") },
+                        { "name": "ihe-pix", "definition": format!("{base}/OperationDefinition/ihe-pix") },
+                        { "name": "merge", "definition": format!("{base}/OperationDefinition/merge") }
+                    ]
                 }
             ]
         }]
@@ -114,6 +119,49 @@ pub(crate) async fn operation_definition(
                     { "name": "pointers", "use": "out", "min": 1, "max": "1", "type": "integer" }
                 ]
             }]
+        }),
+        "ihe-pix" => json!({
+            "resourceType": "OperationDefinition",
+            "id": "ihe-pix",
+            "url": format!("{base}/OperationDefinition/ihe-pix"),
+            "name": "PIXmQuery",
+            "status": "active",
+            "kind": "operation",
+            "code": "ihe-pix",
+            "description": "IHE PIXm ITI-83: the identifiers of the patient a source identifier (an NHS Number or a registered local identifier) names. 404 not-found for an unknown identifier, 400 code-invalid for an unregistered source system, 403 code-invalid for an unregistered targetSystem.",
+            "resource": ["Patient"],
+            "system": false,
+            "type": true,
+            "instance": false,
+            "affectsState": false,
+            "parameter": [
+                { "name": "sourceIdentifier", "use": "in", "min": 1, "max": "1", "type": "string", "searchType": "token" },
+                { "name": "targetSystem", "use": "in", "min": 0, "max": "*", "type": "uri" },
+                { "name": "targetIdentifier", "use": "out", "min": 0, "max": "*", "type": "Identifier" },
+                { "name": "targetId", "use": "out", "min": 0, "max": "1", "type": "Reference" }
+            ]
+        }),
+        "merge" => json!({
+            "resourceType": "OperationDefinition",
+            "id": "merge",
+            "url": format!("{base}/OperationDefinition/merge"),
+            "name": "PatientMerge",
+            "status": "active",
+            "kind": "operation",
+            "code": "merge",
+            "description": "Retires an NHS Number into the surviving one in one replicated command: every current pointer moves (same id, a new version, the subject rewritten), holders add up, local identifiers move, an opt-out of either holds. identity-authority only. A patient with more than 10,000 current pointers is refused with 422 too-costly.",
+            "resource": ["Patient"],
+            "system": false,
+            "type": true,
+            "instance": false,
+            "affectsState": true,
+            "parameter": [
+                { "name": "source-patient-identifier", "use": "in", "min": 1, "max": "1", "type": "Identifier" },
+                { "name": "target-patient-identifier", "use": "in", "min": 1, "max": "1", "type": "Identifier" },
+                { "name": "outcome", "use": "out", "min": 1, "max": "1", "type": "OperationOutcome" },
+                { "name": "pointers-moved", "use": "out", "min": 1, "max": "1", "type": "integer" },
+                { "name": "result", "use": "out", "min": 1, "max": "1", "type": "Patient" }
+            ]
         }),
         _ => return Err(ApiError::NotFound("no such OperationDefinition".into())),
     };

@@ -195,6 +195,41 @@ pub(crate) async fn put_consumer(
     Ok(Json(json!({ "consumer": ods.as_str(), "pointer_types": c.pointer_types })).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuthorityIn {
+    /// The local identifier system (a URI).
+    system: String,
+    /// The ODS code of the organisation that assigns it; `null` removes
+    /// the registration.
+    ods: Option<String>,
+}
+
+/// `PUT /admin/authorities`: register a local identifier system with the
+/// organisation that assigns it (or, with `ods: null`, remove it).
+pub(crate) async fn put_authority(
+    State(st): St,
+    ctx: RequestCtx,
+    JsonBody(a): JsonBody<AuthorityIn>,
+) -> Result<Response, ApiError> {
+    ctx.require(Role::Operator)?;
+    let max = hie_domain::AssigningAuthority::SYSTEM_LEN_MAX;
+    if a.system.is_empty()
+        || a.system.len() > max
+        || a.system.chars().any(|c| c.is_control() || c.is_whitespace() || c == '|')
+        || !a.system.contains(':')
+    {
+        return Err(ApiError::InvalidResource(format!("system must be a URI of 1 to {max} characters")));
+    }
+    if a.system == hie_fhir::NHS_NUMBER_SYSTEM {
+        return Err(ApiError::InvalidResource("the NHS Number's system is not a local one".into()));
+    }
+    let ods = a.ods.as_deref().map(ods_param).transpose()?;
+    let cmd = Command::V1(CommandV1::PutAuthority { caller: ctx.caller.clone(), system: a.system.clone(), ods });
+    run_write(&st, &ctx, cmd).await?;
+    Ok(Json(json!({ "system": a.system, "ods": a.ods })).into_response())
+}
+
 /// `GET /admin/registry`: the pointer types, producers and consumers.
 pub(crate) async fn registry(State(st): St, ctx: RequestCtx) -> Result<Response, ApiError> {
     ctx.require(Role::Operator)?;
@@ -218,5 +253,10 @@ pub(crate) async fn registry(State(st): St, ctx: RequestCtx) -> Result<Response,
         .iter()
         .map(|(ods, c)| (ods.as_str().to_owned(), json!({ "pointer_types": codes(&c.allowed_types) })))
         .collect();
-    Ok(Json(json!({ "pointer_types": types, "producers": producers, "consumers": consumers })).into_response())
+    let authorities: serde_json::Map<String, serde_json::Value> =
+        r.authorities.iter().map(|a| (a.system.clone(), json!(a.ods.as_str()))).collect();
+    Ok(Json(
+        json!({ "pointer_types": types, "producers": producers, "consumers": consumers, "authorities": authorities }),
+    )
+    .into_response())
 }

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::Response;
 use hie_audit::Action;
-use hie_domain::query::{Search, SearchFilter, SearchPage};
+use hie_domain::query::{Search, SearchFilter, SearchPage, SubjectOf};
 use hie_domain::{CommandV1, NhsNumber, OdsCode, PointerId, SnomedCode};
 use hie_fhir::{self as fhir, SearchLimits, SearchParams, parse_json_search, parse_query, parse_search};
 use serde_json::json;
@@ -103,30 +103,50 @@ fn params_of(c: &Cursor) -> Result<SearchParams, ApiError> {
         categories: snomed(&c.categories)?,
         custodians: c.custodians.iter().map(|o| OdsCode::parse(o).map_err(|_| invalid())).collect::<Result<_, _>>()?,
         count: c.count,
+        local_subject: None,
         summary_count: false,
         cursor: None,
     })
 }
 
+/// The NHS Number a search's local identifier names (`None`: nobody).
+async fn resolve_local(st: &AppState, params: &mut SearchParams) -> Result<Option<()>, ApiError> {
+    let Some(local) = params.local_subject.take() else { return Ok(Some(())) };
+    match st.replica.subject_of(&local).await? {
+        SubjectOf::Found { nhs, .. } => {
+            params.subject = Some(nhs);
+            Ok(Some(()))
+        }
+        SubjectOf::NotFound => Ok(None),
+        SubjectOf::UnknownSystem => Err(ApiError::UnknownSystem(
+            "subject:identifier names a system that is neither the NHS Number's nor a registered local system".into(),
+        )),
+    }
+}
+
 /// The search the parameters ask for: new, or continued from a token
 /// (with which the request may repeat the search's parameters, as NRLF's
-/// clients do, but not change them).
-async fn plan(st: &AppState, ctx: &RequestCtx, pairs: Vec<(String, String)>) -> Result<Planned, ApiError> {
+/// clients do, but not change them). `None`: the search names a local
+/// identifier that names nobody, so it finds nothing.
+async fn plan(st: &AppState, ctx: &RequestCtx, pairs: Vec<(String, String)>) -> Result<Option<Planned>, ApiError> {
     let limits = &st.config.limits;
-    let params = parse_search(
+    let mut params = parse_search(
         pairs,
         SearchLimits { page_size_default: limits.page_size_default, page_size_max: limits.page_size_max },
     )?;
+    if resolve_local(st, &mut params).await?.is_none() {
+        return Ok(None);
+    }
     let Some(token) = &params.cursor else {
         let subject =
             params.subject.ok_or_else(|| ApiError::InvalidParameter("subject:identifier is required".into()))?;
-        return Ok(Planned {
+        return Ok(Some(Planned {
             subject,
             filter: filter_of(&params),
             count: params.count,
             after: None,
             summary_count: params.summary_count,
-        });
+        }));
     };
     let key = paging_key(st, ctx).await?;
     let cursor = key.open(token, ctx.caller.ods.as_str(), now().0, limits.cursor_ttl).map_err(|e| match e {
@@ -139,13 +159,13 @@ async fn plan(st: &AppState, ctx: &RequestCtx, pairs: Vec<(String, String)>) -> 
     }
     let after = PointerId::parse(&cursor.after)
         .map_err(|_| ApiError::InvalidParameter("the paging token is not valid; search again".into()))?;
-    Ok(Planned {
+    Ok(Some(Planned {
         subject: first.subject.expect("a cursor names its patient"),
         filter: filter_of(&first),
         count: first.count,
         after: Some(after),
         summary_count: params.summary_count,
-    })
+    }))
 }
 
 async fn run_search(
@@ -158,9 +178,15 @@ async fn run_search(
 ) -> Result<Response, ApiError> {
     let reader = ctx.reader()?;
     let purpose = ctx.read_purpose(st)?;
-    let planned = plan(st, ctx, pairs).await?;
-    ctx.audit.set(&planned.subject, Action::Read, "search-type", &purpose);
     consistency(headers, &st.replica).await?;
+    let Some(planned) = plan(st, ctx, pairs).await? else {
+        // A local identifier that names nobody: nothing found, and no
+        // patient's data touched.
+        let page = SearchPage { merged_into: None, total: 0, pointers: Vec::new(), next_after: None };
+        let body = fhir::searchset(&st.config.base_url, 0, &page.pointers, &self_url, None, None);
+        return Ok(with_freshness(fhir_text(StatusCode::OK, body), &st.replica));
+    };
+    ctx.audit.set(&planned.subject, Action::Read, "search-type", &purpose);
     let count_only = count_route || planned.summary_count;
     let query = Search {
         subject: planned.subject,
@@ -169,18 +195,29 @@ async fn run_search(
         count: if count_only { 0 } else { planned.count },
         scan_max: st.config.limits.search_scan_max,
     };
-    let page = st.replica.search(&reader, &purpose, query).await?;
+    let mut page = st.replica.search(&reader, &purpose, query).await?;
+    // A retired number answers for its survivor: the audit names the
+    // patient whose pointers were disclosed, and so does a next page.
+    let notice = page.merged_into.map(|n| {
+        ctx.audit.set(&n, Action::Read, "search-type", &purpose);
+        fhir::merged_notice(&n)
+    });
     if count_only {
-        let body = json!({
+        let mut body = json!({
             "resourceType": "Bundle",
             "type": "searchset",
             "total": page.total,
             "link": [{ "relation": "self", "url": self_url }],
         });
+        if let Some(n) = &notice {
+            body["entry"] = json!([{ "resource": fhir::warning_outcome(n), "search": { "mode": "outcome" } }]);
+        }
         return Ok(with_freshness(fhir_json(StatusCode::OK, &body), &st.replica));
     }
+    let planned = Planned { subject: page.merged_into.take().unwrap_or(planned.subject), ..planned };
     let next = next_link(st, ctx, &planned, &page).await?;
-    let body = fhir::searchset(&st.config.base_url, page.total, &page.pointers, &self_url, next.as_deref());
+    let body =
+        fhir::searchset(&st.config.base_url, page.total, &page.pointers, &self_url, next.as_deref(), notice.as_deref());
     Ok(with_freshness(fhir_text(StatusCode::OK, body), &st.replica))
 }
 

@@ -7,8 +7,8 @@
 use crate::command::{Caller, Command, CommandV1, Outcome, Rejection, Role};
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
 use crate::model::{
-    ConsumerEntry, PagingKey, PatientEntry, PointerStatus, PointerType, ProducerEntry, ProducerPermission,
-    RecordPointer, Timestamp,
+    AssigningAuthority, ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerStatus, PointerType, ProducerEntry,
+    ProducerPermission, RecordPointer, Timestamp,
 };
 
 /// Reads and changes state within one apply. Reads see the transaction's
@@ -29,6 +29,19 @@ pub trait StateTxn {
     /// reading the pointer).
     fn index_add(&mut self, pointer: &RecordPointer);
     fn index_remove(&mut self, subject: &NhsNumber, id: &PointerId);
+    /// The ids in the patient's list of current pointers, in id order, at
+    /// most `limit`.
+    fn index_ids(&mut self, subject: &NhsNumber, limit: usize) -> Result<Vec<PointerId>, Self::Error>;
+
+    /// The cross-reference table: a local identifier to the NHS Number it names.
+    fn local_id(&mut self, id: &Identifier) -> Result<Option<NhsNumber>, Self::Error>;
+    fn put_local_id(&mut self, id: &Identifier, subject: &NhsNumber);
+    fn delete_local_id(&mut self, id: &Identifier);
+
+    /// The organisation that assigns an identifier system.
+    fn authority(&mut self, system: &str) -> Result<Option<OdsCode>, Self::Error>;
+    fn put_authority(&mut self, entry: &AssigningAuthority);
+    fn delete_authority(&mut self, system: &str);
 
     /// `(custodian, masterIdentifier)` to pointer id.
     fn idempotency(&mut self, custodian: &OdsCode, key: &str) -> Result<Option<PointerId>, Self::Error>;
@@ -69,7 +82,7 @@ pub enum ApplyError<E> {
     Invariant(#[from] InvariantBroken),
 }
 
-type ApplyResult<T, E> = Result<T, ApplyError<E>>;
+pub(crate) type ApplyResult<T, E> = Result<T, ApplyError<E>>;
 
 /// The idempotency key of a masterIdentifier.
 pub fn master_identifier_key(system: &str, value: &str) -> String {
@@ -122,11 +135,27 @@ fn apply_v1<T: StateTxn>(txn: &mut T, command: &CommandV1) -> ApplyResult<Outcom
             if !caller.has(Role::ConsentAuthority) {
                 return Ok(forbidden("only a consent authority may record a sharing preference"));
             }
-            let mut entry = txn.patient(subject).map_err(ApplyError::Storage)?.unwrap_or_default();
+            let (subject, entry) = survivor(txn, subject)?;
+            let mut entry = entry.unwrap_or_default();
             entry.opted_out = *opted_out;
             entry.consent_updated = Some(*at);
-            txn.put_patient(subject, &entry);
+            txn.put_patient(&subject, &entry);
             Outcome::Done
+        }
+        CommandV1::PutAuthority { caller, system, ods } => {
+            if !caller.has(Role::Operator) {
+                return Ok(forbidden("only an operator may register an identifier system"));
+            }
+            match ods {
+                Some(ods) => txn.put_authority(&AssigningAuthority { system: system.clone(), ods: ods.clone() }),
+                None => txn.delete_authority(system),
+            }
+            Outcome::Done
+        }
+        CommandV1::PutLocalId { caller, id, subject, .. } => crate::identity::put_local_id(txn, caller, id, subject)?,
+        CommandV1::DeleteLocalId { caller, id, .. } => crate::identity::delete_local_id(txn, caller, id)?,
+        CommandV1::MergePatients { caller, source, target, at } => {
+            crate::identity::merge(txn, caller, source, target, *at)?
         }
         CommandV1::Batch(commands) => {
             let mut outcomes = Vec::with_capacity(commands.len());
@@ -151,7 +180,7 @@ fn sorted(types: &[SnomedCode]) -> Vec<SnomedCode> {
     out
 }
 
-fn forbidden(reason: &str) -> Outcome {
+pub(crate) fn forbidden(reason: &str) -> Outcome {
     Outcome::Rejected(Rejection::Forbidden { reason: reason.to_owned() })
 }
 
@@ -196,14 +225,14 @@ fn check_producer<T: StateTxn>(
 
 /// Keeps `version` as a past version of its pointer, forgetting the one
 /// [`RecordPointer::PAST_VERSIONS_MAX`] before it.
-fn keep_past_version<T: StateTxn>(txn: &mut T, version: &RecordPointer) {
+pub(crate) fn keep_past_version<T: StateTxn>(txn: &mut T, version: &RecordPointer) {
     txn.put_past_version(version);
     if version.version > RecordPointer::PAST_VERSIONS_MAX {
         txn.delete_past_version(&version.id, version.version - RecordPointer::PAST_VERSIONS_MAX);
     }
 }
 
-fn holder_add(entry: &mut PatientEntry, pointer: &RecordPointer) {
+pub(crate) fn holder_add(entry: &mut PatientEntry, pointer: &RecordPointer) {
     let types = entry.held.entry(pointer.custodian.clone()).or_default();
     *types.entry(pointer.type_code.clone()).or_insert(0) += 1;
 }
@@ -226,7 +255,7 @@ fn holder_remove(entry: &mut PatientEntry, pointer: &RecordPointer) -> Result<()
     Ok(())
 }
 
-fn save_patient<T: StateTxn>(txn: &mut T, subject: &NhsNumber, entry: &PatientEntry) {
+pub(crate) fn save_patient<T: StateTxn>(txn: &mut T, subject: &NhsNumber, entry: &PatientEntry) {
     if entry.is_empty() {
         txn.delete_patient(subject);
     } else {
@@ -234,12 +263,43 @@ fn save_patient<T: StateTxn>(txn: &mut T, subject: &NhsNumber, entry: &PatientEn
     }
 }
 
+/// The number `subject` stands for now (itself, or the survivor of the
+/// merge that retired it), and that number's entry.
+pub(crate) fn survivor<T: StateTxn>(
+    txn: &mut T,
+    subject: &NhsNumber,
+) -> ApplyResult<(NhsNumber, Option<PatientEntry>), T::Error> {
+    let entry = txn.patient(subject).map_err(ApplyError::Storage)?;
+    match entry.as_ref().and_then(|e| e.merged_into) {
+        None => Ok((*subject, entry)),
+        Some(target) => {
+            let entry = txn.patient(&target).map_err(ApplyError::Storage)?;
+            if entry.as_ref().is_some_and(|e| e.merged_into.is_some()) {
+                return Err(InvariantBroken("a merge redirect names a retired number".into()).into());
+            }
+            Ok((target, entry))
+        }
+    }
+}
+
+/// The pointer as its survivor's, if its subject was retired by a merge.
+fn under_survivor<T: StateTxn>(txn: &mut T, sent: &RecordPointer) -> ApplyResult<RecordPointer, T::Error> {
+    let (subject, _) = survivor(txn, &sent.subject)?;
+    let mut pointer = sent.clone();
+    if subject != sent.subject {
+        pointer.subject = subject;
+        pointer.body = sent.body.with_subject_value(subject.as_str());
+    }
+    Ok(pointer)
+}
+
 fn create<T: StateTxn>(txn: &mut T, caller: &Caller, sent: &RecordPointer) -> ApplyResult<Outcome, T::Error> {
     let producer = match check_producer(txn, caller, sent)? {
         Ok(p) => p,
         Err(r) => return Ok(Outcome::Rejected(r)),
     };
-    let mut pointer = sent.clone();
+    // A create for a retired number is stored under the survivor.
+    let mut pointer = under_survivor(txn, sent)?;
     if !producer.permissions.contains(&ProducerPermission::Migration) {
         // The server's time of the create: only a migration keeps its own.
         pointer.date = None;
@@ -308,6 +368,7 @@ fn put<T: StateTxn>(
     pointer: &RecordPointer,
     if_match: Option<u64>,
 ) -> ApplyResult<Outcome, T::Error> {
+    let pointer = &under_survivor(txn, pointer)?;
     match txn.pointer(&pointer.id).map_err(ApplyError::Storage)? {
         Some(old) => update(txn, caller, old, pointer, if_match),
         None => {

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
-use crate::model::{PagingKey, PointerType, ProducerPermission, RecordPointer, Timestamp};
+use crate::model::{Identifier, PagingKey, PointerType, ProducerPermission, RecordPointer, Timestamp};
 
 /// What a client certificate says its holder may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -15,12 +15,20 @@ pub enum Role {
     Consumer,
     ConsentAuthority,
     PatientAccess,
+    /// The demographics feed: merges NHS Numbers.
+    IdentityAuthority,
     Operator,
 }
 
 impl Role {
-    pub const ALL: [Role; 5] =
-        [Role::Producer, Role::Consumer, Role::ConsentAuthority, Role::PatientAccess, Role::Operator];
+    pub const ALL: [Role; 6] = [
+        Role::Producer,
+        Role::Consumer,
+        Role::ConsentAuthority,
+        Role::PatientAccess,
+        Role::IdentityAuthority,
+        Role::Operator,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -28,6 +36,7 @@ impl Role {
             Role::Consumer => "consumer",
             Role::ConsentAuthority => "consent-authority",
             Role::PatientAccess => "patient-access",
+            Role::IdentityAuthority => "identity-authority",
             Role::Operator => "operator",
         }
     }
@@ -71,9 +80,14 @@ impl CommandV1 {
             CommandV1::SetProducerTypes { types, .. } | CommandV1::SetConsumerTypes { types: Some(types), .. } => {
                 128 + 24 * types.len()
             }
+            CommandV1::PutAuthority { system, .. } => 160 + system.len(),
+            CommandV1::PutLocalId { id, .. } | CommandV1::DeleteLocalId { id, .. } => {
+                160 + id.system.len() + id.value.len()
+            }
             CommandV1::SetConsumerTypes { types: None, .. }
             | CommandV1::DeletePointer { .. }
             | CommandV1::SetConsent { .. }
+            | CommandV1::MergePatients { .. }
             | CommandV1::SetPagingKey { .. } => 160,
             CommandV1::Batch(commands) => 16 + commands.iter().map(CommandV1::approx_bytes).sum::<usize>(),
         }
@@ -135,6 +149,36 @@ pub enum CommandV1 {
         opted_out: bool,
         at: Timestamp,
     },
+    /// Register a local identifier system with the organisation that
+    /// assigns it (`ods: None` removes it). Operator only.
+    PutAuthority {
+        caller: Caller,
+        system: String,
+        ods: Option<OdsCode>,
+    },
+    /// Record that a local identifier names a patient (IHE ITI-104). Only
+    /// a producer of the organisation that assigns the identifier's system.
+    PutLocalId {
+        caller: Caller,
+        id: Identifier,
+        subject: NhsNumber,
+        at: Timestamp,
+    },
+    DeleteLocalId {
+        caller: Caller,
+        id: Identifier,
+        at: Timestamp,
+    },
+    /// Retire `source` into `target`: every current pointer of `source`
+    /// becomes `target`'s (a new version, the subject rewritten), holders
+    /// add up, local identifiers move, an opt-out of either holds, and
+    /// `source` redirects to `target`. Identity authority only.
+    MergePatients {
+        caller: Caller,
+        source: NhsNumber,
+        target: NhsNumber,
+        at: Timestamp,
+    },
     /// Several commands proposed together as one entry (the leader groups
     /// the writes waiting to be proposed). Each is applied in order, as if
     /// it were its own entry, and has its own outcome; a batch inside a
@@ -164,6 +208,10 @@ impl Command {
                 CommandV1::SetConsumerTypes { .. } => "set_consumer_types",
                 CommandV1::SetPagingKey { .. } => "set_paging_key",
                 CommandV1::SetConsent { .. } => "set_consent",
+                CommandV1::PutAuthority { .. } => "put_authority",
+                CommandV1::PutLocalId { .. } => "put_local_id",
+                CommandV1::DeleteLocalId { .. } => "delete_local_id",
+                CommandV1::MergePatients { .. } => "merge_patients",
                 CommandV1::Batch(_) => "batch",
             },
         }
@@ -188,6 +236,19 @@ pub enum Outcome {
         id: PointerId,
     },
     Done,
+    /// A local identifier recorded: `created` when it named no patient before.
+    LocalIdPut {
+        created: bool,
+    },
+    /// A local identifier removed: the patient it named.
+    LocalIdDeleted {
+        subject: NhsNumber,
+    },
+    /// A merge: how many current pointers moved to the survivor (0 for a
+    /// repeat of a merge already made).
+    Merged {
+        moved: u64,
+    },
     Rejected(Rejection),
     /// A batch's outcomes, one for each of its commands, in order.
     Batch(Vec<Outcome>),
@@ -211,6 +272,12 @@ pub enum Rejection {
     VersionConflict { given: u64, current: u64 },
     #[error("{reason}")]
     Invalid { reason: String },
+    #[error("identifier system {system} has no registered assigning authority")]
+    UnknownSystem { system: String },
+    #[error("no patient has this local identifier")]
+    UnknownLocalId,
+    #[error("the patient has {pointers} current pointers, more than the {max} one merge may move")]
+    MergeTooLarge { pointers: u64, max: u64 },
     #[error("command version not understood by this node")]
     UnknownVersion,
 }

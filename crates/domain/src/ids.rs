@@ -31,6 +31,11 @@ pub enum IdError {
 pub struct NhsNumber([u8; 10]);
 
 impl NhsNumber {
+    /// The FHIR identifier system of NHS Numbers.
+    pub const SYSTEM: &'static str = "https://fhir.nhs.uk/Id/nhs-number";
+}
+
+impl NhsNumber {
     pub const LEN: usize = 10;
 
     /// Parses and checks a number. Spaces are not accepted: callers that

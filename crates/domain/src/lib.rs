@@ -10,6 +10,7 @@ pub mod apply;
 pub mod audit;
 pub mod codec;
 pub mod command;
+pub mod identity;
 pub mod ids;
 pub mod mem;
 pub mod model;
@@ -21,6 +22,6 @@ pub use access::{Purpose, ReadDenied, Reader, Visibility};
 pub use command::{Caller, Command, CommandV1, Outcome, Rejection, Role};
 pub use ids::{IdError, NhsNumber, OdsCode, PointerId, SnomedCode};
 pub use model::{
-    ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerBody, PointerStatus, PointerType, ProducerEntry,
-    ProducerPermission, RecordPointer, Registry, Timestamp,
+    AssigningAuthority, ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerBody, PointerStatus, PointerType,
+    ProducerEntry, ProducerPermission, RecordPointer, Registry, Timestamp,
 };

@@ -6,7 +6,9 @@ use std::convert::Infallible;
 
 use crate::apply::StateTxn;
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
-use crate::model::{ConsumerEntry, PagingKey, PatientEntry, PointerType, ProducerEntry, RecordPointer};
+use crate::model::{
+    AssigningAuthority, ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerType, ProducerEntry, RecordPointer,
+};
 use crate::query::{Scanned, StateRead};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -21,6 +23,12 @@ pub struct MemState {
     /// Past versions of pointers, by id and version.
     pub past: BTreeMap<(PointerId, u64), RecordPointer>,
     pub paging_key: Option<PagingKey>,
+    /// Local identifiers to the NHS Numbers they name.
+    #[serde(default)]
+    pub local_ids: BTreeMap<Identifier, NhsNumber>,
+    /// Identifier systems to the organisations that assign them.
+    #[serde(default)]
+    pub authorities: BTreeMap<String, OdsCode>,
 }
 
 impl MemState {
@@ -57,6 +65,27 @@ impl StateTxn for MemState {
     }
     fn index_remove(&mut self, subject: &NhsNumber, id: &PointerId) {
         self.index.remove(&(*subject, id.clone()));
+    }
+    fn index_ids(&mut self, subject: &NhsNumber, limit: usize) -> Result<Vec<PointerId>, Infallible> {
+        Ok(self.index.iter().filter(|(s, _)| s == subject).map(|(_, id)| id.clone()).take(limit).collect())
+    }
+    fn local_id(&mut self, id: &Identifier) -> Result<Option<NhsNumber>, Infallible> {
+        Ok(self.local_ids.get(id).copied())
+    }
+    fn put_local_id(&mut self, id: &Identifier, subject: &NhsNumber) {
+        self.local_ids.insert(id.clone(), *subject);
+    }
+    fn delete_local_id(&mut self, id: &Identifier) {
+        self.local_ids.remove(id);
+    }
+    fn authority(&mut self, system: &str) -> Result<Option<OdsCode>, Infallible> {
+        Ok(self.authorities.get(system).cloned())
+    }
+    fn put_authority(&mut self, entry: &AssigningAuthority) {
+        self.authorities.insert(entry.system.clone(), entry.ods.clone());
+    }
+    fn delete_authority(&mut self, system: &str) {
+        self.authorities.remove(system);
     }
     fn idempotency(&mut self, custodian: &OdsCode, key: &str) -> Result<Option<PointerId>, Infallible> {
         Ok(self.idempotency.get(&(custodian.clone(), key.to_owned())).cloned())
@@ -125,6 +154,12 @@ impl StateRead for MemState {
     }
     fn past_version(&self, id: &PointerId, version: u64) -> Result<Option<RecordPointer>, Infallible> {
         Ok(self.past.get(&(id.clone(), version)).cloned())
+    }
+    fn local_id(&self, id: &Identifier) -> Result<Option<NhsNumber>, Infallible> {
+        Ok(self.local_ids.get(id).copied())
+    }
+    fn authority(&self, system: &str) -> Result<Option<OdsCode>, Infallible> {
+        Ok(self.authorities.get(system).cloned())
     }
     fn past_versions(&self, id: &PointerId, limit: usize) -> Result<Vec<RecordPointer>, Infallible> {
         let range = (id.clone(), 0)..=(id.clone(), u64::MAX);
@@ -292,6 +327,40 @@ pub mod testkit {
 
     pub fn create(custodian: &str, pointer: RecordPointer) -> Command {
         Command::V1(CommandV1::CreatePointer { caller: caller(custodian, &[Role::Producer]), pointer })
+    }
+
+    /// The local identifier system `ods` assigns in tests.
+    pub fn local_system(ods_code: &str) -> String {
+        format!("https://{}.example.nhs.uk/Id/mrn", ods_code.to_lowercase())
+    }
+
+    /// Registers [`local_system`] of `ods` with it as assigning authority.
+    pub fn authority(ods_code: &str) -> Command {
+        Command::V1(CommandV1::PutAuthority {
+            caller: operator(),
+            system: local_system(ods_code),
+            ods: Some(ods(ods_code)),
+        })
+    }
+
+    /// `ods` feeds its local identifier `value` for `subject`.
+    pub fn local_id(ods_code: &str, value: &str, subject: NhsNumber) -> Command {
+        Command::V1(CommandV1::PutLocalId {
+            caller: caller(ods_code, &[Role::Producer]),
+            id: Identifier { system: local_system(ods_code), value: value.into() },
+            subject,
+            at: Timestamp(0),
+        })
+    }
+
+    /// The identity authority retires `source` into `target`.
+    pub fn merge(source: NhsNumber, target: NhsNumber, at: i64) -> Command {
+        Command::V1(CommandV1::MergePatients {
+            caller: caller("X27", &[Role::IdentityAuthority]),
+            source,
+            target,
+            at: Timestamp(at),
+        })
     }
 }
 

@@ -70,6 +70,18 @@ impl PointerBody {
         m.remove(name)
     }
 
+    /// The body with its `subject.identifier.value` (the NHS Number)
+    /// replaced, everything else as it was: how a merge moves a pointer.
+    pub fn with_subject_value(&self, nhs: &str) -> PointerBody {
+        let text = format!("{{{}}}", self.members);
+        let Ok(serde_json::Value::Object(mut m)) = serde_json::from_str(&text) else { return self.clone() };
+        if let Some(ident) = m.get_mut("subject").and_then(|s| s.get_mut("identifier")).and_then(|i| i.as_object_mut())
+        {
+            ident.insert("value".into(), serde_json::Value::String(nhs.to_owned()));
+        }
+        PointerBody { meta: self.meta.clone(), members: members_text(&m) }
+    }
+
     pub fn len(&self) -> usize {
         self.meta.len() + self.members.len()
     }
@@ -185,7 +197,9 @@ impl std::fmt::Debug for PagingKey {
     }
 }
 
-/// The patient index entry for one NHS Number.
+/// The patient index entry for one NHS Number: everything about the
+/// patient is here or keyed under the NHS Number, so the key space can be
+/// split by NHS Number.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PatientEntry {
     /// How many current pointers each custodian holds, by pointer type: the
@@ -199,6 +213,19 @@ pub struct PatientEntry {
     /// When the sharing preference last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consent_updated: Option<Timestamp>,
+    /// The patient's local identifiers (each also in the cross-reference
+    /// table, which finds the NHS Number from one).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub local_ids: BTreeSet<Identifier>,
+    /// Set when this NHS Number was retired by a merge: the surviving
+    /// number, which every read and write of this one is redirected to.
+    /// Always a number that is not itself retired (a later merge of the
+    /// survivor rewrites the redirects that name it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<NhsNumber>,
+    /// The retired numbers redirected to this one.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub merged_from: BTreeSet<NhsNumber>,
 }
 
 impl PatientEntry {
@@ -226,8 +253,40 @@ impl PatientEntry {
 
     /// An entry with nothing in it need not be stored.
     pub fn is_empty(&self) -> bool {
-        self.held.is_empty() && !self.opted_out && self.consent_updated.is_none()
+        self.held.is_empty()
+            && !self.opted_out
+            && self.consent_updated.is_none()
+            && self.local_ids.is_empty()
+            && self.merged_into.is_none()
+            && self.merged_from.is_empty()
     }
+}
+
+impl PatientEntry {
+    /// Local identifiers one patient may have.
+    pub const LOCAL_IDS_MAX: usize = 32;
+    /// Current pointers one merge may move: it is one replicated command,
+    /// applied in one atomic write on every node, so this bounds that
+    /// write (about 7 KB per pointer moved: the new version, the old one
+    /// kept as history, and the index entries).
+    pub const MERGE_POINTERS_MAX: u64 = 10_000;
+    /// Retired numbers one survivor may stand for.
+    pub const MERGED_FROM_MAX: usize = 64;
+}
+
+/// The organisation that issues a local identifier system (a hospital's
+/// patient administration system, an ambulance service's dispatch
+/// numbers): only it may feed cross-references of that system.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssigningAuthority {
+    pub system: String,
+    pub ods: OdsCode,
+}
+
+impl AssigningAuthority {
+    /// Bytes of an identifier system URI, and of a local identifier's value.
+    pub const SYSTEM_LEN_MAX: usize = 256;
+    pub const VALUE_LEN_MAX: usize = 64;
 }
 
 /// The replicated registry, whole: for an operator to read.
@@ -236,4 +295,6 @@ pub struct Registry {
     pub types: Vec<PointerType>,
     pub producers: BTreeMap<OdsCode, ProducerEntry>,
     pub consumers: BTreeMap<OdsCode, ConsumerEntry>,
+    /// Local identifier systems and the organisations that assign them.
+    pub authorities: Vec<AssigningAuthority>,
 }

@@ -11,7 +11,7 @@
 
 use crate::access::{Purpose, ReadScope, Reader, Visibility};
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
-use crate::model::{ConsumerEntry, PagingKey, PatientEntry, PointerType, RecordPointer};
+use crate::model::{ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerType, RecordPointer};
 
 /// Reads of the state, the read side of [`crate::apply::StateTxn`].
 pub trait StateRead {
@@ -25,6 +25,10 @@ pub trait StateRead {
 
     /// A version of a pointer that is no longer its current one.
     fn past_version(&self, id: &PointerId, version: u64) -> Result<Option<RecordPointer>, Self::Error>;
+    /// The NHS Number a local identifier names (before any merge redirect).
+    fn local_id(&self, id: &Identifier) -> Result<Option<NhsNumber>, Self::Error>;
+    /// The organisation that assigns an identifier system.
+    fn authority(&self, system: &str) -> Result<Option<OdsCode>, Self::Error>;
     /// The pointer's past versions, newest first, at most `limit`.
     fn past_versions(&self, id: &PointerId, limit: usize) -> Result<Vec<RecordPointer>, Self::Error>;
 
@@ -112,6 +116,9 @@ pub struct Search {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SearchPage {
+    /// Set when the NHS Number searched was retired by a merge: the
+    /// surviving number, whose pointers the page holds.
+    pub merged_into: Option<NhsNumber>,
     /// Every pointer the search matches and the reader may see, on every page.
     pub total: u64,
     pub pointers: Vec<RecordPointer>,
@@ -121,18 +128,101 @@ pub struct SearchPage {
 
 /// A page of a search, as `reader` may see it.
 pub fn search<R: StateRead>(r: &R, reader: &Reader, purpose: &Purpose, q: &Search) -> Result<SearchPage, R::Error> {
+    let (subject, patient) = survivor(r, &q.subject)?;
+    let merged_into = (subject != q.subject).then_some(subject);
     let Some(filter) = q.filter.resolve(r)? else {
-        return Ok(SearchPage { total: 0, pointers: Vec::new(), next_after: None });
+        return Ok(SearchPage { merged_into, total: 0, pointers: Vec::new(), next_after: None });
     };
-    let patient = r.patient(&q.subject)?;
     let scope = reader.scope(patient.as_ref(), purpose, restriction(r, reader)?.as_ref());
     let mut keep = |c: &str, t: &str| scope.allows(c, t) && filter.matches(c, t);
     let total = patient.as_ref().map_or(0, |p| p.count_where(|c, t| keep(c.as_str(), t.as_str())));
     if q.count == 0 || total == 0 {
-        return Ok(SearchPage { total, pointers: Vec::new(), next_after: None });
+        return Ok(SearchPage { merged_into, total, pointers: Vec::new(), next_after: None });
     }
-    let scanned = r.scan(&q.subject, q.after.as_ref(), q.count, q.scan_max, &mut keep)?;
-    Ok(SearchPage { total, pointers: scanned.pointers, next_after: scanned.resume_after })
+    let scanned = r.scan(&subject, q.after.as_ref(), q.count, q.scan_max, &mut keep)?;
+    Ok(SearchPage { merged_into, total, pointers: scanned.pointers, next_after: scanned.resume_after })
+}
+
+/// The number `subject` stands for now (itself, or the survivor of the
+/// merge that retired it), with that number's entry.
+pub fn survivor<R: StateRead>(r: &R, subject: &NhsNumber) -> Result<(NhsNumber, Option<PatientEntry>), R::Error> {
+    let entry = r.patient(subject)?;
+    match entry.as_ref().and_then(|e| e.merged_into) {
+        Some(target) => Ok((target, r.patient(&target)?)),
+        None => Ok((*subject, entry)),
+    }
+}
+
+/// What an identifier (an NHS Number or a registered local one) names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubjectOf {
+    /// The patient's current NHS Number, and the one asked for when a
+    /// merge retired it (`retired`).
+    Found { nhs: NhsNumber, retired: Option<NhsNumber> },
+    /// The identifier names no patient here.
+    NotFound,
+    /// The identifier's system is neither the NHS Number's nor registered.
+    UnknownSystem,
+}
+
+/// The patient `id` names: an NHS Number stands for itself (or its
+/// survivor) whether or not anything is held for it; a local identifier
+/// only when it has been fed.
+pub fn subject_of<R: StateRead>(r: &R, id: &Identifier) -> Result<SubjectOf, R::Error> {
+    let asked = if id.system == NhsNumber::SYSTEM {
+        match NhsNumber::parse(&id.value) {
+            Ok(n) => n,
+            Err(_) => return Ok(SubjectOf::NotFound),
+        }
+    } else {
+        if r.authority(&id.system)?.is_none() {
+            return Ok(SubjectOf::UnknownSystem);
+        }
+        match r.local_id(id)? {
+            Some(n) => n,
+            None => return Ok(SubjectOf::NotFound),
+        }
+    };
+    let (nhs, _) = survivor(r, &asked)?;
+    Ok(SubjectOf::Found { nhs, retired: (nhs != asked).then_some(asked) })
+}
+
+/// The answer to a PIXm query (ITI-83).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PixAnswer {
+    /// The patient's NHS Number and their other identifiers (the source
+    /// itself left out), only those of the target system when one was asked.
+    Found { nhs: NhsNumber, identifiers: Vec<Identifier> },
+    /// No patient has the source identifier.
+    NotFound,
+    /// The source identifier's system is not registered.
+    UnknownSourceSystem,
+    /// The target system is not registered.
+    UnknownTargetSystem,
+}
+
+/// PIXm's cross-reference query: the identifiers of the patient `source`
+/// names, only those of `targets` when any are given. An NHS Number with
+/// nothing recorded for it names no patient.
+pub fn pix<R: StateRead>(r: &R, source: &Identifier, targets: &[String]) -> Result<PixAnswer, R::Error> {
+    for t in targets {
+        if t != NhsNumber::SYSTEM && r.authority(t)?.is_none() {
+            return Ok(PixAnswer::UnknownTargetSystem);
+        }
+    }
+    let nhs = match subject_of(r, source)? {
+        SubjectOf::UnknownSystem => return Ok(PixAnswer::UnknownSourceSystem),
+        SubjectOf::NotFound => return Ok(PixAnswer::NotFound),
+        SubjectOf::Found { nhs, .. } => nhs,
+    };
+    let Some(entry) = r.patient(&nhs)? else { return Ok(PixAnswer::NotFound) };
+    let nhs_id = Identifier { system: NhsNumber::SYSTEM.to_owned(), value: nhs.as_str().to_owned() };
+    let identifiers = std::iter::once(nhs_id)
+        .chain(entry.local_ids.iter().cloned())
+        .filter(|i| i != source)
+        .filter(|i| targets.is_empty() || targets.contains(&i.system))
+        .collect();
+    Ok(PixAnswer::Found { nhs, identifiers })
 }
 
 /// A pointer read by id, and what `reader` may know of it.
@@ -188,6 +278,16 @@ pub fn history<R: StateRead>(
     Ok(Some(HistoryRead { versions, visibility }))
 }
 
+/// A patient's record holders as a reader may see them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HoldersRead {
+    /// The organisations, with how many pointers each, in ODS order.
+    pub holders: Vec<(OdsCode, u64)>,
+    /// Set when the number asked was retired by a merge: the survivor,
+    /// whose holders these are.
+    pub merged_into: Option<NhsNumber>,
+}
+
 /// The organisations holding pointers of a patient that `reader` may see,
 /// with how many each, in ODS order.
 pub fn record_holders<R: StateRead>(
@@ -195,10 +295,12 @@ pub fn record_holders<R: StateRead>(
     reader: &Reader,
     purpose: &Purpose,
     subject: &NhsNumber,
-) -> Result<Vec<(OdsCode, u64)>, R::Error> {
-    let Some(patient) = r.patient(subject)? else { return Ok(Vec::new()) };
+) -> Result<HoldersRead, R::Error> {
+    let (nhs, patient) = survivor(r, subject)?;
+    let merged_into = (nhs != *subject).then_some(nhs);
+    let Some(patient) = patient else { return Ok(HoldersRead { holders: Vec::new(), merged_into }) };
     let scope = reader.scope(Some(&patient), purpose, restriction(r, reader)?.as_ref());
-    Ok(visible_holders(&patient, &scope))
+    Ok(HoldersRead { holders: visible_holders(&patient, &scope), merged_into })
 }
 
 fn visible_holders(patient: &PatientEntry, scope: &ReadScope) -> Vec<(OdsCode, u64)> {
@@ -267,7 +369,93 @@ pub mod conformance {
             ods: ods("Y02"),
             types: Some(vec![snomed(testkit::MENTAL_HEALTH_CRISIS_PLAN)]),
         }));
+        cmds.extend(identity_commands());
         cmds
+    }
+
+    /// Patients 4 to 6: RV3 assigns local identifiers; 6 is merged into 5
+    /// and then 5 into 4 (a chain), 5 having opted out; a create for 6
+    /// after the merges is stored under 4.
+    fn identity_commands() -> Vec<Command> {
+        let mut cmds = vec![testkit::authority("RV3")];
+        for (patient, n) in [(4u32, 6u32), (5, 3), (6, 2)] {
+            for i in 0..n {
+                let custodian = if i % 2 == 0 { "A81001" } else { "RV3" };
+                let p = testkit::pointer(custodian, &format!("m{patient}-{i}"), nhs(patient), 10);
+                cmds.push(create(custodian, p));
+            }
+            cmds.push(testkit::local_id("RV3", &format!("MRN{patient}"), nhs(patient)));
+        }
+        cmds.push(Command::V1(CommandV1::SetConsent {
+            caller: caller("X09", &[Role::ConsentAuthority]),
+            subject: nhs(5),
+            opted_out: true,
+            at: crate::model::Timestamp(2),
+        }));
+        cmds.push(testkit::merge(nhs(6), nhs(5), 20));
+        cmds.push(testkit::merge(nhs(5), nhs(4), 30));
+        cmds.push(testkit::merge(nhs(5), nhs(4), 31));
+        cmds.push(create("A81001", testkit::pointer("A81001", "late6", nhs(6), 40)));
+        cmds
+    }
+
+    /// The identity part of the suite (see [`identity_commands`]).
+    fn check_identity<R: StateRead>(state: &R)
+    where
+        R::Error: std::fmt::Debug,
+    {
+        let consumer = Reader::new(&caller("Y01", &[Role::Consumer])).expect("reads");
+        let glass = Purpose::BreakGlass { reason: "unconscious".into() };
+        // Every pointer of the three numbers is the survivor's, found under each.
+        let mut all = None;
+        for asked in [nhs(4), nhs(5), nhs(6)] {
+            let page = search(state, &consumer, &glass, &query(asked, 100)).unwrap();
+            assert_eq!(page.total, 6 + 3 + 2 + 1, "every pointer of the chain and the late create");
+            assert_eq!(page.merged_into, (asked != nhs(4)).then_some(nhs(4)));
+            assert!(page.pointers.iter().all(|p| p.subject == nhs(4)));
+            assert!(page.pointers.iter().all(|p| p.body.members.contains(nhs(4).as_str())));
+            let ids: Vec<_> = page.pointers.iter().map(|p| p.id.clone()).collect();
+            assert_eq!(*all.get_or_insert(ids.clone()), ids);
+        }
+        // A moved pointer has a new version, its old one kept.
+        let moved = PointerId::parse("RV3-m5-1").unwrap();
+        let h = history(state, &consumer, &glass, &moved, None, 10).unwrap().unwrap();
+        assert_eq!(h.versions.iter().map(|p| (p.version, p.subject)).collect::<Vec<_>>(), [(2, nhs(4)), (1, nhs(5))]);
+        let twice = PointerId::parse("A81001-m6-0").unwrap();
+        let h = history(state, &consumer, &glass, &twice, None, 10).unwrap().unwrap();
+        assert_eq!(h.versions.iter().map(|p| p.subject).collect::<Vec<_>>(), [nhs(4), nhs(5), nhs(6)]);
+        // The opt-out of 5 holds for the survivor.
+        assert_eq!(search(state, &consumer, &Purpose::DirectCare, &query(nhs(4), 10)).unwrap().total, 0);
+        let holders = record_holders(state, &consumer, &glass, &nhs(6)).unwrap();
+        assert_eq!(holders.merged_into, Some(nhs(4)));
+        assert_eq!(holders.holders, [(ods("A81001"), 7), (ods("RV3"), 5)]);
+        // Local identifiers moved with their patients; PIXm answers for the survivor.
+        let local = |v: &str| Identifier { system: testkit::local_system("RV3"), value: v.into() };
+        for v in ["MRN4", "MRN5", "MRN6"] {
+            assert_eq!(subject_of(state, &local(v)).unwrap(), SubjectOf::Found { nhs: nhs(4), retired: None });
+        }
+        let nhs_id = |n: NhsNumber| Identifier { system: NhsNumber::SYSTEM.into(), value: n.as_str().into() };
+        assert_eq!(
+            subject_of(state, &nhs_id(nhs(6))).unwrap(),
+            SubjectOf::Found { nhs: nhs(4), retired: Some(nhs(6)) }
+        );
+        assert_eq!(subject_of(state, &local("MRN9")).unwrap(), SubjectOf::NotFound);
+        let unknown = Identifier { system: "https://nobody.example/id".into(), value: "1".into() };
+        assert_eq!(subject_of(state, &unknown).unwrap(), SubjectOf::UnknownSystem);
+        let PixAnswer::Found { nhs: n, identifiers } = pix(state, &local("MRN5"), &[]).unwrap() else {
+            panic!("found")
+        };
+        assert_eq!(n, nhs(4));
+        assert_eq!(identifiers, [nhs_id(nhs(4)), local("MRN4"), local("MRN6")]);
+        let only_nhs = pix(state, &nhs_id(nhs(5)), &[NhsNumber::SYSTEM.to_owned()]).unwrap();
+        assert_eq!(only_nhs, PixAnswer::Found { nhs: nhs(4), identifiers: vec![nhs_id(nhs(4))] });
+        assert_eq!(pix(state, &unknown, &[]).unwrap(), PixAnswer::UnknownSourceSystem);
+        assert_eq!(
+            pix(state, &local("MRN4"), std::slice::from_ref(&unknown.system)).unwrap(),
+            PixAnswer::UnknownTargetSystem
+        );
+        assert_eq!(pix(state, &local("MRN9"), &[]).unwrap(), PixAnswer::NotFound);
+        assert_eq!(pix(state, &nhs_id(nhs(3)), &[]).unwrap(), PixAnswer::NotFound, "nothing recorded");
     }
 
     fn query(subject: NhsNumber, count: usize) -> Search {
@@ -384,7 +572,7 @@ pub mod conformance {
             pointer(state, &consumer, &Purpose::DirectCare, &eol_id).unwrap().unwrap().visibility,
             Visibility::Visible
         );
-        let holders = record_holders(state, &restricted, &Purpose::DirectCare, &nhs(1)).unwrap();
+        let holders = record_holders(state, &restricted, &Purpose::DirectCare, &nhs(1)).unwrap().holders;
         assert_eq!(holders.iter().map(|(_, n)| n).sum::<u64>(), n_mhcp);
 
         // Versions: the current one first, then the past ones, newest first.
@@ -421,11 +609,14 @@ pub mod conformance {
         assert_eq!(page_all(state, &consumer, query(nhs(3), 10)).unwrap(), (0, vec![]), "no such patient");
 
         // Record holders and reads by id follow the same rule.
-        let holders = record_holders(state, &consumer, &Purpose::DirectCare, &nhs(1)).unwrap();
+        let holders = record_holders(state, &consumer, &Purpose::DirectCare, &nhs(1)).unwrap().holders;
         assert_eq!(holders.iter().map(|(_, n)| n).sum::<u64>(), total);
         assert_eq!(holders.iter().map(|(o, _)| o.as_str()).collect::<Vec<_>>(), ["A81001", "RV3"]);
-        assert!(record_holders(state, &consumer, &Purpose::DirectCare, &nhs(2)).unwrap().is_empty());
-        assert_eq!(record_holders(state, &producer, &Purpose::DirectCare, &nhs(2)).unwrap(), [(ods("A81001"), 3)]);
+        assert!(record_holders(state, &consumer, &Purpose::DirectCare, &nhs(2)).unwrap().holders.is_empty());
+        assert_eq!(
+            record_holders(state, &producer, &Purpose::DirectCare, &nhs(2)).unwrap().holders,
+            [(ods("A81001"), 3)]
+        );
         let hidden = PointerId::parse("RV3-o0").unwrap();
         let read = pointer(state, &consumer, &Purpose::DirectCare, &hidden).unwrap().expect("exists");
         assert_eq!(read.visibility, Visibility::Hidden, "opted out");
@@ -438,5 +629,6 @@ pub mod conformance {
         );
         let missing = PointerId::parse("RV3-nothing").unwrap();
         assert_eq!(pointer(state, &consumer, &Purpose::DirectCare, &missing).unwrap(), None);
+        check_identity(state);
     }
 }

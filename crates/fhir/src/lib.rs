@@ -4,10 +4,15 @@
 //!
 //! It knows nothing of HTTP or storage, so its parsers can be fuzzed alone.
 
+mod patient;
 mod render;
 mod schema;
 mod search;
 
+pub use patient::{
+    MergeIn, PIX_TARGETS_MAX, PixQuery, fed_patient, merge_parameters, merged_notice, nhs_identifier,
+    parse_identifier_token, parse_merge, parse_patient_feed, parse_pix_query, pix_parameters, warning_outcome,
+};
 pub use schema::check_document_reference;
 pub use search::{SearchLimits, SearchParams, parse_json_search, parse_query, parse_search};
 
@@ -466,10 +471,18 @@ pub fn document_reference(p: &RecordPointer) -> String {
 }
 
 /// A searchset Bundle of pointers, as JSON text (spliced from the stored
-/// pointers: the hot path of every search), with its `self` link and a
-/// `next` link when there is a next page.
-pub fn searchset(base: &str, total: u64, pointers: &[RecordPointer], self_url: &str, next: Option<&str>) -> String {
-    render::searchset(base, total, pointers, self_url, next)
+/// pointers: the hot path of every search), with its `self` link, a
+/// `next` link when there is a next page, and a warning entry (`search.mode`
+/// `outcome`) when `notice` is given.
+pub fn searchset(
+    base: &str,
+    total: u64,
+    pointers: &[RecordPointer],
+    self_url: &str,
+    next: Option<&str>,
+    notice: Option<&str>,
+) -> String {
+    render::searchset(base, total, pointers, self_url, next, notice)
 }
 
 /// A `history` Bundle of a pointer's versions, newest first.
@@ -477,8 +490,10 @@ pub fn history(base: &str, versions: &[RecordPointer], self_url: &str) -> String
     render::history(base, versions, self_url)
 }
 
-/// `$record-holders`: one `holder` per organisation with its pointer count.
-pub fn record_holders(holders: &[(OdsCode, u64)]) -> Value {
+/// `$record-holders`: one `holder` per organisation with its pointer count,
+/// and a `warning` OperationOutcome when `notice` is given (the number
+/// asked for was merged).
+pub fn record_holders(holders: &[(OdsCode, u64)], notice: Option<&str>) -> Value {
     let holders: Vec<Value> = holders
         .iter()
         .map(|(ods, n)| {
@@ -491,6 +506,10 @@ pub fn record_holders(holders: &[(OdsCode, u64)]) -> Value {
             })
         })
         .collect();
+    let mut holders = holders;
+    if let Some(n) = notice {
+        holders.push(json!({ "name": "warning", "resource": warning_outcome(n) }));
+    }
     json!({ "resourceType": "Parameters", "parameter": holders })
 }
 
@@ -595,6 +614,7 @@ mod tests {
             &pointers,
             "https://n.example/fhir/DocumentReference?_count=2",
             Some("https://n.example/fhir/DocumentReference?next=t"),
+            None,
         );
         assert!(text.starts_with(r#"{"resourceType":"Bundle","type":"searchset","total":7,"#), "{text}");
         let b: Value = serde_json::from_str(&text).unwrap();
@@ -605,11 +625,21 @@ mod tests {
         assert_eq!(e["search"]["mode"], "match");
         assert!(e["fullUrl"].as_str().unwrap().ends_with(e["resource"]["id"].as_str().unwrap()));
         assert_eq!(without_server_members(e["resource"].clone()), v);
-        let empty = searchset("https://n.example/fhir", 0, &[], "https://n.example/fhir/DocumentReference", None);
+        let empty = searchset("https://n.example/fhir", 0, &[], "https://n.example/fhir/DocumentReference", None, None);
         assert_eq!(
             empty,
             r#"{"resourceType":"Bundle","type":"searchset","total":0,"link":[{"relation":"self","url":"https://n.example/fhir/DocumentReference"}],"entry":[]}"#
         );
+        // A search of a retired number says so in an outcome entry, last.
+        let n = NhsNumber::parse("9434765870").unwrap();
+        let text = searchset("https://n.example/fhir", 2, &pointers, "s", None, Some(&merged_notice(&n)));
+        let b: Value = serde_json::from_str(&text).unwrap();
+        let last = b["entry"].as_array().unwrap().last().unwrap().clone();
+        assert_eq!(last["search"]["mode"], "outcome");
+        assert_eq!(last["resource"]["issue"][0]["severity"], "warning");
+        assert!(last["resource"]["issue"][0]["diagnostics"].as_str().unwrap().contains("9434765870"));
+        let alone: Value = serde_json::from_str(&searchset("b", 0, &[], "s", None, Some(&merged_notice(&n)))).unwrap();
+        assert_eq!(alone["entry"].as_array().unwrap().len(), 1);
     }
 
     #[test]

@@ -66,6 +66,7 @@ pub(crate) fn searchset(
     pointers: &[RecordPointer],
     self_url: &str,
     next: Option<&str>,
+    notice: Option<&str>,
 ) -> String {
     let bytes: usize = pointers.iter().map(|p| 320 + p.body.len()).sum();
     let mut out = String::with_capacity(160 + bytes);
@@ -82,6 +83,14 @@ pub(crate) fn searchset(
         out.push_str(r#","resource":"#);
         document_reference(&mut out, p);
         out.push_str(r#","search":{"mode":"match"}}"#);
+    }
+    if let Some(notice) = notice {
+        if !pointers.is_empty() {
+            out.push(',');
+        }
+        out.push_str(r#"{"resource":"#);
+        out.push_str(&crate::warning_outcome(notice).to_string());
+        out.push_str(r#","search":{"mode":"outcome"}}"#);
     }
     out.push_str("]}");
     out

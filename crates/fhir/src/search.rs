@@ -1,6 +1,6 @@
 //! Search parameters: parsed and checked; unknown ones are refused, never ignored.
 
-use hie_domain::{NhsNumber, OdsCode, SnomedCode};
+use hie_domain::{Identifier, NhsNumber, OdsCode, SnomedCode};
 
 use crate::{FhirError, NHS_NUMBER_SYSTEM, ODS_SYSTEM};
 
@@ -16,6 +16,9 @@ pub struct SearchLimits {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SearchParams {
     pub subject: Option<NhsNumber>,
+    /// A registered local identifier given as `subject:identifier` in
+    /// place of the NHS Number (the caller resolves it).
+    pub local_subject: Option<Identifier>,
     /// Each filter is "any of" its values (comma-separated in a request).
     pub types: Vec<SnomedCode>,
     pub categories: Vec<SnomedCode>,
@@ -29,12 +32,17 @@ pub struct SearchParams {
 impl SearchParams {
     /// Whether the parameters name a search (anything but paging and page size).
     pub fn names_a_search(&self) -> bool {
-        self.subject.is_some() || !self.types.is_empty() || !self.categories.is_empty() || !self.custodians.is_empty()
+        self.subject.is_some()
+            || self.local_subject.is_some()
+            || !self.types.is_empty()
+            || !self.categories.is_empty()
+            || !self.custodians.is_empty()
     }
 
     /// Whether two searches are the same search (page size and paging aside).
     pub fn same_search(&self, other: &SearchParams) -> bool {
         self.subject == other.subject
+            && self.local_subject == other.local_subject
             && self.types == other.types
             && self.categories == other.categories
             && self.custodians == other.custodians
@@ -80,15 +88,24 @@ pub fn parse_search(pairs: Vec<(String, String)>, limits: SearchLimits) -> Resul
     for (k, v) in pairs {
         match k.as_str() {
             "subject:identifier" | "subject.identifier" => {
-                let value = v
-                    .strip_prefix(NHS_NUMBER_SYSTEM)
-                    .and_then(|rest| rest.strip_prefix('|'))
-                    .ok_or_else(|| bad(format!("subject:identifier must be {NHS_NUMBER_SYSTEM}|<NHS Number>")))?;
-                let n = NhsNumber::parse(value).map_err(FhirError::InvalidNhsNumber)?;
-                if p.subject.is_some_and(|s| s != n) {
-                    return Err(bad("subject:identifier may be given once".into()));
+                if !v.contains('|') {
+                    return Err(bad(format!(
+                        "subject:identifier must be {NHS_NUMBER_SYSTEM}|<NHS Number> or <local system>|<value>"
+                    )));
                 }
-                p.subject = Some(n);
+                let id = crate::patient::parse_identifier_token("subject:identifier", &v)?;
+                if id.system == NHS_NUMBER_SYSTEM {
+                    let n = NhsNumber::parse(&id.value).map_err(FhirError::InvalidNhsNumber)?;
+                    if p.subject.is_some_and(|s| s != n) || p.local_subject.is_some() {
+                        return Err(bad("subject:identifier may be given once".into()));
+                    }
+                    p.subject = Some(n);
+                } else {
+                    if p.subject.is_some() || p.local_subject.as_ref().is_some_and(|l| *l != id) {
+                        return Err(bad("subject:identifier may be given once".into()));
+                    }
+                    p.local_subject = Some(id);
+                }
             }
             "type" => push_unique(&mut p.types, snomed_values("type", &v)?),
             "category" => push_unique(&mut p.categories, snomed_values("category", &v)?),
@@ -123,7 +140,7 @@ pub fn parse_search(pairs: Vec<(String, String)>, limits: SearchLimits) -> Resul
             other => return Err(bad(format!("unknown search parameter {}", printable(other)))),
         }
     }
-    if p.subject.is_none() && p.cursor.is_none() {
+    if p.subject.is_none() && p.local_subject.is_none() && p.cursor.is_none() {
         return Err(bad("subject:identifier is required".into()));
     }
     Ok(p)
@@ -148,7 +165,7 @@ pub fn parse_json_search(body: &[u8]) -> Result<Vec<(String, String)>, FhirError
 }
 
 /// A parameter name safe to echo in a message: at most 64 visible ASCII characters.
-fn printable(s: &str) -> String {
+pub(crate) fn printable(s: &str) -> String {
     s.chars().filter(|c| c.is_ascii_graphic()).take(64).collect()
 }
 
@@ -203,6 +220,15 @@ mod tests {
         assert!(matches!(
             parse("subject:identifier=https://fhir.nhs.uk/Id/nhs-number|9434765918"),
             Err(FhirError::InvalidNhsNumber(_))
+        ));
+        let local = parse("subject:identifier=https://pas.rr8.example.nhs.uk/mrn|RR8-1").unwrap();
+        assert_eq!((local.subject, local.local_subject.unwrap().value.as_str()), (None, "RR8-1"));
+        assert!(matches!(parse("subject:identifier=9434765919"), Err(FhirError::InvalidParameter(_))));
+        assert!(matches!(
+            parse(
+                "subject:identifier=https://pas.example/mrn|1&subject:identifier=https://fhir.nhs.uk/Id/nhs-number|9434765919"
+            ),
+            Err(FhirError::InvalidParameter(_))
         ));
         assert!(matches!(parse("next=abc&colour=red"), Err(FhirError::InvalidParameter(_))));
         assert!(matches!(parse("next=a%2Fb"), Err(FhirError::InvalidParameter(_))));

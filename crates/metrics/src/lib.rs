@@ -64,6 +64,8 @@ pub struct Metrics {
     pub audit_write_seconds: Histogram,
     pub audit_queries_total: IntCounterVec,
     pub break_glass_total: IntCounter,
+    /// Current pointers moved to a surviving NHS Number by merges this node answered.
+    pub merged_pointers_total: IntCounter,
 }
 
 /// Latency buckets from 0.5 ms to 10 s.
@@ -253,6 +255,10 @@ impl Metrics {
                 &["direction", "result"]
             )),
             break_glass_total: reg!(counter("hie_break_glass_total", "Emergency (break-glass) accesses.")),
+            merged_pointers_total: reg!(counter(
+                "hie_merged_pointers_total",
+                "Current pointers moved to a surviving NHS Number by merges this node answered."
+            )),
             registry,
         }
     }

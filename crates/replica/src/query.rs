@@ -2,8 +2,10 @@
 //! [`hie_domain::query`] over the store, with the access rules applied. The
 //! API never sees a storage type.
 
-use hie_domain::query::{self, HistoryRead, PointerRead, Search, SearchPage, StateRead};
-use hie_domain::{NhsNumber, OdsCode, PagingKey, PointerId, Purpose, Reader, RecordPointer};
+use hie_domain::query::{
+    self, HistoryRead, HoldersRead, PixAnswer, PointerRead, Search, SearchPage, StateRead, SubjectOf,
+};
+use hie_domain::{Identifier, NhsNumber, PagingKey, PointerId, Purpose, Reader, RecordPointer};
 
 use crate::error::ReadError;
 use crate::replica::Replica;
@@ -27,21 +29,22 @@ impl Replica {
         self.read(move |view| query::pointer(view, &reader, &purpose, &id)).await
     }
 
-    /// The organisations holding pointers of `subject` that `reader` may
-    /// see, with how many each.
+    /// The organisations holding pointers of `subject` (or of its
+    /// survivor) that `reader` may see, with how many each.
     pub async fn record_holders(
         &self,
         reader: &Reader,
         purpose: &Purpose,
         subject: &NhsNumber,
-    ) -> Result<Vec<(OdsCode, u64)>, ReadError> {
+    ) -> Result<HoldersRead, ReadError> {
         let (reader, purpose, subject) = (reader.clone(), purpose.clone(), *subject);
         self.read(move |view| query::record_holders(view, &reader, &purpose, &subject)).await
     }
 
     /// A pointer as stored, whoever may see it: for the write path only
-    /// (the patient a delete's audit record names; a pointer's subject
-    /// never changes, so this replica's copy names it).
+    /// (the patient a delete's audit record names; a merge may since have
+    /// moved the pointer to its survivor, which the audit of a write to a
+    /// retired number also names).
     pub async fn stored_pointer(&self, id: &PointerId) -> Result<Option<RecordPointer>, ReadError> {
         let id = id.clone();
         self.read(move |view| view.pointer(&id)).await
@@ -66,6 +69,21 @@ impl Replica {
     /// The cluster's paging-token key, if one has been set.
     pub async fn paging_key(&self) -> Result<Option<PagingKey>, ReadError> {
         self.read(|view| view.paging_key()).await
+    }
+}
+
+impl Replica {
+    /// The patient an identifier (an NHS Number or a registered local
+    /// identifier) names, as this replica knows it.
+    pub async fn subject_of(&self, id: &Identifier) -> Result<SubjectOf, ReadError> {
+        let id = id.clone();
+        self.read(move |view| query::subject_of(view, &id)).await
+    }
+
+    /// PIXm's cross-reference query (ITI-83).
+    pub async fn pix(&self, source: &Identifier, targets: &[String]) -> Result<PixAnswer, ReadError> {
+        let (source, targets) = (source.clone(), targets.to_vec());
+        self.read(move |view| query::pix(view, &source, &targets)).await
     }
 }
 

@@ -1,7 +1,7 @@
 //! Key layouts. Patient data is keyed by NHS Number first, so the key space
 //! can later be split into ranges served by separate Raft groups.
 
-use hie_domain::{NhsNumber, OdsCode, PointerId, SnomedCode};
+use hie_domain::{Identifier, NhsNumber, OdsCode, PointerId, SnomedCode};
 
 pub fn log_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
@@ -63,6 +63,17 @@ pub fn consumer(ods: &OdsCode) -> Vec<u8> {
     [b"c/".as_slice(), ods.as_str().as_bytes()].concat()
 }
 
+/// `a/<system>`: the organisation that assigns a local identifier system.
+pub fn authority(system: &str) -> Vec<u8> {
+    [AUTHORITY_PREFIX, system.as_bytes()].concat()
+}
+
+/// `<system>\0<value>`: a local identifier in the cross-reference table.
+pub fn local_id(id: &Identifier) -> Vec<u8> {
+    [id.system.as_bytes(), b"\0", id.value.as_bytes()].concat()
+}
+
+pub const AUTHORITY_PREFIX: &[u8] = b"a/";
 pub const TYPE_PREFIX: &[u8] = b"t/";
 pub const PRODUCER_PREFIX: &[u8] = b"p/";
 pub const CONSUMER_PREFIX: &[u8] = b"c/";

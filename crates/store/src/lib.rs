@@ -93,10 +93,13 @@ pub(crate) mod cf {
     pub const REGISTRY: &str = "registry";
     /// Past versions of pointers: `<pointer id>\0<version, 8 bytes big-endian>`.
     pub const HISTORY: &str = "pointer_history";
+    /// The cross-reference of local identifiers: `<system>\0<value>` to the NHS Number.
+    pub const LOCAL_IDS: &str = "local_ids";
 
     /// State-machine data: what a snapshot carries and a digest covers.
-    pub const STATE: [&str; 6] = [POINTERS, PATIENTS, INDEX, IDEMPOTENCY, REGISTRY, HISTORY];
-    pub const ALL: [&str; 9] = [LOG, RAFT_META, SM_META, POINTERS, PATIENTS, INDEX, IDEMPOTENCY, REGISTRY, HISTORY];
+    pub const STATE: [&str; 7] = [POINTERS, PATIENTS, INDEX, IDEMPOTENCY, REGISTRY, HISTORY, LOCAL_IDS];
+    pub const ALL: [&str; 10] =
+        [LOG, RAFT_META, SM_META, POINTERS, PATIENTS, INDEX, IDEMPOTENCY, REGISTRY, HISTORY, LOCAL_IDS];
 }
 
 /// An opened store: the log, the state machine and a read view, sharing one database.

@@ -10,8 +10,8 @@ use hie_domain::codec;
 use hie_domain::query::{Scanned, StateRead};
 use hie_domain::raft::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use hie_domain::{
-    ConsumerEntry, NhsNumber, OdsCode, Outcome, PagingKey, PatientEntry, PointerId, PointerType, ProducerEntry,
-    RecordPointer, Registry, SnomedCode,
+    AssigningAuthority, ConsumerEntry, Identifier, NhsNumber, OdsCode, Outcome, PagingKey, PatientEntry, PointerId,
+    PointerType, ProducerEntry, RecordPointer, Registry, SnomedCode,
 };
 use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, RaftLogId, RaftSnapshotBuilder, StorageIOError};
@@ -82,6 +82,7 @@ struct RocksTxn<'a> {
     /// Reads answer only from memory (memtables, block cache); one that
     /// would need the disk fails with [`StoreError::WouldBlock`].
     reads: rocksdb::ReadOptions,
+    memory_only: bool,
 }
 
 impl<'a> RocksTxn<'a> {
@@ -90,7 +91,7 @@ impl<'a> RocksTxn<'a> {
         if memory_only {
             reads.set_read_tier(rocksdb::ReadTier::BlockCache);
         }
-        RocksTxn { db, batch: WriteBatch::default(), overlay: HashMap::new(), reads }
+        RocksTxn { db, batch: WriteBatch::default(), overlay: HashMap::new(), reads, memory_only }
     }
 
     fn get<T: DeserializeOwned>(&mut self, cf_name: &'static str, key: Vec<u8>) -> Result<Option<T>, StoreError> {
@@ -146,6 +147,53 @@ impl StateTxn for RocksTxn<'_> {
     }
     fn index_remove(&mut self, subject: &NhsNumber, id: &PointerId) {
         self.delete(cf::INDEX, keys::index(subject, id))
+    }
+    fn index_ids(&mut self, subject: &NhsNumber, limit: usize) -> Result<Vec<PointerId>, StoreError> {
+        // What the database holds, with this transaction's own changes on top.
+        let prefix = keys::patient(subject);
+        let mut ids = std::collections::BTreeSet::new();
+        let mut reads = rocksdb::ReadOptions::default();
+        if self.memory_only {
+            reads.set_read_tier(rocksdb::ReadTier::BlockCache);
+        }
+        let mut it = self.db.raw_iterator_cf_opt(handle(self.db, cf::INDEX), reads);
+        it.seek(&prefix);
+        while let Some(k) = it.key() {
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            ids.insert(k[prefix.len()..].to_vec());
+            it.next();
+        }
+        it.status().map_err(StoreError::from_read)?;
+        for ((name, key), value) in &self.overlay {
+            if *name == cf::INDEX && key.starts_with(&prefix) {
+                let id = key[prefix.len()..].to_vec();
+                match value {
+                    Some(_) => ids.insert(id),
+                    None => ids.remove(&id),
+                };
+            }
+        }
+        ids.iter().take(limit).map(|id| pointer_id(id)).collect()
+    }
+    fn local_id(&mut self, id: &Identifier) -> Result<Option<NhsNumber>, StoreError> {
+        self.get(cf::LOCAL_IDS, keys::local_id(id))
+    }
+    fn put_local_id(&mut self, id: &Identifier, subject: &NhsNumber) {
+        self.put(cf::LOCAL_IDS, keys::local_id(id), subject)
+    }
+    fn delete_local_id(&mut self, id: &Identifier) {
+        self.delete(cf::LOCAL_IDS, keys::local_id(id))
+    }
+    fn authority(&mut self, system: &str) -> Result<Option<OdsCode>, StoreError> {
+        Ok(self.get::<AssigningAuthority>(cf::REGISTRY, keys::authority(system))?.map(|a| a.ods))
+    }
+    fn put_authority(&mut self, entry: &AssigningAuthority) {
+        self.put(cf::REGISTRY, keys::authority(&entry.system), entry)
+    }
+    fn delete_authority(&mut self, system: &str) {
+        self.delete(cf::REGISTRY, keys::authority(system))
     }
     fn idempotency(&mut self, custodian: &OdsCode, key: &str) -> Result<Option<PointerId>, StoreError> {
         self.get(cf::IDEMPOTENCY, keys::idempotency(custodian, key))
@@ -538,7 +586,11 @@ impl ReadView {
             it.status().map_err(StoreError::from_read)?;
             Ok(out)
         };
-        let mut registry = Registry { types: self.pointer_types()?, ..Registry::default() };
+        let mut registry = Registry {
+            types: self.pointer_types()?,
+            authorities: self.scan_prefix(cf::REGISTRY, keys::AUTHORITY_PREFIX)?,
+            ..Registry::default()
+        };
         for (ods, v) in entries(keys::PRODUCER_PREFIX)? {
             let entry = codec::decode(&v).map_err(|e| corrupt(cf::REGISTRY, ods.as_str(), e))?;
             registry.producers.insert(ods, entry);
@@ -613,6 +665,14 @@ impl StateRead for ReadView {
 
     fn paging_key(&self) -> Result<Option<PagingKey>, StoreError> {
         self.get(cf::REGISTRY, keys::PAGING_KEY)
+    }
+
+    fn local_id(&self, id: &Identifier) -> Result<Option<NhsNumber>, StoreError> {
+        self.get(cf::LOCAL_IDS, &keys::local_id(id))
+    }
+
+    fn authority(&self, system: &str) -> Result<Option<OdsCode>, StoreError> {
+        Ok(self.get::<AssigningAuthority>(cf::REGISTRY, &keys::authority(system))?.map(|a| a.ods))
     }
 
     fn past_version(&self, id: &PointerId, version: u64) -> Result<Option<RecordPointer>, StoreError> {
