@@ -201,13 +201,16 @@ mod tests {
 
     #[test]
     fn off_a_runtime_a_delay_has_a_thread_of_its_own() {
+        // Each clock starts before the delay takes its deadline: the
+        // deadline counts from `new` or `reset`, and starting a thread can
+        // take milliseconds on a loaded machine.
+        let started = Instant::now();
         let mut d = Delay::new(Duration::from_millis(40));
         assert!(matches!(d.inner, Inner::Thread(_)));
-        let started = Instant::now();
         futures::executor::block_on(&mut d);
         assert!(started.elapsed() >= Duration::from_millis(40));
-        d.reset(Duration::from_millis(10));
         let started = Instant::now();
+        d.reset(Duration::from_millis(10));
         futures::executor::block_on(&mut d);
         assert!(started.elapsed() >= Duration::from_millis(10));
         // A long delay dropped early stops its thread (it must not keep the
