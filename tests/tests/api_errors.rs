@@ -222,6 +222,126 @@ async fn bad_input_gets_a_clear_operation_outcome_and_changes_nothing() -> anyho
             "AUTHOR_CREDENTIALS_ERROR",
         ),
     ];
+    // Patient identity: the merge and the local-identifier feed.
+    let merge = |source: &str, source_system: &str, target: &str| {
+        json!({
+            "resourceType": "Parameters",
+            "parameter": [
+                { "name": "source-patient-identifier", "valueIdentifier": { "system": source_system, "value": source } },
+                { "name": "target-patient-identifier", "valueIdentifier": { "system": NHS_SYSTEM, "value": target } },
+            ],
+        })
+    };
+    let feed = |nhs_number: &str, system: &str, value: &str| {
+        json!({
+            "resourceType": "Patient",
+            "identifier": [{ "system": NHS_SYSTEM, "value": nhs_number }, { "system": system, "value": value }],
+        })
+    };
+    const RV3_MRN: &str = "https://rv3.example.nhs.uk/Id/mrn";
+    cases.extend([
+        case(
+            "merge Parameters without a target",
+            "demographics-feed",
+            "POST",
+            "/Patient/$merge".into(),
+            json!({ "resourceType": "Parameters", "parameter": [
+                { "name": "source-patient-identifier", "valueIdentifier": { "system": NHS_SYSTEM, "value": nhs(1) } },
+            ] }),
+            400,
+            "INVALID_RESOURCE",
+        ),
+        case(
+            "merge body that is not Parameters",
+            "demographics-feed",
+            "POST",
+            "/Patient/$merge".into(),
+            good.clone(),
+            400,
+            "INVALID_RESOURCE",
+        ),
+        case(
+            "merge of an identifier that is not an NHS Number",
+            "demographics-feed",
+            "POST",
+            "/Patient/$merge".into(),
+            merge("RV3-000001", RV3_MRN, &nhs(2)),
+            400,
+            "INVALID_RESOURCE",
+        ),
+        case(
+            "merge of an invalid NHS Number",
+            "demographics-feed",
+            "POST",
+            "/Patient/$merge".into(),
+            merge("9434765918", NHS_SYSTEM, &nhs(2)),
+            400,
+            "INVALID_NHS_NUMBER",
+        ),
+        case(
+            "merge of a number into itself",
+            "demographics-feed",
+            "POST",
+            "/Patient/$merge".into(),
+            merge(&nhs(1), NHS_SYSTEM, &nhs(1)),
+            400,
+            "INVALID_RESOURCE",
+        ),
+        case(
+            "consumer merging",
+            "ambulance-service",
+            "POST",
+            "/Patient/$merge".into(),
+            merge(&nhs(1), NHS_SYSTEM, &nhs(2)),
+            403,
+            "AUTHOR_CREDENTIALS_ERROR",
+        ),
+        case(
+            "feed under an unregistered assigning authority",
+            "mental-health-trust",
+            "PUT",
+            "/Patient?identifier=https://nobody.example.org/id|1".into(),
+            feed(&nhs(1), "https://nobody.example.org/id", "1"),
+            400,
+            "INVALID_IDENTIFIER_SYSTEM",
+        ),
+        case(
+            "producer feeding another organisation's system",
+            "gp-practice-a",
+            "PUT",
+            format!("/Patient?identifier={RV3_MRN}|RV3-777777"),
+            feed(&nhs(1), RV3_MRN, "RV3-777777"),
+            403,
+            "AUTHOR_CREDENTIALS_ERROR",
+        ),
+        case(
+            "feed with an invalid NHS Number",
+            "mental-health-trust",
+            "PUT",
+            format!("/Patient?identifier={RV3_MRN}|RV3-777777"),
+            feed("9434765918", RV3_MRN, "RV3-777777"),
+            400,
+            "INVALID_NHS_NUMBER",
+        ),
+        case(
+            "search by an unregistered identifier system",
+            "ambulance-service",
+            "GET",
+            "/DocumentReference?subject:identifier=https://nobody.example.org/id|1".into(),
+            Value::Null,
+            400,
+            "INVALID_IDENTIFIER_SYSTEM",
+        ),
+        case(
+            "PIX query by an unregistered identifier system",
+            "ambulance-service",
+            "GET",
+            "/Patient/$ihe-pix?sourceIdentifier=https://nobody.example.org/id|1".into(),
+            Value::Null,
+            400,
+            "INVALID_IDENTIFIER_SYSTEM",
+        ),
+    ]);
     let mut malformed = case(
         "malformed JSON",
         "gp-practice-a",
@@ -299,6 +419,7 @@ async fn bad_input_gets_a_clear_operation_outcome_and_changes_nothing() -> anyho
         };
         let mut req = match k.method {
             "POST" => http.post(&url).header("content-type", k.content_type).body(k.body.clone()),
+            "PUT" => http.put(&url).header("content-type", k.content_type).body(k.body.clone()),
             _ => http.get(&url),
         };
         for (h, v) in &k.headers {
@@ -337,7 +458,7 @@ async fn bad_input_gets_a_clear_operation_outcome_and_changes_nothing() -> anyho
 
     // Neither the valid nor the invalid NHS Numbers sent appear in any log.
     let logs = c.all_logs();
-    for n in [nhs(1), "9434765918".to_owned(), "1234567890".to_owned(), "0000000000".to_owned()] {
+    for n in [nhs(1), nhs(2), "9434765918".to_owned(), "1234567890".to_owned(), "0000000000".to_owned()] {
         assert!(!logs.contains(&n), "an NHS Number appears in a log");
     }
 

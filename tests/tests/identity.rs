@@ -210,30 +210,10 @@ async fn a_merge_under_creates_from_two_nodes_loses_no_pointer() -> anyhow::Resu
     let (_, digest) = c.wait_converged(&ids, Duration::from_secs(30)).await?;
     eprintln!("{} creates acknowledged; converged at digest {digest}", acked.len());
     let consumer = c.http("ambulance-service");
-    let page = [("_count", "100")];
     for id in &ids {
         let api = c.api_url(*id);
-        let all = |patient: String| {
-            let (consumer, api) = (consumer.clone(), api.clone());
-            async move {
-                let mut q = vec![("subject:identifier".to_owned(), format!("{NHS_SYSTEM}|{patient}"))];
-                q.extend(page.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-                let mut found = BTreeSet::new();
-                let mut r = reply(consumer.get(format!("{api}/DocumentReference")).query(&q)).await?;
-                let first = r.body.clone();
-                loop {
-                    found.extend(ids_of(&r));
-                    let next = r.body["link"].as_array().into_iter().flatten().find(|l| l["relation"] == "next");
-                    match next.and_then(|l| l["url"].as_str()) {
-                        Some(url) => r = reply(consumer.get(url)).await?,
-                        None => break,
-                    }
-                }
-                anyhow::Ok((first, found))
-            }
-        };
-        let (survivor_page, under_survivor) = all(survivor.clone()).await?;
-        let (retired_page, under_retired) = all(retired.clone()).await?;
+        let (survivor_page, under_survivor) = all_under(&consumer, &api, &survivor).await?;
+        let (retired_page, under_retired) = all_under(&consumer, &api, &retired).await?;
         // (A create whose answer was lost may be there too: at least every acknowledged one.)
         assert!(acked.is_subset(&under_survivor), "node {id}: every acknowledged pointer under the survivor");
         assert_eq!(under_retired, under_survivor, "node {id}: the retired number answers for the survivor");
@@ -255,5 +235,117 @@ async fn a_merge_under_creates_from_two_nodes_loses_no_pointer() -> anyhow::Resu
             assert_eq!(total, under_survivor.len() as u64, "node {id}");
         }
     }
+    Ok(())
+}
+
+/// Every pointer found under `patient` on one node, page by page, and the
+/// first page (which carries the searchset's outcome entry, if any).
+async fn all_under(consumer: &reqwest::Client, api: &str, patient: &str) -> anyhow::Result<(Value, BTreeSet<String>)> {
+    let q = [("subject:identifier", format!("{NHS_SYSTEM}|{patient}")), ("_count", "100".to_owned())];
+    let mut r = reply(consumer.get(format!("{api}/DocumentReference")).query(&q)).await?;
+    anyhow::ensure!(r.status == 200, "search answered {}: {}", r.status, r.body);
+    let first = r.body.clone();
+    let mut found = BTreeSet::new();
+    loop {
+        found.extend(ids_of(&r));
+        let next = r.body["link"].as_array().into_iter().flatten().find(|l| l["relation"] == "next");
+        match next.and_then(|l| l["url"].as_str()) {
+            Some(url) => r = reply(consumer.get(url)).await?,
+            None => break,
+        }
+    }
+    Ok((first, found))
+}
+
+fn says_merged(page: &Value) -> bool {
+    page["entry"].as_array().into_iter().flatten().any(|e| e["search"]["mode"] == "outcome")
+}
+
+/// 2. The leader is killed while a merge is in flight: on every node the
+/// merge happened entirely or not at all (never some pointers moved and
+/// others not), the nodes' digests agree, and a repeat completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_while_the_leader_is_killed_happens_entirely_or_not_at_all() -> anyhow::Result<()> {
+    let c = Cluster::up(&["--patients", "0"])?;
+    let ids = c.node_ids();
+    let authority = c.http("demographics-feed");
+    let (gp, consumer) = (c.http("gp-practice-a"), c.http("ambulance-service"));
+    const POINTERS: u32 = 150;
+    // The kill follows the merge request by these delays, so that rounds
+    // meet the merge before it is proposed, while it replicates and after
+    // it commits.
+    let delays_ms = [0u64, 2, 5, 15];
+    let mut outcomes = vec![];
+    for (round, delay) in delays_ms.into_iter().enumerate() {
+        let leader = c.wait_leader(Duration::from_secs(15)).await?;
+        let via = *ids.iter().find(|i| **i != leader).unwrap();
+        let (retired, survivor) = (nhs(7200 + 2 * round as u32), nhs(7201 + 2 * round as u32));
+        let mut moved = BTreeSet::new();
+        for i in 0..POINTERS {
+            let r = create_pointer(&gp, &c.api_url(via), &pointer_body(&retired, "A81001", &format!("k{round}-{i}")))
+                .await?;
+            anyhow::ensure!(r.status == 201, "create: {} {}", r.status, r.body);
+            moved.insert(r.body["id"].as_str().unwrap().to_owned());
+        }
+        let r =
+            create_pointer(&gp, &c.api_url(via), &pointer_body(&survivor, "A81001", &format!("k{round}-s"))).await?;
+        anyhow::ensure!(r.status == 201, "create: {}", r.body);
+        let own = r.body["id"].as_str().unwrap().to_owned();
+
+        let request = {
+            let (authority, api) = (authority.clone(), c.api_url(via));
+            let body = merge_body(&retired, &survivor);
+            tokio::spawn(async move { merge(&authority, &api, &body).await })
+        };
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        c.kill9(leader);
+        let answered = request.await?.map(|r| r.status).ok();
+        c.restart(leader)?;
+        c.wait_leader(Duration::from_secs(15)).await?;
+        let (_, digest) = c.wait_converged(&ids, Duration::from_secs(30)).await?;
+
+        // All or nothing, the same on every node.
+        let mut merged_on = vec![];
+        for id in &ids {
+            let api = c.api_url(*id);
+            let (survivor_page, under_survivor) = all_under(&consumer, &api, &survivor).await?;
+            let (retired_page, under_retired) = all_under(&consumer, &api, &retired).await?;
+            assert!(!says_merged(&survivor_page), "round {round} node {id}: the survivor is not retired");
+            let merged = says_merged(&retired_page);
+            if merged {
+                let mut all = moved.clone();
+                all.insert(own.clone());
+                assert_eq!(under_survivor, all, "round {round} node {id}: every pointer moved to the survivor");
+                assert_eq!(under_retired, all, "round {round} node {id}: the retired number answers for the survivor");
+            } else {
+                assert_eq!(under_retired, moved, "round {round} node {id}: no pointer left the retired number");
+                assert_eq!(under_survivor, BTreeSet::from([own.clone()]), "round {round} node {id}: none arrived");
+            }
+            merged_on.push(merged);
+        }
+        assert!(merged_on.iter().all(|m| *m == merged_on[0]), "round {round}: nodes disagree: {merged_on:?}");
+        if answered == Some(200) {
+            assert!(merged_on[0], "round {round}: an acknowledged merge happened");
+        }
+        eprintln!(
+            "round {round}: leader {leader} killed {delay} ms after the merge was sent via node {via}; \
+             answer {answered:?}; merged: {}; digest {digest}",
+            merged_on[0]
+        );
+        outcomes.push(merged_on[0]);
+
+        // A repeat completes it (or moves nothing if it was done).
+        let again = merge(&authority, &c.api_url(via), &merge_body(&retired, &survivor)).await?;
+        assert_eq!(again.status, 200, "round {round}: {}", again.body);
+        // The answer means committed on a majority, not yet applied on the
+        // node that relayed it: read once every node has applied it.
+        c.wait_converged(&ids, Duration::from_secs(30)).await?;
+        let (_, under_survivor) = all_under(&consumer, &c.api_url(via), &survivor).await?;
+        assert!(
+            moved.is_subset(&under_survivor),
+            "round {round}: after the repeat every pointer is under the survivor"
+        );
+    }
+    eprintln!("merged before the repeat, by round: {outcomes:?}");
     Ok(())
 }
