@@ -1,8 +1,9 @@
 //! `hie-faults`: Jepsen-style tests of real node processes. Each node runs in
 //! its own network namespace (tests/faults/run.sh makes them); concurrent
 //! clients create, delete and read pointers through the API while faults are
-//! injected on a seeded schedule; every operation's invoke and completion
-//! times are recorded and the history is checked: linearizable per patient,
+//! injected on a seeded schedule, and an identity authority merges patients
+//! in pairs; every operation's invoke and completion times are recorded and
+//! the history is checked: linearizable per pair of patients,
 //! no acknowledged write lost, nothing seen that later disappears, and every
 //! replica converged to one state digest after healing.
 
@@ -22,7 +23,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use lin::{Kind, Op, Verdict};
+use lin::{Kind, Op, Side, Verdict};
 
 const USAGE: &str = "usage: hie-faults --netns PREFIX --seconds N [--seed S] [--nodes 3|5] [--clients C] [--patients P] [--unsafe-local-reads] [--only KIND]";
 /// The subnet run.sh gives the namespaces; node N is .N.
@@ -42,6 +43,22 @@ const LOGS_DIR: &str = "/tmp/hie-faults-logs";
 const PRODUCER: &str = "gp-practice-a";
 const PRODUCER_ODS: &str = "A81001";
 const CONSUMER: &str = "ambulance-service";
+/// The dev cluster's identity authority, which may merge NHS Numbers.
+const IDENTITY_AUTHORITY: &str = "demographics-feed";
+/// The first patient's index in `nhs()`.
+const FIRST_PATIENT: u32 = 900_000;
+/// Percent of a client's operations that merge its patient's pair, once the
+/// pair's merge time has come: before any merge of it is acknowledged, and
+/// after (a repeat, which must change nothing).
+const MERGE_PERCENT: u32 = 3;
+const MERGE_AGAIN_PERCENT: u32 = 1;
+
+/// Patients come in pairs, the first of each the survivor and the second
+/// the number merged into it: the pair's key (the survivor) and the side.
+fn pair_of(patient: u32) -> (u32, Side) {
+    let i = patient - FIRST_PATIENT;
+    (FIRST_PATIENT + (i & !1), if i.is_multiple_of(2) { Side::Survivor } else { Side::Retired })
+}
 
 struct Args {
     netns: String,
@@ -387,10 +404,10 @@ fn draw(rng: &mut StdRng, nodes: u64) -> Fault {
     }
 }
 
-/// One recorded client operation on a patient.
+/// One recorded client operation on a pair of patients (`pair_of`).
 #[derive(Debug, Clone)]
 struct Record {
-    patient: u32,
+    pair: u32,
     op: Op,
 }
 
@@ -412,13 +429,21 @@ struct History {
     /// Local (non-linearizable) reads that returned a pointer never written.
     invented: Vec<String>,
     acknowledged: u64,
+    /// Pairs whose merge was acknowledged, and how many merges were.
+    merged: BTreeSet<u32>,
+    merges_acknowledged: u64,
 }
 
 struct Clients {
     cluster: Arc<Cluster>,
     producer: reqwest::Client,
     consumer: reqwest::Client,
+    authority: reqwest::Client,
     started: Instant,
+    /// When (since `started`) each pair, by key, begins to be merged:
+    /// spread over the run so that pairs are merged under different faults
+    /// and each has a history before and after its merge.
+    merge_from: BTreeMap<u32, Duration>,
     history: Mutex<History>,
     counter: AtomicU64,
     /// Every operation a client started (reads that failed included).
@@ -490,6 +515,33 @@ impl Clients {
         }
     }
 
+    /// Merges the pair's second number into its first.
+    async fn merge(&self, node: u64, pair: u32) -> Outcome<()> {
+        let identifier = |p: u32| serde_json::json!({ "system": NHS_SYSTEM, "value": nhs(p) });
+        let body = serde_json::json!({
+            "resourceType": "Parameters",
+            "parameter": [
+                { "name": "source-patient-identifier", "valueIdentifier": identifier(pair + 1) },
+                { "name": "target-patient-identifier", "valueIdentifier": identifier(pair) },
+            ],
+        });
+        let req = self
+            .authority
+            .post(format!("{}/Patient/$merge", self.cluster.api_url(node)))
+            .header("content-type", "application/fhir+json")
+            .json(&body);
+        match tokio::time::timeout(REQUEST_TIMEOUT, reply(req)).await {
+            Ok(Ok(r)) if r.status == 200 => Outcome::Ok(()),
+            Ok(Ok(r)) if (400..500).contains(&r.status) && r.status != 408 => {
+                if r.status != 429 {
+                    eprintln!("faults: a merge was refused: {} {}", r.status, r.body);
+                }
+                Outcome::Failed
+            }
+            _ => Outcome::Unknown,
+        }
+    }
+
     async fn delete(&self, node: u64, id: &str) -> Outcome<bool> {
         let req = self.producer.delete(format!("{}/DocumentReference/{id}", self.cluster.api_url(node)));
         match tokio::time::timeout(REQUEST_TIMEOUT, reply(req)).await {
@@ -504,7 +556,8 @@ impl Clients {
         let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(7919).wrapping_add(u64::from(c)));
         while !self.stop.load(Ordering::SeqCst) {
             let node = rng.random_range(1..=self.nodes);
-            let patient = rng.random_range(0..self.patients) + 900_000;
+            let patient = rng.random_range(0..self.patients) + FIRST_PATIENT;
+            let (pair, side) = pair_of(patient);
             let roll = rng.random_range(0..100);
             // Paced, so a failing node does not spin a client.
             tokio::time::sleep(Duration::from_millis(rng.random_range(CLIENT_PAUSE_MS))).await;
@@ -530,12 +583,34 @@ impl Clients {
                     let set: BTreeSet<String> = found.into_keys().collect();
                     if linearizable {
                         h.records.push(Record {
-                            patient,
-                            op: Op { kind: Kind::Read(set), invoke, complete: Some(complete) },
+                            pair,
+                            op: Op { kind: Kind::Read { side, set }, invoke, complete: Some(complete) },
                         });
                     }
                 }
                 continue;
+            }
+            if let Some(from) = self.merge_from.get(&pair)
+                && self.started.elapsed() >= *from
+            {
+                let merged = self.history.lock().unwrap().merged.contains(&pair);
+                if roll < 45 + if merged { MERGE_AGAIN_PERCENT } else { MERGE_PERCENT } {
+                    let r = self.merge(node, pair).await;
+                    let complete = self.now();
+                    let mut h = self.history.lock().unwrap();
+                    let complete = match r {
+                        Outcome::Ok(()) => {
+                            h.acknowledged += 1;
+                            h.merges_acknowledged += 1;
+                            h.merged.insert(pair);
+                            Some(complete)
+                        }
+                        Outcome::Unknown => None,
+                        Outcome::Failed => continue,
+                    };
+                    h.records.push(Record { pair, op: Op { kind: Kind::Merge, invoke, complete } });
+                    continue;
+                }
             }
             let mine: Vec<(String, String)> = {
                 let h = self.history.lock().unwrap();
@@ -555,14 +630,14 @@ impl Clients {
                 let r = self.create(node, patient, &master).await;
                 let complete = self.now();
                 let mut h = self.history.lock().unwrap();
-                let kind = Kind::Add(master.clone());
+                let kind = Kind::Add { item: master.clone(), side };
                 match r {
                     Outcome::Ok(id) => {
                         h.acknowledged += 1;
                         h.created.insert(master, (patient, id));
-                        h.records.push(Record { patient, op: Op { kind, invoke, complete: Some(complete) } });
+                        h.records.push(Record { pair, op: Op { kind, invoke, complete: Some(complete) } });
                     }
-                    Outcome::Unknown => h.records.push(Record { patient, op: Op { kind, invoke, complete: None } }),
+                    Outcome::Unknown => h.records.push(Record { pair, op: Op { kind, invoke, complete: None } }),
                     Outcome::Failed => {}
                 }
             } else if let Some((master, id)) = mine.get(rng.random_range(0..mine.len().max(1))).cloned() {
@@ -574,11 +649,11 @@ impl Clients {
                     Outcome::Ok(present) => {
                         h.acknowledged += 1;
                         let kind = Kind::Remove { item: master, present };
-                        h.records.push(Record { patient, op: Op { kind, invoke, complete: Some(complete) } });
+                        h.records.push(Record { pair, op: Op { kind, invoke, complete: Some(complete) } });
                     }
                     Outcome::Unknown => {
                         let kind = Kind::Remove { item: master, present: true };
-                        h.records.push(Record { patient, op: Op { kind, invoke, complete: None } });
+                        h.records.push(Record { pair, op: Op { kind, invoke, complete: None } });
                     }
                     Outcome::Failed => {}
                 }
@@ -657,10 +732,22 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults) -> anyhow::Result<()> {
+    // Pairs with both numbers, merged from 1/(n+1), 2/(n+1), ... of the run.
+    let pairs: Vec<u32> = (0..args.patients / 2).map(|k| FIRST_PATIENT + 2 * k).collect();
+    let merge_from = pairs
+        .iter()
+        .enumerate()
+        .map(|(k, &pair)| {
+            let share = (k as f64 + 1.0) / (pairs.len() as f64 + 1.0);
+            (pair, Duration::from_secs_f64(args.seconds as f64 * share))
+        })
+        .collect();
     let clients = Arc::new(Clients {
         cluster: cluster.clone(),
         producer: cluster.http(PRODUCER),
         consumer: cluster.http(CONSUMER),
+        authority: cluster.http(IDENTITY_AUTHORITY),
+        merge_from,
         started: Instant::now(),
         history: Mutex::default(),
         counter: AtomicU64::new(args.seed % 1_000_000 * 1_000_000),
@@ -717,7 +804,8 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults) -> anyhow
     let mut final_states: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
     let mut diverged_reads = 0;
     let mut final_failures = Vec::new();
-    for patient in (0..args.patients).map(|p| p + 900_000) {
+    for patient in (0..args.patients).map(|p| p + FIRST_PATIENT) {
+        let (pair, side) = pair_of(patient);
         for &id in &ids {
             let invoke = clients.now();
             if let Outcome::Ok(found) = clients.read(id, patient, true).await {
@@ -734,7 +822,7 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults) -> anyhow
                     .lock()
                     .unwrap()
                     .records
-                    .push(Record { patient, op: Op { kind: Kind::Read(set), invoke, complete: Some(complete) } });
+                    .push(Record { pair, op: Op { kind: Kind::Read { side, set }, invoke, complete: Some(complete) } });
             } else {
                 final_failures.push(id);
             }
@@ -771,12 +859,19 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults) -> anyhow
 
     let mut violations = 0;
     let mut undecided = 0;
-    let by_patient: BTreeMap<u32, Vec<Op>> = h.records.iter().fold(BTreeMap::new(), |mut acc, r| {
-        acc.entry(r.patient).or_default().push(r.op.clone());
+    let by_pair: BTreeMap<u32, Vec<Op>> = h.records.iter().fold(BTreeMap::new(), |mut acc, r| {
+        acc.entry(r.pair).or_default().push(r.op.clone());
         acc
     });
-    println!("faults: checking {} operations on {} patients", h.records.len(), by_patient.len());
-    for (patient, ops) in &by_patient {
+    let merges = h.records.iter().filter(|r| r.op.kind == Kind::Merge).count();
+    println!(
+        "faults: checking {} operations ({merges} merges, {} acknowledged, of pairs {:?}) on {} pairs of patients",
+        h.records.len(),
+        h.merges_acknowledged,
+        h.merged,
+        by_pair.len()
+    );
+    for (pair, ops) in &by_pair {
         let ops = ops.clone();
         let verdict = std::thread::Builder::new()
             .stack_size(256 << 20)
@@ -788,10 +883,7 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults) -> anyhow
             Verdict::Linearizable => {}
             Verdict::Violation { op } => {
                 violations += 1;
-                eprintln!(
-                    "faults: patient {patient}: not linearizable (stuck at operation {op}: {:?})",
-                    by_patient[patient][op]
-                );
+                eprintln!("faults: pair {pair}: not linearizable (stuck at operation {op}: {:?})", by_pair[pair][op]);
             }
             Verdict::Unknown => undecided += 1,
         }
@@ -799,7 +891,7 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults) -> anyhow
     let operations = clients.operations.load(Ordering::SeqCst);
     println!("faults: by kind {kinds:?}");
     if undecided > 0 {
-        println!("faults: {undecided} patients' histories too large to decide within the checker's budget");
+        println!("faults: {undecided} pairs' histories too large to decide within the checker's budget");
     }
     let converged_text = match &converged {
         Ok((applied, digest)) if diverged_reads == 0 => {

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub raft_log_fsyncs_total: IntCounter,
     pub raft_batched_writes_total: IntCounter,
     pub raft_log_entries_appended_total: IntCounter,
+    pub raft_log_entry_bytes_total: IntCounter,
+    pub raft_log_entry_bytes_max: IntGauge,
 
     pub raft_apply_lag_entries: IntGauge,
     pub raft_apply_lag_seconds: prometheus::Gauge,
@@ -146,6 +148,14 @@ impl Metrics {
             raft_log_entries_appended_total: reg!(counter(
                 "hie_raft_log_entries_appended_total",
                 "Log entries appended."
+            )),
+            raft_log_entry_bytes_total: reg!(counter(
+                "hie_raft_log_entry_bytes_total",
+                "Bytes of the log entries appended (with hie_raft_log_entries_appended_total: their mean size)."
+            )),
+            raft_log_entry_bytes_max: reg!(gauge(
+                "hie_raft_log_entry_bytes_max",
+                "The largest log entry this node has appended since it started, in bytes (refused above the store's entry_bytes_max, 4 MiB)."
             )),
             raft_apply_lag_entries: reg!(gauge(
                 "hie_raft_apply_lag_entries",

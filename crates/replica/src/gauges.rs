@@ -85,6 +85,8 @@ impl Replica {
         let lc = self.log.counters();
         sync_counter(&g.raft_log_fsyncs_total, lc.fsyncs.load(Relaxed));
         sync_counter(&g.raft_log_entries_appended_total, lc.entries_appended.load(Relaxed));
+        sync_counter(&g.raft_log_entry_bytes_total, lc.entry_bytes.load(Relaxed));
+        g.raft_log_entry_bytes_max.set(lc.entry_bytes_max.load(Relaxed) as i64);
         let f = self.freshness();
         g.raft_apply_lag_entries.set(f.behind_entries as i64);
         g.raft_apply_lag_seconds.set(f.replication_lag_ms as f64 / 1000.0);

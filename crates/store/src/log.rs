@@ -18,6 +18,10 @@ use crate::{StoreError, StoreOptions, cf, handle, keys};
 #[derive(Debug, Default)]
 pub struct LogCounters {
     pub entries_appended: AtomicU64,
+    /// Bytes of the entries appended, and the largest of them, since the
+    /// store was opened.
+    pub entry_bytes: AtomicU64,
+    pub entry_bytes_max: AtomicU64,
     pub fsyncs: AtomicU64,
     pub fsync_micros_total: AtomicU64,
 }
@@ -342,6 +346,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut count = 0u64;
         let mut buf = Vec::with_capacity(512);
         let mut appended = Vec::new();
+        let (mut largest, mut bytes) = (0, 0);
         for entry in entries {
             buf.clear();
             codec::encode_into(&entry, &mut buf);
@@ -358,6 +363,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             batch.put_cf(log_cf, keys::log_key(entry.get_log_id().index), &buf);
             count += 1;
+            largest = largest.max(buf.len());
+            bytes += buf.len() as u64;
             appended.push((entry, buf.len()));
         }
         if let Err(e) = db.write(batch) {
@@ -367,6 +374,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.cache().append(appended);
         self.inner.counters.entries_appended.fetch_add(count, Ordering::Relaxed);
+        self.inner.counters.entry_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.inner.counters.entry_bytes_max.fetch_max(largest as u64, Ordering::Relaxed);
         self.inner.flush_tx.send(callback).map_err(|_| io_write(std::io::Error::other("fsync thread stopped")))?;
         Ok(())
     }
