@@ -15,7 +15,7 @@ const USAGE: &str = "usage: hie-sim [--seeds N] [--from S] [--seed S] [--nodes 3
   --seeds N     run N seeds starting at --from (default 1)
   --seed S      run one seed (same as --from S --seeds 1)
   --replay      run each seed twice and fail if the two runs differ
-  --defect D    plant a storage bug (forget-vote, lose-tail, shifted-read): the run must fail";
+  --defect D    plant a bug (forget-vote, lose-tail, shifted-read, drop-merge): the run must fail";
 
 fn run_one(opts: Options) -> Result<Report, String> {
     let seed = opts.seed;
@@ -69,8 +69,9 @@ fn main() -> ExitCode {
                     Some("forget-vote") => Some(Defect::ForgetVote),
                     Some("lose-tail") => Some(Defect::LoseTail),
                     Some("shifted-read") => Some(Defect::ShiftedRead),
+                    Some("drop-merge") => Some(Defect::DropMerge),
                     _ => {
-                        eprintln!("--defect takes forget-vote, lose-tail or shifted-read\n{USAGE}");
+                        eprintln!("--defect takes forget-vote, lose-tail, shifted-read or drop-merge\n{USAGE}");
                         return ExitCode::from(2);
                     }
                 }
@@ -126,6 +127,9 @@ fn main() -> ExitCode {
                             t.restarts += r.restarts;
                             t.writes_acked += r.writes_acked;
                             t.writes_unknown += r.writes_unknown;
+                            t.merges_acked += r.merges_acked;
+                            t.merges_done += r.merges_done;
+                            t.pointers_moved += r.pointers_moved;
                             t.elections += r.elections;
                             t.snapshots_installed += r.snapshots_installed;
                             t.applies += r.applies;
@@ -146,7 +150,7 @@ fn main() -> ExitCode {
     let t = totals.into_inner().unwrap();
     let failures = failures.into_inner().unwrap();
     println!(
-        "sim: {} seeds of {nodes} nodes, {} faults, {} restarts, {} elections, {} snapshots installed, {} writes acknowledged ({} unknown), {} messages, {:.0} s simulated in {:.1} s",
+        "sim: {} seeds of {nodes} nodes, {} faults, {} restarts, {} elections, {} snapshots installed, {} writes acknowledged ({} unknown), {} merges acknowledged ({} merged, {} pointers moved), {} messages, {:.0} s simulated in {:.1} s",
         count.load(Ordering::SeqCst),
         t.faults,
         t.restarts,
@@ -154,6 +158,9 @@ fn main() -> ExitCode {
         t.snapshots_installed,
         t.writes_acked,
         t.writes_unknown,
+        t.merges_acked,
+        t.merges_done,
+        t.pointers_moved,
         t.messages,
         t.simulated.as_secs_f64(),
         started.elapsed().as_secs_f64()

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hie_domain::apply::{ApplyError, apply};
-use hie_domain::command::Outcome;
+use hie_domain::command::{Command, CommandV1, Outcome};
 use hie_domain::mem::MemState;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
 use openraft::{AnyError, EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder, StorageIOError};
@@ -38,7 +38,8 @@ pub struct MemLog {
     defect: Option<Defect>,
 }
 
-/// A storage bug planted on purpose, to show the checks find it.
+/// A bug planted on purpose in a node's storage or state machine, to show
+/// the checks find it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Defect {
     /// The vote is not durable: a restarted node has forgotten it.
@@ -49,6 +50,10 @@ pub enum Defect {
     /// A read whose start was purged returns the later entries (hie's
     /// RocksDB store did this until the simulation found it).
     ShiftedRead,
+    /// Every node's state machine skips NHS Number merges yet answers that
+    /// they were done (`Merged { moved: 0 }`): the replicas still agree with
+    /// each other, so only the end-of-run merge checks can see it.
+    DropMerge,
 }
 
 impl Defect {
@@ -58,6 +63,7 @@ impl Defect {
             Defect::ForgetVote => "forget-vote",
             Defect::LoseTail => "lose-tail",
             Defect::ShiftedRead => "shifted-read",
+            Defect::DropMerge => "drop-merge",
         }
     }
 }
@@ -200,6 +206,7 @@ pub struct MemSm {
     inner: Arc<Mutex<SmInner>>,
     checker: Arc<Mutex<Checker>>,
     alive: Arc<AtomicBool>,
+    defect: Option<Defect>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -208,7 +215,7 @@ struct SnapshotBody {
 }
 
 impl MemSm {
-    pub fn new(node: NodeId, checker: Arc<Mutex<Checker>>) -> Self {
+    pub fn new(node: NodeId, checker: Arc<Mutex<Checker>>, defect: Option<Defect>) -> Self {
         let inner = SmInner {
             state: MemState::default(),
             applied: None,
@@ -216,7 +223,7 @@ impl MemSm {
             snapshot: None,
             snapshot_seq: 0,
         };
-        MemSm { node, inner: Arc::new(Mutex::new(inner)), checker, alive: Arc::new(AtomicBool::new(true)) }
+        MemSm { node, inner: Arc::new(Mutex::new(inner)), checker, alive: Arc::new(AtomicBool::new(true)), defect }
     }
 
     /// A handle for a new run of the node (see [`MemLog::incarnation`]).
@@ -284,6 +291,11 @@ impl RaftStateMachine<SimConfig> for MemSm {
                 EntryPayload::Membership(m) => {
                     inner.membership = StoredMembership::new(Some(log_id), m.clone());
                     Outcome::None
+                }
+                EntryPayload::Normal(Command::V1(CommandV1::MergePatients { .. }))
+                    if self.defect == Some(Defect::DropMerge) =>
+                {
+                    Outcome::Merged { moved: 0 }
                 }
                 EntryPayload::Normal(command) => match apply(&mut inner.state, command) {
                     Ok(o) => o,

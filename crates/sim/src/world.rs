@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hie_domain::command::{Command, CommandV1, Outcome, Role};
-use hie_domain::ids::PointerId;
-use hie_domain::mem::testkit;
-use hie_domain::model::Timestamp;
+use hie_domain::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
+use hie_domain::mem::{MemState, testkit};
+use hie_domain::model::{PointerStatus, Timestamp};
 use hie_domain::raft::NodeInfo;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{Config, LeaderId, ServerState, SnapshotPolicy};
@@ -43,6 +43,11 @@ pub struct Report {
     pub restarts: u64,
     pub writes_acked: u64,
     pub writes_unknown: u64,
+    /// Acknowledged merges, and those answered `Merged` (the rest refused).
+    pub merges_acked: u64,
+    pub merges_done: u64,
+    /// Pointers moved to a survivor by acknowledged merges.
+    pub pointers_moved: u64,
     pub elections: usize,
     pub snapshots_installed: u64,
     pub applies: u64,
@@ -60,6 +65,8 @@ const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(3);
 const PRODUCERS: [&str; 2] = ["A81001", "RR8"];
 /// Patients the clients write for: few, so pointers of one patient interleave.
 const PATIENTS: u32 = 16;
+/// The share of client commands (in percent) that merge two patients.
+const MERGE_PERCENT: u32 = 3;
 
 struct Node {
     /// The node's "disk": it outlives crashes.
@@ -85,9 +92,14 @@ struct Acked {
 struct History {
     acked: Vec<Acked>,
     unknown: u64,
-    /// Every pointer a create was attempted for, and every delete attempted.
-    created_attempted: BTreeSet<PointerId>,
+    /// Every pointer a create was attempted for, with the patient it named,
+    /// and every delete attempted.
+    created_attempted: BTreeMap<PointerId, NhsNumber>,
     delete_attempted: BTreeSet<PointerId>,
+    /// Every merge attempted, as (retired, survivor) asked for.
+    merge_attempted: BTreeSet<(NhsNumber, NhsNumber)>,
+    /// The acknowledged merges, as asked for, and what each answered.
+    merges_acked: Vec<(NhsNumber, NhsNumber, Outcome)>,
 }
 
 pub struct World {
@@ -125,7 +137,7 @@ impl World {
                     id,
                     Node {
                         log: MemLog::with_defect(opts.defect),
-                        sm: MemSm::new(id, checker.clone()),
+                        sm: MemSm::new(id, checker.clone(), opts.defect),
                         raft: None,
                         handles: None,
                     },
@@ -225,6 +237,13 @@ impl World {
         let history = self.history.lock().unwrap();
         self.report.writes_acked = history.acked.len() as u64;
         self.report.writes_unknown = history.unknown;
+        self.report.merges_acked = history.merges_acked.len() as u64;
+        for (_, _, outcome) in &history.merges_acked {
+            if let Outcome::Merged { moved } = outcome {
+                self.report.merges_done += 1;
+                self.report.pointers_moved += moved;
+            }
+        }
         self.report.elections = checker.elections();
         self.report.snapshots_installed = checker.snapshots_installed;
         self.report.applies = checker.applies;
@@ -415,7 +434,7 @@ impl World {
         }
     }
 
-    /// No acknowledged write lost, nothing invented.
+    /// No acknowledged write lost, nothing invented, every merge whole.
     fn check_history(&self) {
         let history = self.history.lock().unwrap();
         let mut checker = self.checker.lock().unwrap();
@@ -435,11 +454,140 @@ impl World {
             }
         }
         for id in state.pointers.keys() {
-            if !history.created_attempted.contains(id) {
+            if !history.created_attempted.contains_key(id) {
                 checker.violation(format!("invention: pointer {id} was never written"));
             }
         }
+        for problem in merge_problems(&state, &history) {
+            checker.violation(format!("merge: {problem}"));
+        }
     }
+}
+
+/// What is wrong with the merges in a converged `state`, given what the
+/// clients asked and were answered. A merge's ids are unchanged, so the
+/// durability and invention checks above hold across merges as they are.
+///
+/// Merges chain (see [`client`]), and some were applied or not without the
+/// client knowing, so the order they were applied in is not known. What is:
+/// a retired number is never revived (a retired target or source is
+/// refused), and a redirect always names a survivor, one step away. So in
+/// the final state `resolve(n)` (n's redirect, else n) is the number n
+/// stands for, and:
+/// - an acknowledged `Merged` of s into t left s redirecting to resolve(t),
+///   and a refused one had s or t retired (or asked s into itself): a
+///   retired number stays retired, so it still is;
+/// - every redirect was asked for (s into some t with resolve(t) its
+///   target), names a survivor, and that survivor lists it in merged_from;
+/// - every pointer is under the number its create named, resolved: no
+///   pointer is under a retired number, and the body says the same number;
+/// - the index and each patient's holder counts are exactly the current
+///   pointers'.
+fn merge_problems(state: &MemState, history: &History) -> Vec<String> {
+    let mut out = Vec::new();
+    let redirect = |n: &NhsNumber| state.patients.get(n).and_then(|e| e.merged_into);
+    let resolve = |n: &NhsNumber| redirect(n).unwrap_or(*n);
+    // NHS Numbers' Debug is redacted; these are test numbers, so say them.
+    let say = |n: Option<NhsNumber>| n.map_or_else(|| "none".to_owned(), |n| n.as_str().to_owned());
+
+    for (source, target, outcome) in &history.merges_acked {
+        let ok = match outcome {
+            Outcome::Merged { .. } => source != target && redirect(source) == Some(resolve(target)),
+            Outcome::Rejected(_) => source == target || redirect(source).is_some() || redirect(target).is_some(),
+            _ => false,
+        };
+        if !ok {
+            out.push(format!(
+                "acknowledged merge of {} into {} answered {outcome:?}, but finally the first redirects to {} and the second to {}",
+                source.as_str(),
+                target.as_str(),
+                say(redirect(source)),
+                say(redirect(target))
+            ));
+        }
+    }
+
+    for (n, entry) in &state.patients {
+        match entry.merged_into {
+            Some(into) => {
+                if let Some(further) = redirect(&into) {
+                    out.push(format!(
+                        "retired {} redirects to {}, itself retired into {}",
+                        n.as_str(),
+                        into.as_str(),
+                        further.as_str()
+                    ));
+                }
+                if !state.patients.get(&into).is_some_and(|e| e.merged_from.contains(n)) {
+                    out.push(format!(
+                        "retired {} redirects to {}, which does not list it as merged from",
+                        n.as_str(),
+                        into.as_str()
+                    ));
+                }
+                if !history.merge_attempted.iter().any(|(s, t)| s == n && resolve(t) == into) {
+                    out.push(format!("{} is retired into {}, which no client asked for", n.as_str(), into.as_str()));
+                }
+                if !entry.held.is_empty() || !entry.local_ids.is_empty() {
+                    out.push(format!("retired {} still has holders or local identifiers: {entry:?}", n.as_str()));
+                }
+            }
+            None => {
+                for r in &entry.merged_from {
+                    if redirect(r) != Some(*n) {
+                        out.push(format!(
+                            "{} lists {} as merged into it, but that redirects to {}",
+                            n.as_str(),
+                            r.as_str(),
+                            say(redirect(r))
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    // Pointers: under the survivor of the patient they were created for.
+    let mut index = BTreeSet::new();
+    let mut held: BTreeMap<NhsNumber, BTreeMap<OdsCode, BTreeMap<SnomedCode, u32>>> = BTreeMap::new();
+    for (id, p) in &state.pointers {
+        if let Some(asked) = history.created_attempted.get(id)
+            && p.subject != resolve(asked)
+        {
+            out.push(format!(
+                "pointer {id} was created for {}, which stands for {}, but is under {}",
+                asked.as_str(),
+                resolve(asked).as_str(),
+                p.subject.as_str()
+            ));
+        }
+        if let Some(into) = redirect(&p.subject) {
+            out.push(format!("pointer {id} is under {}, retired into {}", p.subject.as_str(), into.as_str()));
+        }
+        let body_subject = p.body.member("subject").and_then(|s| s["identifier"]["value"].as_str().map(str::to_owned));
+        if body_subject.as_deref() != Some(p.subject.as_str()) {
+            out.push(format!("pointer {id} is under {} but its body names {body_subject:?}", p.subject.as_str()));
+        }
+        if p.status == PointerStatus::Current {
+            index.insert((p.subject, id.clone()));
+            let by_type = held.entry(p.subject).or_default().entry(p.custodian.clone()).or_default();
+            *by_type.entry(p.type_code.clone()).or_default() += 1;
+        }
+    }
+    if index != state.index {
+        let missing: Vec<_> = index.difference(&state.index).map(|(n, id)| (n.as_str(), id)).collect();
+        let extra: Vec<_> = state.index.difference(&index).map(|(n, id)| (n.as_str(), id)).collect();
+        out.push(format!("the index is not the current pointers: missing {missing:?}, extra {extra:?}"));
+    }
+    let subjects: BTreeSet<&NhsNumber> = held.keys().chain(state.patients.keys()).collect();
+    for n in subjects {
+        let counted = held.get(n).cloned().unwrap_or_default();
+        let entry = state.patients.get(n).map(|e| e.held.clone()).unwrap_or_default();
+        if counted != entry {
+            out.push(format!("{}'s holders are {entry:?}, its current pointers {counted:?}", n.as_str()));
+        }
+    }
+    out
 }
 
 /// The leader as some up node last saw it, else any up node.
@@ -495,14 +643,33 @@ async fn write_until_done(router: &Router, command: Command, history: &Mutex<His
     }
 }
 
-/// A client: creates pointers for a few patients, deletes some it created.
+/// A client: creates pointers for a few patients, deletes some it created,
+/// and now and then (`MERGE_PERCENT`) merges one patient's NHS Number into
+/// another's, as the identity authority.
+///
+/// Merges pick both numbers at random among all the patients, so chains
+/// happen and are handled rather than avoided: a survivor is later retired
+/// itself (its redirects must then follow to the new survivor), a number is
+/// merged into one already retired (refused), merged twice into different
+/// numbers (the second refused), merged again into the same one
+/// (`Merged { moved: 0 }`), or into itself (refused). `check_history`
+/// decides all of it from the final state and the answers, whatever order
+/// the merges (and the ones whose fate is unknown) were applied in.
 async fn client(c: u32, mut rng: StdRng, router: Arc<Router>, history: Arc<Mutex<History>>, stop: Arc<AtomicBool>) {
     let mut hint = None;
     let mut n = 0u32;
     let mut mine: Vec<(String, PointerId)> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         let custodian = PRODUCERS[rng.gen_range(0..PRODUCERS.len())];
-        let command = if !mine.is_empty() && rng.gen_bool(0.2) {
+        let kind = rng.gen_range(0..100);
+        let mut merge = None;
+        let command = if kind < MERGE_PERCENT {
+            n += 1;
+            let (source, target) = (testkit::nhs(rng.gen_range(0..PATIENTS)), testkit::nhs(rng.gen_range(0..PATIENTS)));
+            history.lock().unwrap().merge_attempted.insert((source, target));
+            merge = Some((source, target));
+            testkit::merge(source, target, i64::from(n))
+        } else if !mine.is_empty() && kind < MERGE_PERCENT + 20 {
             let (custodian, id) = mine.swap_remove(rng.gen_range(0..mine.len()));
             history.lock().unwrap().delete_attempted.insert(id.clone());
             Command::V1(CommandV1::DeletePointer {
@@ -514,7 +681,7 @@ async fn client(c: u32, mut rng: StdRng, router: Arc<Router>, history: Arc<Mutex
             n += 1;
             let patient = testkit::nhs(rng.gen_range(0..PATIENTS));
             let pointer = testkit::pointer(custodian, &format!("c{c}n{n}"), patient, i64::from(n));
-            history.lock().unwrap().created_attempted.insert(pointer.id.clone());
+            history.lock().unwrap().created_attempted.insert(pointer.id.clone(), patient);
             testkit::create(custodian, pointer)
         };
         // A write refused as not-leader did not happen; try it at the leader.
@@ -528,7 +695,11 @@ async fn client(c: u32, mut rng: StdRng, router: Arc<Router>, history: Arc<Mutex
                     if std::env::var_os("HIE_SIM_TRACE").is_some() {
                         eprintln!("acked {}", a.log_id);
                     }
-                    history.lock().unwrap().acked.push(a);
+                    let mut h = history.lock().unwrap();
+                    if let Some((source, target)) = merge {
+                        h.merges_acked.push((source, target, a.outcome.clone()));
+                    }
+                    h.acked.push(a);
                     break;
                 }
                 Written::NotLeader(h) => hint = h,
@@ -540,5 +711,98 @@ async fn client(c: u32, mut rng: StdRng, router: Arc<Router>, history: Arc<Mutex
             }
         }
         tokio::time::sleep(Duration::from_millis(rng.gen_range(5..40))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hie_domain::apply::apply;
+    use hie_domain::command::Outcome;
+    use hie_domain::mem::{MemState, testkit};
+
+    use super::{History, PRODUCERS, merge_problems};
+
+    /// Two pointers of patient 1, then 1 into 2 and 2 into 3 (a chain), one
+    /// refused merge into a retired number and one self-merge, as the
+    /// clients would record them.
+    fn merged() -> (MemState, History) {
+        let mut s = MemState::default();
+        let mut h = History::default();
+        for c in testkit::registry_commands(&PRODUCERS) {
+            apply(&mut s, &c).unwrap();
+        }
+        let (a, b, c) = (testkit::nhs(1), testkit::nhs(2), testkit::nhs(3));
+        for (i, custodian) in PRODUCERS.iter().enumerate() {
+            let p = testkit::pointer(custodian, &format!("p{i}"), a, 1);
+            h.created_attempted.insert(p.id.clone(), a);
+            assert!(matches!(apply(&mut s, &testkit::create(custodian, p)).unwrap(), Outcome::Created { .. }));
+        }
+        for (source, target) in [(a, b), (b, c), (a, b), (c, b), (c, c)] {
+            h.merge_attempted.insert((source, target));
+            let outcome = apply(&mut s, &testkit::merge(source, target, 2)).unwrap();
+            h.merges_acked.push((source, target, outcome));
+        }
+        (s, h)
+    }
+
+    #[test]
+    fn a_chain_of_merges_passes() {
+        let (s, h) = merged();
+        let answers: Vec<_> = h.merges_acked.iter().map(|(_, _, o)| o.clone()).collect();
+        assert!(
+            matches!(
+                answers[..],
+                [
+                    Outcome::Merged { moved: 2 },
+                    Outcome::Merged { moved: 2 },
+                    _,
+                    Outcome::Rejected(_),
+                    Outcome::Rejected(_)
+                ]
+            ),
+            "{answers:?}"
+        );
+        assert_eq!(merge_problems(&s, &h), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_broken_merge_is_found() {
+        let (a, b, c) = (testkit::nhs(1), testkit::nhs(2), testkit::nhs(3));
+        let (good, h) = merged();
+        let id = good.pointers.keys().next().unwrap().clone();
+
+        // A pointer left under the retired number, index and holders moved with it.
+        let mut s = good.clone();
+        let mut p = s.pointers[&id].clone();
+        s.index.remove(&(p.subject, id.clone()));
+        p.subject = a;
+        s.index.insert((a, id.clone()));
+        s.pointers.insert(id.clone(), p);
+        assert!(merge_problems(&s, &h).iter().any(|m| m.contains("retired into")), "{:?}", merge_problems(&s, &h));
+
+        // A redirect not rewritten when its survivor was retired.
+        let mut s = good.clone();
+        s.patients.get_mut(&a).unwrap().merged_into = Some(b);
+        assert!(merge_problems(&s, &h).iter().any(|m| m.contains("itself retired")));
+
+        // Holder counts that disagree with the pointers.
+        let mut s = good.clone();
+        s.patients.get_mut(&c).unwrap().held.clear();
+        assert!(merge_problems(&s, &h).iter().any(|m| m.contains("holders")));
+
+        // A merge answered Merged that the state does not show.
+        let mut s = good.clone();
+        s.patients.get_mut(&b).unwrap().merged_into = None;
+        s.patients.get_mut(&c).unwrap().merged_from.remove(&b);
+        assert!(merge_problems(&s, &h).iter().any(|m| m.contains("acknowledged merge")));
+
+        // A retirement no client asked for.
+        let mut s = good;
+        let mut h = h;
+        h.merge_attempted.remove(&(b, c));
+        h.merges_acked.retain(|(source, _, _)| *source != b);
+        assert!(merge_problems(&s, &h).iter().any(|m| m.contains("no client asked for")));
+        s.pointers.clear();
+        assert!(merge_problems(&s, &h).iter().any(|m| m.contains("index")));
     }
 }

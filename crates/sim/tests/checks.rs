@@ -23,6 +23,7 @@ fn correct_storage_keeps_every_safety_property() {
         assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
         assert!(r.writes_acked > 10, "seed {seed}: the clients got writes through ({})", r.writes_acked);
         assert!(r.faults > 20 && r.restarts > 0, "seed {seed}: faults were injected");
+        assert!(r.merges_acked > 0, "seed {seed}: the clients got merges through");
     }
 }
 
@@ -32,4 +33,10 @@ fn a_forgotten_vote_or_a_lost_log_tail_is_caught() {
         let caught = (1..=40).find(|&seed| !run(seed, Some(defect)).violations.is_empty());
         assert!(caught.is_some(), "{defect:?} went unnoticed in 40 seeds");
     }
+}
+
+#[test]
+fn a_merge_the_state_machine_drops_is_caught() {
+    let caught = (1..=10).find(|&seed| !run(seed, Some(Defect::DropMerge)).violations.is_empty());
+    assert!(caught.is_some(), "a dropped merge went unnoticed in 10 seeds");
 }
