@@ -116,6 +116,12 @@ pub struct ApiSection {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca: PathBuf,
+    /// PEM CRLs of the CAs in `ca` (one per CA): listed client certificates
+    /// are refused, on connections already open too. The certificate, key,
+    /// CA bundle and CRLs are read again every 2 s, so a revocation or a
+    /// rotated certificate is in force within seconds, without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
     #[serde(default = "defaults::body_bytes_max")]
     pub body_bytes_max: usize,
     #[serde(default = "defaults::bundle_entries_max")]
@@ -352,7 +358,10 @@ impl Config {
         if !self.api.public_url.starts_with("https://") || !self.api.public_url.ends_with("/fhir") {
             bail!("api.public_url: must be https://HOST:PORT/fhir");
         }
-        for (name, p) in [("api.cert", &self.api.cert), ("api.key", &self.api.key), ("api.ca", &self.api.ca)] {
+        let crl = self.api.crl.iter().map(|p| ("api.crl", p));
+        for (name, p) in
+            [("api.cert", &self.api.cert), ("api.key", &self.api.key), ("api.ca", &self.api.ca)].into_iter().chain(crl)
+        {
             if !p.exists() {
                 bail!("{name}: {} does not exist", p.display());
             }
@@ -490,6 +499,7 @@ impl Config {
             cert: a.cert.clone(),
             key: a.key.clone(),
             ca: a.ca.clone(),
+            crl: a.crl.clone(),
             base_url: a.public_url.clone(),
             limits: ApiLimits {
                 body_bytes_max: a.body_bytes_max,

@@ -38,6 +38,19 @@ enum DevCmd {
     Down(DirArg),
     /// Start one more region and add it as a learner (`--voter` promotes it once caught up).
     AddNode(AddNodeArgs),
+    /// Revoke a dev client's certificate: add it to the dev CA's CRL, which
+    /// every node reads again within 2 s (no restart; connections already
+    /// open are refused from their next request).
+    Revoke(RevokeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct RevokeArgs {
+    /// The client's name in cluster.json (e.g. gp-practice-a).
+    client: String,
+    /// The cluster's directory.
+    #[arg(long, default_value = ".hie-dev")]
+    dir: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -243,6 +256,7 @@ pub fn main(args: DevArgs) -> anyhow::Result<()> {
         Some(DevCmd::Up(up)) => rt.block_on(up_cmd(up)).map(|_| ()),
         Some(DevCmd::Down(d)) => down(&abs(&d.dir)?),
         Some(DevCmd::AddNode(a)) => rt.block_on(add_node(a)),
+        Some(DevCmd::Revoke(r)) => revoke(&abs(&r.dir)?, &r.client),
         None => {
             let dir = abs(&args.up.dir)?;
             rt.block_on(up_cmd(args.up))?;
@@ -312,6 +326,48 @@ async fn up_cmd(args: UpArgs) -> anyhow::Result<ClusterFile> {
     println!("cluster ready in {:.1} s: {}", started.elapsed().as_secs_f64(), cluster_json.display());
     print_hints(&dir, &cluster);
     Ok(cluster)
+}
+
+/// The dev CA's CRL, in the certificates directory; every dev node's
+/// `api.crl`.
+const CRL_FILE: &str = "ca.crl.pem";
+
+/// Writes the dev CA's CRL listing `revoked`, atomically (a node that reads
+/// it mid-write would keep the last good one anyway).
+fn write_crl(certs: &Path, ca: &DevCa, revoked: &[Vec<u8>]) -> anyhow::Result<()> {
+    // Unix seconds number the CRLs: each one is newer than the last.
+    let number = chrono::Utc::now().timestamp().max(1) as u64;
+    let tmp = certs.join(format!("{CRL_FILE}.tmp"));
+    write_pem(&tmp, &ca.issue_crl(revoked, number)?)?;
+    std::fs::rename(&tmp, certs.join(CRL_FILE)).with_context(|| format!("replacing {CRL_FILE}"))
+}
+
+fn revoke(dir: &Path, client: &str) -> anyhow::Result<()> {
+    let cluster = ClusterFile::load(&dir.join("cluster.json"))?;
+    let entry = cluster.clients.iter().find(|c| c.name == client).with_context(|| {
+        let names: Vec<&str> = cluster.clients.iter().map(|c| c.name.as_str()).collect();
+        format!("no client {client} in cluster.json (there are: {})", names.join(", "))
+    })?;
+    let certs = dir.join("certs");
+    let ca = DevCa::load(&certs.join("ca.pem"), &certs.join("ca.key"))?;
+    let crl = certs.join(CRL_FILE);
+    if !crl.exists() {
+        bail!("{} does not exist: this cluster's nodes read no CRL (create the cluster again)", crl.display());
+    }
+    let id = hie_pki::CertId::of_pem_file(&entry.cert)?;
+    let mut revoked = hie_pki::crl_serials(&crl)?;
+    if revoked.contains(&id.serial) {
+        println!("{client}'s certificate (serial {}) is already revoked", id.serial_hex());
+        return Ok(());
+    }
+    revoked.push(id.serial.clone());
+    write_crl(&certs, &ca, &revoked)?;
+    println!(
+        "revoked {client}'s certificate (serial {}); every node refuses it within about {} s",
+        id.serial_hex(),
+        hie_api::TLS_RELOAD_INTERVAL.as_secs()
+    );
+    Ok(())
 }
 
 fn write_pem(path: &Path, pem: &str) -> anyhow::Result<()> {
@@ -410,6 +466,7 @@ fn node_config(
             cert: certs.join(format!("node-{}.pem", plan.id)),
             key: certs.join(format!("node-{}.key", plan.id)),
             ca: certs.join("ca.pem"),
+            crl: Some(certs.join(CRL_FILE)).filter(|p| p.exists()),
             body_bytes_max: crate::config::defaults::body_bytes_max(),
             bundle_entries_max: crate::config::defaults::bundle_entries_max(),
             json_depth_max: crate::config::defaults::json_depth_max(),
@@ -575,6 +632,7 @@ async fn create(dir: &Path, args: &UpArgs) -> anyhow::Result<ClusterFile> {
     let ca = DevCa::generate()?;
     write_pem(&certs.join("ca.pem"), &ca.pem.cert)?;
     write_pem(&certs.join("ca.key"), &ca.pem.key)?;
+    write_crl(&certs, &ca, &[])?;
 
     let mut clients = Vec::new();
     let snomed = |code: &str| format!("http://snomed.info/sct|{code}");

@@ -279,7 +279,18 @@ async fn a_full_audit_disk_fails_requests_closed_and_the_node_recovers() -> anyh
     assert!(r.body.get("entry").is_none(), "no pointers in a failed answer");
     let w = create_pointer(&gp, &n1, &pointer_body(&patient, "A81001", "disk-1")).await?;
     assert_eq!((w.status, w.code()), (503, "AUDIT_UNAVAILABLE"), "{}", w.body);
-    // The refused create was refused before it was proposed.
+    // So is a batch Bundle (`POST /fhir`, the bulk load), before any entry is proposed.
+    let batch = serde_json::json!({
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{
+            "resource": pointer_body(&patient, "A81001", "disk-batch"),
+            "request": { "method": "POST", "url": "DocumentReference" },
+        }],
+    });
+    let b = reply(gp.post(n1.clone()).header("content-type", "application/fhir+json").json(&batch)).await?;
+    assert_eq!((b.status, b.code()), (503, "AUDIT_UNAVAILABLE"), "{}", b.body);
+    // The refused create and batch were refused before they were proposed.
     let elsewhere = search(&gp, &n2, &patient, &[("x-hie-consistency", "linearizable")]).await?;
     assert_eq!(elsewhere.body["total"], 1, "{}", elsewhere.body);
     // Node 1 stays up and healthy apart from its audit.

@@ -109,8 +109,13 @@ fn request_ids(headers: &HeaderMap, len_max: usize) -> Result<(Option<String>, O
 }
 
 /// Why a request is refused before its handler runs, if it is.
-fn refusal(st: &AppState, caller: &Result<Caller, String>, method: &Method, route: &str) -> Option<ApiError> {
-    match caller {
+fn refusal(st: &AppState, identity: &ConnIdentity, method: &Method, route: &str) -> Option<ApiError> {
+    // A connection opened before its certificate was revoked is refused
+    // from the next request on.
+    if identity.cert.as_ref().is_some_and(|id| st.tls.is_revoked(id)) {
+        return Some(ApiError::Forbidden("the client certificate has been revoked".into()));
+    }
+    match &identity.caller {
         Err(reason) => {
             return Some(ApiError::Forbidden(format!(
                 "the client certificate names no organisation and role: {reason}"
@@ -142,13 +147,13 @@ pub(crate) async fn envelope(
     let method = req.method().clone();
     let limits = &st.config.limits;
     let (ids, early) = match request_ids(req.headers(), limits.request_id_len_max) {
-        Ok(ids) => (ids, refusal(&st, &identity.0, &method, &route)),
+        Ok(ids) => (ids, refusal(&st, &identity, &method, &route)),
         Err(e) => ((None, None), Some(e)),
     };
     let (request_id, correlation_id) = ids;
     let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let slot = AuditSlot::default();
-    let caller = identity.0;
+    let caller = identity.caller;
     if let Ok(c) = &caller {
         let ctx = RequestCtx {
             caller: c.clone(),

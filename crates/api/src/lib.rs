@@ -38,4 +38,4 @@ mod server;
 
 pub use limits::ApiLimits;
 pub use monitoring::{READY_BEHIND_ENTRIES_MAX, serve_monitoring};
-pub use server::{ApiConfig, serve_api};
+pub use server::{ApiConfig, TLS_RELOAD_INTERVAL, serve_api};

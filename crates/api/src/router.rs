@@ -27,11 +27,18 @@ pub(crate) struct AppState {
     pub(crate) limiter: RateLimiter,
     /// The cluster's paging-token key, once read from the replicated state.
     pub(crate) paging_key: OnceLock<crate::paging::PagingKey>,
+    /// The listener's TLS, for the CRLs in force.
+    pub(crate) tls: Arc<hie_pki::ReloadingServerTls>,
 }
 
 pub(crate) type St = State<Arc<AppState>>;
 
-pub(crate) fn router(config: ApiConfig, replica: Arc<Replica>, audit: Option<Arc<AuditLog>>) -> Router {
+pub(crate) fn router(
+    config: ApiConfig,
+    replica: Arc<Replica>,
+    audit: Option<Arc<AuditLog>>,
+    tls: Arc<hie_pki::ReloadingServerTls>,
+) -> Router {
     let limits = &config.limits;
     let state = Arc::new(AppState {
         limiter: RateLimiter::new(limits.rate_per_client_per_sec, limits.rate_burst),
@@ -41,6 +48,7 @@ pub(crate) fn router(config: ApiConfig, replica: Arc<Replica>, audit: Option<Arc
         replica,
         audit,
         config,
+        tls,
     });
     Router::new()
         .route("/fhir/metadata", get(metadata::capability_statement))

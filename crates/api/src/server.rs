@@ -4,10 +4,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Extension;
 use hie_audit::AuditLog;
 use hie_domain::Caller;
+use hie_pki::{CertId, Reload, ReloadingServerTls, TlsFiles};
 use hie_replica::Replica;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
@@ -25,14 +27,32 @@ pub struct ApiConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca: PathBuf,
+    /// CRLs of the CAs in `ca`; re-read with the certificate, key and CA
+    /// every [`TLS_RELOAD_INTERVAL`].
+    pub crl: Option<PathBuf>,
     /// This node's public base URL, `https://HOST:PORT/fhir`.
     pub base_url: String,
     pub limits: ApiLimits,
 }
 
-/// Who the client certificate says the caller is, or why it names no one.
+/// How often the TLS files are read again for changes (a new CRL, a
+/// rotated certificate): a revocation is in force within this interval.
+pub const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+
+impl ApiConfig {
+    pub fn tls_files(&self) -> TlsFiles {
+        TlsFiles { cert: self.cert.clone(), key: self.key.clone(), ca: self.ca.clone(), crl: self.crl.clone() }
+    }
+}
+
+/// Who the client certificate says the caller is, or why it names no one,
+/// and which certificate it was (checked against the CRLs on every request,
+/// so a connection opened before a revocation does not outlive it).
 #[derive(Debug, Clone)]
-pub(crate) struct ConnIdentity(pub Result<Caller, String>);
+pub(crate) struct ConnIdentity {
+    pub(crate) caller: Result<Caller, String>,
+    pub(crate) cert: Option<CertId>,
+}
 
 /// Serves the API until `shutdown` fires. Binds before returning.
 pub async fn serve_api(
@@ -41,13 +61,14 @@ pub async fn serve_api(
     audit: Option<Arc<AuditLog>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
-    let tls = hie_pki::server_config(&config.cert, &config.key, &config.ca).map_err(|e| e.to_string())?;
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let tls = Arc::new(ReloadingServerTls::load(config.tls_files()).map_err(|e| e.to_string())?);
     let listener =
         TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let limits = config.limits.clone();
     let metrics = replica.metrics().clone();
-    let app = router::router(config.clone(), replica, audit);
+    metrics.tls_revoked_certificates.set(tls.revoked_count() as i64);
+    tokio::spawn(reload_tls(tls.clone(), metrics.clone(), shutdown.clone()));
+    let app = router::router(config.clone(), replica, audit, tls.clone());
     let connections = Arc::new(Semaphore::new(limits.connections_max));
     tracing::info!(listen = %config.listen, "api listening (https, client certificates required)");
     Ok(tokio::spawn(async move {
@@ -65,7 +86,7 @@ pub async fn serve_api(
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let acceptor = TlsAcceptor::from(tls.config());
             let app = app.clone();
             let metrics = metrics.clone();
             let limits = limits.clone();
@@ -86,10 +107,13 @@ pub async fn serve_api(
                     }
                 };
                 let identity = match stream.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-                    Some(der) => hie_pki::caller_from_cert(der).map_err(|e| e.to_string()),
-                    None => Err("no client certificate".to_owned()),
+                    Some(der) => ConnIdentity {
+                        caller: hie_pki::caller_from_cert(der).map_err(|e| e.to_string()),
+                        cert: CertId::of(der).ok(),
+                    },
+                    None => ConnIdentity { caller: Err("no client certificate".to_owned()), cert: None },
                 };
-                let svc = Extension(ConnIdentity(identity)).layer(app);
+                let svc = Extension(identity).layer(app);
                 let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 builder.http1().max_buf_size(limits.header_bytes_max.max(8192) * 4);
                 builder.http2().max_header_list_size(limits.header_bytes_max as u32).max_concurrent_streams(256);
@@ -106,4 +130,52 @@ pub async fn serve_api(
         }
         tracing::info!("api listener stopped");
     }))
+}
+
+/// Reads the TLS files every [`TLS_RELOAD_INTERVAL`] and takes up a change;
+/// says once when a change does not load, and once when it loads again.
+async fn reload_tls(
+    tls: Arc<ReloadingServerTls>,
+    metrics: Arc<hie_metrics::Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(TLS_RELOAD_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let t = tls.clone();
+        let result = match tokio::task::spawn_blocking(move || t.reload()).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "tls reload task failed");
+                continue;
+            }
+        };
+        match &result {
+            Ok(Reload::Unchanged) => {}
+            Ok(Reload::Changed) => {
+                metrics.tls_reloads_total.inc();
+                metrics.tls_revoked_certificates.set(tls.revoked_count() as i64);
+                if let Ok(t) = hie_pki::not_after_unix(&tls.files().cert) {
+                    metrics.tls_cert_expiry_timestamp_seconds.set(t);
+                }
+                tracing::info!(revoked = tls.revoked_count(), "tls files changed: new connections use them");
+            }
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "tls files changed but do not load; the last good ones stay in use")
+            }
+            Err(_) => {}
+        }
+        if failing != result.is_err() {
+            failing = result.is_err();
+            metrics.tls_files_failing.set(i64::from(failing));
+            if !failing {
+                tracing::info!("tls files load again");
+            }
+        }
+    }
 }

@@ -41,6 +41,9 @@ pub struct Metrics {
     pub disk_free_bytes: IntGauge,
     pub disk_total_bytes: IntGauge,
     pub tls_cert_expiry_timestamp_seconds: IntGauge,
+    pub tls_reloads_total: IntCounter,
+    pub tls_files_failing: IntGauge,
+    pub tls_revoked_certificates: IntGauge,
 
     pub writes_total: IntCounterVec,
     pub forwarded_writes_total: IntCounterVec,
@@ -218,6 +221,18 @@ impl Metrics {
                 "hie_api_rejected_total",
                 "API requests refused, by reason code.",
                 &["reason"]
+            )),
+            tls_reloads_total: reg!(counter(
+                "hie_tls_reloads_total",
+                "Times a changed TLS certificate, key, CA bundle or CRL was taken up without a restart."
+            )),
+            tls_files_failing: reg!(gauge(
+                "hie_tls_files_failing",
+                "1 while the TLS files have changed but do not load (the last good ones stay in use)."
+            )),
+            tls_revoked_certificates: reg!(gauge(
+                "hie_tls_revoked_certificates",
+                "Client certificates the CRLs in force list."
             )),
             api_tls_handshake_failures_total: reg!(counter(
                 "hie_api_tls_handshake_failures_total",
