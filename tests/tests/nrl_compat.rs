@@ -88,9 +88,14 @@ async fn pointers_modelled_on_nrlf_samples_are_kept_as_sent() -> anyhow::Result<
             // NRLF's samples carry a meta.lastUpdated: the server's own wins.
             sent["meta"] = json!({ "lastUpdated": "2020-01-01T00:00:00.000Z" });
         }
+        // NRLF's samples carry an id; a POST's id is the server's to choose.
+        sent["id"] = json!(format!("A81001-{}", name.trim_end_matches(".json")));
         let created = create_pointer(&gp, &c.api_url(1), &sent).await?;
         assert_eq!(created.status, 201, "{name}: {}", created.body);
         let id = created.body["id"].as_str().unwrap().to_owned();
+        assert_ne!(json!(id), sent["id"], "{name}: the server's id replaces the sent one");
+        assert!(id.starts_with("A81001-"), "{name}: {id}");
+        assert_eq!(created.header("location").map(|l| l.contains(&format!("/DocumentReference/{id}/"))), Some(true));
         let read = get(&consumer, &format!("{}/DocumentReference/{id}", c.api_url(2))).await?;
         assert_eq!(read.status, 200, "{name}: {}", read.body);
         assert_eq!(as_sent(read.body.clone()), as_sent(sample.clone()), "{name} read back as sent");

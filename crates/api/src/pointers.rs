@@ -85,13 +85,10 @@ pub(crate) async fn create(
 ) -> Result<Response, ApiError> {
     ctx.require(Role::Producer)?;
     let FhirBody(body) = body;
-    let parsed = fhir::parse_document_reference(&body)?;
-    if parsed.id.is_some() {
-        return Err(ApiError::InvalidResource(
-            "a create by POST must not carry an id (use PUT to choose your own)".into(),
-        ));
-    }
-    let mut pointer = parsed.pointer;
+    // The server names what a POST creates: an `id` in the body is replaced,
+    // as FHIR's create and NRLF do (NRLF's own samples carry one). A
+    // producer that chooses its id uses PUT.
+    let mut pointer = fhir::parse_document_reference(&body)?.pointer;
     ctx.audit.set(&pointer.subject, Action::Create, "create", &Purpose::DirectCare);
     new_pointer(&mut pointer, &ctx.caller, now())?;
     ctx.audit.resource(format!("DocumentReference/{}", pointer.id));
@@ -126,11 +123,8 @@ fn plan_batch(parsed: fhir::BatchIn, caller: &Caller, slot: &AuditSlot) -> Batch
         };
         let mut pointer = p.pointer;
         let a = slot.push(access(&pointer.subject, Action::Create, "create", &Purpose::DirectCare));
-        let checked = match p.id {
-            Some(_) => Err(ApiError::InvalidResource("a create in a batch must not carry an id".into())),
-            None => new_pointer(&mut pointer, caller, at),
-        };
-        if let Err(e) = checked {
+        // A POST entry's `id` is replaced, as a single create's is.
+        if let Err(e) = new_pointer(&mut pointer, caller, at) {
             slot.outcome(a, e.status(), Some(e.code()));
             plan.out.push(Some(batch_entry_error(&e)));
             continue;
