@@ -17,7 +17,7 @@ use hie_fhir as fhir;
 use crate::audit_slot::{AuditSlot, access, now};
 use crate::envelope::RequestCtx;
 use crate::error::{ApiError, success_outcome};
-use crate::respond::{FhirBody, consistency, etag, fhir_json, fhir_text, path_id, with_freshness};
+use crate::respond::{FhirBody, consistency, etag, fhir_json, fhir_text, lookup_id, path_id, with_freshness};
 use crate::router::{AppState, St};
 
 fn prefer(headers: &HeaderMap) -> &str {
@@ -255,7 +255,7 @@ async fn put_pointer(
 
 pub(crate) async fn delete(State(st): St, ctx: RequestCtx, Path(id): Path<String>) -> Result<Response, ApiError> {
     ctx.require(Role::Producer)?;
-    let id = path_id(&id)?;
+    let id = lookup_id(&id)?;
     if let Some(p) = st.replica.stored_pointer(&id).await? {
         ctx.audit.set(&p.subject, Action::Delete, "delete", &Purpose::DirectCare);
         ctx.audit.resource(format!("DocumentReference/{id}"));
@@ -287,7 +287,7 @@ async fn begin_read(
     headers: &HeaderMap,
 ) -> Result<(Reader, PointerId, Purpose), ApiError> {
     let reader = ctx.reader()?;
-    let id = path_id(id)?;
+    let id = lookup_id(id)?;
     let purpose = ctx.read_purpose(st)?;
     consistency(headers, &st.replica).await?;
     Ok((reader, id, purpose))

@@ -87,9 +87,17 @@ pub(crate) fn etag(version: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("W/\"{version}\"")).expect("digits")
 }
 
-/// A pointer id from a URL path.
+/// A pointer id from a URL path that names a pointer to write: a malformed
+/// one is 400.
 pub(crate) fn path_id(id: &str) -> Result<PointerId, ApiError> {
     PointerId::parse(id).map_err(|e| ApiError::InvalidParameter(format!("id: {e}")))
+}
+
+/// A pointer id from a URL path that names a pointer to read or delete: a
+/// malformed id names no pointer, so it is 404 `NO_RECORD_FOUND`, as NRLF
+/// answers. The id is not echoed: it is whatever the caller typed.
+pub(crate) fn lookup_id(id: &str) -> Result<PointerId, ApiError> {
+    PointerId::parse(id).map_err(|_| ApiError::NotFound("no pointer has that id".into()))
 }
 
 /// A request body of FHIR JSON (`application/fhir+json`), read within the
