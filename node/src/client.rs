@@ -76,7 +76,7 @@ pub struct Target {
     /// The dev cluster's cluster.json (used when --url is not given).
     #[arg(long, env = "HIE_CLUSTER", default_value = ".hie-dev/cluster.json", global = true)]
     pub cluster: PathBuf,
-    /// Which node of cluster.json to call (default: the first).
+    /// Which node of cluster.json to call (default: the first that accepts a connection).
     #[arg(long, global = true)]
     pub node: Option<u64>,
     /// Which client of cluster.json to act as (default: one with the needed role).
@@ -379,6 +379,17 @@ pub struct Api {
     pub base: String,
 }
 
+/// How long the CLI waits for a node's TCP accept when it picks one.
+const PICK_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Whether the host and port of `api_url` accept a TCP connection.
+fn reachable(api_url: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    let Some(authority) = api_url.split("://").nth(1).and_then(|r| r.split('/').next()) else { return false };
+    let Ok(mut addrs) = authority.to_socket_addrs() else { return false };
+    addrs.any(|a| std::net::TcpStream::connect_timeout(&a, PICK_CONNECT_TIMEOUT).is_ok())
+}
+
 /// How long the CLI waits for an answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -400,7 +411,13 @@ impl Api {
             Some(id) => {
                 cluster.nodes.iter().find(|n| n.id == id).with_context(|| format!("no node {id} in cluster.json"))?
             }
-            None => cluster.nodes.first().context("cluster.json lists no nodes")?,
+            // The first node that accepts a connection: a cluster command
+            // (removing a dead node above all) must not fail because the
+            // first node listed is the one that is down.
+            None => {
+                let first = cluster.nodes.first().context("cluster.json lists no nodes")?;
+                cluster.nodes.iter().find(|n| reachable(&n.api_url)).unwrap_or(first)
+            }
         };
         let client = match &t.client {
             Some(name) => {

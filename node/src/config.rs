@@ -11,6 +11,11 @@ use hie_domain::raft::{NodeId, NodeInfo};
 use hie_p2p::{Multiaddr, P2pConfig, PeerId};
 use hie_replica::{RaftTuning, ReplicaConfig};
 use hie_store::StoreOptions;
+
+/// What one entry of a batch Bundle adds to its Raft entry beside the
+/// pointer's own JSON (ids, codes and times in CBOR, about 300 bytes), with
+/// room to spare.
+const BATCH_ENTRY_OVERHEAD_BYTES: usize = 512;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,11 +38,16 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditSection {
-    /// Record every access to patient data. Turn off only to measure what
-    /// auditing costs (benchmarks); a node without an audit log answers
-    /// "who looked" queries with an error.
+    /// Record every access to patient data. Off only with
+    /// `benchmark_only_without_audit` as well (the node refuses to start
+    /// otherwise): to measure what auditing costs, on test data; a node
+    /// without an audit log answers "who looked" queries with an error.
     #[serde(default = "defaults::audit_enabled")]
     pub enabled: bool,
+    /// Says that this node serves only test data for a benchmark, so that
+    /// `enabled = false` is not a mistake.
+    #[serde(default)]
+    pub benchmark_only_without_audit: bool,
     /// Where the hash-chained segments and their index live
     /// (default: `<data_dir>/audit`).
     #[serde(default)]
@@ -350,6 +360,15 @@ impl Config {
         if self.p2p.message_bytes_max < (self.raft.snapshot_chunk_bytes as usize) * 2 {
             bail!("p2p.message_bytes_max: must be at least twice raft.snapshot_chunk_bytes");
         }
+        // A batch becomes one Raft entry: it must fit what the log accepts,
+        // or a Bundle within the body limit would stop the leader's appends.
+        let entry_max = StoreOptions::default().entry_bytes_max;
+        let batch_entry = self.api.body_bytes_max * 2 + self.api.bundle_entries_max * BATCH_ENTRY_OVERHEAD_BYTES;
+        if batch_entry > entry_max {
+            bail!(
+                "api.body_bytes_max and api.bundle_entries_max: a full batch could encode to {batch_entry} bytes, more than the Raft log's entry limit of {entry_max} bytes; lower them"
+            );
+        }
         if self.p2p.message_bytes_max < self.api.body_bytes_max * 4 {
             bail!(
                 "p2p.message_bytes_max: must be at least four times api.body_bytes_max (a forwarded write carries the pointer)"
@@ -392,6 +411,11 @@ impl Config {
             && !d.is_absolute()
         {
             bail!("audit.dir: must be an absolute path");
+        }
+        if !a.enabled && !a.benchmark_only_without_audit {
+            bail!(
+                "audit.enabled = false: refused: a node that serves patient data records every access; on a node that serves only test data for a benchmark, set audit.benchmark_only_without_audit = true as well"
+            );
         }
         if a.segment_bytes_max < 64 << 10 {
             bail!("audit.segment_bytes_max: must be at least 65536");
@@ -574,6 +598,26 @@ public_url = "http://127.0.0.1:9001"
         let text = minimal(dir.path()).replace("[admin]", "[raft]\nelection_timeout_min_ms = 2000\n[admin]");
         let err = toml::from_str::<Config>(&text).unwrap().validate().unwrap_err().to_string();
         assert!(err.starts_with("raft.election_timeout_max_ms"), "{err}");
+    }
+
+    /// A node without an audit log starts only when told it serves a benchmark.
+    #[test]
+    fn audit_off_is_refused_unless_it_is_a_benchmark() {
+        let dir = tempfile::tempdir().unwrap();
+        let off = minimal(dir.path()) + "[audit]\nenabled = false\n";
+        let err = toml::from_str::<Config>(&off).unwrap().validate().unwrap_err().to_string();
+        assert!(err.starts_with("audit.enabled = false: refused"), "{err}");
+        let bench = off + "benchmark_only_without_audit = true\n";
+        toml::from_str::<Config>(&bench).unwrap().validate().unwrap();
+    }
+
+    /// A body limit that would let a full batch outgrow a Raft entry is refused.
+    #[test]
+    fn a_batch_must_fit_a_raft_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = minimal(dir.path()).replace("[admin]", "body_bytes_max = 4194304\n[admin]");
+        let err = toml::from_str::<Config>(&text).unwrap().validate().unwrap_err().to_string();
+        assert!(err.starts_with("api.body_bytes_max and api.bundle_entries_max"), "{err}");
     }
 
     #[test]

@@ -486,7 +486,11 @@ fn node_config(
         raft,
         cluster: ClusterSection { bootstrap, initial_members: if bootstrap { members.to_vec() } else { vec![] } },
         log: LogSection::default(),
-        audit: AuditSection { enabled: !tuning.no_audit, ..AuditSection::default() },
+        audit: AuditSection {
+            enabled: !tuning.no_audit,
+            benchmark_only_without_audit: tuning.no_audit,
+            ..AuditSection::default()
+        },
     }
 }
 

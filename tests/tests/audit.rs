@@ -335,6 +335,108 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// A node that dies after its change is committed and before it records
+/// how the change ended (or answers) has already recorded, fsynced, the
+/// change's intent: the patient's trail shows it, with no outcome, and the
+/// change itself is in the cluster. Another change, answered, shows only
+/// its outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_commit_leaves_the_changes_intent_in_the_trail() -> anyhow::Result<()> {
+    let c = Cluster::up(&["--patients", "0"])?;
+    let leader = c.wait_leader(Duration::from_secs(10)).await?;
+    let victim = c.node_ids().into_iter().find(|id| *id != leader).unwrap();
+    let other = c.node_ids().into_iter().find(|id| *id != victim).unwrap();
+    let patient = nhs(5151);
+    let gp = c.http("gp-practice-a");
+    let answered = create_pointer(&gp, &c.api_url(victim), &pointer_body(&patient, "A81001", "intent-1")).await?;
+    assert_eq!(answered.status, 201, "{}", answered.body);
+
+    // The victim again, with the fault point that aborts after a commit.
+    c.kill9(victim);
+    let log = c.data_dir(victim).join("hie.log");
+    c.restart_with(victim, &["env".into(), "HIE_FAULT_ABORT_AFTER_COMMIT=1".into()], &log)?;
+    wait_ready(&c, victim).await?;
+    let crashed = create_pointer(&gp, &c.api_url(victim), &pointer_body(&patient, "A81001", "intent-2")).await;
+    if let Ok(r) = &crashed {
+        assert!(r.status >= 500, "the node answered: {} {}", r.status, r.body);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.pid(victim).is_some() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "node {victim} did not abort");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The change was committed: the cluster has both pointers.
+    let lin = [("x-hie-consistency", "linearizable")];
+    let found = search(&c.http("ambulance-service"), &c.api_url(other), &patient, &lin).await?;
+    assert_eq!(found.body["total"], 2, "{}", found.body);
+
+    c.restart(victim)?;
+    wait_ready(&c, victim).await?;
+    let r = reply(audit_query(&c.http("patient-app"), &c.api_url(other), &patient)).await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (events, outcomes) = split(&r.body);
+    assert!(outcomes.is_empty(), "every node answered: {outcomes:?}");
+    let creates: Vec<&Value> = events.iter().filter(|e| e["subtype"][0]["code"] == "create").collect();
+    assert_eq!(creates.len(), 2, "one record per create: {creates:?}");
+    assert_eq!(creates[0]["outcome"], "0", "the answered create shows its outcome, its intent hidden");
+    assert!(creates[1].get("outcome").is_none(), "the crashed create shows its intent: {}", creates[1]);
+    let desc = creates[1]["outcomeDesc"].as_str().unwrap_or("");
+    assert!(desc.starts_with("intent"), "{desc}");
+    let observer = creates[1]["source"]["observer"]["display"].as_str().unwrap_or("");
+    assert!(observer.starts_with(&format!("node-{victim} ")), "recorded by the node that crashed: {observer}");
+    // And the chain holds both records of the first create and the second's intent.
+    let config = c.dir.path().join(format!("node-{victim}.toml")).display().to_string();
+    let verified = hie(&["audit", "verify", "--config", &config])?;
+    assert!(verified.contains("audit chain intact"), "{verified}");
+    Ok(())
+}
+
+/// Operators are audited like accesses to patient data: every `/admin/*`
+/// request, a refused attempt too, is in the node's audit log (its export;
+/// it names no patient, so no patient's trail shows it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_actions_are_in_the_audit_log() -> anyhow::Result<()> {
+    let c = Cluster::up(&["--patients", "0"])?;
+    c.wait_leader(Duration::from_secs(10)).await?;
+    let admin = |path: &str| format!("{}{path}", c.api_url(1).trim_end_matches("/fhir"));
+    let op = c.http("operator");
+    let backup = op.get(admin("/admin/backup")).send().await?;
+    assert_eq!(backup.status(), 200);
+    let body = serde_json::json!({ "pointer_types": ["736253002"] });
+    let put = reply(op.put(admin("/admin/consumers/RX9")).json(&body)).await?;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let tried = reply(c.http("gp-practice-a").get(admin("/admin/backup"))).await?;
+    assert_eq!(tried.status, 403);
+
+    let config = c.dir.path().join("node-1.toml").display().to_string();
+    let export = c.dir.path().join("export.ndjson");
+    hie(&["audit", "export", "--config", &config, "--out", &export.display().to_string()])?;
+    let events: Vec<Value> =
+        std::fs::read_to_string(&export)?.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let of = |what: &str| -> Vec<&Value> {
+        events
+            .iter()
+            .filter(|e| e["entity"].as_array().into_iter().flatten().any(|x| x["what"]["reference"] == what))
+            .collect()
+    };
+    let backups = of("GET /admin/backup");
+    assert_eq!(backups.len(), 2, "the backup and the refused attempt: {events:?}");
+    let who: Vec<(&str, &str)> = backups
+        .iter()
+        .map(|e| (e["agent"][0]["who"]["identifier"]["value"].as_str().unwrap(), e["outcome"].as_str().unwrap()))
+        .collect();
+    assert!(who.contains(&("X26OPS", "0")), "{who:?}");
+    assert!(who.contains(&("A81001", "4")), "the refused attempt: {who:?}");
+    assert!(backups.iter().all(|e| e["purposeOfEvent"][0]["coding"][0]["code"] == "HOPERAT"));
+    // A registry change is a change: its intent, fsynced before it was
+    // proposed, then how it ended.
+    let registry = of("PUT /admin/consumers/RX9");
+    assert_eq!(registry.len(), 2, "{events:?}");
+    assert!(registry[0].get("outcome").is_none(), "the intent first: {}", registry[0]);
+    assert_eq!((registry[1]["action"].as_str(), registry[1]["outcome"].as_str()), (Some("U"), Some("0")));
+    Ok(())
+}
+
 async fn wait_ready(c: &Cluster, id: u64) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let http = reqwest::Client::new();

@@ -182,3 +182,114 @@ async fn non_members_and_bad_messages_are_refused_and_logged() -> anyhow::Result
     assert_eq!(r.status, 201, "{}", r.body);
     Ok(())
 }
+
+/// Serves nothing: the test's transport only sends.
+struct Deaf;
+
+impl hie_p2p::Inbound for Deaf {
+    fn handle(
+        &self,
+        _: hie_p2p::PeerId,
+        _: hie_p2p::Request,
+    ) -> futures::future::BoxFuture<'static, hie_p2p::Response> {
+        Box::pin(async { hie_p2p::Response::Refused("the test serves nothing".into()) })
+    }
+}
+
+/// What `peer` answers to an audit query and a read-index request sent by
+/// `key` over the real transport: `"audit answered"`, `"read-index
+/// answered"`, or why not.
+async fn as_peer(key: Keypair, peer: hie_p2p::PeerId, addr: Multiaddr) -> Vec<String> {
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let config = hie_p2p::P2pConfig {
+        listen: "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+        seeds: vec![(peer, addr)],
+        request_timeout: Duration::from_secs(3),
+        message_bytes_max: 16 << 20,
+        connections_max: 8,
+        reconnect_backoff_min: Duration::from_millis(100),
+        reconnect_backoff_max: Duration::from_secs(1),
+        concurrent_streams_max: 8,
+    };
+    let p2p = hie_p2p::P2p::start(config, key, std::sync::Arc::new(Deaf), shutdown).await.unwrap();
+    let query = hie_domain::audit::AuditQuery {
+        subject: hie_domain::NhsNumber::parse(&nhs(1)).unwrap(),
+        since: None,
+        until: None,
+        limit: 10,
+    };
+    let mut outcomes = vec![];
+    // The first request may race the connection being set up: a few tries.
+    for (name, request) in [
+        ("audit", hie_p2p::Request::AuditQuery(query)),
+        ("read-index", hie_p2p::Request::ReadIndex),
+    ] {
+        let mut outcome = String::new();
+        for _ in 0..5 {
+            let request = match &request {
+                hie_p2p::Request::AuditQuery(q) => hie_p2p::Request::AuditQuery(q.clone()),
+                _ => hie_p2p::Request::ReadIndex,
+            };
+            outcome = match tokio::time::timeout(Duration::from_secs(5), p2p.request(peer, request)).await {
+                Ok(Ok(hie_p2p::Response::AuditQuery(Ok(_)))) | Ok(Ok(hie_p2p::Response::ReadIndex(_))) => {
+                    format!("{name} answered")
+                }
+                Ok(Ok(hie_p2p::Response::Refused(why))) => format!("{name} refused: {why}"),
+                Ok(Ok(other)) => format!("{name} answered {}", other.kind()),
+                Ok(Err(e)) => format!("{name} not delivered: {e}"),
+                Err(_) => format!("{name} timed out"),
+            };
+            if outcome.ends_with("answered") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        outcomes.push(outcome);
+    }
+    outcomes
+}
+
+/// A node that joined with seed peers allows them only until it is a member
+/// itself: the key of a seed that was then removed from the membership gets
+/// no audit trail and no read-index answer (nor, on the same lanes,
+/// forwarded writes or votes), where the same key was served while it was a
+/// member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_seed_peers_key_is_served_nothing() -> anyhow::Result<()> {
+    let mut c = Cluster::up(&["--patients", "3"])?;
+    let leader = c.wait_leader(Duration::from_secs(10)).await?;
+    // Node 4 joins with nodes 1 to 3 as its seeds.
+    hie(&["dev", "add-node", "--dir", &c.dir_str(), "--region", "south-west"])?;
+    c.reload();
+    let victim = c.node_ids().into_iter().find(|id| *id != leader && *id != 4).unwrap();
+    let victim_key = Keypair::from_protobuf_encoding(&std::fs::read(c.dir.path().join(format!("node-{victim}/node.key")))?)?;
+    let node4_peer: hie_p2p::PeerId = c.node(4)["peer_id"].as_str().unwrap().parse()?;
+    let node4_addr: Multiaddr = c.node(4)["p2p_addr"].as_str().unwrap().parse()?;
+
+    // The victim's key, while it is a member, is served (its own process is
+    // stopped so that only the test speaks with that identity).
+    c.kill9(victim);
+    let member = as_peer(victim_key.clone(), node4_peer, node4_addr.clone()).await;
+    eprintln!("as a member: {member:?}");
+    assert_eq!(member, ["audit answered", "read-index answered"], "a member is served");
+
+    // Decommissioned: removed from the membership. Node 4 sees it go.
+    hie(&["cluster", "remove", &victim.to_string(), "--cluster", &c.cluster_json(), "--node", "4"])?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = c.admin(4, "/status").await.unwrap_or_default();
+        let gone = status["members"].as_array().is_some_and(|m| !m.iter().any(|m| m["id"] == victim));
+        if gone {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "node 4 never saw {victim} removed: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let removed = as_peer(victim_key, node4_peer, node4_addr).await;
+    eprintln!("after removal: {removed:?}");
+    assert!(removed.iter().all(|o| !o.ends_with("answered")), "a removed seed's key was served: {removed:?}");
+    let log = std::fs::read_to_string(c.dir.path().join("node-4/hie.log"))?;
+    assert!(log.contains("peer left the membership; refusing it from now on"), "the refusal is logged");
+    Ok(())
+}

@@ -26,6 +26,8 @@ pub(crate) struct RequestCtx {
     pub(crate) caller: Caller,
     /// The client's `X-Request-ID` (checked) or a new one.
     pub(crate) request_id: String,
+    /// The client's `X-Correlation-ID` (checked), when it sent one.
+    pub(crate) correlation_id: Option<String>,
     /// The accesses to patients' data this request makes, recorded by the
     /// envelope once the answer is known.
     pub(crate) audit: AuditSlot,
@@ -125,9 +127,11 @@ fn refusal(st: &AppState, identity: &ConnIdentity, method: &Method, route: &str)
         Ok(_) => {}
     }
     // Fail closed, before any effect: while the audit log cannot be written,
-    // refuse requests that would change patient data rather than change it
-    // and fail to record that (the batch route is the base, `/fhir`).
-    let changes = method != Method::GET && (route == "/fhir" || route.starts_with("/fhir/"));
+    // refuse requests that would change patient data or the cluster
+    // (`/admin/*`) rather than make the change and fail to record it (the
+    // batch route is the base, `/fhir`).
+    let changes = method != Method::GET
+        && (route == "/fhir" || route.starts_with("/fhir/") || route.starts_with("/admin/"));
     (changes && st.audit.as_ref().is_some_and(|a| a.failing())).then(|| {
         ApiError::AuditUnavailable(
             "the audit log of this node cannot be written at the moment; nothing was changed".into(),
@@ -153,11 +157,15 @@ pub(crate) async fn envelope(
     let (request_id, correlation_id) = ids;
     let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let slot = AuditSlot::default();
+    if route.starts_with("/admin/") {
+        slot.operator(&method, req.uri().path());
+    }
     let caller = identity.caller;
     if let Ok(c) = &caller {
         let ctx = RequestCtx {
             caller: c.clone(),
             request_id: request_id.clone(),
+            correlation_id: correlation_id.clone(),
             audit: slot.clone(),
             purpose: purpose(req.headers()),
         };

@@ -14,7 +14,7 @@ use hie_domain::{
 };
 use hie_fhir as fhir;
 
-use crate::audit_slot::{AuditSlot, access, now};
+use crate::audit_slot::{AuditSlot, access, now, record_intents};
 use crate::envelope::RequestCtx;
 use crate::error::{ApiError, success_outcome};
 use crate::respond::{FhirBody, consistency, etag, fhir_json, fhir_text, lookup_id, path_id, with_freshness};
@@ -50,11 +50,30 @@ fn written(st: &AppState, headers: &HeaderMap, outcome: Outcome) -> Result<Respo
     Ok(resp)
 }
 
-/// Sends a command through Raft; a rejection becomes its error.
+/// Sends a command through Raft, once the intent of every change to
+/// patient data it makes is fsynced in the audit log; a rejection becomes
+/// its error.
 pub(crate) async fn run_write(st: &AppState, ctx: &RequestCtx, command: Command) -> Result<Outcome, ApiError> {
-    match st.replica.write(&ctx.caller, command, &ctx.request_id).await? {
+    if let Some(log) = &st.audit {
+        record_intents(st, log, &ctx.audit, &ctx.caller, (&ctx.request_id, ctx.correlation_id.as_deref())).await?;
+    }
+    let outcome = st.replica.write(&ctx.caller, command, &ctx.request_id).await?;
+    fault_point_after_commit();
+    match outcome {
         Outcome::Rejected(r) => Err(r.into()),
         o => Ok(o),
+    }
+}
+
+/// A fault point for tests: with `HIE_FAULT_ABORT_AFTER_COMMIT=1` in its
+/// environment, the node aborts once a write is committed and before it
+/// records how it ended or answers (a crash at the worst moment for the
+/// audit). Read once.
+fn fault_point_after_commit() {
+    static ABORT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ABORT.get_or_init(|| std::env::var("HIE_FAULT_ABORT_AFTER_COMMIT").is_ok_and(|v| v == "1")) {
+        tracing::error!("HIE_FAULT_ABORT_AFTER_COMMIT: aborting after a commit (a test's fault point)");
+        std::process::abort();
     }
 }
 
@@ -244,7 +263,21 @@ async fn put_pointer(
         (None, None) => return Err(ApiError::InvalidResource("a PUT needs the pointer's id in the body".into())),
     };
     let mut pointer = parsed.pointer;
-    ctx.audit.set(&pointer.subject, Action::Update, "update", &Purpose::DirectCare);
+    // The patient whose pointer this is, as this node knows it: a PUT to a
+    // pointer that names another patient in its body is recorded in the
+    // trail of the patient it belongs to, so that no producer can write
+    // failed updates into any patient's trail it likes. (A pointer this
+    // node has not seen yet is a create of the body's patient.)
+    // Another organisation's id is refused from the id alone (as the apply
+    // does), the same answer whether or not such a pointer exists.
+    if id.custodian() != ctx.caller.ods {
+        return Err(ApiError::Forbidden("a producer may only choose ids beginning with its own ODS code".into()));
+    }
+    let subject = match st.replica.stored_pointer(&id).await? {
+        Some(stored) => stored.subject,
+        None => pointer.subject,
+    };
+    ctx.audit.set(&subject, Action::Update, "update", &Purpose::DirectCare);
     ctx.audit.resource(format!("DocumentReference/{id}"));
     pointer.id = id;
     pointer.updated = now();
@@ -256,6 +289,11 @@ async fn put_pointer(
 pub(crate) async fn delete(State(st): St, ctx: RequestCtx, Path(id): Path<String>) -> Result<Response, ApiError> {
     ctx.require(Role::Producer)?;
     let id = lookup_id(&id)?;
+    // Another organisation's id is refused from the id alone: the same
+    // answer whether or not such a pointer exists.
+    if id.custodian() != ctx.caller.ods {
+        return Err(ApiError::Forbidden(format!("only the custodian may delete pointer {id}")));
+    }
     if let Some(p) = st.replica.stored_pointer(&id).await? {
         ctx.audit.set(&p.subject, Action::Delete, "delete", &Purpose::DirectCare);
         ctx.audit.resource(format!("DocumentReference/{id}"));

@@ -36,10 +36,12 @@ impl Action {
     }
 }
 
-/// One access to one patient's data.
+/// One access to one patient's data, or (no subject) an operator's action.
 #[derive(Debug, Clone)]
 pub struct Access {
-    pub subject: NhsNumber,
+    /// `None` for an operator's action (`/admin/*`): it names no patient and
+    /// is not indexed by patient; `hie audit export` has it.
+    pub subject: Option<NhsNumber>,
     pub action: Action,
     /// FHIR restful-interaction code: `read`, `search-type`, `create`, ...
     pub interaction: &'static str,
@@ -62,7 +64,8 @@ pub struct Context<'a> {
     /// The node that served the request, for example `node-1 (north-east)`.
     pub node: &'a str,
     pub recorded: Timestamp,
-    /// The HTTP status answered.
+    /// The HTTP status answered; [`INTENT`] for the record of a change
+    /// written before the change is proposed.
     pub status: u16,
     /// The error code when the request was refused.
     pub error_code: Option<&'a str>,
@@ -143,6 +146,51 @@ struct Stored<'a> {
 
 const STORED_FORMAT: u8 = 2;
 
+/// The status of an intent: the record of a change, written and fsynced
+/// before the change is proposed, so that no change can be committed
+/// without a record of it even if the node stops before it answers. The
+/// record of how the change ended (same request id) follows it; a query
+/// shows the intent only when that record is missing.
+pub const INTENT: u16 = 0;
+
+/// What pairs an intent with the record of how its change ended: request,
+/// action, resource and patient.
+fn pairing(event: &Value) -> Option<(bool, [&str; 4])> {
+    let s = |k: &str| event.get(k).and_then(Value::as_str).unwrap_or("");
+    let status = event.get("status")?.as_u64()?;
+    Some((status == u64::from(INTENT), [s("request"), s("action"), s("resource"), s("patient")]))
+}
+
+/// Drops from `events` (stored form, oldest first) every intent that a
+/// later record of the same change settles: what remains of an intent is
+/// a change whose end the node never recorded.
+pub fn hide_settled_intents<T>(events: &mut Vec<T>, stored: impl Fn(&T) -> &Value) {
+    let mut settled: std::collections::HashMap<[&str; 4], usize> = std::collections::HashMap::new();
+    for e in events.iter() {
+        if let Some((false, key)) = pairing(stored(e)) {
+            *settled.entry(key).or_default() += 1;
+        }
+    }
+    if settled.is_empty() {
+        return;
+    }
+    let keep: Vec<bool> = events
+        .iter()
+        .map(|e| match pairing(stored(e)) {
+            Some((true, key)) => match settled.get_mut(&key) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    false
+                }
+                _ => true,
+            },
+            _ => true,
+        })
+        .collect();
+    let mut keep = keep.into_iter();
+    events.retain(|_| keep.next().unwrap_or(true));
+}
+
 // The resource, typed so it is built without intermediate maps.
 
 #[derive(Serialize)]
@@ -215,7 +263,9 @@ struct AuditEvent<'a> {
     entity: Vec<Entity<'a>>,
     id: &'a str,
     meta: Meta<'a>,
-    outcome: &'a str,
+    /// Absent for an intent: how the change ended was never recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     outcomeDesc: Option<String>,
     purposeOfEvent: [Concept<'a>; 1],
@@ -233,7 +283,7 @@ const fn coding<'a>(system: &'a str, code: &'a str, display: &'a str) -> Coding<
 
 /// The event for an access, in its stored form.
 pub fn audit_event(access: &Access, ctx: &Context<'_>) -> Event {
-    let subject = access.subject.as_str();
+    let subject = access.subject.as_ref().map_or("", NhsNumber::as_str);
     let stored = Stored {
         action: access.action.code(),
         at: ctx.recorded.0,
@@ -288,9 +338,10 @@ fn stored(event: &Value) -> Result<Option<Stored<'_>>, String> {
 fn balp<'a>(s: &Stored<'a>) -> AuditEvent<'a> {
     // FHIR AuditEvent.outcome: 0 success, 4 minor failure, 8 serious failure.
     let outcome = match s.status {
-        200..=399 => "0",
-        400..=499 => "4",
-        _ => "8",
+        INTENT => None,
+        200..=399 => Some("0"),
+        400..=499 => Some("4"),
+        _ => Some("8"),
     };
     let mut subtype =
         vec![Coding { code: s.interaction, display: None, system: "http://hl7.org/fhir/restful-interaction" }];
@@ -304,10 +355,15 @@ fn balp<'a>(s: &Stored<'a>) -> AuditEvent<'a> {
             ));
             Concept { coding: vec![coding(ACT_REASON, "ETREAT", "Emergency Treatment")], text: Some(reason) }
         }
+        // An operator's action names no patient.
+        None if s.patient.is_empty() => {
+            Concept { coding: vec![coding(ACT_REASON, "HOPERAT", "healthcare operations")], text: None }
+        }
         None => Concept { coding: vec![coding(ACT_REASON, "TREAT", "treatment")], text: None },
     };
-    let mut entity = vec![
-        Entity {
+    let mut entity = Vec::with_capacity(4);
+    if !s.patient.is_empty() {
+        entity.push(Entity {
             role: Some(coding("http://terminology.hl7.org/CodeSystem/object-role", "1", "Patient")),
             kind: coding("http://terminology.hl7.org/CodeSystem/audit-entity-type", "1", "Person"),
             what: Reference {
@@ -315,7 +371,9 @@ fn balp<'a>(s: &Stored<'a>) -> AuditEvent<'a> {
                 identifier: Some(Ident { system: NHS_NUMBER_SYSTEM, value: s.patient }),
                 reference: None,
             },
-        },
+        });
+    }
+    entity.push(
         Entity {
             role: None,
             kind: Coding {
@@ -329,7 +387,7 @@ fn balp<'a>(s: &Stored<'a>) -> AuditEvent<'a> {
                 reference: None,
             },
         },
-    ];
+    );
     if let Some(corr) = s.corr {
         // The client's correlation id, as a second request identifier.
         entity.push(Entity {
@@ -397,8 +455,15 @@ fn balp<'a>(s: &Stored<'a>) -> AuditEvent<'a> {
         id: s.id,
         meta: Meta { profile: [profile] },
         outcome,
-        outcomeDesc: (outcome != "0")
-            .then(|| format!("HTTP {}{}", s.status, s.error.map(|c| format!(" {c}")).unwrap_or_default())),
+        outcomeDesc: match outcome {
+            Some("0") => None,
+            Some(_) => Some(format!("HTTP {}{}", s.status, s.error.map(|c| format!(" {c}")).unwrap_or_default())),
+            None => Some(
+                "intent: recorded before the change was proposed; the node recorded no outcome (it stopped before \
+                 answering), so the change may or may not have been made"
+                    .to_owned(),
+            ),
+        },
         purposeOfEvent: [purpose],
         recorded: instant(Timestamp(s.at)),
         resourceType: "AuditEvent",
@@ -420,10 +485,10 @@ pub fn recorded_millis(event: &Value) -> Option<i64> {
     Some(chrono::DateTime::parse_from_rfc3339(s).ok()?.timestamp_millis())
 }
 
-/// The patient a stored event is about.
+/// The patient a stored event is about (none for an operator's action).
 pub fn subject_of(event: &Value) -> Option<&str> {
     if let Some(patient) = event.get("patient") {
-        return patient.as_str();
+        return patient.as_str().filter(|p| !p.is_empty());
     }
     event.get("entity")?.as_array()?.iter().find_map(|e| {
         let id = e.get("what")?.get("identifier")?;
@@ -443,7 +508,7 @@ mod tests {
             [(None, 200, None), (Some("unconscious"), 404, Some("DocumentReference/x".into()))]
         {
             let access = Access {
-                subject: hie_domain::mem::testkit::nhs(3),
+                subject: Some(hie_domain::mem::testkit::nhs(3)),
                 action: Action::Read,
                 interaction: "read",
                 resource,
@@ -507,9 +572,30 @@ mod tests {
         assert!(render(&unknown).unwrap_err().contains("format 3"));
     }
 
+    /// An operator's action names no patient, is not indexed by one, and
+    /// reads back as an AuditEvent for healthcare operations.
+    #[test]
+    fn an_operator_action_names_no_patient() {
+        let action = Access {
+            subject: None,
+            action: Action::Execute,
+            interaction: "operation",
+            resource: Some("GET /admin/backup".into()),
+            emergency_reason: None,
+        };
+        let e = audit_event(&action, &context());
+        let v: Value = serde_json::from_slice(&e.json).unwrap();
+        assert_eq!(subject_of(&v), None);
+        let r = render(&v).unwrap();
+        assert_eq!(r["purposeOfEvent"][0]["coding"][0]["code"], "HOPERAT");
+        let entities = r["entity"].as_array().unwrap();
+        assert!(entities.iter().all(|e| e["what"]["identifier"]["system"] != NHS_NUMBER_SYSTEM), "{r}");
+        assert!(entities.iter().any(|e| e["what"]["reference"] == "GET /admin/backup"), "{r}");
+    }
+
     fn access() -> Access {
         Access {
-            subject: hie_domain::mem::testkit::nhs(1),
+            subject: Some(hie_domain::mem::testkit::nhs(1)),
             action: Action::Create,
             interaction: "create",
             resource: None,

@@ -14,5 +14,5 @@ pub mod chain;
 pub mod event;
 mod log;
 
-pub use event::{Access, Action, Context, Event, EventIds, audit_event, render};
+pub use event::{Access, Action, Context, Event, EventIds, INTENT, audit_event, render};
 pub use log::{AuditConfig, AuditError, AuditLog};

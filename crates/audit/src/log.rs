@@ -70,6 +70,10 @@ pub enum AuditError {
     Timeout(u128),
     #[error("the audit log has stopped")]
     Stopped,
+    #[error(
+        "the audit log stopped after a failed fsync (records in the page cache may never reach the disk); restart the node"
+    )]
+    Halted,
     #[error("audit log: {0}")]
     Open(String),
 }
@@ -90,8 +94,18 @@ struct Inner {
     /// it hashes its record onto the chain and copies it in (a couple of
     /// microseconds), and by the syncer thread's upkeep.
     head: Mutex<Head>,
-    /// Set by a failed write or fsync, cleared by the next success.
+    /// Set by a failed write (no room), cleared by the next success.
     failing: AtomicBool,
+    /// Set by a failed fsync, never cleared: after one, Linux may have
+    /// dropped the dirty pages (or marked them clean), so nothing written
+    /// since the last good fsync can be trusted to reach the disk, and
+    /// writing on would chain new records onto records that may be lost.
+    /// The node refuses patient-data requests until it restarts, and then
+    /// reopens the chain from what is on disk.
+    halted: AtomicBool,
+    /// Test-only: fsyncs fail.
+    #[cfg(test)]
+    fail_fsync: AtomicBool,
     /// Set while the index is behind the log because it could not be
     /// written: the syncer thread stops indexing new records and retries
     /// from the index's high-water mark, and queries also read the log past
@@ -107,7 +121,8 @@ struct Inner {
 /// A record written, to be indexed once it is fsynced.
 struct Unindexed {
     seq: u64,
-    patient: [u8; 16],
+    /// `None` for an operator's action, which names no patient.
+    patient: Option<[u8; 16]>,
     loc: Loc,
 }
 
@@ -415,6 +430,9 @@ impl AuditLog {
             metrics,
             head: Mutex::new(Head { segment, file: Arc::new(file), map, len, reserved: len, seq, prev }),
             failing: AtomicBool::new(false),
+            halted: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_fsync: AtomicBool::new(false),
             index_behind: AtomicBool::new(false),
             pending: Mutex::new(Pending::default()),
             wake: Condvar::new(),
@@ -461,7 +479,13 @@ impl AuditLog {
     /// that would change data are refused before they do, rather than done
     /// and not audited.
     pub fn failing(&self) -> bool {
-        self.inner.failing.load(Ordering::Acquire)
+        self.inner.failing.load(Ordering::Acquire) || self.halted()
+    }
+
+    /// True once an fsync failed: the log writes nothing more until the
+    /// node restarts.
+    pub fn halted(&self) -> bool {
+        self.inner.halted.load(Ordering::Acquire)
     }
 }
 
@@ -496,8 +520,8 @@ fn query(index: &SideTable, dir: &Path, index_behind: bool, q: &AuditQuery) -> R
                 .ok()
                 .and_then(|_| chain::parse_record(buf.strip_suffix(b"\n").unwrap_or(&buf)).ok())
                 .filter(|r| r.seq == seq && subject_of(&r.event) == Some(q.subject.as_str()));
-            match good.and_then(|r| crate::event::render(&r.event).ok()) {
-                Some(event) => events.push((loc.recorded, seq, event.to_string())),
+            match good.filter(|r| crate::event::check(&r.event).is_ok()) {
+                Some(r) => events.push((loc.recorded, seq, r.event)),
                 None => {
                     tracing::error!(seq, "audit record failed its integrity check on a query; run `hie audit verify`");
                     page.damaged.push(seq);
@@ -509,8 +533,8 @@ fn query(index: &SideTable, dir: &Path, index_behind: bool, q: &AuditQuery) -> R
             for_each_unindexed(dir, hwm, |_, records| {
                 for (r, loc) in records {
                     if subject_of(&r.event) == Some(q.subject.as_str()) && in_range(&loc) && !seen.contains(&r.seq) {
-                        match crate::event::render(&r.event) {
-                            Ok(event) => events.push((loc.recorded, r.seq, event.to_string())),
+                        match crate::event::check(&r.event) {
+                            Ok(()) => events.push((loc.recorded, r.seq, r.event)),
                             Err(_) => page.damaged.push(r.seq),
                         }
                     }
@@ -527,8 +551,14 @@ fn query(index: &SideTable, dir: &Path, index_behind: bool, q: &AuditQuery) -> R
         }
         // Concurrent requests are numbered in the order their records
         // reached the writer; answer in the order they were recorded.
-        events.sort();
-        page.events = events.into_iter().map(|(_, _, e)| e).collect();
+        events.sort_by_key(|(recorded, seq, _)| (*recorded, *seq));
+        crate::event::hide_settled_intents(&mut events, |(_, _, e)| e);
+        for (_, seq, e) in events {
+            match crate::event::render(&e) {
+                Ok(event) => page.events.push(event.to_string()),
+                Err(_) => page.damaged.push(seq),
+            }
+        }
         Ok(page)
     }
 }
@@ -619,8 +649,11 @@ impl Inner {
                 event.json.len()
             )));
         }
-        let patient = patient_key(&event.subject);
+        let patient = (!event.subject.is_empty()).then(|| patient_key(&event.subject));
         let mut head = self.head().map_err(AuditError::Write)?;
+        if self.halted.load(Ordering::Acquire) {
+            return Err(AuditError::Halted);
+        }
         let seq = head.seq + 1;
         let (line, hash) = chain::record_line(seq, &head.prev, &event.json);
         let n = line.len() as u64;
@@ -727,15 +760,14 @@ impl Inner {
     /// Fsyncs `file`, which holds every record up to `seq` not yet fsynced,
     /// indexes those `records`, and tells the appends and queries waiting.
     fn sync(&self, seq: u64, file: &File, records: Vec<Unindexed>) {
-        match file.sync_data() {
+        match self.sync_file(file) {
             Ok(()) => {
                 self.index(&records);
                 self.synced.send_modify(|s| s.seq = s.seq.max(seq));
             }
             Err(e) => {
-                // Records already answered may not be on disk: say so loudly;
-                // `hie audit verify` shows what survived. The index catches
-                // up from the log, with what is there.
+                // Records already answered (reads') may not be on disk: say
+                // so loudly; `hie audit verify` shows what survived.
                 tracing::error!(error = %e, "audit fsync failed; records written since the last fsync may be lost");
                 self.index_behind.store(true, Ordering::Release);
                 self.fsync_failed();
@@ -753,7 +785,7 @@ impl Inner {
             return;
         }
         let keys: Vec<(Vec<u8>, [u8; 24])> =
-            records.iter().map(|r| (index_key(&r.patient, r.seq), r.loc.encode())).collect();
+            records.iter().filter_map(|r| Some((index_key(r.patient.as_ref()?, r.seq), r.loc.encode()))).collect();
         let hwm = hwm_value(last.seq, last.loc.segment);
         let batch =
             keys.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).chain(std::iter::once((HWM_KEY, hwm.as_slice())));
@@ -768,9 +800,25 @@ impl Inner {
         }
     }
 
+    /// Stops the log: see `halted`.
     fn fsync_failed(&self) {
+        if !self.halted.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                "the audit log stopped: it writes nothing more and this node refuses patient-data requests until it is restarted (ops/RUNBOOK.md#audit-log-failing)"
+            );
+            self.metrics.audit_stopped.set(1);
+        }
         self.mark_failed();
         self.synced.send_modify(|s| s.failures += 1);
+    }
+
+    /// `fdatasync`, which a test can make fail.
+    fn sync_file(&self, file: &File) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.fail_fsync.load(Ordering::Acquire) {
+            return Err(std::io::Error::other("fsync failed (test)"));
+        }
+        file.sync_data()
     }
 
     /// Counts a failed write or fsync; requests that would change data are
@@ -787,7 +835,7 @@ impl Inner {
     /// While failing: is there room again? While the index is behind: index
     /// what it missed.
     fn repair(&self) {
-        if self.failing.load(Ordering::Acquire) {
+        if self.failing.load(Ordering::Acquire) && !self.halted.load(Ordering::Acquire) {
             self.probe();
         }
         if self.index_behind.load(Ordering::Acquire) {
@@ -825,9 +873,9 @@ impl Inner {
     /// Closes the segment (fsynced, without the zeros written ahead) and
     /// starts the next.
     fn roll(&self, head: &mut Head) -> std::io::Result<()> {
-        if let Err(e) = head.file.set_len(head.len).and_then(|_| head.file.sync_data()) {
-            // Fails the durable appends waiting (the caller marks the log failing).
-            self.synced.send_modify(|s| s.failures += 1);
+        if let Err(e) = head.file.set_len(head.len).and_then(|_| self.sync_file(&head.file)) {
+            // Fails the durable appends waiting, and stops the log.
+            self.fsync_failed();
             return Err(e);
         }
         head.reserved = head.len;
@@ -848,12 +896,14 @@ mod tests {
     use hie_domain::Timestamp;
     use hie_domain::mem::testkit::nhs;
 
+    use serde_json::Value;
+
     use super::*;
     use crate::{Access, Action, Context, audit_event};
 
     fn event(patient: u32, at: i64) -> Event {
         let access = Access {
-            subject: nhs(patient),
+            subject: Some(nhs(patient)),
             action: Action::Read,
             interaction: "search-type",
             resource: None,
@@ -871,6 +921,76 @@ mod tests {
             error_code: None,
         };
         audit_event(&access, &ctx)
+    }
+
+    /// A failed fsync stops the log: nothing is written after it (not even
+    /// once fsyncs work again), every append fails, and the node must
+    /// restart, which reopens the chain from what is on disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_fsync_stops_the_log_until_it_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = AuditConfig::new(dir.path().join("audit"));
+        config.retry_after = Duration::from_millis(20);
+        let metrics = Arc::new(Metrics::new());
+        let log = AuditLog::open(config.clone(), metrics.clone()).unwrap();
+        assert_eq!(log.append(event(1, 1_000), true).await.unwrap(), 1);
+        log.inner.fail_fsync.store(true, Ordering::Release);
+        assert!(matches!(log.append(event(1, 1_001), true).await, Err(AuditError::Write(_))), "its fsync failed");
+        assert!(log.halted() && log.failing());
+        assert_eq!(metrics.audit_stopped.get(), 1);
+        // Fsyncs work again; the log still writes nothing, read or change.
+        log.inner.fail_fsync.store(false, Ordering::Release);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(matches!(log.append(event(1, 1_002), false).await, Err(AuditError::Halted)));
+        assert!(matches!(log.append(event(1, 1_003), true).await, Err(AuditError::Halted)));
+        assert!(log.failing(), "a probe does not revive a halted log");
+        drop(log);
+        // Reopened: the chain holds what reached the disk and goes on.
+        let log = AuditLog::open(config, Arc::new(Metrics::new())).unwrap();
+        assert!(!log.failing());
+        let seq = log.append(event(1, 1_004), true).await.unwrap();
+        assert!(seq == 2 || seq == 3, "the record whose fsync failed may or may not be on disk: {seq}");
+        chain::verify(log.dir()).expect("the chain is whole");
+    }
+
+    /// An intent is hidden by the record of how its change ended, and
+    /// shown (with no outcome) when that record is missing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_intent_shows_only_when_its_change_has_no_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(AuditConfig::new(dir.path().join("audit")), Arc::new(Metrics::new())).unwrap();
+        let change = |request: &'static str, status: u16, at: i64| {
+            let access = Access {
+                subject: Some(nhs(1)),
+                action: Action::Create,
+                interaction: "create",
+                resource: Some("DocumentReference/X".into()),
+                emergency_reason: None,
+            };
+            let ctx = Context {
+                event_id: format!("1-{at}"),
+                caller_ods: "RX9",
+                caller_roles: vec!["producer"],
+                request_id: request,
+                correlation_id: None,
+                node: "node-1 (north-east)",
+                recorded: Timestamp(at),
+                status,
+                error_code: None,
+            };
+            audit_event(&access, &ctx)
+        };
+        log.append(change("req-a", crate::INTENT, 1_000), true).await.unwrap();
+        log.append(change("req-a", 201, 1_001), true).await.unwrap();
+        log.append(change("req-b", crate::INTENT, 1_002), true).await.unwrap();
+        let page = log.query(AuditQuery { subject: nhs(1), since: None, until: None, limit: 10 }).await.unwrap();
+        let events: Vec<Value> = page.events.iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[0]["outcome"], "0", "req-a's outcome, its intent hidden");
+        assert!(events[1].get("outcome").is_none(), "req-b never ended: its intent shows");
+        assert!(events[1]["outcomeDesc"].as_str().unwrap().starts_with("intent"));
+        // Every record is still in the chain (and an export).
+        assert_eq!(chain::verify(log.dir()).unwrap().records, 3);
     }
 
     /// While the index cannot be written, a query also reads the log past

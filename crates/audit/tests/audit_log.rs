@@ -12,7 +12,7 @@ use hie_metrics::Metrics;
 
 fn event(subject: &NhsNumber, at: i64, emergency: bool) -> hie_audit::Event {
     let access = Access {
-        subject: *subject,
+        subject: Some(*subject),
         action: Action::Read,
         interaction: "search-type",
         resource: None,

@@ -428,10 +428,15 @@ fn update<T: StateTxn>(
 }
 
 fn delete<T: StateTxn>(txn: &mut T, caller: &Caller, id: &PointerId, _at: Timestamp) -> ApplyResult<Outcome, T::Error> {
+    // Decided from the id alone first, so that the answer for another
+    // organisation's id is the same whether or not the pointer exists.
+    if id.custodian() != caller.ods || !caller.has(Role::Producer) {
+        return Ok(forbidden("only the custodian may delete a pointer"));
+    }
     let Some(old) = txn.pointer(id).map_err(ApplyError::Storage)? else {
         return Ok(Outcome::Rejected(Rejection::NotFound { id: id.clone() }));
     };
-    if old.custodian != caller.ods || !caller.has(Role::Producer) {
+    if old.custodian != caller.ods {
         return Ok(forbidden("only the custodian may delete a pointer"));
     }
     txn.delete_pointer(id);

@@ -47,6 +47,7 @@ pub struct Metrics {
 
     pub writes_total: IntCounterVec,
     pub forwarded_writes_total: IntCounterVec,
+    pub p2p_non_member_requests_total: IntCounterVec,
 
     pub api_requests_total: IntCounterVec,
     pub api_request_duration_seconds: HistogramVec,
@@ -66,6 +67,8 @@ pub struct Metrics {
 
     pub audit_events_total: IntCounter,
     pub audit_write_failures_total: IntCounter,
+    /// 1 once an audit fsync failed: the log stopped until the node restarts.
+    pub audit_stopped: IntGauge,
     pub audit_write_seconds: Histogram,
     pub audit_queries_total: IntCounterVec,
     pub break_glass_total: IntCounter,
@@ -204,6 +207,11 @@ impl Metrics {
                 "Writes forwarded to the leader (direction out) or received from another node (in).",
                 &["direction"]
             )),
+            p2p_non_member_requests_total: reg!(counter_vec(
+                "hie_p2p_non_member_requests_total",
+                "Requests refused because the peer is not in the membership (forwarded writes, votes, read-index, audit queries).",
+                &["kind"]
+            )),
             api_requests_total: reg!(counter_vec(
                 "hie_api_requests_total",
                 "API requests by route and status.",
@@ -263,6 +271,10 @@ impl Metrics {
             audit_write_failures_total: reg!(counter(
                 "hie_audit_write_failures_total",
                 "Failed audit writes, fsyncs and index writes (a failed write or fsync fails its requests: fail closed)."
+            )),
+            audit_stopped: reg!(gauge(
+                "hie_audit_stopped",
+                "1 once an audit fsync failed: the audit log stopped and the node refuses patient-data requests until it is restarted."
             )),
             audit_write_seconds: reg!(
                 Histogram::with_opts(

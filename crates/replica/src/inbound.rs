@@ -31,6 +31,20 @@ impl Inbound for InboundHandler {
 
 async fn handle(core: Arc<Core>, clock: Arc<ContactClock>, peer: PeerId, request: Request) -> Response {
     let raft: &Raft = &core.raft;
+    // Append-entries and snapshots come from the leader, and reach a new
+    // learner before it knows any membership; every other request is
+    // served only to a member, so that a peer still allowed to connect (a
+    // seed, while this node is not yet a member) cannot forge writes, vote,
+    // or read audit trails.
+    let members_only = matches!(
+        request,
+        Request::ClientWrite { .. } | Request::Vote(_) | Request::ReadIndex | Request::AuditQuery(_)
+    );
+    if members_only && !core.is_member(&peer) {
+        core.metrics.p2p_non_member_requests_total.with_label_values(&[request.kind()]).inc();
+        tracing::warn!(%peer, kind = request.kind(), "refused a request from a peer that is not a member");
+        return Response::Refused("not a member of this node's membership".into());
+    }
     match request {
         Request::AppendEntries(req) => {
             let commit = req.leader_commit.map(|l| l.index);

@@ -150,7 +150,10 @@ impl Replica {
     }
 
     /// Allows the members' peers not allowed yet and refuses those that left
-    /// the membership (seeds excepted); `known` becomes the members' peers.
+    /// the membership; `known` becomes the members' peers. Seed peers are
+    /// allowed only until this node is a member itself: from then on the
+    /// membership alone says who may connect, so the key of a seed that
+    /// was decommissioned (removed from the membership) opens nothing.
     async fn allow_members(&self, known: &mut HashSet<PeerId>, members: Peers) {
         let mut now: HashSet<PeerId> = HashSet::new();
         for (peer, addr) in members {
@@ -159,10 +162,18 @@ impl Replica {
             }
             now.insert(peer);
         }
+        let member = now.contains(&self.p2p.local_peer_id());
+        *self.core.members.write().expect("members lock") = now.clone();
         for gone in known.difference(&now) {
-            if !self.seeds.contains(gone) {
+            if member || !self.seeds.contains(gone) {
                 tracing::info!(peer = %gone, "peer left the membership; refusing it from now on");
                 self.p2p.disallow(*gone).await;
+            }
+        }
+        if member {
+            for seed in self.seeds.iter().filter(|s| !now.contains(s) && !known.contains(s)) {
+                tracing::info!(peer = %seed, "this node is a member: seed peer not in the membership refused from now on");
+                self.p2p.disallow(*seed).await;
             }
         }
         *known = now;

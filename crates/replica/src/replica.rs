@@ -32,6 +32,17 @@ pub(crate) struct Core {
     pub(crate) leader_rounds: Arc<Coalesce<Result<u64, ReadIndexError>>>,
     /// Writes waiting to be proposed on this node while it leads.
     pub(crate) proposals: Proposals,
+    /// The peers of the membership this node last saw (voters and
+    /// learners): only they are served forwarded writes, votes, read-index
+    /// rounds and audit queries.
+    pub(crate) members: std::sync::RwLock<HashSet<PeerId>>,
+}
+
+impl Core {
+    /// Whether `peer` is in the membership this node last saw.
+    pub(crate) fn is_member(&self, peer: &PeerId) -> bool {
+        self.members.read().expect("members lock").contains(peer)
+    }
 }
 
 impl Core {
@@ -55,6 +66,7 @@ impl Core {
             audit,
             leader_rounds,
             proposals,
+            members: std::sync::RwLock::new(HashSet::new()),
         }
     }
 }

@@ -70,8 +70,35 @@ impl StateMachine {
     }
 }
 
+/// A corrupt value's error, naming its key with any NHS Number in it (a
+/// run of ten or more digits: patients' keys begin with one) masked, as the
+/// error reaches logs and 500 answers.
 fn corrupt(cf: &'static str, key: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt { cf, key: key.to_owned(), message: e.to_string() }
+    StoreError::Corrupt { cf, key: mask_digits(key), message: e.to_string() }
+}
+
+/// `key` with each run of ten or more digits replaced by `#`s.
+fn mask_digits(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.len() >= 10 {
+            out.extend(std::iter::repeat_n('#', run.len()));
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in key.chars() {
+        if c.is_ascii_digit() {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
 }
 
 /// One apply's reads and writes: reads see the batch's own earlier writes.
@@ -784,6 +811,15 @@ mod tests {
     use hie_domain::raft::Entry;
     use openraft::storage::RaftStateMachine;
     use openraft::{CommittedLeaderId, EntryPayload};
+
+    /// A corrupt patient record's error names its key without the NHS Number.
+    #[test]
+    fn a_corrupt_keys_nhs_number_is_masked() {
+        let e = super::corrupt("patients", "9000000009\u{0}RX9-1234", "bad cbor");
+        let text = e.to_string();
+        assert!(!text.contains("9000000009"), "{text}");
+        assert!(text.contains("##########") && text.contains("RX9-1234"), "{text}");
+    }
 
     use hie_domain::query::StateRead;
 
