@@ -71,6 +71,10 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast "$@" || status=$?
 fi
+# The cargo-fuzz targets (request parsers, p2p frames and CBOR, audit
+# records, certificate SANs), 7 s each, about a minute in all; their own
+# instrumented build, without RocksDB (see the script).
+tests/fuzz/run.sh --seconds 7 || status=$?
 # The deterministic simulation, 1,000 seeds (its own build; see the script).
 tests/sim.sh 1000 || status=$?
 # A bounded fault run against real node processes, where this machine lets

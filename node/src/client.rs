@@ -43,7 +43,8 @@ pub struct ClientEntry {
     /// A producer's types, or the only types a restricted consumer may read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pointer_types: Vec<String>,
-    /// A producer's permissions (`migration`).
+    /// Its registry permissions: a producer's (`migration`), a
+    /// consumer's (`break-glass`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub permissions: Vec<String>,
     /// A producer's local identifier system (it is the assigning authority).
@@ -243,14 +244,27 @@ pub enum ClusterCmd {
         #[command(flatten)]
         target: Target,
     },
-    /// Take a consistent backup of a node's state into a file
-    /// (restore it into a new node with `hie node restore`).
+    /// Take a backup of a node: its state (one consistent view) and its
+    /// audit segments, streamed into a new file readable by its owner only
+    /// (mode 0600), encrypted and authenticated with the backup key. The
+    /// node records it as an operator action in its audit log. Restore it
+    /// into a new node with `hie node restore`.
     Backup {
-        /// Where to write the backup.
+        /// Where to write the backup (must not exist).
         #[arg(long)]
         out: PathBuf,
+        /// The backup key (`hie cluster backup-key`; the dev cluster's is
+        /// .hie-dev/backup.key).
+        #[arg(long, env = "HIE_BACKUP_KEY_FILE")]
+        key_file: PathBuf,
         #[command(flatten)]
         target: Target,
+    },
+    /// Make a new backup key: 32 random bytes, as hex, in a new file of mode 0600.
+    BackupKey {
+        /// Where to write the key (must not exist).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -305,7 +319,8 @@ pub enum RegistryCmd {
         #[command(flatten)]
         target: Target,
     },
-    /// Restrict a consumer to some pointer types (or --all-types to lift it).
+    /// Set a consumer's entry, replacing it: the pointer types it may read
+    /// (or --all-types) and its permissions.
     Consumer {
         /// The consumer's ODS code.
         ods: String,
@@ -315,6 +330,11 @@ pub enum RegistryCmd {
         /// May read every type.
         #[arg(long)]
         all_types: bool,
+        /// `break-glass`: may read opted-out patients' pointers in an
+        /// emergency (with a reason; audited, limited per hour). Left out:
+        /// the permission is taken away.
+        #[arg(long = "permission")]
+        permissions: Vec<String>,
         #[command(flatten)]
         target: Target,
     },
@@ -744,9 +764,10 @@ async fn registry(cmd: RegistryCmd) -> anyhow::Result<()> {
         RegistryCmd::Authority { system, ods, remove: _, target } => {
             (target, "PUT", "/admin/authorities".to_owned(), Some(json!({ "system": system, "ods": ods })))
         }
-        RegistryCmd::Consumer { ods, types, all_types, target } => {
+        RegistryCmd::Consumer { ods, types, all_types, permissions, target } => {
             let types = if all_types { Value::Null } else { json!(types) };
-            (target, "PUT", format!("/admin/consumers/{ods}"), Some(json!({ "pointer_types": types })))
+            let body = json!({ "pointer_types": types, "permissions": permissions });
+            (target, "PUT", format!("/admin/consumers/{ods}"), Some(body))
         }
     };
     let api = Api::from_target(&target, "operator")?;
@@ -784,11 +805,17 @@ fn rustls_pem_first(pem: &[u8]) -> anyhow::Result<Vec<u8>> {
 }
 
 async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
-    if let ClusterCmd::Backup { out, target } = &cmd {
-        return backup(out, target).await;
+    match &cmd {
+        ClusterCmd::Backup { out, key_file, target } => return backup(out, key_file, target).await,
+        ClusterCmd::BackupKey { out } => {
+            let key = crate::backup::BackupKey::create(out)?;
+            println!("backup key {} written to {} (mode 0600)", hex_id(&key.id()), out.display());
+            return Ok(());
+        }
+        _ => {}
     }
     let (target, method, path, body) = match cmd {
-        ClusterCmd::Backup { .. } => unreachable!("handled above"),
+        ClusterCmd::Backup { .. } | ClusterCmd::BackupKey { .. } => unreachable!("handled above"),
         ClusterCmd::Status { target } => (target, "GET", "/admin/status".to_owned(), None),
         ClusterCmd::Digest { target } => (target, "GET", "/admin/digest".to_owned(), None),
         ClusterCmd::Snapshot { target } => (target, "POST", "/admin/snapshot".to_owned(), None),
@@ -851,30 +878,53 @@ pub async fn operator_call(
     bail!("the leader moved while the command was being sent; try again")
 }
 
-async fn backup(out: &std::path::Path, target: &Target) -> anyhow::Result<()> {
-    use std::io::Write;
+/// How long `hie cluster backup` waits for the next bytes of the backup.
+const BACKUP_STALL_MAX: Duration = Duration::from_secs(120);
+/// The longest a backup may take in all.
+const BACKUP_DURATION_MAX: Duration = Duration::from_secs(24 * 3600);
+
+fn hex_id(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `hie cluster backup`: the node's answer, as it arrives, into a sealed
+/// file (`backup.rs`).
+async fn backup(out: &std::path::Path, key_file: &std::path::Path, target: &Target) -> anyhow::Result<()> {
+    let key = crate::backup::BackupKey::load(key_file)?;
     let api = Api::from_target(target, "operator")?;
     let started = std::time::Instant::now();
-    let resp = api.http.get(api.admin_url("/admin/backup")).send().await?;
+    let mut file = crate::backup::BackupWriter::create(out, &key)?;
+    let resp = api.http.get(api.admin_url("/admin/backup")).timeout(BACKUP_DURATION_MAX).send().await?;
     let status = resp.status();
     if !status.is_success() {
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         return Err(fail(status, &body));
     }
-    let bar = crate::progress::bytes(resp.content_length().unwrap_or(0), "backup");
-    let tmp = out.with_extension("partial");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let bar = crate::progress::bytes_streamed("backup");
     let mut resp = resp;
-    let mut total = 0u64;
-    while let Some(chunk) = resp.chunk().await? {
-        f.write_all(&chunk)?;
-        total += chunk.len() as u64;
+    loop {
+        let chunk = tokio::time::timeout(BACKUP_STALL_MAX, resp.chunk())
+            .await
+            .with_context(|| format!("the node sent nothing for {} s", BACKUP_STALL_MAX.as_secs()))??;
+        let Some(chunk) = chunk else { break };
+        file.write(&chunk)?;
         bar.inc(chunk.len() as u64);
     }
-    f.sync_all()?;
-    std::fs::rename(&tmp, out)?;
+    let done = file.finish()?;
     bar.finish_and_clear();
-    println!("backup of {total} bytes written to {} in {:.1} s", out.display(), started.elapsed().as_secs_f64());
+    let (h, s) = (&done.header, &done.summary);
+    println!(
+        "backup of {} at log index {}: state {} bytes, {} audit segments ({} bytes); written to {} ({} bytes, mode 0600, key {}) in {:.1} s",
+        h.node,
+        h.applied_index,
+        s.state_bytes,
+        s.audit_segments,
+        s.audit_bytes,
+        out.display(),
+        done.file_bytes,
+        done.key_id,
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -901,4 +951,38 @@ fn print_status(s: &Value) {
             m["api_url"].as_str().unwrap_or("")
         );
     }
+}
+
+/// One node's anchored audit chain head, as the cluster holds it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Anchor {
+    pub node: u64,
+    pub seq: u64,
+    pub hash: String,
+}
+
+/// The audit anchors the cluster of `cluster_json` holds, read as its
+/// operator from the first node that answers.
+pub fn audit_anchors(cluster_json: &std::path::Path) -> anyhow::Result<Vec<Anchor>> {
+    let target = Target {
+        cluster: cluster_json.to_owned(),
+        node: None,
+        client: None,
+        url: None,
+        ca: None,
+        cert: None,
+        key: None,
+        json: false,
+    };
+    let api = Api::from_target(&target, "operator")?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let resp = api.http.get(api.admin_url("/admin/audit-anchors")).send().await?;
+        let (status, _, body) = answer(resp).await?;
+        if !status.is_success() {
+            return Err(fail(status, &body));
+        }
+        let anchors = body.get("anchors").cloned().context("the answer has no anchors")?;
+        Ok(serde_json::from_value(anchors)?)
+    })
 }

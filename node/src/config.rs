@@ -70,6 +70,12 @@ pub struct AuditSection {
     /// How long a "who looked" query waits for each other node.
     #[serde(default = "defaults::audit_fanout_timeout_ms")]
     pub fanout_timeout_ms: u64,
+    /// How often, while the chain grows, the node anchors its head (last
+    /// fsynced record) in the replicated state: the most records a cut or
+    /// rewrite of the chain's end can hide from `hie audit verify --cluster`
+    /// are those written in one interval.
+    #[serde(default = "defaults::audit_anchor_interval_ms")]
+    pub anchor_interval_ms: u64,
 }
 
 impl Default for AuditSection {
@@ -144,12 +150,36 @@ pub struct ApiSection {
     pub page_size_max: usize,
     #[serde(default = "defaults::connections_max")]
     pub connections_max: usize,
+    /// Connections from one source address (an IPv6 /64), TLS handshakes included.
+    #[serde(default = "defaults::connections_per_address_max")]
+    pub connections_per_address_max: usize,
+    /// TLS handshakes in progress from one source address.
+    #[serde(default = "defaults::handshakes_per_address_max")]
+    pub handshakes_per_address_max: usize,
+    /// Connections one organisation (its certificates' ODS code) holds after TLS.
+    #[serde(default = "defaults::connections_per_organisation_max")]
+    pub connections_per_organisation_max: usize,
+    #[serde(default = "defaults::tls_handshake_timeout_ms")]
+    pub tls_handshake_timeout_ms: u64,
+    #[serde(default = "defaults::header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight for this long is closed.
+    #[serde(default = "defaults::idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// A connection this old is closed once its requests in flight are answered.
+    #[serde(default = "defaults::connection_age_max_ms")]
+    pub connection_age_max_ms: u64,
     #[serde(default = "defaults::request_timeout_ms")]
     pub request_timeout_ms: u64,
     #[serde(default = "defaults::rate_per_client_per_sec")]
     pub rate_per_client_per_sec: u32,
     #[serde(default = "defaults::rate_burst")]
     pub rate_burst: u32,
+    /// Break-glass uses each organisation may make on this node in any
+    /// hour; beyond it 429 with Retry-After. Per node: an emergency read
+    /// must keep working on a node cut off from the quorum.
+    #[serde(default = "defaults::break_glass_per_org_per_hour")]
+    pub break_glass_per_org_per_hour: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -268,6 +298,27 @@ pub mod defaults {
     pub fn connections_max() -> usize {
         api().connections_max
     }
+    pub fn connections_per_address_max() -> usize {
+        api().connections_per_address_max
+    }
+    pub fn handshakes_per_address_max() -> usize {
+        api().handshakes_per_address_max
+    }
+    pub fn connections_per_organisation_max() -> usize {
+        api().connections_per_organisation_max
+    }
+    pub fn tls_handshake_timeout_ms() -> u64 {
+        api().tls_handshake_timeout.as_millis() as u64
+    }
+    pub fn header_read_timeout_ms() -> u64 {
+        api().header_read_timeout.as_millis() as u64
+    }
+    pub fn idle_timeout_ms() -> u64 {
+        api().idle_timeout.as_millis() as u64
+    }
+    pub fn connection_age_max_ms() -> u64 {
+        api().connection_age_max.as_millis() as u64
+    }
     pub fn request_timeout_ms() -> u64 {
         api().request_timeout.as_millis() as u64
     }
@@ -276,6 +327,9 @@ pub mod defaults {
     }
     pub fn rate_burst() -> u32 {
         api().rate_burst
+    }
+    pub fn break_glass_per_org_per_hour() -> u32 {
+        api().break_glass_per_org_per_hour
     }
     pub fn heartbeat_interval_ms() -> u64 {
         raft().heartbeat_interval.as_millis() as u64
@@ -318,6 +372,9 @@ pub mod defaults {
     }
     pub fn audit_query_events_max() -> u32 {
         1_000
+    }
+    pub fn audit_anchor_interval_ms() -> u64 {
+        5_000
     }
     pub fn audit_fanout_timeout_ms() -> u64 {
         2_000
@@ -391,6 +448,35 @@ impl Config {
         if self.api.rate_burst < 1 {
             bail!("api.rate_burst: must be 1 or more");
         }
+        let glass_max = hie_api::BREAK_GLASS_PER_ORG_PER_HOUR_MAX;
+        if !(1..=glass_max).contains(&self.api.break_glass_per_org_per_hour) {
+            bail!("api.break_glass_per_org_per_hour: must be from 1 to {glass_max}");
+        }
+        let api = &self.api;
+        if api.connections_max == 0 {
+            bail!("api.connections_max: must be 1 or more");
+        }
+        if api.connections_per_address_max == 0 || api.connections_per_address_max > api.connections_max {
+            bail!("api.connections_per_address_max: must be 1 to api.connections_max");
+        }
+        if api.handshakes_per_address_max == 0 || api.handshakes_per_address_max > api.connections_per_address_max {
+            bail!("api.handshakes_per_address_max: must be 1 to api.connections_per_address_max");
+        }
+        if api.connections_per_organisation_max == 0 || api.connections_per_organisation_max > api.connections_max {
+            bail!("api.connections_per_organisation_max: must be 1 to api.connections_max");
+        }
+        for (name, ms) in [
+            ("api.tls_handshake_timeout_ms", api.tls_handshake_timeout_ms),
+            ("api.header_read_timeout_ms", api.header_read_timeout_ms),
+            ("api.idle_timeout_ms", api.idle_timeout_ms),
+        ] {
+            if ms == 0 {
+                bail!("{name}: must be above 0");
+            }
+        }
+        if api.connection_age_max_ms <= api.request_timeout_ms {
+            bail!("api.connection_age_max_ms: must be above api.request_timeout_ms");
+        }
         let r = &self.raft;
         if r.heartbeat_interval_ms == 0 || r.heartbeat_interval_ms * 3 > r.election_timeout_min_ms {
             bail!("raft.heartbeat_interval_ms: must be above 0 and at most a third of raft.election_timeout_min_ms");
@@ -428,6 +514,9 @@ impl Config {
         }
         if a.write_timeout_ms == 0 || a.write_timeout_ms >= self.api.request_timeout_ms {
             bail!("audit.write_timeout_ms: must be above 0 and below api.request_timeout_ms");
+        }
+        if !(100..=600_000).contains(&a.anchor_interval_ms) {
+            bail!("audit.anchor_interval_ms: must be from 100 to 600000");
         }
         if a.fanout_timeout_ms == 0 || a.fanout_timeout_ms >= self.api.request_timeout_ms {
             bail!("audit.fanout_timeout_ms: must be above 0 and below api.request_timeout_ms");
@@ -532,9 +621,17 @@ impl Config {
                 header_bytes_max: a.header_bytes_max,
                 page_size_max: a.page_size_max,
                 connections_max: a.connections_max,
+                connections_per_address_max: a.connections_per_address_max,
+                handshakes_per_address_max: a.handshakes_per_address_max,
+                connections_per_organisation_max: a.connections_per_organisation_max,
                 request_timeout: Duration::from_millis(a.request_timeout_ms),
+                tls_handshake_timeout: Duration::from_millis(a.tls_handshake_timeout_ms),
+                header_read_timeout: Duration::from_millis(a.header_read_timeout_ms),
+                idle_timeout: Duration::from_millis(a.idle_timeout_ms),
+                connection_age_max: Duration::from_millis(a.connection_age_max_ms),
                 rate_per_client_per_sec: a.rate_per_client_per_sec,
                 rate_burst: a.rate_burst,
+                break_glass_per_org_per_hour: a.break_glass_per_org_per_hour,
                 audit_query_events_max: self.audit.query_events_max,
                 audit_fanout_timeout: Duration::from_millis(self.audit.fanout_timeout_ms),
                 ..ApiLimits::default()
@@ -600,6 +697,26 @@ public_url = "http://127.0.0.1:9001"
         assert!(err.starts_with("raft.election_timeout_max_ms"), "{err}");
     }
 
+    /// The break-glass limit: a default that reaches the API, and a value
+    /// out of range refused naming the field.
+    #[test]
+    fn break_glass_limit_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let c: Config = toml::from_str(&minimal(dir.path())).unwrap();
+        assert_eq!(c.api_config().limits.break_glass_per_org_per_hour, hie_api::BREAK_GLASS_PER_ORG_PER_HOUR);
+        let max = hie_api::BREAK_GLASS_PER_ORG_PER_HOUR_MAX;
+        for n in [0, max + 1] {
+            let line = format!("break_glass_per_org_per_hour = {n}");
+            let text = minimal(dir.path()).replace("[admin]", &format!("{line}\n[admin]"));
+            let err = toml::from_str::<Config>(&text).unwrap().validate().unwrap_err().to_string();
+            assert!(err.starts_with("api.break_glass_per_org_per_hour"), "{line}: {err}");
+        }
+        let text = minimal(dir.path()).replace("[admin]", "break_glass_per_org_per_hour = 3\n[admin]");
+        let c: Config = toml::from_str(&text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.api_config().limits.break_glass_per_org_per_hour, 3);
+    }
+
     /// A node without an audit log starts only when told it serves a benchmark.
     #[test]
     fn audit_off_is_refused_unless_it_is_a_benchmark() {
@@ -618,6 +735,27 @@ public_url = "http://127.0.0.1:9001"
         let text = minimal(dir.path()).replace("[admin]", "body_bytes_max = 4194304\n[admin]");
         let err = toml::from_str::<Config>(&text).unwrap().validate().unwrap_err().to_string();
         assert!(err.starts_with("api.body_bytes_max and api.bundle_entries_max"), "{err}");
+    }
+
+    /// Connection limits that contradict each other are refused, naming the field.
+    #[test]
+    fn connection_limits_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        for (line, field) in [
+            ("connections_per_address_max = 2000", "api.connections_per_address_max"),
+            ("handshakes_per_address_max = 300", "api.handshakes_per_address_max"),
+            ("connections_per_organisation_max = 0", "api.connections_per_organisation_max"),
+            ("idle_timeout_ms = 0", "api.idle_timeout_ms"),
+            ("connection_age_max_ms = 1000", "api.connection_age_max_ms"),
+        ] {
+            let text = minimal(dir.path()).replace("[admin]", &format!("{line}\n[admin]"));
+            let err = toml::from_str::<Config>(&text).unwrap().validate().unwrap_err().to_string();
+            assert!(err.starts_with(field), "{line}: {err}");
+        }
+        let c: Config = toml::from_str(&minimal(dir.path())).unwrap();
+        let limits = c.api_config().limits;
+        assert_eq!(limits.handshakes_per_address_max, defaults::handshakes_per_address_max());
+        assert_eq!(limits.idle_timeout, Duration::from_millis(defaults::idle_timeout_ms()));
     }
 
     #[test]

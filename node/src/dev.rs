@@ -137,7 +137,13 @@ struct AddNodeArgs {
     /// Start the new node from this backup (`hie cluster backup`) instead of empty.
     #[arg(long)]
     restore_from: Option<PathBuf>,
+    /// The key of that backup (default: the cluster's, <dir>/backup.key).
+    #[arg(long, requires = "restore_from")]
+    key_file: Option<PathBuf>,
 }
+
+/// The dev cluster's backup key, in its directory.
+const BACKUP_KEY: &str = "backup.key";
 
 /// Regions used for dev nodes, in order.
 const REGIONS: &[&str] = &[
@@ -205,7 +211,7 @@ const CLIENTS: &[DevClient] = &[
         ods: "RX9",
         roles: &[Role::Consumer],
         types: DevTypes::None,
-        permissions: &[],
+        permissions: &["break-glass"],
         identifier_system: None,
     },
     DevClient {
@@ -213,7 +219,7 @@ const CLIENTS: &[DevClient] = &[
         ods: "NLO10",
         roles: &[Role::Consumer],
         types: DevTypes::Only(&[testkit::MENTAL_HEALTH_CRISIS_PLAN]),
-        permissions: &[],
+        permissions: &["break-glass"],
         identifier_system: None,
     },
     DevClient {
@@ -473,11 +479,19 @@ fn node_config(
             header_bytes_max: crate::config::defaults::header_bytes_max(),
             page_size_max: crate::config::defaults::page_size_max(),
             connections_max: crate::config::defaults::connections_max(),
+            connections_per_address_max: crate::config::defaults::connections_per_address_max(),
+            handshakes_per_address_max: crate::config::defaults::handshakes_per_address_max(),
+            connections_per_organisation_max: crate::config::defaults::connections_per_organisation_max(),
+            tls_handshake_timeout_ms: crate::config::defaults::tls_handshake_timeout_ms(),
+            header_read_timeout_ms: crate::config::defaults::header_read_timeout_ms(),
+            idle_timeout_ms: crate::config::defaults::idle_timeout_ms(),
+            connection_age_max_ms: crate::config::defaults::connection_age_max_ms(),
             request_timeout_ms: crate::config::defaults::request_timeout_ms(),
             rate_per_client_per_sec: tuning
                 .rate_per_client_per_sec
                 .unwrap_or_else(crate::config::defaults::rate_per_client_per_sec),
             rate_burst: tuning.rate_burst.unwrap_or_else(crate::config::defaults::rate_burst),
+            break_glass_per_org_per_hour: crate::config::defaults::break_glass_per_org_per_hour(),
         },
         admin: AdminSection {
             listen: std::net::SocketAddr::from((plan.host, plan.admin_port)),
@@ -489,6 +503,8 @@ fn node_config(
         audit: AuditSection {
             enabled: !tuning.no_audit,
             benchmark_only_without_audit: tuning.no_audit,
+            // Often, so that a test sees an anchor within a second or two.
+            anchor_interval_ms: 1_000,
             ..AuditSection::default()
         },
     }
@@ -637,6 +653,8 @@ async fn create(dir: &Path, args: &UpArgs) -> anyhow::Result<ClusterFile> {
     write_pem(&certs.join("ca.pem"), &ca.pem.cert)?;
     write_pem(&certs.join("ca.key"), &ca.pem.key)?;
     write_crl(&certs, &ca, &[])?;
+    // The key `hie cluster backup` seals this cluster's backups with.
+    crate::backup::BackupKey::create(&dir.join(BACKUP_KEY))?;
 
     let mut clients = Vec::new();
     let snomed = |code: &str| format!("http://snomed.info/sct|{code}");
@@ -719,7 +737,7 @@ async fn start_learner(
     id: u64,
     region: &str,
     tuning: Tuning,
-    restore_from: Option<&Path>,
+    restore_from: Option<(&Path, &Path)>,
 ) -> anyhow::Result<NodeEntry> {
     let plan = plan_node(dir, id, region, None)?;
     issue_node_cert(ca, &dir.join("certs"), id, plan.host)?;
@@ -727,8 +745,8 @@ async fn start_learner(
         cluster.nodes.iter().map(|n| SeedPeer { peer_id: n.peer_id.clone(), addr: n.p2p_addr.clone() }).collect();
     let config = node_config(dir, &plan, &[], &seeds, false, tuning);
     write_config(&plan.config_path, &config)?;
-    if let Some(backup) = restore_from {
-        crate::node::restore(&plan.config_path, backup)?;
+    if let Some((backup, key)) = restore_from {
+        crate::backup::restore(&plan.config_path, backup, key)?;
     }
     let command = command_for(&plan)?;
     let pid = spawn_node(&command, &plan.data_dir)?;
@@ -755,8 +773,9 @@ async fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
     let ca = DevCa::load(&certs.join("ca.pem"), &certs.join("ca.key"))?;
     let id = cluster.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
     let restore_from = args.restore_from.as_ref().map(|p| abs(p)).transpose()?;
-    let mut node =
-        start_learner(&dir, &ca, &cluster, id, &args.region, Tuning::default(), restore_from.as_deref()).await?;
+    let key_file = args.key_file.clone().unwrap_or_else(|| dir.join(BACKUP_KEY));
+    let restore_from = restore_from.as_deref().map(|b| (b, key_file.as_path()));
+    let mut node = start_learner(&dir, &ca, &cluster, id, &args.region, Tuning::default(), restore_from).await?;
     if args.voter {
         let api = operator_api(&cluster, &cluster.nodes[0])?;
         let (status, answer) = operator_call(&api, "POST", &format!("/admin/nodes/{id}/promote"), None).await?;
@@ -770,8 +789,8 @@ async fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
     write_cluster(&dir, &cluster)
 }
 
-/// Registers NRL's pointer types, the producers and the restricted
-/// consumers, then creates synthetic patients.
+/// Registers NRL's pointer types, the producers and the consumers' entries
+/// (types, the break-glass permission), then creates synthetic patients.
 async fn seed(cluster: &ClusterFile, patients: u32, nrlf: bool) -> anyhow::Result<()> {
     let api = operator_api(cluster, &cluster.nodes[0])?;
     for t in hie_domain::nrl::pointer_types() {
@@ -786,11 +805,15 @@ async fn seed(cluster: &ClusterFile, patients: u32, nrlf: bool) -> anyhow::Resul
             .await
             .with_context(|| format!("allowing producer {}", c.ods))?;
     }
-    for c in cluster.clients.iter().filter(|c| c.is("consumer") && !c.pointer_types.is_empty()) {
-        let body = json!({ "pointer_types": c.pointer_types });
+    // A consumer's entry: its types (none listed: every type) and its
+    // permissions (`break-glass`).
+    let has_entry = |c: &&ClientEntry| !(c.pointer_types.is_empty() && c.permissions.is_empty());
+    for c in cluster.clients.iter().filter(|c| c.is("consumer")).filter(has_entry) {
+        let types = (!c.pointer_types.is_empty()).then_some(&c.pointer_types);
+        let body = json!({ "pointer_types": types, "permissions": c.permissions });
         registry_put(&api, &format!("/admin/consumers/{}", c.ods), &body)
             .await
-            .with_context(|| format!("restricting consumer {}", c.ods))?;
+            .with_context(|| format!("registering consumer {}", c.ods))?;
     }
     for c in cluster.clients.iter() {
         if let Some(system) = &c.identifier_system {

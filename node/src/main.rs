@@ -1,7 +1,9 @@
 //! `hie`: runs a regional node, a local dev cluster, and the command-line
 //! client for the record-locator API and the operator's admin commands.
 
+mod anchor;
 mod audit;
+mod backup;
 mod bench;
 mod client;
 mod config;
@@ -95,7 +97,11 @@ enum NodeCmd {
         config: PathBuf,
     },
     /// Load a backup (`hie cluster backup`) into a new node's empty data
-    /// directory, before its first start; then add it as a learner.
+    /// directory, before its first start; then add it as a learner. The
+    /// whole file must authenticate under the backup key first. The audit
+    /// segments of the node it was taken from go to
+    /// <data_dir>/backup-audit/node-<id>/ (read them with `hie audit
+    /// verify|export --dir`).
     Restore {
         /// The new node's TOML configuration.
         #[arg(long)]
@@ -103,6 +109,9 @@ enum NodeCmd {
         /// The backup file.
         #[arg(long)]
         from: PathBuf,
+        /// The backup key the file was sealed with.
+        #[arg(long, env = "HIE_BACKUP_KEY_FILE")]
+        key_file: PathBuf,
     },
 }
 
@@ -115,7 +124,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Node { command: NodeCmd::CheckConfig { config } } => {
             config::Config::load(&config).map(|_| println!("{}: ok", config.display()))
         }
-        Cmd::Node { command: NodeCmd::Restore { config, from } } => node::restore(&config, &from),
+        Cmd::Node { command: NodeCmd::Restore { config, from, key_file } } => backup::restore(&config, &from, &key_file),
         Cmd::Dev(args) => dev::main(args),
         Cmd::Search(args) => client::run(client::Op::Search(args)),
         Cmd::Holders(args) => client::run(client::Op::Holders(args)),

@@ -86,6 +86,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
+    if let Some(log) = &audit {
+        let interval = std::time::Duration::from_millis(config.audit.anchor_interval_ms);
+        tokio::spawn(crate::anchor::run(replica.clone(), log.clone(), config.node.id, interval, shutdown_rx.clone()));
+    }
     let api = hie_api::serve_api(config.api_config(), replica.clone(), audit, shutdown_rx.clone())
         .await
         .map_err(anyhow::Error::msg)?;
@@ -148,19 +152,5 @@ pub fn print_id(key: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result
         (None, None) => anyhow::bail!("give --key or --config"),
     };
     println!("{}", hie_p2p::peer_id_of_key_file(&key)?);
-    Ok(())
-}
-
-/// Loads a backup into the (new, empty) data directory of `config_path`.
-pub fn restore(config_path: &Path, backup: &Path) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
-    let bytes = std::fs::read(backup).with_context(|| format!("reading {}", backup.display()))?;
-    let meta = hie_store::Store::restore(&config.node.data_dir.join("store"), &bytes)?;
-    println!(
-        "restored {} bytes at log index {} into {}",
-        bytes.len(),
-        meta.last_log_id.map(|l| l.index).unwrap_or(0),
-        config.node.data_dir.display()
-    );
     Ok(())
 }

@@ -11,9 +11,13 @@ fn bar(total: u64, what: &str, counts: &str) -> ProgressBar {
     bar
 }
 
-/// A bar over a number of bytes (downloads, backups).
-pub fn bytes(total: u64, what: &str) -> ProgressBar {
-    bar(total, what, "{bytes}/{total_bytes} {bytes_per_sec}")
+/// A count of bytes whose total is not known ahead (a streamed backup).
+pub fn bytes_streamed(what: &str) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    let style = ProgressStyle::with_template("{msg:>10} {spinner} {bytes} {bytes_per_sec} {elapsed}");
+    bar.set_style(style.expect("valid template"));
+    bar.set_message(what.to_owned());
+    bar
 }
 
 /// A bar over a number of items (bulk loads, log entries to catch up).

@@ -403,7 +403,7 @@ async fn operator_actions_are_in_the_audit_log() -> anyhow::Result<()> {
     let backup = op.get(admin("/admin/backup")).send().await?;
     assert_eq!(backup.status(), 200);
     let body = serde_json::json!({ "pointer_types": ["736253002"] });
-    let put = reply(op.put(admin("/admin/consumers/RX9")).json(&body)).await?;
+    let put = reply(op.put(admin("/admin/consumers/RYX01")).json(&body)).await?;
     assert_eq!(put.status, 200, "{}", put.body);
     let tried = reply(c.http("gp-practice-a").get(admin("/admin/backup"))).await?;
     assert_eq!(tried.status, 403);
@@ -430,7 +430,7 @@ async fn operator_actions_are_in_the_audit_log() -> anyhow::Result<()> {
     assert!(backups.iter().all(|e| e["purposeOfEvent"][0]["coding"][0]["code"] == "HOPERAT"));
     // A registry change is a change: its intent, fsynced before it was
     // proposed, then how it ended.
-    let registry = of("PUT /admin/consumers/RX9");
+    let registry = of("PUT /admin/consumers/RYX01");
     assert_eq!(registry.len(), 2, "{events:?}");
     assert!(registry[0].get("outcome").is_none(), "the intent first: {}", registry[0]);
     assert_eq!((registry[1]["action"].as_str(), registry[1]["outcome"].as_str()), (Some("U"), Some("0")));
@@ -449,4 +449,135 @@ async fn wait_ready(c: &Cluster, id: u64) -> anyhow::Result<()> {
         anyhow::ensure!(std::time::Instant::now() < deadline, "node {id} not ready:\n{}", c.logs_tail(20));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The anchor the cluster holds for node `id`: `(seq, hash)`.
+async fn anchor_of(c: &Cluster, from: u64, id: u64) -> anyhow::Result<Option<(u64, String)>> {
+    let url = format!("{}/admin/audit-anchors", c.api_url(from).trim_end_matches("/fhir"));
+    let r = reply(c.http("operator").get(url)).await?;
+    anyhow::ensure!(r.status == 200, "{}", r.body);
+    Ok(r.body["anchors"].as_array().into_iter().flatten().find(|a| a["node"] == id).map(|a| {
+        (a["seq"].as_u64().unwrap_or(0), a["hash"].as_str().unwrap_or("").to_owned())
+    }))
+}
+
+/// The segment files of an audit directory and their lines, oldest first.
+fn audit_lines(dir: &std::path::Path) -> anyhow::Result<Vec<(std::path::PathBuf, Vec<Vec<u8>>)>> {
+    let mut out = vec![];
+    for (_, path) in hie_audit::chain::segments(dir)? {
+        let bytes = std::fs::read(&path)?;
+        let end = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        let lines = bytes[..end].split_inclusive(|b| *b == b'\n').map(<[u8]>::to_vec).collect();
+        out.push((path, lines));
+    }
+    Ok(out)
+}
+
+/// A node's audit chain is anchored in the replicated state: cut short or
+/// rewritten consistently on a stopped node, `hie audit verify` alone
+/// passes (the chain is whole in itself) but `--cluster` fails naming the
+/// anchor; untouched, both pass. The restarted node sees the mismatch too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_cut_short_or_rewritten_fails_against_the_clusters_anchor() -> anyhow::Result<()> {
+    let c = Cluster::up(&["--patients", "0"])?;
+    c.wait_leader(Duration::from_secs(10)).await?;
+    let victim = 2;
+    let gp = c.http("gp-practice-a");
+    let patient = nhs(5150);
+    for i in 0..6 {
+        let r = create_pointer(&gp, &c.api_url(victim), &pointer_body(&patient, "A81001", &format!("anchor-{i}"))).await?;
+        assert_eq!(r.status, 201, "{}", r.body);
+        search(&c.http("ambulance-service"), &c.api_url(victim), &patient, &[]).await?;
+    }
+    // The victim anchors its head within an interval (1 s in the dev cluster).
+    let config = c.dir.path().join(format!("node-{victim}.toml")).display().to_string();
+    let dir = c.data_dir(victim).join("audit");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (seq, hash) = loop {
+        let head = hie_audit::chain::verify(&dir).map_err(|b| anyhow::anyhow!("{b}"))?;
+        if let Some((seq, hash)) = anchor_of(&c, 1, victim).await?
+            && seq == head.records
+        {
+            assert_eq!(hash, head.head, "the anchor is the chain's head");
+            break (seq, hash);
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "node {victim} did not anchor its head");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(seq >= 12, "two records a round: {seq}");
+    let metrics = c.metrics(victim).await.unwrap_or_default();
+    assert!(metric(&metrics, "hie_audit_anchored_seq") >= 12.0, "{metrics}");
+
+    c.signal(victim, Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.pid(victim).is_some() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "node {victim} did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (seq, hash) = anchor_of(&c, 1, victim).await?.map_or((seq, hash), |a| a);
+    let cluster = c.cluster_json();
+    let verify = |with_cluster: bool| {
+        let mut args = vec!["audit", "verify", "--config", config.as_str()];
+        if with_cluster {
+            args.extend(["--cluster", cluster.as_str()]);
+        }
+        hie(&args)
+    };
+    let ok = verify(true)?;
+    assert!(ok.contains(&format!("holds the cluster's anchor for node {victim}: record {seq}")), "{ok}");
+
+    let original = audit_lines(&dir)?;
+    // Cut short: every record from the anchored one on removed.
+    for (path, lines) in &original {
+        let kept: Vec<u8> = lines
+            .iter()
+            .filter(|l| hie_audit::chain::parse_record(&l[..l.len() - 1]).is_ok_and(|r| r.seq < seq))
+            .flatten()
+            .copied()
+            .collect();
+        std::fs::write(path, kept)?;
+    }
+    assert!(verify(false)?.contains("audit chain intact"), "what is left is whole in itself");
+    let err = verify(true).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("cut short: the cluster's anchor for node {victim} is record {seq} hash {hash}")),
+        "{err}"
+    );
+
+    // Rewritten consistently: the first record's event altered and every
+    // record re-chained, so the chain is whole in itself.
+    let mut prev = hie_audit::chain::GENESIS.to_owned();
+    for (path, lines) in &original {
+        let mut out = Vec::new();
+        for line in lines {
+            let r = hie_audit::chain::parse_record(&line[..line.len() - 1]).map_err(anyhow::Error::msg)?;
+            let mut event = r.event.clone();
+            if r.seq == 1 {
+                event["at"] = serde_json::json!(event["at"].as_i64().unwrap_or(0) + 1);
+            }
+            let (line, h) = hie_audit::chain::record_line(r.seq, &prev, &serde_json::to_vec(&event)?);
+            out.extend_from_slice(&line);
+            prev = h;
+        }
+        std::fs::write(path, out)?;
+    }
+    assert!(verify(false)?.contains("audit chain intact"), "the rewrite is consistent in itself");
+    let err = verify(true).unwrap_err().to_string();
+    assert!(err.contains(&format!("rewritten: the cluster's anchor for node {victim} is record {seq} hash {hash}")), "{err}");
+
+    // The node restarted on the rewritten chain says so and stops anchoring.
+    std::fs::remove_dir_all(dir.join("index"))?;
+    c.restart(victim)?;
+    wait_ready(&c, victim).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let metrics = c.metrics(victim).await.unwrap_or_default();
+        if metric(&metrics, "hie_audit_anchor_mismatch") == 1.0 {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no anchor mismatch reported:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(anchor_of(&c, 1, victim).await?.map(|a| a.0), Some(seq), "the anchor stays as evidence");
+    Ok(())
 }

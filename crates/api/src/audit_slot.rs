@@ -52,6 +52,25 @@ impl AuditSlot {
             vec![Slotted { access: access(subject, action, interaction, purpose), outcome: None, intent: false }];
     }
 
+    /// A read refused before anything was read (a break-glass attempt
+    /// without the permission or beyond the limit): of `subject` when the
+    /// request names one, else of `resource`. With no patient it is
+    /// fsynced before the answer, as an operator's action is.
+    pub(crate) fn refused_read(
+        &self,
+        subject: Option<&NhsNumber>,
+        interaction: &'static str,
+        resource: Option<String>,
+        purpose: &Purpose,
+    ) {
+        let emergency_reason = match purpose {
+            Purpose::BreakGlass { reason } => Some(reason.clone()),
+            Purpose::DirectCare => None,
+        };
+        let access = Access { subject: subject.copied(), action: Action::Read, interaction, resource, emergency_reason };
+        *self.lock() = vec![Slotted { access, outcome: None, intent: false }];
+    }
+
     /// An operator's action (`/admin/*`): `method` on `path`. Recorded,
     /// fsynced, before the answer, whoever asked (a refused attempt too).
     pub(crate) fn operator(&self, method: &axum::http::Method, path: &str) {

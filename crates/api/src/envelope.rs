@@ -15,6 +15,7 @@ use hie_domain::{Caller, Purpose, Reader, Role};
 use tracing::Instrument;
 
 use crate::audit_slot::{AuditSlot, record_accesses};
+use crate::break_glass::ReadOf;
 use crate::error::{ApiError, ErrorCode};
 use crate::router::{AppState, St};
 use crate::server::ConnIdentity;
@@ -50,15 +51,13 @@ impl RequestCtx {
         Reader::new(&self.caller).map_err(|e| ApiError::Forbidden(e.to_string()))
     }
 
-    /// The purpose of a read. Breaking the glass is counted and logged here
-    /// (without the reason, which is free text and could name the patient:
-    /// it goes to the audit record only).
-    pub(crate) fn read_purpose(&self, st: &AppState) -> Result<Purpose, ApiError> {
+    /// The purpose of a read of `of`, checked before anything is read:
+    /// breaking the glass needs the registry's permission and a use left in
+    /// the organisation's hourly limit, and is counted, logged and audited
+    /// (`break_glass.rs`), a refused attempt too.
+    pub(crate) async fn read_purpose(&self, st: &AppState, of: ReadOf) -> Result<Purpose, ApiError> {
         let purpose = self.purpose.clone().map_err(ApiError::InvalidHeader)?;
-        if let Purpose::BreakGlass { reason } = &purpose {
-            st.replica.metrics().break_glass_total.inc();
-            tracing::warn!(request_id = %self.request_id, ods = %self.caller.ods, reason_chars = reason.chars().count(), "break-glass access: emergency override");
-        }
+        crate::break_glass::authorize(st, self, &purpose, of).await?;
         Ok(purpose)
     }
 }

@@ -58,6 +58,13 @@ pub enum ApiError {
     NoQuorum { reason: String },
     #[error("too many requests")]
     RateLimited,
+    /// The organisation's break-glass uses on this node in the last hour
+    /// reached `api.break_glass_per_org_per_hour`.
+    #[error(
+        "break-glass limit reached: at most {limit} emergency overrides per organisation per hour on this node \
+         (api.break_glass_per_org_per_hour); the next is possible in {retry_after_secs} s"
+    )]
+    BreakGlassLimited { limit: u32, retry_after_secs: u64 },
     #[error("the request took longer than {millis} ms")]
     Timeout { millis: u64 },
     #[error("{0}")]
@@ -68,6 +75,9 @@ pub enum ApiError {
     /// is refused (fail closed).
     #[error("{0}")]
     AuditUnavailable(String),
+    /// A named limit on work of one kind at once is reached (backups).
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl ApiError {
@@ -96,10 +106,12 @@ impl ApiError {
             PreconditionRequired => (StatusCode::PRECONDITION_REQUIRED, "required", "MISSING_OR_INVALID_HEADER"),
             NoQuorum { .. } => (StatusCode::SERVICE_UNAVAILABLE, "transient", "NO_QUORUM"),
             RateLimited => (StatusCode::TOO_MANY_REQUESTS, "throttled", "RATE_LIMITED"),
+            BreakGlassLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "throttled", "BREAK_GLASS_LIMIT_REACHED"),
             Timeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout", "TIMEOUT"),
             NotLeader(_) => (StatusCode::MISDIRECTED_REQUEST, "transient", "NOT_LEADER"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "exception", "INTERNAL_SERVER_ERROR"),
             AuditUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "transient", "AUDIT_UNAVAILABLE"),
+            Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "transient", "SERVICE_BUSY"),
         }
     }
 
@@ -161,7 +173,9 @@ impl IntoResponse for ApiError {
         let mut resp = (status, serde_json::to_string(&body).unwrap_or_default()).into_response();
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
-        if matches!(status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) {
+        if let ApiError::BreakGlassLimited { retry_after_secs, .. } = &self {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        } else if matches!(status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) {
             h.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         resp.extensions_mut().insert(ErrorCode(code));

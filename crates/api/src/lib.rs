@@ -15,12 +15,15 @@
 //! One file per family of operations: [`pointers`] (create, batch, read,
 //! update, delete), [`search`] (searches, `_count`, paging), [`patients`]
 //! (`$record-holders`), [`consent`], [`audit_events`] (who looked),
-//! [`operator`] (`/admin/*`) and [`metadata`]; [`respond`] and
+//! [`operator`] (`/admin/*`, and [`backup`], the body of a backup) and
+//! [`metadata`]; [`respond`] and
 //! [`audit_slot`] hold what they share, [`error`] maps every error to a
 //! status and an OperationOutcome.
 
 mod audit_events;
 mod audit_slot;
+mod break_glass;
+pub mod backup;
 mod consent;
 mod envelope;
 pub mod error;
@@ -36,6 +39,7 @@ mod router;
 mod search;
 mod server;
 
+pub use break_glass::{BREAK_GLASS_PER_ORG_PER_HOUR, BREAK_GLASS_PER_ORG_PER_HOUR_MAX};
 pub use limits::ApiLimits;
 pub use monitoring::{READY_BEHIND_ENTRIES_MAX, serve_monitoring};
 pub use server::{ApiConfig, TLS_RELOAD_INTERVAL, serve_api};

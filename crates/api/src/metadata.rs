@@ -38,7 +38,13 @@ pub(crate) async fn capability_statement(State(st): St, _ctx: RequestCtx) -> Res
         "implementation": { "description": "hie federated record locator node", "url": base },
         "rest": [{
             "mode": "server",
-            "security": { "description": "Mutual TLS: a client certificate from the cluster CA naming urn:hie:ods:<ODS> and urn:hie:role:<role> SAN URIs." },
+            "security": { "description": format!(
+                "Mutual TLS: a client certificate from the cluster CA naming urn:hie:ods:<ODS> and urn:hie:role:<role> SAN URIs. \
+                 Break-glass (X-HIE-Purpose-Of-Use: emergency with X-HIE-Break-Glass-Reason) is for consumers whose organisation \
+                 holds the break-glass permission (403 ACCESS_DENIED otherwise), at most {} per organisation per hour on this node \
+                 (429 BREAK_GLASS_LIMIT_REACHED with Retry-After beyond), every use and refusal audited.",
+                st.config.limits.break_glass_per_org_per_hour
+            ) },
             "interaction": [{
                 "code": "batch",
                 "documentation": format!("POST a batch Bundle of DocumentReference creates (at most {} entries) to the base: one Raft entry, each entry succeeds or fails alone", st.config.limits.bundle_entries_max)

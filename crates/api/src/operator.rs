@@ -7,7 +7,7 @@ use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use hie_domain::raft::NodeInfo;
-use hie_domain::{Command, CommandV1, OdsCode, PointerType, ProducerPermission, Role, SnomedCode};
+use hie_domain::{Command, CommandV1, ConsumerPermission, OdsCode, PointerType, ProducerPermission, Role, SnomedCode};
 use hie_replica::MembershipError;
 use serde::Deserialize;
 use serde_json::json;
@@ -92,12 +92,36 @@ pub(crate) async fn snapshot(State(st): St, ctx: RequestCtx) -> Result<Response,
     Ok(Json(json!({ "snapshot": "triggered" })).into_response())
 }
 
-/// A consistent backup of this node's state, in the snapshot file format.
+/// `GET /admin/backup`: this node's state (one consistent view, taken now)
+/// and its audit segments, streamed as they are read (`backup.rs`). The
+/// envelope records the operator's action, fsynced, before the first byte.
 pub(crate) async fn backup(State(st): St, ctx: RequestCtx) -> Result<Response, ApiError> {
     ctx.require(Role::Operator)?;
-    let bytes = st.replica.backup().await?;
-    tracing::info!(bytes = bytes.len(), "backup taken");
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+    let permit = st.backups.clone().try_acquire_owned().map_err(|_| {
+        ApiError::Busy(format!(
+            "this node is sending as many backups as it sends at once ({}); try again when one has ended",
+            crate::backup::BACKUPS_AT_ONCE_MAX
+        ))
+    })?;
+    let state = st.replica.backup()?;
+    let about = crate::backup::BackupHeader {
+        format: crate::backup::FORMAT,
+        node_id: st.replica.id(),
+        node: st.node_label.clone(),
+        applied_index: state.applied_index(),
+        snapshot_id: state.snapshot_id().to_owned(),
+        taken_ms: crate::audit_slot::now().0,
+        request_id: ctx.request_id.clone(),
+    };
+    tracing::info!(applied_index = about.applied_index, ods = %ctx.caller.ods, "backup started");
+    let audit_dir = st.audit.as_ref().map(|a| a.dir().to_owned());
+    let body = crate::backup::body(
+        about,
+        move |w: &mut crate::backup::Frames| state.write_to(w).map_err(|e| e.to_string()),
+        audit_dir,
+        permit,
+    );
+    Ok(([(header::CONTENT_TYPE, "application/vnd.hie.backup")], body).into_response())
 }
 
 #[derive(Deserialize)]
@@ -177,10 +201,14 @@ pub(crate) async fn put_producer(
 pub(crate) struct ConsumerIn {
     /// The types the consumer may read; `null` lifts the restriction.
     pointer_types: Option<Vec<String>>,
+    /// `break-glass`: it may read opted-out patients' pointers in an
+    /// emergency. Absent: none.
+    #[serde(default)]
+    permissions: Vec<String>,
 }
 
-/// `PUT /admin/consumers/{ods}`: restrict a consumer to some pointer types
-/// (or, with `null`, let it read every type again).
+/// `PUT /admin/consumers/{ods}`: a consumer's entry, replaced whole: the
+/// pointer types it may read (`null`: every type) and its permissions.
 pub(crate) async fn put_consumer(
     State(st): St,
     ctx: RequestCtx,
@@ -190,9 +218,23 @@ pub(crate) async fn put_consumer(
     ctx.require(Role::Operator)?;
     let ods = ods_param(&ods)?;
     let types = c.pointer_types.as_deref().map(snomed_codes).transpose()?;
-    let cmd = Command::V1(CommandV1::SetConsumerTypes { caller: ctx.caller.clone(), ods: ods.clone(), types });
+    let permissions = c
+        .permissions
+        .iter()
+        .map(|s| {
+            ConsumerPermission::parse(s)
+                .ok_or_else(|| ApiError::InvalidResource(format!("unknown permission {s:?} (known: break-glass)")))
+        })
+        .collect::<Result<_, _>>()?;
+    let cmd = Command::V1(CommandV1::SetConsumerTypes {
+        caller: ctx.caller.clone(),
+        ods: ods.clone(),
+        types,
+        permissions,
+    });
     run_write(&st, &ctx, cmd).await?;
-    Ok(Json(json!({ "consumer": ods.as_str(), "pointer_types": c.pointer_types })).into_response())
+    Ok(Json(json!({ "consumer": ods.as_str(), "pointer_types": c.pointer_types, "permissions": c.permissions }))
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -251,7 +293,11 @@ pub(crate) async fn registry(State(st): St, ctx: RequestCtx) -> Result<Response,
     let consumers: serde_json::Map<String, serde_json::Value> = r
         .consumers
         .iter()
-        .map(|(ods, c)| (ods.as_str().to_owned(), json!({ "pointer_types": codes(&c.allowed_types) })))
+        .map(|(ods, c)| {
+            let permissions: Vec<&str> = c.permissions.iter().map(|p| p.as_str()).collect();
+            let types = c.allowed_types.as_deref().map(codes);
+            (ods.as_str().to_owned(), json!({ "pointer_types": types, "permissions": permissions }))
+        })
         .collect();
     let authorities: serde_json::Map<String, serde_json::Value> =
         r.authorities.iter().map(|a| (a.system.clone(), json!(a.ods.as_str()))).collect();
@@ -259,4 +305,16 @@ pub(crate) async fn registry(State(st): St, ctx: RequestCtx) -> Result<Response,
         json!({ "pointer_types": types, "producers": producers, "consumers": consumers, "authorities": authorities }),
     )
     .into_response())
+}
+
+/// `GET /admin/audit-anchors`: each node's audit chain head as the cluster
+/// last agreed it (`hie audit verify --cluster` checks a chain against it).
+pub(crate) async fn audit_anchors(State(st): St, ctx: RequestCtx) -> Result<Response, ApiError> {
+    ctx.require(Role::Operator)?;
+    let anchors = st.replica.audit_anchors().await?;
+    let nodes: Vec<_> = anchors
+        .iter()
+        .map(|a| json!({ "node": a.node, "seq": a.seq, "hash": a.hash, "at": a.at.0 }))
+        .collect();
+    Ok(Json(json!({ "applied_index": st.replica.status().applied_index, "anchors": nodes })).into_response())
 }

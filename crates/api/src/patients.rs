@@ -13,6 +13,7 @@ use hie_domain::{Command, CommandV1, Identifier, NhsNumber, Outcome, Purpose, Ro
 use hie_fhir::{self as fhir, NHS_NUMBER_SYSTEM, parse_query};
 
 use crate::audit_slot::{access, now};
+use crate::break_glass::ReadOf;
 use crate::envelope::RequestCtx;
 use crate::error::ApiError;
 use crate::pointers::run_write;
@@ -28,9 +29,10 @@ pub(crate) async fn record_holders(
     ctx.require(Role::Consumer)?;
     let reader = ctx.reader()?;
     let subject = NhsNumber::parse(&nhs).map_err(ApiError::InvalidNhsNumber)?;
-    let purpose = ctx.read_purpose(&st)?;
-    ctx.audit.set(&subject, Action::Read, "operation", &purpose);
     consistency(&headers, &st.replica).await?;
+    let of = ReadOf { subject: Some(subject), interaction: "operation", resource: None };
+    let purpose = ctx.read_purpose(&st, of).await?;
+    ctx.audit.set(&subject, Action::Read, "operation", &purpose);
     let read = st.replica.record_holders(&reader, &purpose, &subject).await?;
     let notice = read.merged_into.map(|n| {
         // The records disclosed are the survivor's: the audit names it.
@@ -112,8 +114,8 @@ pub(crate) async fn unfeed(State(st): St, ctx: RequestCtx, uri: Uri) -> Result<R
 pub(crate) async fn pix(State(st): St, ctx: RequestCtx, headers: HeaderMap, uri: Uri) -> Result<Response, ApiError> {
     ctx.reader()?;
     let q = fhir::parse_pix_query(parse_query(uri.query().unwrap_or(""))?)?;
-    let purpose = ctx.read_purpose(&st)?;
     consistency(&headers, &st.replica).await?;
+    let purpose = ctx.read_purpose(&st, ReadOf { subject: None, interaction: "operation", resource: None }).await?;
     match st.replica.pix(&q.source, &q.targets).await? {
         PixAnswer::Found { nhs, identifiers } => {
             ctx.audit.set(&nhs, Action::Read, "operation", &purpose);

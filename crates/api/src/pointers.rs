@@ -15,6 +15,7 @@ use hie_domain::{
 use hie_fhir as fhir;
 
 use crate::audit_slot::{AuditSlot, access, now, record_intents};
+use crate::break_glass::ReadOf;
 use crate::envelope::RequestCtx;
 use crate::error::{ApiError, success_outcome};
 use crate::respond::{FhirBody, consistency, etag, fhir_json, fhir_text, lookup_id, path_id, with_freshness};
@@ -316,18 +317,23 @@ fn refuse(visibility: Visibility, id: &PointerId) -> Result<(), ApiError> {
     }
 }
 
-/// What a read of one pointer starts with: the caller as a reader, the
-/// id checked, the purpose of use, and the consistency it asks for.
+/// What a read of one pointer (as `interaction`) starts with: the caller
+/// as a reader, the id checked, the purpose of use, and the consistency it
+/// asks for.
 async fn begin_read(
     st: &AppState,
     ctx: &RequestCtx,
     id: &str,
+    interaction: &'static str,
     headers: &HeaderMap,
 ) -> Result<(Reader, PointerId, Purpose), ApiError> {
     let reader = ctx.reader()?;
     let id = lookup_id(id)?;
-    let purpose = ctx.read_purpose(st)?;
+    // The consistency asked for first: a linearizable read checks the
+    // break-glass permission the cluster holds now.
     consistency(headers, &st.replica).await?;
+    let of = ReadOf { subject: None, interaction, resource: Some(format!("DocumentReference/{id}")) };
+    let purpose = ctx.read_purpose(st, of).await?;
     Ok((reader, id, purpose))
 }
 
@@ -339,7 +345,7 @@ pub(crate) async fn read(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (reader, id, purpose) = begin_read(&st, &ctx, &id, &headers).await?;
+    let (reader, id, purpose) = begin_read(&st, &ctx, &id, "read", &headers).await?;
     let not_found = || ApiError::NotFound(format!("no pointer {id}"));
     let read = st.replica.pointer(&reader, &purpose, &id).await?.ok_or_else(not_found)?;
     ctx.audit.set(&read.pointer.subject, Action::Read, "read", &purpose);
@@ -383,14 +389,15 @@ async fn read_history(
     vid: Option<u64>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (reader, id, purpose) = begin_read(&st, &ctx, &id, &headers).await?;
+    let interaction = if vid.is_some() { "vread" } else { "history-instance" };
+    let (reader, id, purpose) = begin_read(&st, &ctx, &id, interaction, &headers).await?;
     // Every kept version: the current one and the past ones.
     let limit = usize::try_from(RecordPointer::PAST_VERSIONS_MAX).unwrap_or(usize::MAX).saturating_add(1);
     let read = st.replica.history(&reader, &purpose, &id, vid, limit).await?;
     let read = read.ok_or_else(|| ApiError::NotFound(format!("no pointer {id}")))?;
     let subject = read.versions.first().map(|p| p.subject);
     if let Some(subject) = &subject {
-        ctx.audit.set(subject, Action::Read, if vid.is_some() { "vread" } else { "history-instance" }, &purpose);
+        ctx.audit.set(subject, Action::Read, interaction, &purpose);
     }
     ctx.audit.resource(format!("DocumentReference/{id}"));
     refuse(read.visibility, &id)?;

@@ -25,10 +25,14 @@ pub(crate) struct AppState {
     pub(crate) event_ids: hie_audit::EventIds,
     pub(crate) config: ApiConfig,
     pub(crate) limiter: RateLimiter,
+    /// Break-glass uses per organisation in the last hour, on this node.
+    pub(crate) break_glass: crate::break_glass::BreakGlassLimiter,
     /// The cluster's paging-token key, once read from the replicated state.
     pub(crate) paging_key: OnceLock<crate::paging::PagingKey>,
     /// The listener's TLS, for the CRLs in force.
     pub(crate) tls: Arc<hie_pki::ReloadingServerTls>,
+    /// Backups being streamed (`backup::BACKUPS_AT_ONCE_MAX`).
+    pub(crate) backups: Arc<tokio::sync::Semaphore>,
 }
 
 pub(crate) type St = State<Arc<AppState>>;
@@ -42,6 +46,7 @@ pub(crate) fn router(
     let limits = &config.limits;
     let state = Arc::new(AppState {
         limiter: RateLimiter::new(limits.rate_per_client_per_sec, limits.rate_burst),
+        break_glass: crate::break_glass::BreakGlassLimiter::new(limits.break_glass_per_org_per_hour, replica.metrics()),
         paging_key: OnceLock::new(),
         node_label: format!("node-{} ({})", replica.id(), replica.node().region),
         event_ids: hie_audit::EventIds::new(replica.id()),
@@ -49,6 +54,7 @@ pub(crate) fn router(
         audit,
         config,
         tls,
+        backups: Arc::new(tokio::sync::Semaphore::new(crate::backup::BACKUPS_AT_ONCE_MAX)),
     });
     Router::new()
         .route("/fhir/metadata", get(metadata::capability_statement))
@@ -77,6 +83,7 @@ pub(crate) fn router(
         .route("/admin/consumers/{ods}", put(operator::put_consumer))
         .route("/admin/authorities", put(operator::put_authority))
         .route("/admin/registry", get(operator::registry))
+        .route("/admin/audit-anchors", get(operator::audit_anchors))
         .route("/fhir/OperationDefinition/{name}", get(metadata::operation_definition))
         .route("/_status", get(metadata::status))
         .route("/fhir/_status", get(metadata::status))

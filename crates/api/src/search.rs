@@ -15,6 +15,7 @@ use hie_fhir::{self as fhir, SearchLimits, SearchParams, parse_json_search, pars
 use serde_json::json;
 
 use crate::audit_slot::now;
+use crate::break_glass::ReadOf;
 use crate::envelope::RequestCtx;
 use crate::error::ApiError;
 use crate::paging::{self, Cursor, TokenError};
@@ -177,9 +178,11 @@ async fn run_search(
     self_url: String,
 ) -> Result<Response, ApiError> {
     let reader = ctx.reader()?;
-    let purpose = ctx.read_purpose(st)?;
     consistency(headers, &st.replica).await?;
-    let Some(planned) = plan(st, ctx, pairs).await? else {
+    let planned = plan(st, ctx, pairs).await?;
+    let of = ReadOf { subject: planned.as_ref().map(|p| p.subject), interaction: "search-type", resource: None };
+    let purpose = ctx.read_purpose(st, of).await?;
+    let Some(planned) = planned else {
         // A local identifier that names nobody: nothing found, and no
         // patient's data touched.
         let page = SearchPage { merged_into: None, total: 0, pointers: Vec::new(), next_after: None };

@@ -210,3 +210,60 @@ pub fn export(dir: &Path, since: Option<i64>, out: &mut impl Write) -> Result<Ve
         out.write_all(b"\n")
     })
 }
+
+/// The record with sequence number `seq`, checked on its own, or `None`
+/// when the log ends before it. Reads only the segment that holds it (found
+/// by the sequence number of each segment's first record).
+pub fn record_at(dir: &Path, seq: u64) -> Result<Option<Record>, String> {
+    let segs = segments(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    for (_, path) in segs.iter().rev() {
+        let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut reader = BufReader::new(file);
+        let mut buf = Vec::new();
+        let mut first = true;
+        loop {
+            buf.clear();
+            let n = reader.read_until(b'\n', &mut buf).map_err(|e| format!("{}: {e}", path.display()))?;
+            if n == 0 || buf.last() != Some(&b'\n') {
+                break;
+            }
+            let record = parse_record(&buf[..buf.len() - 1]).map_err(|r| format!("{}: {r}", path.display()))?;
+            if first && record.seq > seq {
+                // Held by an earlier segment.
+                break;
+            }
+            first = false;
+            if record.seq == seq {
+                return Ok(Some(record));
+            }
+        }
+        if !first {
+            // This segment starts at or before `seq` and does not hold it.
+            return Ok(None);
+        }
+    }
+    Ok(None)
+}
+
+/// How a chain stands against the head the cluster anchored for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnchorCheck {
+    /// The record at the anchor's sequence number has the anchored hash.
+    Holds,
+    /// The chain ends before the anchored record: records were cut off.
+    CutShort { records: u64 },
+    /// The anchored record's hash differs: the chain was rewritten.
+    Rewritten { found: String },
+}
+
+/// Checks the chain in `dir` against an anchored `(seq, hash)`.
+pub fn check_anchor(dir: &Path, seq: u64, hash: &str) -> Result<AnchorCheck, String> {
+    match record_at(dir, seq)? {
+        Some(r) if r.hash == hash => Ok(AnchorCheck::Holds),
+        Some(r) => Ok(AnchorCheck::Rewritten { found: r.hash }),
+        None => {
+            let records = verify(dir).map(|v| v.records).unwrap_or(0);
+            Ok(AnchorCheck::CutShort { records })
+        }
+    }
+}

@@ -116,6 +116,16 @@ struct Inner {
     wake: Condvar,
     /// How far the log is known to be on disk, for durable appends.
     synced: tokio::sync::watch::Sender<Synced>,
+    /// The last record known to be on disk: what the node anchors in the
+    /// replicated state (never a record a power cut could take back).
+    durable: Mutex<Durable>,
+}
+
+/// The last record on disk: its hash, or where to read it (found from the
+/// record only when asked, so an fsync costs no read).
+enum Durable {
+    Known { seq: u64, hash: String },
+    At { seq: u64, loc: Loc },
 }
 
 /// A record written, to be indexed once it is fsynced.
@@ -428,7 +438,7 @@ impl AuditLog {
             config,
             index,
             metrics,
-            head: Mutex::new(Head { segment, file: Arc::new(file), map, len, reserved: len, seq, prev }),
+            head: Mutex::new(Head { segment, file: Arc::new(file), map, len, reserved: len, seq, prev: prev.clone() }),
             failing: AtomicBool::new(false),
             halted: AtomicBool::new(false),
             #[cfg(test)]
@@ -437,6 +447,7 @@ impl AuditLog {
             pending: Mutex::new(Pending::default()),
             wake: Condvar::new(),
             synced: tokio::sync::watch::Sender::new(Synced { seq, failures: 0 }),
+            durable: Mutex::new(Durable::Known { seq, hash: prev.clone() }),
         });
         let syncer = {
             let inner = inner.clone();
@@ -480,6 +491,30 @@ impl AuditLog {
     /// and not audited.
     pub fn failing(&self) -> bool {
         self.inner.failing.load(Ordering::Acquire) || self.halted()
+    }
+
+    /// The last record known to be on disk, `(seq, hash)`, or `None` for
+    /// an empty log: the head this node anchors in the replicated state.
+    pub fn durable_head(&self) -> Result<Option<(u64, String)>, AuditError> {
+        let mut durable = self.inner.durable.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Durable::At { seq, loc } = *durable {
+            let path = chain::segment_path(&self.inner.config.dir, loc.segment);
+            let mut buf = vec![0u8; loc.len as usize];
+            let record = File::open(&path)
+                .and_then(|f| f.read_exact_at(&mut buf, loc.offset))
+                .map_err(|e| e.to_string())
+                .and_then(|()| chain::parse_record(buf.strip_suffix(b"\n").unwrap_or(&buf)))
+                .map_err(|e| AuditError::Open(format!("reading audit record {seq} in {}: {e}", path.display())))?;
+            if record.seq != seq {
+                return Err(AuditError::Open(format!("audit record {seq} is not where it was written")));
+            }
+            *durable = Durable::Known { seq, hash: record.hash };
+        }
+        match &*durable {
+            Durable::Known { seq: 0, .. } => Ok(None),
+            Durable::Known { seq, hash } => Ok(Some((*seq, hash.clone()))),
+            Durable::At { .. } => unreachable!("resolved above"),
+        }
     }
 
     /// True once an fsync failed: the log writes nothing more until the
@@ -763,6 +798,10 @@ impl Inner {
         match self.sync_file(file) {
             Ok(()) => {
                 self.index(&records);
+                if let Some(last) = records.last() {
+                    *self.durable.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Durable::At { seq: last.seq, loc: last.loc };
+                }
                 self.synced.send_modify(|s| s.seq = s.seq.max(seq));
             }
             Err(e) => {
@@ -951,6 +990,30 @@ mod tests {
         let seq = log.append(event(1, 1_004), true).await.unwrap();
         assert!(seq == 2 || seq == 3, "the record whose fsync failed may or may not be on disk: {seq}");
         chain::verify(log.dir()).expect("the chain is whole");
+    }
+
+    /// The durable head is the last fsynced record, as the chain has it,
+    /// before and after a reopen; and the chain can be checked against it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_durable_head_is_the_last_fsynced_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AuditConfig::new(dir.path().join("audit"));
+        let log = AuditLog::open(config.clone(), Arc::new(Metrics::new())).unwrap();
+        assert_eq!(log.durable_head().unwrap(), None);
+        for i in 0..3 {
+            log.append(event(1, 1_000 + i), true).await.unwrap();
+        }
+        let (seq, hash) = log.durable_head().unwrap().unwrap();
+        assert_eq!(seq, 3);
+        assert_eq!(hash, chain::verify(log.dir()).unwrap().head);
+        assert_eq!(chain::check_anchor(log.dir(), 3, &hash).unwrap(), chain::AnchorCheck::Holds);
+        assert_eq!(chain::check_anchor(log.dir(), 2, &hash).unwrap(), chain::AnchorCheck::Rewritten {
+            found: chain::record_at(log.dir(), 2).unwrap().unwrap().hash
+        });
+        assert_eq!(chain::check_anchor(log.dir(), 9, &hash).unwrap(), chain::AnchorCheck::CutShort { records: 3 });
+        drop(log);
+        let log = AuditLog::open(config, Arc::new(Metrics::new())).unwrap();
+        assert_eq!(log.durable_head().unwrap(), Some((3, hash)));
     }
 
     /// An intent is hidden by the record of how its change ended, and

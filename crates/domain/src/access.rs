@@ -9,7 +9,10 @@
 //! - a consumer sees every custodian's pointers of the types it is allowed
 //!   (every type, unless the registry restricts it), unless the patient has
 //!   opted out; breaking the glass (an emergency, with a reason) lifts the
-//!   opt-out for that request, never the type restriction;
+//!   opt-out for that request, never the type restriction, and only for a
+//!   consumer whose organisation holds the `break-glass` permission in the
+//!   registry ([`Reader::may_break_glass`]: the API refuses the others with
+//!   403 before reading; this rule would hide the patient from them anyway);
 //! - a pointer read by id that the reader may not see is not told apart
 //!   from none (404), except a pointer of a type the consumer is not
 //!   allowed, of a patient who has not opted out: that is refused (403), as
@@ -17,7 +20,7 @@
 
 use crate::command::{Caller, Role};
 use crate::ids::{OdsCode, SnomedCode};
-use crate::model::{ConsumerEntry, PatientEntry, RecordPointer};
+use crate::model::{ConsumerEntry, ConsumerPermission, PatientEntry, RecordPointer};
 
 /// Why a read happens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +28,8 @@ pub enum Purpose {
     /// Direct care, the default.
     DirectCare,
     /// An emergency override that shows opted-out patients' pointers, with
-    /// the reason given; audited and counted.
+    /// the reason given, to a consumer with the `break-glass` permission;
+    /// audited and counted.
     BreakGlass { reason: String },
 }
 
@@ -68,8 +72,15 @@ impl Reader {
         self.consumer
     }
 
+    /// May this reader break the glass? Only a consumer whose registry
+    /// entry (`entry`) holds the `break-glass` permission.
+    pub fn may_break_glass(&self, entry: Option<&ConsumerEntry>) -> bool {
+        self.consumer && entry.is_some_and(|e| e.may(ConsumerPermission::BreakGlass))
+    }
+
     /// What this reader may see of one patient's pointers; `restriction`
-    /// is the reader's consumer registry entry, if it has one.
+    /// is the reader's consumer registry entry, if it has one (its types,
+    /// and whether it may break the glass).
     pub fn scope(
         &self,
         patient: Option<&PatientEntry>,
@@ -77,10 +88,11 @@ impl Reader {
         restriction: Option<&ConsumerEntry>,
     ) -> ReadScope {
         let opted_out = patient.is_some_and(|p| p.opted_out);
+        let glass = purpose.breaks_glass() && self.may_break_glass(restriction);
         ReadScope {
             own: self.producer.then(|| self.ods.clone()),
-            everyone: self.consumer && (!opted_out || purpose.breaks_glass()),
-            types: restriction.map(|r| r.allowed_types.clone()),
+            everyone: self.consumer && (!opted_out || glass),
+            types: restriction.and_then(|r| r.allowed_types.clone()),
         }
     }
 
@@ -160,6 +172,9 @@ mod tests {
         let ours = pointer("A81001", "y", nhs(1), 0);
         let glass = Purpose::BreakGlass { reason: "unconscious, no records to hand".into() };
         let care = Purpose::DirectCare;
+        // Every type, and the permission to break the glass.
+        let permitted = ConsumerEntry { allowed_types: None, permissions: [ConsumerPermission::BreakGlass].into() };
+        let may = Some(&permitted);
 
         assert_eq!(Reader::new(&caller("X26", &[Role::Operator])), Err(ReadDenied::NoReadRole));
 
@@ -170,7 +185,16 @@ mod tests {
             consumer.sees(&ours, Some(&opted_out()), &care, None) != Visibility::Visible,
             "a consumer only: not its own either"
         );
-        assert!(consumer.sees(&theirs, Some(&opted_out()), &glass, None) == Visibility::Visible, "the glass broken");
+        assert!(consumer.sees(&theirs, Some(&opted_out()), &glass, may) == Visibility::Visible, "the glass broken");
+        assert!(consumer.may_break_glass(may));
+        // Without the permission (no entry, or an entry without it), the
+        // glass stays whole: the opt-out holds.
+        assert!(!consumer.may_break_glass(None));
+        assert_eq!(consumer.sees(&theirs, Some(&opted_out()), &glass, None), Visibility::Hidden);
+        let types_only = ConsumerEntry { allowed_types: None, permissions: Default::default() };
+        assert!(!consumer.may_break_glass(Some(&types_only)));
+        assert_eq!(consumer.sees(&theirs, Some(&opted_out()), &glass, Some(&types_only)), Visibility::Hidden);
+        assert_eq!(consumer.sees(&theirs, None, &care, may), Visibility::Visible, "every type");
 
         let producer = Reader::new(&caller("A81001", &[Role::Producer])).unwrap();
         assert!(producer.sees(&ours, None, &care, None) == Visibility::Visible);
@@ -180,9 +204,10 @@ mod tests {
         );
         assert!(producer.sees(&theirs, None, &care, None) != Visibility::Visible, "a producer sees only its own");
         assert!(
-            producer.sees(&theirs, None, &glass, None) != Visibility::Visible,
+            producer.sees(&theirs, None, &glass, may) != Visibility::Visible,
             "breaking the glass is for consumers"
         );
+        assert!(!producer.may_break_glass(may), "even with the organisation's permission");
 
         let both = Reader::new(&caller("A81001", &[Role::Consumer, Role::Producer])).unwrap();
         assert!(both.sees(&theirs, None, &care, None) == Visibility::Visible);
@@ -194,7 +219,10 @@ mod tests {
 
         // A consumer allowed one type: 403 for another, unless the patient
         // opted out (then nothing is told); its own pointers are its own.
-        let only = ConsumerEntry { allowed_types: vec![snomed(END_OF_LIFE_CARE_PLAN)] };
+        let only = ConsumerEntry {
+            allowed_types: Some(vec![snomed(END_OF_LIFE_CARE_PLAN)]),
+            permissions: [ConsumerPermission::BreakGlass].into(),
+        };
         let restricted = Some(&only);
         assert_eq!(consumer.sees(&theirs, None, &care, restricted), Visibility::TypeNotAllowed);
         assert_eq!(consumer.sees(&theirs, Some(&opted_out()), &care, restricted), Visibility::Hidden);

@@ -7,7 +7,7 @@
 use crate::command::{Caller, Command, CommandV1, Outcome, Rejection, Role};
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
 use crate::model::{
-    AssigningAuthority, ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerStatus, PointerType, ProducerEntry,
+    AssigningAuthority, AuditAnchor, ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerStatus, PointerType, ProducerEntry,
     ProducerPermission, RecordPointer, Timestamp,
 };
 
@@ -66,6 +66,9 @@ pub trait StateTxn {
 
     fn paging_key(&mut self) -> Result<Option<PagingKey>, Self::Error>;
     fn put_paging_key(&mut self, key: &PagingKey);
+
+    fn audit_anchor(&mut self, node: u64) -> Result<Option<AuditAnchor>, Self::Error>;
+    fn put_audit_anchor(&mut self, anchor: &AuditAnchor);
 }
 
 /// An invariant of the state that applying found broken: the replica's data
@@ -115,19 +118,33 @@ fn apply_v1<T: StateTxn>(txn: &mut T, command: &CommandV1) -> ApplyResult<Outcom
             txn.put_producer(ods, &entry);
             Outcome::Done
         }
-        CommandV1::SetConsumerTypes { caller, ods, types } => {
+        CommandV1::SetConsumerTypes { caller, ods, types, permissions } => {
             if !caller.has(Role::Operator) {
                 return Ok(forbidden("only an operator may change a consumer's pointer types"));
             }
-            match types {
-                Some(types) => txn.put_consumer(ods, &ConsumerEntry { allowed_types: sorted(types) }),
-                None => txn.delete_consumer(ods),
+            let entry =
+                ConsumerEntry { allowed_types: types.as_deref().map(sorted), permissions: permissions.clone() };
+            // No entry reads as the default: every type, no permission.
+            if entry == ConsumerEntry::default() {
+                txn.delete_consumer(ods);
+            } else {
+                txn.put_consumer(ods, &entry);
             }
             Outcome::Done
         }
         CommandV1::SetPagingKey { key } => {
             if txn.paging_key().map_err(ApplyError::Storage)?.is_none() {
                 txn.put_paging_key(key);
+            }
+            Outcome::Done
+        }
+        CommandV1::AnchorAudit { anchor } => {
+            if !anchor.well_formed() {
+                return Ok(Outcome::Rejected(Rejection::Invalid { reason: "an audit anchor needs a seq and a SHA-256 hash".into() }));
+            }
+            let stored = txn.audit_anchor(anchor.node).map_err(ApplyError::Storage)?;
+            if stored.is_none_or(|s| s.seq < anchor.seq) {
+                txn.put_audit_anchor(anchor);
             }
             Outcome::Done
         }

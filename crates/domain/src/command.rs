@@ -5,7 +5,9 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
-use crate::model::{Identifier, PagingKey, PointerType, ProducerPermission, RecordPointer, Timestamp};
+use crate::model::{
+    AuditAnchor, ConsumerPermission, Identifier, PagingKey, PointerType, ProducerPermission, RecordPointer, Timestamp,
+};
 
 /// What a client certificate says its holder may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -89,6 +91,7 @@ impl CommandV1 {
             | CommandV1::SetConsent { .. }
             | CommandV1::MergePatients { .. }
             | CommandV1::SetPagingKey { .. } => 160,
+            CommandV1::AnchorAudit { .. } => 160,
             CommandV1::Batch(commands) => 16 + commands.iter().map(CommandV1::approx_bytes).sum::<usize>(),
         }
     }
@@ -130,17 +133,28 @@ pub enum CommandV1 {
         #[serde(default)]
         permissions: BTreeSet<ProducerPermission>,
     },
-    /// Restrict a consumer organisation to some pointer types (`None`: every
-    /// type). Operator only.
+    /// Set a consumer organisation's entry: the pointer types it may read
+    /// (`None`: every type) and its permissions (`break-glass`); both
+    /// replaced. Every type and no permission removes the entry. Operator
+    /// only.
     SetConsumerTypes {
         caller: Caller,
         ods: OdsCode,
         types: Option<Vec<SnomedCode>>,
+        #[serde(default)]
+        permissions: BTreeSet<ConsumerPermission>,
     },
     /// Set the key that seals paging tokens, if none is set yet (the first
     /// wins; later ones are ignored). Proposed by a node, not a client.
     SetPagingKey {
         key: PagingKey,
+    },
+    /// Anchor a node's audit chain head in the replicated state. Proposed
+    /// by the node itself, not a client; an anchor that does not move the
+    /// node's head forward is ignored, so a chain cut short and grown again
+    /// never replaces the anchor it no longer matches.
+    AnchorAudit {
+        anchor: AuditAnchor,
     },
     /// Record a patient's sharing preference. Consent authority only.
     SetConsent {
@@ -207,6 +221,7 @@ impl Command {
                 CommandV1::SetProducerTypes { .. } => "set_producer_types",
                 CommandV1::SetConsumerTypes { .. } => "set_consumer_types",
                 CommandV1::SetPagingKey { .. } => "set_paging_key",
+                CommandV1::AnchorAudit { .. } => "anchor_audit",
                 CommandV1::SetConsent { .. } => "set_consent",
                 CommandV1::PutAuthority { .. } => "put_authority",
                 CommandV1::PutLocalId { .. } => "put_local_id",

@@ -7,7 +7,8 @@ use std::convert::Infallible;
 use crate::apply::StateTxn;
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
 use crate::model::{
-    AssigningAuthority, ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerType, ProducerEntry, RecordPointer,
+    AssigningAuthority, AuditAnchor, ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerType, ProducerEntry,
+    RecordPointer,
 };
 use crate::query::{Scanned, StateRead};
 
@@ -29,6 +30,9 @@ pub struct MemState {
     /// Identifier systems to the organisations that assign them.
     #[serde(default)]
     pub authorities: BTreeMap<String, OdsCode>,
+    /// Each node's audit chain head, as last anchored.
+    #[serde(default)]
+    pub audit_anchors: BTreeMap<u64, AuditAnchor>,
 }
 
 impl MemState {
@@ -132,6 +136,12 @@ impl StateTxn for MemState {
     fn put_paging_key(&mut self, key: &PagingKey) {
         self.paging_key = Some(key.clone());
     }
+    fn audit_anchor(&mut self, node: u64) -> Result<Option<AuditAnchor>, Infallible> {
+        Ok(self.audit_anchors.get(&node).cloned())
+    }
+    fn put_audit_anchor(&mut self, anchor: &AuditAnchor) {
+        self.audit_anchors.insert(anchor.node, anchor.clone());
+    }
 }
 
 impl StateRead for MemState {
@@ -151,6 +161,9 @@ impl StateRead for MemState {
     }
     fn paging_key(&self) -> Result<Option<PagingKey>, Infallible> {
         Ok(self.paging_key.clone())
+    }
+    fn audit_anchors(&self) -> Result<Vec<AuditAnchor>, Infallible> {
+        Ok(self.audit_anchors.values().cloned().collect())
     }
     fn past_version(&self, id: &PointerId, version: u64) -> Result<Option<RecordPointer>, Infallible> {
         Ok(self.past.get(&(id.clone(), version)).cloned())
@@ -591,6 +604,81 @@ mod tests {
         assert_eq!(updated.date, p.date, "an update never changes the date");
     }
 
+    /// A consumer may break the glass only once the registry says so: no
+    /// entry, or an entry of types alone, holds no permission; an entry of
+    /// every type and no permission is removed; only an operator sets it.
+    #[test]
+    fn break_glass_follows_the_consumer_permission() {
+        use crate::model::ConsumerPermission;
+        let mut s = state();
+        let reader = crate::Reader::new(&caller("RX9", &[Role::Consumer])).unwrap();
+        let may = |s: &MemState| crate::query::may_break_glass(s, &reader).unwrap();
+        assert!(!may(&s), "default: none");
+        let set = |types: Option<Vec<SnomedCode>>, permissions: &[ConsumerPermission]| {
+            Command::V1(CommandV1::SetConsumerTypes {
+                caller: operator(),
+                ods: ods("RX9"),
+                types,
+                permissions: permissions.iter().copied().collect(),
+            })
+        };
+        apply(&mut s, &set(Some(vec![snomed(MENTAL_HEALTH_CRISIS_PLAN)]), &[])).unwrap();
+        assert!(s.consumers[&ods("RX9")].permissions.is_empty());
+        assert!(!may(&s), "types alone give no permission");
+        apply(&mut s, &set(None, &[ConsumerPermission::BreakGlass])).unwrap();
+        assert_eq!(s.consumers[&ods("RX9")].allowed_types, None, "every type");
+        assert!(may(&s));
+        let by_consumer = Command::V1(CommandV1::SetConsumerTypes {
+            caller: caller("RX9", &[Role::Consumer]),
+            ods: ods("NLO10"),
+            types: None,
+            permissions: [ConsumerPermission::BreakGlass].into(),
+        });
+        assert!(matches!(apply(&mut s, &by_consumer).unwrap(), Outcome::Rejected(Rejection::Forbidden { .. })));
+        assert!(!s.consumers.contains_key(&ods("NLO10")));
+        apply(&mut s, &set(None, &[])).unwrap();
+        assert!(!s.consumers.contains_key(&ods("RX9")), "every type, no permission: the default, no entry");
+        assert!(!may(&s));
+        assert_eq!(ConsumerPermission::parse("break-glass"), Some(ConsumerPermission::BreakGlass));
+        assert_eq!(ConsumerPermission::parse("migration"), None);
+    }
+
+    /// Registry data written before consumer permissions existed still
+    /// reads: a stored entry of types (no permissions), and a command in
+    /// the Raft log without `permissions`.
+    #[test]
+    fn consumer_entries_stored_before_permissions_still_read() {
+        #[derive(serde::Serialize)]
+        struct OldEntry {
+            allowed_types: Vec<SnomedCode>,
+        }
+        let old = crate::codec::encode(&OldEntry { allowed_types: vec![snomed(MENTAL_HEALTH_CRISIS_PLAN)] });
+        let entry: ConsumerEntry = crate::codec::decode(&old).unwrap();
+        assert_eq!(entry.allowed_types, Some(vec![snomed(MENTAL_HEALTH_CRISIS_PLAN)]));
+        assert!(entry.permissions.is_empty());
+        let new = ConsumerEntry { allowed_types: None, permissions: [crate::ConsumerPermission::BreakGlass].into() };
+        assert_eq!(crate::codec::decode::<ConsumerEntry>(&crate::codec::encode(&new)).unwrap(), new);
+
+        #[derive(serde::Serialize)]
+        enum OldCommand {
+            V1(OldCommandV1),
+        }
+        #[derive(serde::Serialize)]
+        enum OldCommandV1 {
+            SetConsumerTypes { caller: crate::Caller, ods: OdsCode, types: Option<Vec<SnomedCode>> },
+        }
+        let old = crate::codec::encode(&OldCommand::V1(OldCommandV1::SetConsumerTypes {
+            caller: operator(),
+            ods: ods("RX9"),
+            types: None,
+        }));
+        let Command::V1(CommandV1::SetConsumerTypes { permissions, types, .. }) = crate::codec::decode(&old).unwrap()
+        else {
+            panic!("not a SetConsumerTypes")
+        };
+        assert!(permissions.is_empty() && types.is_none());
+    }
+
     #[test]
     fn the_paging_key_is_set_once() {
         let mut s = state();
@@ -598,6 +686,31 @@ mod tests {
         apply(&mut s, &set(1)).unwrap();
         apply(&mut s, &set(2)).unwrap();
         assert_eq!(s.paging_key, Some(PagingKey([1; 32])));
+    }
+
+    /// An anchor only moves a node's head forward: a lower or equal
+    /// sequence (a chain cut short and grown again) never replaces it, and
+    /// a malformed hash is refused.
+    #[test]
+    fn an_audit_anchor_only_moves_forward() {
+        let mut s = state();
+        let anchor = |node, seq, c: char| {
+            Command::V1(CommandV1::AnchorAudit {
+                anchor: AuditAnchor { node, seq, hash: c.to_string().repeat(64), at: Timestamp(seq as i64) },
+            })
+        };
+        assert_eq!(apply(&mut s, &anchor(1, 10, 'a')).unwrap(), Outcome::Done);
+        apply(&mut s, &anchor(1, 10, 'b')).unwrap();
+        apply(&mut s, &anchor(1, 4, 'c')).unwrap();
+        apply(&mut s, &anchor(2, 3, 'd')).unwrap();
+        assert_eq!(s.audit_anchors[&1].seq, 10);
+        assert_eq!(s.audit_anchors[&1].hash, "a".repeat(64));
+        apply(&mut s, &anchor(1, 11, 'e')).unwrap();
+        assert_eq!(s.audit_anchors[&1].hash, "e".repeat(64));
+        assert_eq!(s.audit_anchors[&2].seq, 3);
+        assert!(matches!(apply(&mut s, &anchor(1, 12, 'g')).unwrap(), Outcome::Rejected(Rejection::Invalid { .. })));
+        assert!(matches!(apply(&mut s, &anchor(1, 0, 'a')).unwrap(), Outcome::Rejected(Rejection::Invalid { .. })));
+        assert_eq!(s.audit_anchors[&1].seq, 11);
     }
 
     #[test]

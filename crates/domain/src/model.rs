@@ -179,11 +179,67 @@ pub struct ProducerEntry {
     pub permissions: BTreeSet<ProducerPermission>,
 }
 
-/// A consumer organisation restricted to some pointer types. A consumer
-/// with no entry may read every type.
+/// What a consumer organisation may do beyond reading its types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConsumerPermission {
+    /// It may break the glass: read an opted-out patient's pointers in an
+    /// emergency, with a reason (audited, counted, limited per hour).
+    BreakGlass,
+}
+
+impl ConsumerPermission {
+    pub const ALL: [ConsumerPermission; 1] = [ConsumerPermission::BreakGlass];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsumerPermission::BreakGlass => "break-glass",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ConsumerPermission> {
+        ConsumerPermission::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+/// A consumer organisation's registry entry: the pointer types it may read
+/// and its permissions. A consumer with no entry is the default: every
+/// type, no permission.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ConsumerEntry {
-    pub allowed_types: Vec<SnomedCode>,
+    /// The only types it may read; `None`: every type. (Entries stored
+    /// before permissions existed hold a list, read as `Some`.)
+    #[serde(default)]
+    pub allowed_types: Option<Vec<SnomedCode>>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub permissions: BTreeSet<ConsumerPermission>,
+}
+
+impl ConsumerEntry {
+    pub fn may(&self, permission: ConsumerPermission) -> bool {
+        self.permissions.contains(&permission)
+    }
+}
+
+/// The head of one node's audit chain as the cluster last agreed it: the
+/// record `seq` of node `node`'s log had hash `hash`. `hie audit verify
+/// --cluster` checks a node's chain against it, so records cut off the end
+/// or rewritten (even consistently) are found. Only ever moves forward.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditAnchor {
+    pub node: u64,
+    pub seq: u64,
+    /// SHA-256 of the record, 64 lowercase hex digits (`hie_audit::chain`).
+    pub hash: String,
+    /// When the node proposed it.
+    pub at: Timestamp,
+}
+
+impl AuditAnchor {
+    /// Whether `hash` has the form of a record's hash.
+    pub fn well_formed(&self) -> bool {
+        self.seq > 0 && self.hash.len() == 64 && self.hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    }
 }
 
 /// The key that seals paging tokens, the same on every node: set once by

@@ -11,7 +11,7 @@
 
 use crate::access::{Purpose, ReadScope, Reader, Visibility};
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
-use crate::model::{ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerType, RecordPointer};
+use crate::model::{AuditAnchor, ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerType, RecordPointer};
 
 /// Reads of the state, the read side of [`crate::apply::StateTxn`].
 pub trait StateRead {
@@ -22,6 +22,8 @@ pub trait StateRead {
     fn consumer(&self, ods: &OdsCode) -> Result<Option<ConsumerEntry>, Self::Error>;
     fn pointer_types(&self) -> Result<Vec<PointerType>, Self::Error>;
     fn paging_key(&self) -> Result<Option<PagingKey>, Self::Error>;
+    /// Every node's anchored audit chain head, by node id.
+    fn audit_anchors(&self) -> Result<Vec<AuditAnchor>, Self::Error>;
 
     /// A version of a pointer that is no longer its current one.
     fn past_version(&self, id: &PointerId, version: u64) -> Result<Option<RecordPointer>, Self::Error>;
@@ -95,9 +97,17 @@ impl SearchFilter {
     }
 }
 
-/// The reader's consumer restriction, if it is a consumer with one.
+/// The reader's consumer registry entry, if it is a consumer with one.
 fn restriction<R: StateRead>(r: &R, reader: &Reader) -> Result<Option<ConsumerEntry>, R::Error> {
     if reader.is_consumer() { r.consumer(reader.ods()) } else { Ok(None) }
+}
+
+/// May `reader` break the glass, as the replicated registry says now?
+/// (The read side's rule, [`Reader::may_break_glass`]; asked before a
+/// break-glass read so that a caller without the permission is refused
+/// rather than quietly shown nothing.)
+pub fn may_break_glass<R: StateRead>(r: &R, reader: &Reader) -> Result<bool, R::Error> {
+    Ok(reader.may_break_glass(restriction(r, reader)?.as_ref()))
 }
 
 /// One page of a patient's current pointers.
@@ -363,11 +373,19 @@ pub mod conformance {
             p.body.members = p.body.members.replace("/records/", &format!("/records/v{at}/"));
             cmds.push(testkit::put("A81001", p, None));
         }
-        // Consumer Y02 may read mental health crisis plans only.
+        // Consumer Y02 may read mental health crisis plans only; Y01 every
+        // type, and may break the glass (Y03, with no entry, may not).
         cmds.push(Command::V1(CommandV1::SetConsumerTypes {
             caller: testkit::operator(),
             ods: ods("Y02"),
             types: Some(vec![snomed(testkit::MENTAL_HEALTH_CRISIS_PLAN)]),
+            permissions: Default::default(),
+        }));
+        cmds.push(Command::V1(CommandV1::SetConsumerTypes {
+            caller: testkit::operator(),
+            ods: ods("Y01"),
+            types: None,
+            permissions: [crate::model::ConsumerPermission::BreakGlass].into(),
         }));
         cmds.extend(identity_commands());
         cmds
@@ -606,6 +624,16 @@ pub mod conformance {
         assert_eq!(page_all(state, &producer, query(nhs(2), 10)).unwrap().0, 3);
         let glass = Purpose::BreakGlass { reason: "collapsed in the street".into() };
         assert_eq!(search(state, &consumer, &glass, &query(nhs(2), 10)).unwrap().total, 4);
+        assert!(may_break_glass(state, &consumer).unwrap());
+        // Without the break-glass permission the override lifts nothing.
+        let unpermitted = Reader::new(&caller("Y03", &[Role::Consumer])).expect("reads");
+        assert!(!may_break_glass(state, &unpermitted).unwrap());
+        assert!(!may_break_glass(state, &Reader::new(&caller("Y02", &[Role::Consumer])).unwrap()).unwrap());
+        assert!(!may_break_glass(state, &producer).unwrap());
+        assert_eq!(search(state, &unpermitted, &glass, &query(nhs(2), 10)).unwrap().total, 0);
+        assert!(record_holders(state, &unpermitted, &glass, &nhs(2)).unwrap().holders.is_empty());
+        let hidden_glass = pointer(state, &unpermitted, &glass, &PointerId::parse("RV3-o0").unwrap()).unwrap();
+        assert_eq!(hidden_glass.expect("exists").visibility, Visibility::Hidden);
         assert_eq!(page_all(state, &consumer, query(nhs(3), 10)).unwrap(), (0, vec![]), "no such patient");
 
         // Record holders and reads by id follow the same rule.

@@ -53,6 +53,12 @@ pub struct Metrics {
     pub api_request_duration_seconds: HistogramVec,
     pub api_rejected_total: IntCounterVec,
     pub api_tls_handshake_failures_total: IntCounter,
+    /// Connections the API listener closed at once, by the limit reached.
+    pub api_connections_refused_total: IntCounterVec,
+    /// Connections the API listener closed because a timeout passed.
+    pub api_connections_closed_total: IntCounterVec,
+    /// Connections the API listener holds, in the TLS handshake and open.
+    pub api_connections: IntGaugeVec,
 
     pub pointers: IntGauge,
     pub patients: IntGauge,
@@ -69,9 +75,17 @@ pub struct Metrics {
     pub audit_write_failures_total: IntCounter,
     /// 1 once an audit fsync failed: the log stopped until the node restarts.
     pub audit_stopped: IntGauge,
+    /// The sequence number of this node's audit record last anchored in the
+    /// replicated state.
+    pub audit_anchored_seq: IntGauge,
+    /// 1 when this node's audit chain does not hold the head the cluster
+    /// anchored for it (records cut off or rewritten).
+    pub audit_anchor_mismatch: IntGauge,
     pub audit_write_seconds: Histogram,
     pub audit_queries_total: IntCounterVec,
     pub break_glass_total: IntCounter,
+    /// Break-glass attempts refused, by why (`not_permitted`, `limit`).
+    pub break_glass_refused_total: IntCounterVec,
     /// Current pointers moved to a surviving NHS Number by merges this node answered.
     pub merged_pointers_total: IntCounter,
 }
@@ -246,6 +260,26 @@ impl Metrics {
                 "hie_api_tls_handshake_failures_total",
                 "Client TLS handshakes that failed."
             )),
+            api_connections_refused_total: reg!(counter_vec(
+                "hie_api_connections_refused_total",
+                "API connections closed as soon as accepted or after TLS, by the limit reached (connections_max, address_connections, address_handshakes, organisation_connections).",
+                &["reason"]
+            )),
+            api_connections_closed_total: reg!(counter_vec(
+                "hie_api_connections_closed_total",
+                "API connections closed by the server because a timeout passed (handshake_timeout, header_read_timeout, idle, age_max).",
+                &["reason"]
+            )),
+            api_connections: reg!(
+                IntGaugeVec::new(
+                    Opts::new(
+                        "hie_api_connections",
+                        "API connections held now: in the TLS handshake (handshake) and past it (open)."
+                    ),
+                    &["state"]
+                )
+                .expect("valid metric")
+            ),
             pointers: reg!(gauge("hie_pointers", "Record pointers in this replica (estimate).")),
             patients: reg!(gauge("hie_patients", "Patients in this replica's index (estimate).")),
             rocksdb_size_bytes: reg!(gauge("hie_rocksdb_size_bytes", "Size of the RocksDB SST files.")),
@@ -276,6 +310,14 @@ impl Metrics {
                 "hie_audit_stopped",
                 "1 once an audit fsync failed: the audit log stopped and the node refuses patient-data requests until it is restarted."
             )),
+            audit_anchored_seq: reg!(gauge(
+                "hie_audit_anchored_seq",
+                "Sequence number of this node's last audit record anchored in the replicated state."
+            )),
+            audit_anchor_mismatch: reg!(gauge(
+                "hie_audit_anchor_mismatch",
+                "1 when this node's audit chain does not hold the head the cluster anchored for it (records cut off or rewritten); the node stops anchoring."
+            )),
             audit_write_seconds: reg!(
                 Histogram::with_opts(
                     HistogramOpts::new(
@@ -292,6 +334,11 @@ impl Metrics {
                 &["direction", "result"]
             )),
             break_glass_total: reg!(counter("hie_break_glass_total", "Emergency (break-glass) accesses.")),
+            break_glass_refused_total: reg!(counter_vec(
+                "hie_break_glass_refused_total",
+                "Break-glass attempts refused: not_permitted (no break-glass permission in the registry), limit (api.break_glass_per_org_per_hour reached on this node).",
+                &["reason"]
+            )),
             merged_pointers_total: reg!(counter(
                 "hie_merged_pointers_total",
                 "Current pointers moved to a surviving NHS Number by merges this node answered."

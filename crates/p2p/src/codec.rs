@@ -36,8 +36,22 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::
             format!("message of {len} bytes exceeds message_bytes_max {max}"),
         ));
     }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
+    read_payload(io, len).await
+}
+
+/// Most bytes set aside for a message before any of it has arrived. A
+/// longer message's buffer grows as its bytes come, so a length prefix
+/// alone (four bytes from a peer) cannot make this node allocate up to
+/// `message_bytes_max` (found by `tests/fuzz` p2p_frames).
+pub(crate) const PAYLOAD_PREALLOC_BYTES_MAX: usize = 64 << 10;
+
+/// The `len` bytes of a message whose length prefix has been read.
+pub(crate) async fn read_payload<T: AsyncRead + Unpin>(io: &mut T, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len.min(PAYLOAD_PREALLOC_BYTES_MAX));
+    io.take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(buf)
 }
 

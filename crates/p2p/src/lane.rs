@@ -509,7 +509,7 @@ async fn write_all<W: AsyncWrite + Unpin>(write: &mut W, buf: &[u8]) -> io::Resu
     write.flush().await
 }
 
-fn frame(id: u64, status: u8, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(id: u64, status: u8, payload: &[u8]) -> Vec<u8> {
     let mut buf = Vec::with_capacity(HEADER_BYTES + payload.len());
     push_frame(&mut buf, id, status, payload);
     buf
@@ -523,7 +523,10 @@ fn push_frame(buf: &mut Vec<u8>, id: u64, status: u8, payload: &[u8]) {
 }
 
 /// The next frame, or `None` at a clean end of the stream (between frames).
-async fn read_frame<R: AsyncRead + Unpin>(read: &mut R, max: usize) -> io::Result<Option<(u64, u8, Vec<u8>)>> {
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
+    read: &mut R,
+    max: usize,
+) -> io::Result<Option<(u64, u8, Vec<u8>)>> {
     let mut header = [0u8; HEADER_BYTES];
     let mut got = 0;
     while got < HEADER_BYTES {
@@ -541,8 +544,7 @@ async fn read_frame<R: AsyncRead + Unpin>(read: &mut R, max: usize) -> io::Resul
         ));
     }
     let id = u64::from_be_bytes(header[4..12].try_into().expect("8 bytes"));
-    let mut payload = vec![0u8; len];
-    read.read_exact(&mut payload).await?;
+    let payload = crate::codec::read_payload(read, len).await?;
     Ok(Some((id, header[12], payload)))
 }
 

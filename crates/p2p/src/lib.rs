@@ -10,6 +10,8 @@
 
 mod addresses;
 mod codec;
+#[doc(hidden)]
+pub mod fuzzing;
 mod key;
 mod lane;
 mod network;

@@ -5,10 +5,12 @@ use std::sync::{Arc, OnceLock};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use hie_domain::raft::Raft;
-use hie_p2p::{Inbound, PeerId, Request, Response};
+use hie_domain::{Command, CommandV1};
+use hie_p2p::{ForwardError, Inbound, PeerId, Request, Response};
 use openraft::raft::AppendEntriesResponse;
 
 use crate::freshness::ContactClock;
+use crate::membership::member_peer;
 use crate::replica::Core;
 use crate::writes::propose_local;
 
@@ -63,6 +65,16 @@ async fn handle(core: Arc<Core>, clock: Arc<ContactClock>, peer: PeerId, request
         Request::ClientWrite { caller, command, request_id } => {
             core.metrics.forwarded_writes_total.with_label_values(&["in"]).inc();
             tracing::debug!(%peer, request_id, kind = command.kind(), ods = %caller.ods, "forwarded write");
+            // A node anchors only its own audit chain.
+            if let Command::V1(CommandV1::AnchorAudit { anchor }) = &command {
+                let m = core.raft.metrics().borrow().clone();
+                if member_peer(&m, anchor.node) != Some(peer) {
+                    tracing::warn!(%peer, node = anchor.node, "refused an audit anchor for another node");
+                    return Response::ClientWrite(Err(ForwardError::Refused(
+                        "a node may anchor only its own audit chain".into(),
+                    )));
+                }
+            }
             Response::ClientWrite(propose_local(&core, command).await)
         }
         Request::AuditQuery(q) => {

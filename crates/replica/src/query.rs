@@ -70,6 +70,11 @@ impl Replica {
     pub async fn paging_key(&self) -> Result<Option<PagingKey>, ReadError> {
         self.read(|view| view.paging_key()).await
     }
+
+    /// Every node's anchored audit chain head, as this replica knows them.
+    pub async fn audit_anchors(&self) -> Result<Vec<hie_domain::AuditAnchor>, ReadError> {
+        self.read(|view| view.audit_anchors()).await
+    }
 }
 
 impl Replica {
@@ -91,5 +96,14 @@ impl Replica {
     /// The replicated registry: pointer types, producers and consumers.
     pub async fn registry(&self) -> Result<hie_domain::Registry, ReadError> {
         self.read(|view| view.registry()).await
+    }
+}
+
+impl Replica {
+    /// May `reader` break the glass, as this replica's registry says (a
+    /// local read: it answers on a node cut off from the quorum too).
+    pub async fn may_break_glass(&self, reader: &Reader) -> Result<bool, ReadError> {
+        let reader = reader.clone();
+        self.read(move |view| query::may_break_glass(view, &reader)).await
     }
 }

@@ -186,9 +186,10 @@ impl Replica {
         self.read(|r| r.digest()).await.map(|(applied, d, n)| (applied.map(|l| l.index).unwrap_or(0), d, n))
     }
 
-    /// A consistent backup of this replica's state (see `Store::restore`).
-    pub async fn backup(&self) -> Result<Vec<u8>, ReadError> {
-        self.read(|r| r.backup()).await
+    /// A consistent view of this replica's state for a backup, to be
+    /// written out on a blocking thread (see `hie_store::BackupState`).
+    pub fn backup(&self) -> Result<hie_store::BackupState, ReadError> {
+        self.reads.backup().map_err(|source| ReadError::Storage { source })
     }
 
     pub async fn stats(&self) -> Result<StateStats, ReadError> {

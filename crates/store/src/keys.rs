@@ -77,6 +77,13 @@ pub const AUTHORITY_PREFIX: &[u8] = b"a/";
 pub const TYPE_PREFIX: &[u8] = b"t/";
 pub const PRODUCER_PREFIX: &[u8] = b"p/";
 pub const CONSUMER_PREFIX: &[u8] = b"c/";
+/// `n/<node id, big-endian>`: a node's anchored audit chain head, in the
+/// registry table.
+pub fn audit_anchor(node: u64) -> Vec<u8> {
+    [AUDIT_ANCHOR_PREFIX, &node.to_be_bytes()].concat()
+}
+
+pub const AUDIT_ANCHOR_PREFIX: &[u8] = b"n/";
 /// The cluster's paging-token key, in the registry table.
 pub const PAGING_KEY: &[u8] = b"k/paging";
 

@@ -15,6 +15,7 @@
 // passes it on as it is rather than box it at every call.
 #![allow(clippy::result_large_err)]
 
+mod backup;
 mod keys;
 mod log;
 mod side;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, DB, Options};
 
+pub use crate::backup::BackupState;
 pub use crate::log::LogStore;
 pub use crate::side::SideTable;
 pub use crate::state::{ReadView, SnapshotCounters, StateMachine, StateStats};
@@ -142,43 +144,6 @@ impl Store {
         let state_machine = StateMachine::new(db.clone(), snapshot_dir)?;
         let reads = ReadView::new(db);
         Ok(Store { log, state_machine, reads })
-    }
-}
-
-impl Store {
-    /// Loads a backup (from `ReadView::backup`) into a new node's empty
-    /// store, as if it had installed that snapshot: state, applied index and
-    /// membership from the backup, the log purged up to it. The node then
-    /// joins as a learner and catches up from there.
-    pub fn restore(dir: &Path, backup: &[u8]) -> Result<hie_domain::raft::SnapshotMeta, StoreError> {
-        let store = Store::open(dir, StoreOptions::default())?;
-        let db = store.reads.db();
-        let log_empty = db.iterator_cf(handle(db, cf::LOG), rocksdb::IteratorMode::Start).next().is_none();
-        let state_empty =
-            cf::STATE.iter().all(|c| db.iterator_cf(handle(db, c), rocksdb::IteratorMode::Start).next().is_none());
-        if !log_empty || !state_empty || db.get_cf(handle(db, cf::RAFT_META), keys::VOTE)?.is_some() {
-            return Err(StoreError::BadSnapshot(format!(
-                "{} already holds a node's state; restore only into a new data directory",
-                dir.display()
-            )));
-        }
-        // The backup is a snapshot file: written, checked, made current and
-        // installed from there, as a received snapshot is.
-        let files = snapshot::SnapshotFiles::open(dir.join("snapshots"))?;
-        let tmp = files.receiving_path();
-        let io = |source| StoreError::Io { path: tmp.clone(), source };
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        std::io::Write::write_all(&mut f, backup).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        let (meta, _) = snapshot::verify_file(&tmp, None)?;
-        files.publish(&tmp, meta.last_log_id, true)?;
-        snapshot::install_file(db, &files.current_path())?;
-        let mut batch = rocksdb::WriteBatch::default();
-        batch.put_cf(handle(db, cf::RAFT_META), keys::LAST_PURGED, hie_domain::codec::encode(&meta.last_log_id));
-        let mut sync = rocksdb::WriteOptions::default();
-        sync.set_sync(true);
-        db.write_opt(batch, &sync)?;
-        Ok(meta)
     }
 }
 

@@ -80,7 +80,7 @@ impl OwnedSnapshot {
         OwnedSnapshot(Arc::new(OwnedInner { snap: ManuallyDrop::new(snap), db }))
     }
 
-    fn applied(&self) -> Result<Option<LogId>, StoreError> {
+    pub(crate) fn applied(&self) -> Result<Option<LogId>, StoreError> {
         let inner = &self.0;
         match inner.snap.get_cf(handle(&inner.db, cf::SM_META), keys::APPLIED)? {
             None => Ok(None),
@@ -126,21 +126,14 @@ impl OwnedSnapshot {
         }
     }
 
-    /// A consistent backup: the snapshot file format, from this one view.
-    pub(crate) fn backup(&self) -> Result<Vec<u8>, StoreError> {
-        let last_log_id = self.applied()?;
-        let meta = SnapshotMeta {
-            last_log_id,
-            last_membership: self.membership()?,
-            snapshot_id: format!("backup-{}", last_log_id.map(|l| l.index).unwrap_or(0)),
-        };
-        let mut out = Vec::with_capacity(1 << 20);
-        write_header(&mut out, &meta).map_err(io(Path::new("backup")))?;
-        self.write_stream(&mut out).map_err(|e| match e {
+    /// Writes this view to `out` as a snapshot file with `meta` (a backup:
+    /// `backup.rs`), record by record.
+    pub(crate) fn write_to(&self, meta: &SnapshotMeta, out: &mut impl Write) -> Result<(), StoreError> {
+        write_header(out, meta).map_err(io(Path::new("backup")))?;
+        self.write_stream(out).map_err(|e| match e {
             StoreError::Io { source, .. } => StoreError::Io { path: "backup".into(), source },
             e => e,
-        })?;
-        Ok(out)
+        })
     }
 
     /// Writes the stream (magic, records, end, checksum) to `out`, compressed.

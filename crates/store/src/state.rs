@@ -10,7 +10,7 @@ use hie_domain::codec;
 use hie_domain::query::{Scanned, StateRead};
 use hie_domain::raft::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use hie_domain::{
-    AssigningAuthority, ConsumerEntry, Identifier, NhsNumber, OdsCode, Outcome, PagingKey, PatientEntry, PointerId,
+    AssigningAuthority, AuditAnchor, ConsumerEntry, Identifier, NhsNumber, OdsCode, Outcome, PagingKey, PatientEntry, PointerId,
     PointerType, ProducerEntry, RecordPointer, Registry, SnomedCode,
 };
 use openraft::storage::RaftStateMachine;
@@ -270,6 +270,12 @@ impl StateTxn for RocksTxn<'_> {
     }
     fn put_paging_key(&mut self, key: &PagingKey) {
         self.put(cf::REGISTRY, keys::PAGING_KEY.to_vec(), key)
+    }
+    fn audit_anchor(&mut self, node: u64) -> Result<Option<AuditAnchor>, StoreError> {
+        self.get(cf::REGISTRY, keys::audit_anchor(node))
+    }
+    fn put_audit_anchor(&mut self, anchor: &AuditAnchor) {
+        self.put(cf::REGISTRY, keys::audit_anchor(anchor.node), anchor)
     }
 }
 
@@ -664,10 +670,10 @@ impl ReadView {
         OwnedSnapshot::new(self.db.clone()).digest()
     }
 
-    /// A consistent backup of the state (meta and tables from one view), in
-    /// the snapshot file format. `Store::restore` loads it into a new node.
-    pub fn backup(&self) -> Result<Vec<u8>, StoreError> {
-        OwnedSnapshot::new(self.db.clone()).backup()
+    /// A consistent view of the state for a backup, written out as it is
+    /// read (`backup.rs`). `Store::restore` loads it into a new node.
+    pub fn backup(&self) -> Result<crate::backup::BackupState, StoreError> {
+        crate::backup::BackupState::new(OwnedSnapshot::new(self.db.clone()))
     }
 }
 
@@ -692,6 +698,10 @@ impl StateRead for ReadView {
 
     fn paging_key(&self) -> Result<Option<PagingKey>, StoreError> {
         self.get(cf::REGISTRY, keys::PAGING_KEY)
+    }
+
+    fn audit_anchors(&self) -> Result<Vec<AuditAnchor>, StoreError> {
+        self.scan_prefix(cf::REGISTRY, keys::AUDIT_ANCHOR_PREFIX)
     }
 
     fn local_id(&self, id: &Identifier) -> Result<Option<NhsNumber>, StoreError> {

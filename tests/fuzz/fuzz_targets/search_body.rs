@@ -1,7 +1,8 @@
 #![no_main]
 //! Any JSON `_search` body (NRLF's way of searching): reading it and
 //! checking its parameters never panic, and an accepted search has a page
-//! size within the limit and a patient or a paging token.
+//! size within the limit and one patient (by NHS Number or local
+//! identifier) or a paging token.
 
 use hie_fhir::{SearchLimits, json_depth_exceeds, parse_json_search, parse_search};
 use libfuzzer_sys::fuzz_target;
@@ -18,6 +19,9 @@ fuzz_target!(|data: &[u8]| {
         && let Ok(p) = parse_search(pairs, LIMITS)
     {
         assert!(p.count >= 1 && p.count <= LIMITS.page_size_max);
-        assert!(p.subject.is_some() || p.cursor.is_some());
+        // A patient by NHS Number or by a local identifier, never both, or
+        // a paging token.
+        assert!(p.subject.is_some() || p.local_subject.is_some() || p.cursor.is_some());
+        assert!(p.subject.is_none() || p.local_subject.is_none());
     }
 });

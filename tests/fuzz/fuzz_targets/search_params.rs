@@ -1,6 +1,7 @@
 #![no_main]
 //! Any query string: splitting, decoding and checking never panic, and an
-//! accepted search has a page size within the limit.
+//! accepted search has a page size within the limit and one patient (by NHS
+//! Number or local identifier) or a paging token.
 
 use hie_fhir::{SearchLimits, parse_query, parse_search};
 use libfuzzer_sys::fuzz_target;
@@ -13,6 +14,9 @@ fuzz_target!(|data: &[u8]| {
         && let Ok(p) = parse_search(pairs, LIMITS)
     {
         assert!(p.count >= 1 && p.count <= LIMITS.page_size_max);
-        assert!(p.subject.is_some() || p.cursor.is_some());
+        // A patient by NHS Number or by a local identifier, never both, or
+        // a paging token.
+        assert!(p.subject.is_some() || p.local_subject.is_some() || p.cursor.is_some());
+        assert!(p.subject.is_none() || p.local_subject.is_none());
     }
 });
