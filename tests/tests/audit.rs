@@ -175,12 +175,14 @@ fn metric(text: &str, name: &str) -> f64 {
 async fn one_altered_byte_makes_verify_fail_at_that_record() -> anyhow::Result<()> {
     let c = Cluster::up(&["--patients", "0"])?;
     c.wait_leader(Duration::from_secs(10)).await?;
-    let n1 = c.api_url(1);
+    // Node 3: the dev cluster sets its registry up through node 1, whose
+    // log holds those operator actions too.
+    let n1 = c.api_url(3);
     let consumer = c.http("ambulance-service");
     for i in 0..12 {
         assert_eq!(search(&consumer, &n1, &nhs(500 + i), &[]).await?.status, 200);
     }
-    let config = c.dir.path().join("node-1.toml").display().to_string();
+    let config = c.dir.path().join("node-3.toml").display().to_string();
     let ok = hie(&["audit", "verify", "--config", &config])?;
     assert!(ok.contains("audit chain intact: 12 records"), "{ok}");
     let export = c.dir.path().join("export.ndjson");
@@ -191,7 +193,7 @@ async fn one_altered_byte_makes_verify_fail_at_that_record() -> anyhow::Result<(
     assert!(lines.iter().all(|e| e["resourceType"] == "AuditEvent"));
 
     // Alter one byte inside record 7 (a digit of its recorded time).
-    let segment = c.data_dir(1).join("audit/00000001.ndjson");
+    let segment = c.data_dir(3).join("audit/00000001.ndjson");
     let original = std::fs::read(&segment)?;
     let starts: Vec<usize> = std::iter::once(0)
         .chain(original.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i + 1))
