@@ -231,7 +231,7 @@ async fn as_peer(key: Keypair, peer: hie_p2p::PeerId, addr: Multiaddr) -> Vec<St
                 _ => hie_p2p::Request::ReadIndex,
             };
             outcome = match tokio::time::timeout(Duration::from_secs(5), p2p.request(peer, request)).await {
-                Ok(Ok(hie_p2p::Response::AuditQuery(Ok(_)))) | Ok(Ok(hie_p2p::Response::ReadIndex(_))) => {
+                Ok(Ok(hie_p2p::Response::AuditQuery(Ok(_)) | hie_p2p::Response::ReadIndex(_))) => {
                     format!("{name} answered")
                 }
                 Ok(Ok(hie_p2p::Response::Refused(why))) => format!("{name} refused: {why}"),

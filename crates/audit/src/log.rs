@@ -852,6 +852,8 @@ impl Inner {
     }
 
     /// `fdatasync`, which a test can make fail.
+    // `self` holds the test-only switch.
+    #[cfg_attr(not(test), allow(clippy::unused_self))]
     fn sync_file(&self, file: &File) -> std::io::Result<()> {
         #[cfg(test)]
         if self.fail_fsync.load(Ordering::Acquire) {
