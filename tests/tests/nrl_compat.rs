@@ -289,6 +289,8 @@ async fn versions_history_search_and_types_work_the_nrl_way() -> anyhow::Result<
         }
     }
     assert!(definitions >= 1);
+    let base = get(&consumer, cap.body["implementation"]["url"].as_str().unwrap()).await?;
+    assert_eq!((base.status, base.body["resourceType"].as_str()), (200, Some("CapabilityStatement")), "{}", base.body);
     Ok(())
 }
 

@@ -54,9 +54,9 @@ pub(crate) async fn capability_statement(State(st): St, _ctx: RequestCtx) -> Res
                     "type": "DocumentReference",
                     "interaction": [
                         { "code": "read" }, { "code": "vread" }, { "code": "history-instance" }, { "code": "create" },
-                        { "code": "update", "documentation": "If-Match optional; without it an unconditional update" },
+                        { "code": "update", "documentation": "PUT /DocumentReference/{id}, or PUT /DocumentReference with the id in the body (NRLF's upsert); If-Match optional, without it an unconditional update; a producer may create with its own id <ODS>-<local id>" },
                         { "code": "delete", "documentation": "removes the pointer and its history" },
-                        { "code": "search-type", "documentation": "GET, or POST _search with a form or a JSON object" }
+                        { "code": "search-type", "documentation": "GET, or POST _search with a form or a JSON object; GET _count with the same parameters answers the total only" }
                     ],
                     "versioning": "versioned",
                     "readHistory": true,

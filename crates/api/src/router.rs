@@ -58,7 +58,7 @@ pub(crate) fn router(
     });
     Router::new()
         .route("/fhir/metadata", get(metadata::capability_statement))
-        .route("/fhir", post(pointers::batch))
+        .route("/fhir", post(pointers::batch).get(metadata::capability_statement))
         .route("/fhir/DocumentReference", post(pointers::create).get(search::search_get).put(pointers::upsert))
         .route("/fhir/DocumentReference/_search", post(search::search_post))
         .route("/fhir/DocumentReference/_count", get(search::count))
