@@ -106,9 +106,12 @@ fn nonce(i: u64, last: bool) -> aead::Nonce {
 
 /// Creates a new file readable by its owner only, failing if it exists.
 fn create_private(path: &Path) -> anyhow::Result<File> {
-    OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(path).with_context(|| {
-        format!("creating {} (it must not exist: a backup file is never overwritten)", path.display())
-    })
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist: a backup file is never overwritten)", path.display()))
 }
 
 fn sync_parent(path: &Path) -> anyhow::Result<()> {
@@ -317,8 +320,12 @@ pub fn open_sealed(
                 let cut = kept.is_some_and(|mut b| {
                     file_key.open_in_place(nonce(chunk, false), aead::Aad::from(&aad), &mut b).is_ok()
                 });
-                return Err(if cut { OpenError::CutShort { chunk, offset } } else { OpenError::Tampered { chunk, offset } }
-                    .into());
+                return Err(if cut {
+                    OpenError::CutShort { chunk, offset }
+                } else {
+                    OpenError::Tampered { chunk, offset }
+                }
+                .into());
             }
         }
         offset += 4 + n as u64;

@@ -124,7 +124,9 @@ fn main() -> std::process::ExitCode {
         Cmd::Node { command: NodeCmd::CheckConfig { config } } => {
             config::Config::load(&config).map(|_| println!("{}: ok", config.display()))
         }
-        Cmd::Node { command: NodeCmd::Restore { config, from, key_file } } => backup::restore(&config, &from, &key_file),
+        Cmd::Node { command: NodeCmd::Restore { config, from, key_file } } => {
+            backup::restore(&config, &from, &key_file)
+        }
         Cmd::Dev(args) => dev::main(args),
         Cmd::Search(args) => client::run(client::Op::Search(args)),
         Cmd::Holders(args) => client::run(client::Op::Holders(args)),

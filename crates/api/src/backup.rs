@@ -247,14 +247,13 @@ impl Parser {
             }
             Kind::State => each(Frame::State(&payload)),
             Kind::AuditSegment => {
-                let name = std::str::from_utf8(&payload)
-                    .ok()
-                    .filter(|n| segment_name_ok(n))
-                    .ok_or_else(|| FormatError::Bad {
+                let name = std::str::from_utf8(&payload).ok().filter(|n| segment_name_ok(n)).ok_or_else(|| {
+                    FormatError::Bad {
                         what: "audit segment name",
                         message: String::from_utf8_lossy(&payload[..payload.len().min(SEGMENT_NAME_LEN_MAX)])
                             .into_owned(),
-                    })?;
+                    }
+                })?;
                 self.in_segment = true;
                 each(Frame::AuditSegment(name))
             }
@@ -283,7 +282,12 @@ impl Parser {
 /// segments in `audit_dir` follow. Nothing is read until the body is first
 /// polled, after the envelope has recorded the request; `permit` is held
 /// until the stream ends.
-pub(crate) fn body<F>(header: BackupHeader, write_state: F, audit_dir: Option<PathBuf>, permit: OwnedSemaphorePermit) -> Body
+pub(crate) fn body<F>(
+    header: BackupHeader,
+    write_state: F,
+    audit_dir: Option<PathBuf>,
+    permit: OwnedSemaphorePermit,
+) -> Body
 where
     F: FnOnce(&mut Frames) -> Result<(), String> + Send + 'static,
 {
@@ -291,23 +295,24 @@ where
         Idle(Box<(BackupHeader, F, Option<PathBuf>, OwnedSemaphorePermit)>),
         Running(mpsc::Receiver<Bytes>),
     }
-    let stream = futures::stream::unfold(St::Idle(Box::new((header, write_state, audit_dir, permit))), |st| async move {
-        let mut rx = match st {
-            St::Running(rx) => rx,
-            St::Idle(args) => {
-                let (header, write_state, audit_dir, permit) = *args;
-                let (tx, rx) = mpsc::channel(FRAMES_QUEUED_MAX);
-                let rt = tokio::runtime::Handle::current();
-                tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
-                    produce(Frames::new(tx, rt), header, write_state, audit_dir.as_deref());
-                });
-                rx
-            }
-        };
-        let chunk = rx.recv().await?;
-        Some((Ok::<_, std::io::Error>(chunk), St::Running(rx)))
-    });
+    let stream =
+        futures::stream::unfold(St::Idle(Box::new((header, write_state, audit_dir, permit))), |st| async move {
+            let mut rx = match st {
+                St::Running(rx) => rx,
+                St::Idle(args) => {
+                    let (header, write_state, audit_dir, permit) = *args;
+                    let (tx, rx) = mpsc::channel(FRAMES_QUEUED_MAX);
+                    let rt = tokio::runtime::Handle::current();
+                    tokio::task::spawn_blocking(move || {
+                        let _permit = permit;
+                        produce(Frames::new(tx, rt), header, write_state, audit_dir.as_deref());
+                    });
+                    rx
+                }
+            };
+            let chunk = rx.recv().await?;
+            Some((Ok::<_, std::io::Error>(chunk), St::Running(rx)))
+        });
     Body::from_stream(stream)
 }
 

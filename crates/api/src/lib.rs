@@ -22,8 +22,8 @@
 
 mod audit_events;
 mod audit_slot;
-mod break_glass;
 pub mod backup;
+mod break_glass;
 mod consent;
 mod envelope;
 pub mod error;

@@ -61,7 +61,9 @@ impl Store {
     fn check_empty(&self, dir: &Path) -> Result<(), StoreError> {
         let db = self.reads.db();
         let empty = |name: &str| db.iterator_cf(handle(db, name), rocksdb::IteratorMode::Start).next().is_none();
-        if !empty(cf::LOG) || !cf::STATE.iter().all(|c| empty(c)) || db.get_cf(handle(db, cf::RAFT_META), keys::VOTE)?.is_some()
+        if !empty(cf::LOG)
+            || !cf::STATE.iter().all(|c| empty(c))
+            || db.get_cf(handle(db, cf::RAFT_META), keys::VOTE)?.is_some()
         {
             return Err(StoreError::BadSnapshot(format!(
                 "{} already holds a node's state; restore only into a new data directory",
