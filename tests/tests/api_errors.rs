@@ -100,7 +100,7 @@ async fn bad_input_gets_a_clear_operation_outcome_and_changes_nothing() -> anyho
             "/DocumentReference".into(),
             with(&|v| v["category"][0]["coding"][0]["code"] = json!("419891008")),
             400,
-            "INVALID_RESOURCE",
+            "BAD_REQUEST",
         ),
         case(
             "consumer writing",

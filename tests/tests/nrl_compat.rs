@@ -25,6 +25,20 @@ async fn put(http: &reqwest::Client, url: &str, body: &Value, prefer: Option<&st
     reply(r).await
 }
 
+/// `GET /DocumentReference/_count` with these parameters.
+async fn count(http: &reqwest::Client, node: &str, query: &[(&str, &str)]) -> anyhow::Result<Reply> {
+    reply(http.get(format!("{node}/DocumentReference/_count")).header(LIN.0, LIN.1).query(query)).await
+}
+
+/// A reply's status, FHIR issue type and error code.
+fn refusal(r: &Reply) -> (u16, String, String) {
+    (r.status, r.body["issue"][0]["code"].as_str().unwrap_or("").to_owned(), r.code().to_owned())
+}
+
+fn refused(status: u16, issue: &str, code: &str) -> (u16, String, String) {
+    (status, issue.to_owned(), code.to_owned())
+}
+
 /// The NRLF-modelled samples in tests/data/nrlf, by file name.
 fn samples() -> anyhow::Result<Vec<(String, Value)>> {
     let dir = manifest_dir().join("data/nrlf");
@@ -218,6 +232,103 @@ async fn versions_history_search_and_types_work_the_nrl_way() -> anyhow::Result<
     assert_eq!(two_types.body["total"], 2);
     let counted = json_search(json!({ "subject:identifier": subject, "_summary": "count" }), &n1).await?;
     assert_eq!((counted.body["total"].as_u64(), counted.body.get("entry")), (Some(4), None));
+    // NRLF's custodian filter in a JSON body (row 38).
+    let ods = |code: &str| format!("{ODS_SYSTEM}|{code}");
+    let ours =
+        json_search(json!({ "subject:identifier": subject, "custodian:identifier": ods("A81001") }), &n2).await?;
+    assert_eq!((ours.status, ours.body["total"].as_u64()), (200, Some(4)), "{}", ours.body);
+    let theirs = json_search(json!({ "subject:identifier": subject, "custodian:identifier": ods("RV3") }), &n2).await?;
+    assert_eq!((theirs.status, theirs.body["total"].as_u64(), entry_ids(&theirs.body).len()), (200, Some(0), 0));
+
+    // The _count route (rows 1, 2, 5, 6, 7): a total without entries,
+    // counting only the types a restricted consumer may read.
+    let c4 = count(&consumer, &n3, &[("subject:identifier", &subject)]).await?;
+    assert_eq!((c4.status, c4.body["total"].as_u64(), c4.body.get("entry")), (200, Some(4), None), "{}", c4.body);
+    assert_eq!(c4.body["type"], "searchset");
+    let c2 = count(&ooh, &n1, &[("subject:identifier", &subject)]).await?;
+    assert_eq!((c2.status, c2.body["total"].as_u64(), c2.body.get("entry")), (200, Some(2), None), "{}", c2.body);
+    let nobody = format!("{NHS_SYSTEM}|{}", nhs(1918));
+    let c0 = count(&consumer, &n2, &[("subject:identifier", &nobody)]).await?;
+    assert_eq!((c0.status, c0.body["total"].as_u64(), c0.body.get("entry")), (200, Some(0), None), "{}", c0.body);
+    let no_params = count(&consumer, &n2, &[]).await?;
+    assert_eq!(refusal(&no_params), refused(400, "invalid", "INVALID_PARAMETER"));
+    let short = format!("{NHS_SYSTEM}|123");
+    let bad_number = count(&consumer, &n2, &[("subject:identifier", &short)]).await?;
+    assert_eq!(refusal(&bad_number), refused(400, "invalid", "INVALID_NHS_NUMBER"));
+
+    // A type of another system (rows 19, 32): NRL's INVALID_CODE_SYSTEM,
+    // in a query and in a JSON body alike.
+    let other_system = "http://incorrect.info/sct|736253002";
+    let r = reply(
+        consumer
+            .get(format!("{n1}/DocumentReference"))
+            .query(&[("subject:identifier", subject.as_str()), ("type", other_system)]),
+    )
+    .await?;
+    assert_eq!(refusal(&r), refused(400, "code-invalid", "INVALID_CODE_SYSTEM"), "{}", r.body);
+    let r = json_search(json!({ "subject:identifier": subject, "type": other_system }), &n2).await?;
+    assert_eq!(refusal(&r), refused(400, "code-invalid", "INVALID_CODE_SYSTEM"), "{}", r.body);
+
+    // An NRLF id with an ODS code extension (row 16): not a FHIR id, so no
+    // such pointer.
+    let r = get(&consumer, &format!("{n1}/DocumentReference/A81001%7C001-1234567890-ReadDocRefUrlEncoded")).await?;
+    assert_eq!(refusal(&r), refused(404, "not-found", "NO_RECORD_FOUND"));
+
+    // Creates NRLF refuses (rows 45, 46, 49), and the target untouched.
+    let mh = c.http("mental-health-trust");
+    let mut wrong_system = pointer_body(&patient, "A81001", "nrl-wrong-system");
+    wrong_system["subject"]["identifier"]["system"] = json!("https://fhir.nhs.uk/Id/not-nhs-number");
+    let r = create_pointer(&gp, &n2, &wrong_system).await?;
+    assert_eq!(refusal(&r), refused(400, "invalid", "INVALID_IDENTIFIER_SYSTEM"), "{}", r.body);
+    for target in [eol_id.as_str(), "A81001-does-not-exist"] {
+        let mut steal = pointer_body(&patient, "RV3", &format!("nrl-steal-{target}"));
+        steal["type"] = eol["type"].clone();
+        steal["relatesTo"] = json!([{ "code": "replaces", "target": { "type": "DocumentReference", "identifier": { "system": ODS_SYSTEM, "value": target } } }]);
+        let r = create_pointer(&mh, &n3, &steal).await?;
+        assert_eq!(refusal(&r), refused(400, "invalid", "BAD_REQUEST"), "{target}: {}", r.body);
+    }
+    let untouched = get(&consumer, &format!("{n1}/DocumentReference/{eol_id}")).await?;
+    assert_eq!(
+        (untouched.body["status"].as_str(), untouched.body["meta"]["versionId"].as_str()),
+        (Some("current"), Some("1"))
+    );
+    let mut wrong_category = pointer_body(&patient, "A81001", "nrl-wrong-category");
+    wrong_category["category"] = news2["category"].clone();
+    let r = create_pointer(&gp, &n1, &wrong_category).await?;
+    assert_eq!(refusal(&r), refused(400, "invalid", "BAD_REQUEST"), "{}", r.body);
+
+    // Another organisation's pointer, to a producer (rows 53, 59): 403
+    // AUTHOR_CREDENTIALS_ERROR from the id alone, whether or not it exists.
+    for id in [eol_id.as_str(), "A81001-does-not-exist"] {
+        let r = get(&mh, &format!("{n2}/DocumentReference/{id}")).await?;
+        assert_eq!(refusal(&r), refused(403, "forbidden", "AUTHOR_CREDENTIALS_ERROR"), "read {id}: {}", r.body);
+        let r = reply(mh.delete(format!("{n2}/DocumentReference/{id}"))).await?;
+        assert_eq!(refusal(&r), refused(403, "forbidden", "AUTHOR_CREDENTIALS_ERROR"), "delete {id}: {}", r.body);
+    }
+
+    // X-Correlation-ID is echoed, and carried into the audit record the
+    // patient-access client reads.
+    let r = reply(
+        consumer
+            .get(format!("{n3}/DocumentReference"))
+            .header("x-correlation-id", "nrl-correlation-1919")
+            .query(&[("subject:identifier", subject.as_str())]),
+    )
+    .await?;
+    assert_eq!((r.status, r.header("x-correlation-id")), (200, Some("nrl-correlation-1919")), "{}", r.body);
+    let app = c.http("patient-app");
+    let events = reply(app.get(format!("{n1}/AuditEvent")).query(&[("entity.identifier", subject.as_str())])).await?;
+    assert_eq!(events.status, 200, "{}", events.body);
+    let correlated = events.body["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| e["resource"]["entity"].as_array().into_iter().flatten())
+        .filter(|en| {
+            en["what"]["identifier"] == json!({ "system": "urn:hie:correlation-id", "value": "nrl-correlation-1919" })
+        })
+        .count();
+    assert_eq!(correlated, 1, "one audited search carries the correlation id: {}", events.body);
     let bad =
         reply(consumer.post(format!("{n1}/DocumentReference/_search")).json(&json!(["not", "an", "object"]))).await?;
     assert_eq!((bad.status, bad.code()), (400, "MESSAGE_NOT_WELL_FORMED"));
@@ -275,6 +386,27 @@ async fn versions_history_search_and_types_work_the_nrl_way() -> anyhow::Result<
     assert_eq!((r.status, r.code()), (200, "RESOURCE_DELETED"));
     let gone = get(&consumer, &format!("{n1}/DocumentReference/{eol_id}/_history")).await?;
     assert_eq!(gone.status, 404);
+    // A patient whose only pointer was deleted (rows 29, 41): 200, total 0,
+    // no entries, a self link; by GET and by a JSON body.
+    let alone = nhs(1917);
+    let r = create_pointer(&gp, &n2, &pointer_body(&alone, "A81001", "nrl-alone")).await?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let alone_id = r.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(reply(gp.delete(format!("{n3}/DocumentReference/{alone_id}"))).await?.status, 200);
+    let alone_subject = format!("{NHS_SYSTEM}|{alone}");
+    let by_get = reply(
+        consumer
+            .get(format!("{n1}/DocumentReference"))
+            .header(LIN.0, LIN.1)
+            .query(&[("subject:identifier", alone_subject.as_str()), ("custodian:identifier", &ods("A81001"))]),
+    )
+    .await?;
+    let by_post =
+        json_search(json!({ "subject:identifier": alone_subject, "custodian:identifier": ods("A81001") }), &n2).await?;
+    for r in [by_get, by_post] {
+        assert_eq!((r.status, r.body["total"].as_u64(), entry_ids(&r.body).len()), (200, Some(0), 0), "{}", r.body);
+        assert!(link(&r.body, "self").is_some(), "{}", r.body);
+    }
 
     // NRLF's health check, and every link of the CapabilityStatement resolves.
     let status = reply(consumer.get(format!("{}/_status", n1.trim_end_matches("/fhir")))).await?;
@@ -318,5 +450,104 @@ async fn a_put_right_after_a_create_on_another_node_is_an_update() -> anyhow::Re
         let second = put(&gp, &url, &body, None).await?;
         assert_eq!((second.status, second.header("etag")), (200, Some("W/\"2\"")), "{}", second.body);
     }
+    // NRLF's upsert with a category that is not the type's: 400 BAD_REQUEST.
+    let mut body = pointer_body(&patient, "A81001", "upsert-category");
+    body["id"] = json!("A81001-upsert-category");
+    body["category"][0]["coding"][0] = json!({ "system": "http://snomed.info/sct", "code": "1102421000000108" });
+    let r = put(&gp, &format!("{}/DocumentReference", c.api_url(2)), &body, None).await?;
+    assert_eq!(refusal(&r), refused(400, "invalid", "BAD_REQUEST"), "{}", r.body);
+    Ok(())
+}
+
+/// NRLF's permission scenarios against hie's registry: a consumer with no
+/// registry entry reads every type; a consumer restricted to no type is
+/// refused every read, search and count with 403 ACCESS_DENIED (NRLF's
+/// answer; an empty Bundle would look like a patient without records); a
+/// producer with no types is refused a create or upsert with 403
+/// ACCESS_DENIED, and still reads and deletes what it published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_permissions_answer_as_nrlf_does() -> anyhow::Result<()> {
+    let c = Cluster::up(&["--patients", "0"])?;
+    c.wait_leader(Duration::from_secs(10)).await?;
+    let (n1, n2, n3) = (c.api_url(1), c.api_url(2), c.api_url(3));
+    let gp = c.http("gp-practice-a");
+    let mh = c.http("mental-health-trust");
+    let consumer = c.http("ambulance-service");
+    let ooh = c.http("out-of-hours-111");
+    let op = c.http("operator");
+    let admin = |path: &str| format!("{}{path}", n1.trim_end_matches("/fhir"));
+    let patient = nhs(2121);
+    let subject = format!("{NHS_SYSTEM}|{patient}");
+    let mut eol = pointer_body(&patient, "A81001", "perm-eol");
+    eol["type"]["coding"][0] = json!({ "system": "http://snomed.info/sct", "code": "736373009" });
+    let r = create_pointer(&gp, &n1, &eol).await?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+
+    // No registry entry: every type, a bare type code too (rows 22, 23, 35, 36).
+    let r = reply(
+        consumer
+            .get(format!("{n2}/DocumentReference"))
+            .header(LIN.0, LIN.1)
+            .query(&[("subject:identifier", subject.as_str()), ("type", "736373009")]),
+    )
+    .await?;
+    assert_eq!((r.status, r.body["total"].as_u64()), (200, Some(1)), "{}", r.body);
+    let r = reply(
+        consumer
+            .post(format!("{n3}/DocumentReference/_search"))
+            .header(LIN.0, LIN.1)
+            .json(&json!({ "subject:identifier": subject, "type": "736373009" })),
+    )
+    .await?;
+    assert_eq!((r.status, r.body["total"].as_u64()), (200, Some(1)), "{}", r.body);
+
+    // A consumer restricted to no type (rows 3, 4, 10, 12, 21, 34).
+    let r = reply(op.put(admin("/admin/consumers/NLO10")).json(&json!({ "pointer_types": [] }))).await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let denied = refused(403, "forbidden", "ACCESS_DENIED");
+    assert_eq!(refusal(&count(&ooh, &n2, &[("subject:identifier", &subject)]).await?), denied, "count");
+    assert_eq!(refusal(&search(&ooh, &n3, &patient, &[LIN]).await?), denied, "search");
+    let r = reply(
+        ooh.post(format!("{n1}/DocumentReference/_search"))
+            .header(LIN.0, LIN.1)
+            .json(&json!({ "subject:identifier": subject })),
+    )
+    .await?;
+    assert_eq!(refusal(&r), denied, "JSON search");
+    for read in [id.as_str(), "A81001-does-not-exist"] {
+        assert_eq!(refusal(&get(&ooh, &format!("{n2}/DocumentReference/{read}")).await?), denied, "read {read}");
+    }
+    // hie checks the NHS Number before the permissions (NRLF: after).
+    let nine = format!("{NHS_SYSTEM}|999999999");
+    let r = count(&ooh, &n2, &[("subject:identifier", &nine)]).await?;
+    assert_eq!(refusal(&r), refused(400, "invalid", "INVALID_NHS_NUMBER"));
+
+    // A producer allowed some types, but not this one (row 48).
+    let only = json!({ "pointer_types": ["http://snomed.info/sct|736253002"] });
+    let r = reply(op.put(admin("/admin/producers/RV3")).json(&only)).await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut news2 = pointer_body(&patient, "RV3", "perm-news2");
+    news2["type"]["coding"][0] = json!({ "system": "http://snomed.info/sct", "code": "1363501000000100" });
+    news2["category"][0]["coding"][0] = json!({ "system": "http://snomed.info/sct", "code": "1102421000000108" });
+    let r = create_pointer(&mh, &n2, &news2).await?;
+    assert_eq!(refusal(&r), refused(403, "forbidden", "AUTHOR_CREDENTIALS_ERROR"), "{}", r.body);
+
+    // A producer with no types (rows 47, 57, 58).
+    let r = reply(op.put(admin("/admin/producers/A81001")).json(&json!({ "pointer_types": [] }))).await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = create_pointer(&gp, &n3, &pointer_body(&patient, "A81001", "perm-none")).await?;
+    assert_eq!(refusal(&r), denied, "create: {}", r.body);
+    let mut upsert = pointer_body(&patient, "A81001", "perm-upsert");
+    upsert["id"] = json!("A81001-perm-upsert");
+    let r = put(&gp, &format!("{n2}/DocumentReference"), &upsert, None).await?;
+    assert_eq!(refusal(&r), denied, "upsert: {}", r.body);
+    let own = get(&gp, &format!("{n2}/DocumentReference/{id}")).await?;
+    assert_eq!(own.status, 200, "a producer reads its own pointer: {}", own.body);
+    let r = reply(gp.delete(format!("{n3}/DocumentReference/{id}"))).await?;
+    assert_eq!((r.status, r.code()), (200, "RESOURCE_DELETED"), "{}", r.body);
+    // An unrestricted consumer finding nothing is answered 200, total 0.
+    let r = search(&consumer, &n1, &patient, &[LIN]).await?;
+    assert_eq!((r.status, r.body["total"].as_u64()), (200, Some(0)), "{}", r.body);
     Ok(())
 }

@@ -21,6 +21,17 @@ pub enum ApiError {
     InvalidResource(String),
     #[error("{0}")]
     NotWellFormed(String),
+    /// NRL's `BAD_REQUEST`: a resource that is well formed but breaks one
+    /// of NRL's rules about what it refers to (a category not its type's,
+    /// a supersede of another organisation's pointer).
+    #[error("{0}")]
+    BadRequest(String),
+    /// A coded search value outside the parameter's system.
+    #[error("{0}")]
+    InvalidCodeSystem(String),
+    /// A pointer's subject in a system other than the NHS Number's.
+    #[error("{0}")]
+    InvalidIdentifierSystem(String),
     #[error("{0}")]
     InvalidHeader(String),
     #[error("{0}")]
@@ -89,6 +100,9 @@ impl ApiError {
             InvalidParameter(_) => (StatusCode::BAD_REQUEST, "invalid", "INVALID_PARAMETER"),
             InvalidResource(_) => (StatusCode::BAD_REQUEST, "invalid", "INVALID_RESOURCE"),
             NotWellFormed(_) => (StatusCode::BAD_REQUEST, "invalid", "MESSAGE_NOT_WELL_FORMED"),
+            BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid", "BAD_REQUEST"),
+            InvalidCodeSystem(_) => (StatusCode::BAD_REQUEST, "code-invalid", "INVALID_CODE_SYSTEM"),
+            InvalidIdentifierSystem(_) => (StatusCode::BAD_REQUEST, "invalid", "INVALID_IDENTIFIER_SYSTEM"),
             InvalidHeader(_) => (StatusCode::BAD_REQUEST, "invalid", "MISSING_OR_INVALID_HEADER"),
             UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not-supported", "UNSUPPORTED_MEDIA_TYPE"),
             PayloadTooLarge { .. } | TooManyEntries(_) => {
@@ -192,7 +206,7 @@ impl From<Rejection> for ApiError {
         match r {
             Rejection::Forbidden { .. } => ApiError::Forbidden(r.to_string()),
             Rejection::UnknownType { .. } => ApiError::InvalidResource(r.to_string()),
-            Rejection::CategoryMismatch { .. } => ApiError::InvalidResource(r.to_string()),
+            Rejection::CategoryMismatch { .. } => ApiError::BadRequest(r.to_string()),
             Rejection::Duplicate { .. } | Rejection::AlreadyExists { .. } => ApiError::Duplicate(r.to_string()),
             Rejection::NotFound { .. } => ApiError::NotFound(r.to_string()),
             Rejection::VersionConflict { .. } => ApiError::VersionConflict(r.to_string()),
@@ -212,6 +226,8 @@ impl From<FhirError> for ApiError {
             FhirError::InvalidResource(m) => ApiError::InvalidResource(m),
             FhirError::InvalidParameter(m) => ApiError::InvalidParameter(m),
             FhirError::NotWellFormed(m) => ApiError::NotWellFormed(m),
+            FhirError::InvalidCodeSystem(m) => ApiError::InvalidCodeSystem(m),
+            FhirError::InvalidIdentifierSystem(m) => ApiError::InvalidIdentifierSystem(m),
         }
     }
 }

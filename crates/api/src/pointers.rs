@@ -91,9 +91,56 @@ fn new_pointer(pointer: &mut RecordPointer, caller: &Caller, at: Timestamp) -> R
     if pointer.custodian != caller.ods {
         return Err(ApiError::Forbidden(format!("custodian must be the caller's organisation {}", caller.ods)));
     }
+    check_replaces(pointer, caller)?;
     pointer.id = PointerId::new(&pointer.custodian, uuid::Uuid::new_v4());
     pointer.created = at;
     pointer.updated = at;
+    Ok(())
+}
+
+/// A `replaces` target of another organisation is refused from its id
+/// alone (as NRLF does, 400 `BAD_REQUEST`): the same answer whether or not
+/// such a pointer exists.
+fn check_replaces(pointer: &RecordPointer, caller: &Caller) -> Result<(), ApiError> {
+    match &pointer.replaces {
+        Some(target) if target.custodian() != caller.ods => Err(ApiError::BadRequest(format!(
+            "relatesTo: a pointer may only replace a pointer of its own custodian {}",
+            caller.ods
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Whether this node's registry allows the caller no pointer type at all,
+/// as a producer (no entry, or an empty list) or as a consumer (an empty
+/// list; no entry reads every type).
+async fn registry_entry_empty(st: &AppState, ctx: &RequestCtx, producer: bool) -> bool {
+    let Ok(r) = st.replica.registry().await else { return false };
+    let ods = &ctx.caller.ods;
+    if producer {
+        r.producers.get(ods).is_none_or(|p| p.allowed_types.is_empty())
+    } else {
+        r.consumers.get(ods).and_then(|c| c.allowed_types.as_ref()).is_some_and(Vec::is_empty)
+    }
+}
+
+/// A write refused as forbidden to a producer that has no pointer types
+/// at all is NRLF's 403 `ACCESS_DENIED` (the registry is read only on this
+/// failure path, never on a write that succeeds).
+async fn no_types_denied(st: &AppState, ctx: &RequestCtx, e: ApiError) -> ApiError {
+    if matches!(e, ApiError::Forbidden(_)) && registry_entry_empty(st, ctx, true).await {
+        return ApiError::AccessDenied(format!("organisation {} has no pointer types registered", ctx.caller.ods));
+    }
+    e
+}
+
+/// A consumer restricted to no pointer type at all is refused every read
+/// and search (403 `ACCESS_DENIED`, as NRLF does), rather than answered as
+/// if the patient had no records. Called only when nothing was found.
+pub(crate) async fn consumer_without_types(st: &AppState, ctx: &RequestCtx) -> Result<(), ApiError> {
+    if ctx.caller.has(Role::Consumer) && !ctx.caller.has(Role::Producer) && registry_entry_empty(st, ctx, false).await {
+        return Err(ApiError::AccessDenied(format!("organisation {} is allowed no pointer types", ctx.caller.ods)));
+    }
     Ok(())
 }
 
@@ -113,7 +160,10 @@ pub(crate) async fn create(
     new_pointer(&mut pointer, &ctx.caller, now())?;
     ctx.audit.resource(format!("DocumentReference/{}", pointer.id));
     let cmd = Command::V1(CommandV1::CreatePointer { caller: ctx.caller.clone(), pointer });
-    let outcome = run_write(&st, &ctx, cmd).await?;
+    let outcome = match run_write(&st, &ctx, cmd).await {
+        Ok(o) => o,
+        Err(e) => return Err(no_types_denied(&st, &ctx, e).await),
+    };
     written(&st, &headers, outcome)
 }
 
@@ -264,6 +314,7 @@ async fn put_pointer(
         (None, None) => return Err(ApiError::InvalidResource("a PUT needs the pointer's id in the body".into())),
     };
     let mut pointer = parsed.pointer;
+    check_replaces(&pointer, &ctx.caller)?;
     // The patient whose pointer this is, as this node knows it: a PUT to a
     // pointer that names another patient in its body is recorded in the
     // trail of the patient it belongs to, so that no producer can write
@@ -283,7 +334,10 @@ async fn put_pointer(
     pointer.id = id;
     pointer.updated = now();
     let cmd = Command::V1(CommandV1::PutPointer { caller: ctx.caller.clone(), pointer, if_match });
-    let outcome = run_write(st, ctx, cmd).await?;
+    let outcome = match run_write(st, ctx, cmd).await {
+        Ok(o) => o,
+        Err(e) => return Err(no_types_denied(st, ctx, e).await),
+    };
     written(st, headers, outcome)
 }
 
@@ -329,6 +383,12 @@ async fn begin_read(
 ) -> Result<(Reader, PointerId, Purpose), ApiError> {
     let reader = ctx.reader()?;
     let id = lookup_id(id)?;
+    // A producer (that is not also a consumer) reads its own pointers
+    // only: another organisation's id is refused from the id alone (NRLF's
+    // 403), the same answer whether or not such a pointer exists.
+    if !ctx.caller.has(Role::Consumer) && id.custodian() != ctx.caller.ods {
+        return Err(ApiError::Forbidden(format!("a producer may read only its own pointers, not {id}")));
+    }
     // The consistency asked for first: a linearizable read checks the
     // break-glass permission the cluster holds now.
     consistency(headers, &st.replica).await?;
@@ -346,8 +406,10 @@ pub(crate) async fn read(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (reader, id, purpose) = begin_read(&st, &ctx, &id, "read", &headers).await?;
-    let not_found = || ApiError::NotFound(format!("no pointer {id}"));
-    let read = st.replica.pointer(&reader, &purpose, &id).await?.ok_or_else(not_found)?;
+    let Some(read) = st.replica.pointer(&reader, &purpose, &id).await? else {
+        consumer_without_types(&st, &ctx).await?;
+        return Err(ApiError::NotFound(format!("no pointer {id}")));
+    };
     ctx.audit.set(&read.pointer.subject, Action::Read, "read", &purpose);
     ctx.audit.resource(format!("DocumentReference/{id}"));
     refuse(read.visibility, &id)?;
@@ -394,7 +456,10 @@ async fn read_history(
     // Every kept version: the current one and the past ones.
     let limit = usize::try_from(RecordPointer::PAST_VERSIONS_MAX).unwrap_or(usize::MAX).saturating_add(1);
     let read = st.replica.history(&reader, &purpose, &id, vid, limit).await?;
-    let read = read.ok_or_else(|| ApiError::NotFound(format!("no pointer {id}")))?;
+    let Some(read) = read else {
+        consumer_without_types(&st, &ctx).await?;
+        return Err(ApiError::NotFound(format!("no pointer {id}")));
+    };
     let subject = read.versions.first().map(|p| p.subject);
     if let Some(subject) = &subject {
         ctx.audit.set(subject, Action::Read, interaction, &purpose);

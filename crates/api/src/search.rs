@@ -199,6 +199,9 @@ async fn run_search(
         scan_max: st.config.limits.search_scan_max,
     };
     let mut page = st.replica.search(&reader, &purpose, query).await?;
+    if page.total == 0 {
+        crate::pointers::consumer_without_types(st, ctx).await?;
+    }
     // A retired number answers for its survivor: the audit names the
     // patient whose pointers were disclosed, and so does a next page.
     let notice = page.merged_into.map(|n| {

@@ -340,6 +340,11 @@ fn create<T: StateTxn>(txn: &mut T, caller: &Caller, sent: &RecordPointer) -> Ap
     let mut patient = txn.patient(&pointer.subject).map_err(ApplyError::Storage)?.unwrap_or_default();
 
     if let Some(old_id) = &pointer.replaces {
+        // Decided from the id alone first: the same answer for another
+        // organisation's pointer whether or not it exists.
+        if old_id.custodian() != caller.ods {
+            return Ok(forbidden("a pointer may only replace a pointer of the same custodian"));
+        }
         let Some(mut old) = txn.pointer(old_id).map_err(ApplyError::Storage)? else {
             return Ok(Outcome::Rejected(Rejection::Invalid {
                 reason: format!("relatesTo target {old_id} does not exist"),

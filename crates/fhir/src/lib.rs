@@ -35,6 +35,14 @@ pub enum FhirError {
     InvalidParameter(String),
     #[error("{0}")]
     NotWellFormed(String),
+    /// A coded search value of a system other than the one the parameter
+    /// takes (a `type` outside SNOMED CT): NRL's `INVALID_CODE_SYSTEM`.
+    #[error("{0}")]
+    InvalidCodeSystem(String),
+    /// A pointer's subject identified in a system other than the NHS
+    /// Number's: NRL's `INVALID_IDENTIFIER_SYSTEM`.
+    #[error("{0}")]
+    InvalidIdentifierSystem(String),
 }
 
 pub const NHS_NUMBER_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
@@ -179,8 +187,14 @@ fn status(s: Option<&str>) -> Result<PointerStatus, FhirError> {
 fn subject(r: Option<&ReferenceIn>) -> Result<NhsNumber, FhirError> {
     let r = r.ok_or_else(|| invalid("subject is required"))?;
     let ident = r.identifier.as_ref().ok_or_else(|| invalid("subject.identifier is required"))?;
-    if ident.system.as_deref() != Some(NHS_NUMBER_SYSTEM) {
-        return Err(invalid(format!("subject.identifier.system must be {NHS_NUMBER_SYSTEM}")));
+    match ident.system.as_deref() {
+        Some(NHS_NUMBER_SYSTEM) => {}
+        Some(_) => {
+            return Err(FhirError::InvalidIdentifierSystem(format!(
+                "subject.identifier.system must be {NHS_NUMBER_SYSTEM}"
+            )));
+        }
+        None => return Err(invalid(format!("subject.identifier.system must be {NHS_NUMBER_SYSTEM}"))),
     }
     let value = ident.value.as_deref().ok_or_else(|| invalid("subject.identifier.value is required"))?;
     NhsNumber::parse(value).map_err(FhirError::InvalidNhsNumber)
@@ -705,6 +719,13 @@ mod tests {
         assert!(matches!(
             parse_document_reference(&serde_json::to_vec(&v).unwrap()),
             Err(FhirError::InvalidResource(_))
+        ));
+        // NRLF's "valid number but wrong system": INVALID_IDENTIFIER_SYSTEM.
+        let mut v = sample("9434765919");
+        v["subject"]["identifier"]["system"] = json!("https://fhir.nhs.uk/Id/not-nhs-number");
+        assert!(matches!(
+            parse_document_reference(&serde_json::to_vec(&v).unwrap()),
+            Err(FhirError::InvalidIdentifierSystem(_))
         ));
     }
 

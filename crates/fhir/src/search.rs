@@ -75,10 +75,20 @@ fn push_unique<T: PartialEq>(into: &mut Vec<T>, items: impl IntoIterator<Item = 
     }
 }
 
+/// SNOMED CT codes, bare or as `http://snomed.info/sct|<code>`; a code of
+/// another system is NRL's `INVALID_CODE_SYSTEM`.
 fn snomed_values(name: &str, v: &str) -> Result<Vec<SnomedCode>, FhirError> {
     values(name, v, SnomedCode::SYSTEM)?
         .into_iter()
-        .map(|c| SnomedCode::parse(c).map_err(|e| FhirError::InvalidParameter(format!("{name}: {e}"))))
+        .map(|c| {
+            if c.contains('|') {
+                return Err(FhirError::InvalidCodeSystem(format!(
+                    "{name} must be of the system {}",
+                    SnomedCode::SYSTEM
+                )));
+            }
+            SnomedCode::parse(c).map_err(|e| FhirError::InvalidParameter(format!("{name}: {e}")))
+        })
         .collect()
 }
 
@@ -261,7 +271,17 @@ mod tests {
         // NRLF's scenarios: a type of another system, an extra key, no subject.
         assert!(matches!(
             parse(&format!("{s}&type=http://incorrect.info/sct|736253002")),
-            Err(FhirError::InvalidParameter(_))
+            Err(FhirError::InvalidCodeSystem(_))
+        ));
+        assert!(matches!(
+            parse(&format!("{s}&type=http://snomed.info/sct|736253002,http://incorrect.info/sct|736253002")),
+            Err(FhirError::InvalidCodeSystem(_))
+        ));
+        assert!(matches!(parse(&format!("{s}&category=urn:other|734163000")), Err(FhirError::InvalidCodeSystem(_))));
+        let json_other = br#"{"subject:identifier":"https://fhir.nhs.uk/Id/nhs-number|9434765919","type":"http://incorrect.info/sct|736253002"}"#;
+        assert!(matches!(
+            parse_search(parse_json_search(json_other).unwrap(), LIMITS),
+            Err(FhirError::InvalidCodeSystem(_))
         ));
         let extra =
             parse_json_search(br#"{"subject:identifier":"https://fhir.nhs.uk/Id/nhs-number|9434765919","extra":"x"}"#);
