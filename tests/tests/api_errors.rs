@@ -426,6 +426,49 @@ async fn bad_input_gets_a_clear_operation_outcome_and_changes_nothing() -> anyho
     );
     rid.headers.push(("x-request-id", "has spaces and ;".into()));
     cases.push(rid);
+    // The security review's findings that have an input.
+    let search_1 = format!("/DocumentReference?subject:identifier={NHS_SYSTEM}|{}", nhs(1));
+    let glass = |name, client, status, code| {
+        let mut k = case(name, client, "GET", search_1.clone(), Value::Null, status, code);
+        k.headers.push(("x-hie-purpose-of-use", "emergency".into()));
+        k.headers.push(("x-hie-break-glass-reason", "unconscious, no history available".into()));
+        k
+    };
+    cases.push(glass("break-glass by an organisation without the permission", "gp-practice-a", 403, "ACCESS_DENIED"));
+    let mut no_reason = glass("break-glass without a reason", "ambulance-service", 400, "MISSING_OR_INVALID_HEADER");
+    no_reason.headers.retain(|(h, _)| *h != "x-hie-break-glass-reason");
+    cases.push(no_reason);
+    cases.extend([
+        // Another organisation's id: the same answer whether or not such a
+        // pointer exists, so the answer reveals nothing.
+        case(
+            "delete of another organisation's id that does not exist",
+            "gp-practice-a",
+            "DELETE",
+            "/DocumentReference/RV3-does-not-exist".into(),
+            Value::Null,
+            403,
+            "AUTHOR_CREDENTIALS_ERROR",
+        ),
+        case(
+            "update of another organisation's id that does not exist",
+            "gp-practice-a",
+            "PUT",
+            "/DocumentReference/RV3-does-not-exist".into(),
+            with(&|v| v["id"] = json!("RV3-does-not-exist")),
+            403,
+            "AUTHOR_CREDENTIALS_ERROR",
+        ),
+        case(
+            "an operator route by a producer",
+            "gp-practice-a",
+            "GET",
+            "/../admin/audit-anchors".into(),
+            Value::Null,
+            403,
+            "AUTHOR_CREDENTIALS_ERROR",
+        ),
+    ]);
 
     let api = c.api_url(ids[1]);
     for k in &cases {
@@ -438,6 +481,7 @@ async fn bad_input_gets_a_clear_operation_outcome_and_changes_nothing() -> anyho
         let mut req = match k.method {
             "POST" => http.post(&url).header("content-type", k.content_type).body(k.body.clone()),
             "PUT" => http.put(&url).header("content-type", k.content_type).body(k.body.clone()),
+            "DELETE" => http.delete(&url),
             _ => http.get(&url),
         };
         for (h, v) in &k.headers {
