@@ -163,7 +163,7 @@ pub struct ApiSection {
     pub tls_handshake_timeout_ms: u64,
     #[serde(default = "defaults::header_read_timeout_ms")]
     pub header_read_timeout_ms: u64,
-    /// A connection with no request in flight for this long is closed.
+    /// A connection with no request in flight and no byte moved for this long is closed.
     #[serde(default = "defaults::idle_timeout_ms")]
     pub idle_timeout_ms: u64,
     /// A connection this old is closed once its requests in flight are answered.

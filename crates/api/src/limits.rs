@@ -22,7 +22,8 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// From the first byte of an HTTP/1.1 request head (or the end of the last
 /// answer on a kept-alive connection) to the end of the head.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection with no request in flight for this long is closed.
+/// A connection with no request in flight and no byte moved either way for
+/// this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A connection this old is closed once its requests in flight are
 /// answered (HTTP/2 GOAWAY; HTTP/1.1 `connection: close`), so no client holds

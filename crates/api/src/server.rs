@@ -20,7 +20,8 @@ use hie_pki::{CertId, Reload, ReloadingServerTls, TlsFiles};
 use hie_replica::Replica;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tower::Layer;
@@ -75,8 +76,7 @@ pub async fn serve_api(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let tls = Arc::new(ReloadingServerTls::load(config.tls_files()).map_err(|e| e.to_string())?);
-    let listener =
-        TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let listener = listen(config.listen).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let limits = config.limits.clone();
     let metrics = replica.metrics().clone();
     metrics.tls_revoked_certificates.set(tls.revoked_count() as i64);
@@ -124,6 +124,19 @@ pub async fn serve_api(
         }
         tracing::info!("api listener stopped");
     }))
+}
+
+/// Connections the kernel completes and queues for `accept` (capped by
+/// `net.core.somaxconn`): deep enough that a burst of new connections
+/// (a flood, each closed at once) does not overflow it and leave a client's
+/// connection waiting for a SYN retransmission.
+const ACCEPT_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
 }
 
 /// Why a connection was closed as soon as it was accepted, or after TLS:
@@ -314,23 +327,87 @@ impl Drop for OrganisationSlot {
     }
 }
 
-/// Whether a connection has a request in flight, and since when it has not:
-/// the idle timeout counts from the end of the last answer (or from TLS).
+/// Whether a connection has a request in flight, and when it was last
+/// active: the idle timeout counts from the end of the last answer or the
+/// last byte moved either way, whichever is later (so an answer streamed
+/// for long, a backup, is not idle while its bytes flow).
 struct Activity {
     opened: Instant,
     in_flight: AtomicUsize,
-    /// Milliseconds from `opened` to the moment the last request in flight ended.
-    idle_since_ms: AtomicU64,
+    /// Milliseconds from `opened` to the last activity.
+    active_ms: AtomicU64,
 }
 
 impl Activity {
+    fn new() -> Activity {
+        Activity { opened: Instant::now(), in_flight: AtomicUsize::new(0), active_ms: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        self.active_ms.fetch_max(self.opened.elapsed().as_millis() as u64, Ordering::AcqRel);
+    }
+
     /// When the connection will have been idle for `idle_timeout`, if nothing
-    /// starts before; `None` while a request is in flight.
+    /// happens before; `None` while a request is in flight.
     fn idle_deadline(&self, idle_timeout: Duration) -> Option<Instant> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
-        Some(self.opened + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire)) + idle_timeout)
+        Some(self.opened + Duration::from_millis(self.active_ms.load(Ordering::Acquire)) + idle_timeout)
+    }
+}
+
+/// A connection's stream, noting its [`Activity`] whenever bytes move.
+struct Metered<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -346,9 +423,8 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let a = &self.0;
-        a.idle_since_ms.store(a.opened.elapsed().as_millis() as u64, Ordering::Release);
-        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -444,11 +520,7 @@ impl Conn {
             },
             Err(_) => None,
         };
-        let activity = Arc::new(Activity {
-            opened: Instant::now(),
-            in_flight: AtomicUsize::new(0),
-            idle_since_ms: AtomicU64::new(0),
-        });
+        let activity = Arc::new(Activity::new());
         let svc = Tracked { inner: Extension(identity).layer(app), activity: activity.clone() };
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
@@ -461,7 +533,10 @@ impl Conn {
             .timer(TokioTimer::new())
             .max_header_list_size(limits.header_bytes_max as u32)
             .max_concurrent_streams(256);
-        let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+        let conn = builder.serve_connection(
+            TokioIo::new(Metered { inner: stream, activity: activity.clone() }),
+            TowerToHyperService::new(svc),
+        );
         tokio::pin!(conn);
         let age_max = tokio::time::sleep(limits.connection_age_max);
         tokio::pin!(age_max);
