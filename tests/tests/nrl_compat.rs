@@ -551,3 +551,52 @@ async fn registry_permissions_answer_as_nrlf_does() -> anyhow::Result<()> {
     assert_eq!((r.status, r.body["total"].as_u64()), (200, Some(0)), "{}", r.body);
     Ok(())
 }
+
+/// The registry and pointer updates through the CLI, as an operator and a
+/// producer would use them: `hie registry type|producer|consumer|list` and
+/// `hie pointer update` (with and without a stale `--if-match`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_changes_the_registry_and_updates_pointers() -> anyhow::Result<()> {
+    let c = Cluster::up(&["--patients", "0"])?;
+    c.wait_leader(Duration::from_secs(10)).await?;
+    let cluster = c.cluster_json();
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--cluster", cluster.as_str()]);
+        hie(&all)
+    };
+    cli(&["registry", "type", "999000011", "--display", "Test care plan", "--category", "734163000", "--category-display", "Care plan"])?;
+    cli(&["registry", "producer", "A81001", "--types", "736253002,736373009,999000011"])?;
+    cli(&["registry", "consumer", "RYX03", "--types", "999000011"])?;
+    let list: Value = serde_json::from_str(&cli(&["registry", "list", "--json"])?)?;
+    let types = list["pointer_types"].as_array().unwrap();
+    assert!(
+        types.iter().any(|t| t["code"] == "999000011" && t["display"] == "Test care plan" && t["category"] == "734163000"),
+        "{list}"
+    );
+    assert_eq!(list["producers"]["A81001"]["pointer_types"], json!(["736253002", "736373009", "999000011"]), "{list}");
+    assert_eq!(list["consumers"]["RYX03"]["pointer_types"], json!(["999000011"]), "{list}");
+
+    // A pointer of the new type, updated from a file through the CLI.
+    let gp = c.http("gp-practice-a");
+    let mut body = pointer_body(&nhs(777), "A81001", "cli-update");
+    body["type"]["coding"][0]["code"] = json!("999000011");
+    body["type"]["coding"][0]["display"] = json!("Test care plan");
+    let created = create_pointer(&gp, &c.api_url(1), &body).await?;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    let mut changed = created.body.clone();
+    changed["description"] = json!("updated through the CLI");
+    let file = c.dir.path().join("update.json");
+    std::fs::write(&file, serde_json::to_vec(&changed)?)?;
+    let file = file.display().to_string();
+    let out = cli(&["pointer", "update", &id, "--file", &file, "--if-match", "1", "--node", "2"])?;
+    assert!(out.contains(&format!("DocumentReference/{id}/_history/2")), "{out}");
+    let stale = cli(&["pointer", "update", &id, "--file", &file, "--if-match", "1"]).unwrap_err().to_string();
+    assert!(stale.contains("412") && stale.contains("VERSION_CONFLICT"), "{stale}");
+    let url = format!("{}/DocumentReference/{id}", c.api_url(3));
+    let read = reply(gp.get(url).header("x-hie-consistency", "linearizable")).await?;
+    assert_eq!(read.body["description"], "updated through the CLI", "{}", read.body);
+    assert_eq!(read.body["meta"]["versionId"], "2");
+    Ok(())
+}
