@@ -458,9 +458,12 @@ async fn anchor_of(c: &Cluster, from: u64, id: u64) -> anyhow::Result<Option<(u6
     let url = format!("{}/admin/audit-anchors", c.api_url(from).trim_end_matches("/fhir"));
     let r = reply(c.http("operator").get(url)).await?;
     anyhow::ensure!(r.status == 200, "{}", r.body);
-    Ok(r.body["anchors"].as_array().into_iter().flatten().find(|a| a["node"] == id).map(|a| {
-        (a["seq"].as_u64().unwrap_or(0), a["hash"].as_str().unwrap_or("").to_owned())
-    }))
+    Ok(r.body["anchors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["node"] == id)
+        .map(|a| (a["seq"].as_u64().unwrap_or(0), a["hash"].as_str().unwrap_or("").to_owned())))
 }
 
 /// The segment files of an audit directory and their lines, oldest first.
@@ -487,7 +490,8 @@ async fn a_chain_cut_short_or_rewritten_fails_against_the_clusters_anchor() -> a
     let gp = c.http("gp-practice-a");
     let patient = nhs(5150);
     for i in 0..6 {
-        let r = create_pointer(&gp, &c.api_url(victim), &pointer_body(&patient, "A81001", &format!("anchor-{i}"))).await?;
+        let r =
+            create_pointer(&gp, &c.api_url(victim), &pointer_body(&patient, "A81001", &format!("anchor-{i}"))).await?;
         assert_eq!(r.status, 201, "{}", r.body);
         search(&c.http("ambulance-service"), &c.api_url(victim), &patient, &[]).await?;
     }
@@ -565,7 +569,10 @@ async fn a_chain_cut_short_or_rewritten_fails_against_the_clusters_anchor() -> a
     }
     assert!(verify(false)?.contains("audit chain intact"), "the rewrite is consistent in itself");
     let err = verify(true).unwrap_err().to_string();
-    assert!(err.contains(&format!("rewritten: the cluster's anchor for node {victim} is record {seq} hash {hash}")), "{err}");
+    assert!(
+        err.contains(&format!("rewritten: the cluster's anchor for node {victim} is record {seq} hash {hash}")),
+        "{err}"
+    );
 
     // The node restarted on the rewritten chain says so and stops anchoring.
     std::fs::remove_dir_all(dir.join("index"))?;

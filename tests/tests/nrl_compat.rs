@@ -565,13 +565,25 @@ async fn the_cli_changes_the_registry_and_updates_pointers() -> anyhow::Result<(
         all.extend(["--cluster", cluster.as_str()]);
         hie(&all)
     };
-    cli(&["registry", "type", "999000011", "--display", "Test care plan", "--category", "734163000", "--category-display", "Care plan"])?;
+    cli(&[
+        "registry",
+        "type",
+        "999000011",
+        "--display",
+        "Test care plan",
+        "--category",
+        "734163000",
+        "--category-display",
+        "Care plan",
+    ])?;
     cli(&["registry", "producer", "A81001", "--types", "736253002,736373009,999000011"])?;
     cli(&["registry", "consumer", "RYX03", "--types", "999000011"])?;
     let list: Value = serde_json::from_str(&cli(&["registry", "list", "--json"])?)?;
     let types = list["pointer_types"].as_array().unwrap();
     assert!(
-        types.iter().any(|t| t["code"] == "999000011" && t["display"] == "Test care plan" && t["category"] == "734163000"),
+        types
+            .iter()
+            .any(|t| t["code"] == "999000011" && t["display"] == "Test care plan" && t["category"] == "734163000"),
         "{list}"
     );
     assert_eq!(list["producers"]["A81001"]["pointer_types"], json!(["736253002", "736373009", "999000011"]), "{list}");

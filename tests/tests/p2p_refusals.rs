@@ -220,10 +220,8 @@ async fn as_peer(key: Keypair, peer: hie_p2p::PeerId, addr: Multiaddr) -> Vec<St
     };
     let mut outcomes = vec![];
     // The first request may race the connection being set up: a few tries.
-    for (name, request) in [
-        ("audit", hie_p2p::Request::AuditQuery(query)),
-        ("read-index", hie_p2p::Request::ReadIndex),
-    ] {
+    for (name, request) in [("audit", hie_p2p::Request::AuditQuery(query)), ("read-index", hie_p2p::Request::ReadIndex)]
+    {
         let mut outcome = String::new();
         for _ in 0..5 {
             let request = match &request {
@@ -262,7 +260,8 @@ async fn a_removed_seed_peers_key_is_served_nothing() -> anyhow::Result<()> {
     hie(&["dev", "add-node", "--dir", &c.dir_str(), "--region", "south-west"])?;
     c.reload();
     let victim = c.node_ids().into_iter().find(|id| *id != leader && *id != 4).unwrap();
-    let victim_key = Keypair::from_protobuf_encoding(&std::fs::read(c.dir.path().join(format!("node-{victim}/node.key")))?)?;
+    let victim_key =
+        Keypair::from_protobuf_encoding(&std::fs::read(c.dir.path().join(format!("node-{victim}/node.key")))?)?;
     let node4_peer: hie_p2p::PeerId = c.node(4)["peer_id"].as_str().unwrap().parse()?;
     let node4_addr: Multiaddr = c.node(4)["p2p_addr"].as_str().unwrap().parse()?;
 

@@ -67,7 +67,8 @@ impl AuditSlot {
             Purpose::BreakGlass { reason } => Some(reason.clone()),
             Purpose::DirectCare => None,
         };
-        let access = Access { subject: subject.copied(), action: Action::Read, interaction, resource, emergency_reason };
+        let access =
+            Access { subject: subject.copied(), action: Action::Read, interaction, resource, emergency_reason };
         *self.lock() = vec![Slotted { access, outcome: None, intent: false }];
     }
 
@@ -168,7 +169,9 @@ pub(crate) async fn record_intents(
         let ctx = context(st, caller, &roles, ids, (hie_audit::INTENT, None));
         // One fsync, after the last, serves them all.
         log.append(hie_audit::audit_event(access, &ctx), n == last).await.map_err(|e| {
-            ApiError::AuditUnavailable(format!("{e}; the change's audit record could not be written, so nothing was changed"))
+            ApiError::AuditUnavailable(format!(
+                "{e}; the change's audit record could not be written, so nothing was changed"
+            ))
         })?;
     }
     let mut slotted = slot.lock();

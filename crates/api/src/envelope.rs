@@ -129,8 +129,8 @@ fn refusal(st: &AppState, identity: &ConnIdentity, method: &Method, route: &str)
     // refuse requests that would change patient data or the cluster
     // (`/admin/*`) rather than make the change and fail to record it (the
     // batch route is the base, `/fhir`).
-    let changes = method != Method::GET
-        && (route == "/fhir" || route.starts_with("/fhir/") || route.starts_with("/admin/"));
+    let changes =
+        method != Method::GET && (route == "/fhir" || route.starts_with("/fhir/") || route.starts_with("/admin/"));
     (changes && st.audit.as_ref().is_some_and(|a| a.failing())).then(|| {
         ApiError::AuditUnavailable(
             "the audit log of this node cannot be written at the moment; nothing was changed".into(),

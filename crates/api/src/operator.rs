@@ -226,12 +226,8 @@ pub(crate) async fn put_consumer(
                 .ok_or_else(|| ApiError::InvalidResource(format!("unknown permission {s:?} (known: break-glass)")))
         })
         .collect::<Result<_, _>>()?;
-    let cmd = Command::V1(CommandV1::SetConsumerTypes {
-        caller: ctx.caller.clone(),
-        ods: ods.clone(),
-        types,
-        permissions,
-    });
+    let cmd =
+        Command::V1(CommandV1::SetConsumerTypes { caller: ctx.caller.clone(), ods: ods.clone(), types, permissions });
     run_write(&st, &ctx, cmd).await?;
     Ok(Json(json!({ "consumer": ods.as_str(), "pointer_types": c.pointer_types, "permissions": c.permissions }))
         .into_response())
@@ -312,9 +308,7 @@ pub(crate) async fn registry(State(st): St, ctx: RequestCtx) -> Result<Response,
 pub(crate) async fn audit_anchors(State(st): St, ctx: RequestCtx) -> Result<Response, ApiError> {
     ctx.require(Role::Operator)?;
     let anchors = st.replica.audit_anchors().await?;
-    let nodes: Vec<_> = anchors
-        .iter()
-        .map(|a| json!({ "node": a.node, "seq": a.seq, "hash": a.hash, "at": a.at.0 }))
-        .collect();
+    let nodes: Vec<_> =
+        anchors.iter().map(|a| json!({ "node": a.node, "seq": a.seq, "hash": a.hash, "at": a.at.0 })).collect();
     Ok(Json(json!({ "applied_index": st.replica.status().applied_index, "anchors": nodes })).into_response())
 }

@@ -373,21 +373,19 @@ fn balp<'a>(s: &Stored<'a>) -> AuditEvent<'a> {
             },
         });
     }
-    entity.push(
-        Entity {
-            role: None,
-            kind: Coding {
-                code: "XrequestId",
-                display: None,
-                system: "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
-            },
-            what: Reference {
-                display: None,
-                identifier: Some(Ident { system: "urn:hie:request-id", value: s.request }),
-                reference: None,
-            },
+    entity.push(Entity {
+        role: None,
+        kind: Coding {
+            code: "XrequestId",
+            display: None,
+            system: "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
         },
-    );
+        what: Reference {
+            display: None,
+            identifier: Some(Ident { system: "urn:hie:request-id", value: s.request }),
+            reference: None,
+        },
+    });
     if let Some(corr) = s.corr {
         // The client's correlation id, as a second request identifier.
         entity.push(Entity {

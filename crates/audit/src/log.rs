@@ -1009,9 +1009,10 @@ mod tests {
         assert_eq!(seq, 3);
         assert_eq!(hash, chain::verify(log.dir()).unwrap().head);
         assert_eq!(chain::check_anchor(log.dir(), 3, &hash).unwrap(), chain::AnchorCheck::Holds);
-        assert_eq!(chain::check_anchor(log.dir(), 2, &hash).unwrap(), chain::AnchorCheck::Rewritten {
-            found: chain::record_at(log.dir(), 2).unwrap().unwrap().hash
-        });
+        assert_eq!(
+            chain::check_anchor(log.dir(), 2, &hash).unwrap(),
+            chain::AnchorCheck::Rewritten { found: chain::record_at(log.dir(), 2).unwrap().unwrap().hash }
+        );
         assert_eq!(chain::check_anchor(log.dir(), 9, &hash).unwrap(), chain::AnchorCheck::CutShort { records: 3 });
         drop(log);
         let log = AuditLog::open(config, Arc::new(Metrics::new())).unwrap();

@@ -7,8 +7,8 @@
 use crate::command::{Caller, Command, CommandV1, Outcome, Rejection, Role};
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
 use crate::model::{
-    AssigningAuthority, AuditAnchor, ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerStatus, PointerType, ProducerEntry,
-    ProducerPermission, RecordPointer, Timestamp,
+    AssigningAuthority, AuditAnchor, ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerStatus, PointerType,
+    ProducerEntry, ProducerPermission, RecordPointer, Timestamp,
 };
 
 /// Reads and changes state within one apply. Reads see the transaction's
@@ -122,8 +122,7 @@ fn apply_v1<T: StateTxn>(txn: &mut T, command: &CommandV1) -> ApplyResult<Outcom
             if !caller.has(Role::Operator) {
                 return Ok(forbidden("only an operator may change a consumer's pointer types"));
             }
-            let entry =
-                ConsumerEntry { allowed_types: types.as_deref().map(sorted), permissions: permissions.clone() };
+            let entry = ConsumerEntry { allowed_types: types.as_deref().map(sorted), permissions: permissions.clone() };
             // No entry reads as the default: every type, no permission.
             if entry == ConsumerEntry::default() {
                 txn.delete_consumer(ods);
@@ -140,7 +139,9 @@ fn apply_v1<T: StateTxn>(txn: &mut T, command: &CommandV1) -> ApplyResult<Outcom
         }
         CommandV1::AnchorAudit { anchor } => {
             if !anchor.well_formed() {
-                return Ok(Outcome::Rejected(Rejection::Invalid { reason: "an audit anchor needs a seq and a SHA-256 hash".into() }));
+                return Ok(Outcome::Rejected(Rejection::Invalid {
+                    reason: "an audit anchor needs a seq and a SHA-256 hash".into(),
+                }));
             }
             let stored = txn.audit_anchor(anchor.node).map_err(ApplyError::Storage)?;
             if stored.is_none_or(|s| s.seq < anchor.seq) {

@@ -22,6 +22,6 @@ pub use access::{Purpose, ReadDenied, Reader, Visibility};
 pub use command::{Caller, Command, CommandV1, Outcome, Rejection, Role};
 pub use ids::{IdError, NhsNumber, OdsCode, PointerId, SnomedCode};
 pub use model::{
-    AssigningAuthority, AuditAnchor, ConsumerEntry, ConsumerPermission, Identifier, PagingKey, PatientEntry, PointerBody,
-    PointerStatus, PointerType, ProducerEntry, ProducerPermission, RecordPointer, Registry, Timestamp,
+    AssigningAuthority, AuditAnchor, ConsumerEntry, ConsumerPermission, Identifier, PagingKey, PatientEntry,
+    PointerBody, PointerStatus, PointerType, ProducerEntry, ProducerPermission, RecordPointer, Registry, Timestamp,
 };

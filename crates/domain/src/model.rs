@@ -238,7 +238,9 @@ pub struct AuditAnchor {
 impl AuditAnchor {
     /// Whether `hash` has the form of a record's hash.
     pub fn well_formed(&self) -> bool {
-        self.seq > 0 && self.hash.len() == 64 && self.hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        self.seq > 0
+            && self.hash.len() == 64
+            && self.hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     }
 }
 

@@ -38,10 +38,8 @@ async fn handle(core: Arc<Core>, clock: Arc<ContactClock>, peer: PeerId, request
     // served only to a member, so that a peer still allowed to connect (a
     // seed, while this node is not yet a member) cannot forge writes, vote,
     // or read audit trails.
-    let members_only = matches!(
-        request,
-        Request::ClientWrite { .. } | Request::Vote(_) | Request::ReadIndex | Request::AuditQuery(_)
-    );
+    let members_only =
+        matches!(request, Request::ClientWrite { .. } | Request::Vote(_) | Request::ReadIndex | Request::AuditQuery(_));
     if members_only && !core.is_member(&peer) {
         core.metrics.p2p_non_member_requests_total.with_label_values(&[request.kind()]).inc();
         tracing::warn!(%peer, kind = request.kind(), "refused a request from a peer that is not a member");

@@ -10,8 +10,8 @@ use hie_domain::codec;
 use hie_domain::query::{Scanned, StateRead};
 use hie_domain::raft::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use hie_domain::{
-    AssigningAuthority, AuditAnchor, ConsumerEntry, Identifier, NhsNumber, OdsCode, Outcome, PagingKey, PatientEntry, PointerId,
-    PointerType, ProducerEntry, RecordPointer, Registry, SnomedCode,
+    AssigningAuthority, AuditAnchor, ConsumerEntry, Identifier, NhsNumber, OdsCode, Outcome, PagingKey, PatientEntry,
+    PointerId, PointerType, ProducerEntry, RecordPointer, Registry, SnomedCode,
 };
 use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, RaftLogId, RaftSnapshotBuilder, StorageIOError};
