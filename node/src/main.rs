@@ -66,7 +66,7 @@ enum Cmd {
     /// The load generator: create, search, linearizable and mixed workloads
     /// over HTTPS with client certificates, against hie or etcd.
     Bench(bench::BenchArgs),
-    /// A node's audit log: verify its hash chain, export it for a SIEM.
+    /// A node's audit log: verify its hash chain (and against the cluster's anchor), export it for a SIEM, list break-glass uses for review.
     Audit {
         #[command(subcommand)]
         command: audit::AuditCmd,
