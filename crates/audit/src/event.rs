@@ -281,6 +281,19 @@ const fn coding<'a>(system: &'a str, code: &'a str, display: &'a str) -> Coding<
     Coding { code, display: Some(display), system }
 }
 
+/// A BALP request-identifier entity (`XrequestId`) naming `value` in `system`.
+fn request_entity<'a>(system: &'a str, value: &'a str) -> Entity<'a> {
+    Entity {
+        role: None,
+        kind: Coding {
+            code: "XrequestId",
+            display: None,
+            system: "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
+        },
+        what: Reference { display: None, identifier: Some(Ident { system, value }), reference: None },
+    }
+}
+
 /// The event for an access, in its stored form.
 pub fn audit_event(access: &Access, ctx: &Context<'_>) -> Event {
     let subject = access.subject.as_ref().map_or("", NhsNumber::as_str);
@@ -373,34 +386,10 @@ fn balp<'a>(s: &Stored<'a>) -> AuditEvent<'a> {
             },
         });
     }
-    entity.push(Entity {
-        role: None,
-        kind: Coding {
-            code: "XrequestId",
-            display: None,
-            system: "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
-        },
-        what: Reference {
-            display: None,
-            identifier: Some(Ident { system: "urn:hie:request-id", value: s.request }),
-            reference: None,
-        },
-    });
+    entity.push(request_entity("urn:hie:request-id", s.request));
     if let Some(corr) = s.corr {
         // The client's correlation id, as a second request identifier.
-        entity.push(Entity {
-            role: None,
-            kind: Coding {
-                code: "XrequestId",
-                display: None,
-                system: "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
-            },
-            what: Reference {
-                display: None,
-                identifier: Some(Ident { system: "urn:hie:correlation-id", value: corr }),
-                reference: None,
-            },
-        });
+        entity.push(request_entity("urn:hie:correlation-id", corr));
     }
     if let Some(resource) = s.resource {
         entity.push(Entity {
