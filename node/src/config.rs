@@ -33,6 +33,48 @@ pub struct Config {
     pub log: LogSection,
     #[serde(default)]
     pub audit: AuditSection,
+    #[serde(default)]
+    pub subscriptions: SubscriptionsSection,
+}
+
+/// Delivering FHIR Subscription notifications (`rest-hook`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionsSection {
+    /// Hosts a subscription's endpoint may name (exact, case-insensitive):
+    /// a subscription cannot make a node call anywhere else. Empty: no
+    /// subscription can be made.
+    #[serde(default)]
+    pub endpoint_hosts: Vec<String>,
+    /// PEM CAs trusted for endpoints besides the cluster CA (`api.ca`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<PathBuf>,
+    /// How long a notification may take when its subscription names no
+    /// `backport-timeout`.
+    #[serde(default = "defaults::subscriptions_timeout_ms")]
+    pub timeout_ms: u64,
+    /// The first wait after a failed notification; it doubles up to `retry_max_ms`.
+    #[serde(default = "defaults::subscriptions_retry_min_ms")]
+    pub retry_min_ms: u64,
+    #[serde(default = "defaults::subscriptions_retry_max_ms")]
+    pub retry_max_ms: u64,
+    /// Failed notifications in a row before the subscription shows `error`
+    /// (it is still retried).
+    #[serde(default = "defaults::subscriptions_failures_before_error")]
+    pub failures_before_error: u32,
+    /// How often what endpoints acknowledged is replicated: at most this
+    /// much is sent again after the deliverer changes.
+    #[serde(default = "defaults::subscriptions_progress_interval_ms")]
+    pub progress_interval_ms: u64,
+    /// Notifications in flight at once from this node.
+    #[serde(default = "defaults::subscriptions_in_flight_max")]
+    pub in_flight_max: usize,
+}
+
+impl Default for SubscriptionsSection {
+    fn default() -> Self {
+        toml::from_str("").expect("every subscriptions field has a default")
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -373,6 +415,24 @@ pub mod defaults {
     pub fn audit_query_events_max() -> u32 {
         1_000
     }
+    pub fn subscriptions_timeout_ms() -> u64 {
+        5_000
+    }
+    pub fn subscriptions_retry_min_ms() -> u64 {
+        250
+    }
+    pub fn subscriptions_retry_max_ms() -> u64 {
+        30_000
+    }
+    pub fn subscriptions_failures_before_error() -> u32 {
+        3
+    }
+    pub fn subscriptions_progress_interval_ms() -> u64 {
+        200
+    }
+    pub fn subscriptions_in_flight_max() -> usize {
+        256
+    }
     pub fn audit_anchor_interval_ms() -> u64 {
         5_000
     }
@@ -518,6 +578,27 @@ impl Config {
         if !(100..=600_000).contains(&a.anchor_interval_ms) {
             bail!("audit.anchor_interval_ms: must be from 100 to 600000");
         }
+        let sub = &self.subscriptions;
+        if !(100..=60_000).contains(&sub.timeout_ms) {
+            bail!("subscriptions.timeout_ms: must be from 100 to 60000");
+        }
+        if sub.retry_min_ms == 0 || sub.retry_min_ms > sub.retry_max_ms || sub.retry_max_ms > 600_000 {
+            bail!("subscriptions.retry_min_ms, retry_max_ms: must be above 0, min at most max, max at most 600000");
+        }
+        if sub.failures_before_error == 0 {
+            bail!("subscriptions.failures_before_error: must be 1 or more");
+        }
+        if !(10..=10_000).contains(&sub.progress_interval_ms) {
+            bail!("subscriptions.progress_interval_ms: must be from 10 to 10000");
+        }
+        if !(1..=10_000).contains(&sub.in_flight_max) {
+            bail!("subscriptions.in_flight_max: must be from 1 to 10000");
+        }
+        if let Some(b) = &sub.ca_bundle
+            && !b.is_absolute()
+        {
+            bail!("subscriptions.ca_bundle: must be an absolute path");
+        }
         if a.fanout_timeout_ms == 0 || a.fanout_timeout_ms >= self.api.request_timeout_ms {
             bail!("audit.fanout_timeout_ms: must be above 0 and below api.request_timeout_ms");
         }
@@ -614,6 +695,7 @@ impl Config {
             ca: a.ca.clone(),
             crl: a.crl.clone(),
             base_url: a.public_url.clone(),
+            subscription_hosts: self.subscriptions.endpoint_hosts.clone(),
             limits: ApiLimits {
                 body_bytes_max: a.body_bytes_max,
                 bundle_entries_max: a.bundle_entries_max,

@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::client::{Api, ClientEntry, ClusterFile, NodeEntry, operator_call};
 use crate::config::{
     AdminSection, ApiSection, AuditSection, ClusterSection, Config, LogSection, Member, NodeSection, P2pSection,
-    RaftSection, SeedPeer,
+    RaftSection, SeedPeer, SubscriptionsSection,
 };
 
 #[derive(Args, Debug)]
@@ -506,6 +506,11 @@ fn node_config(
             // Often, so that a test sees an anchor within a second or two.
             anchor_interval_ms: 1_000,
             ..AuditSection::default()
+        },
+        // Receivers on this machine only (`hie subscribe` runs one).
+        subscriptions: SubscriptionsSection {
+            endpoint_hosts: vec!["127.0.0.1".into(), "localhost".into(), "::1".into()],
+            ..SubscriptionsSection::default()
         },
     }
 }

@@ -7,6 +7,7 @@ mod backup;
 mod bench;
 mod client;
 mod config;
+mod deliver;
 mod dev;
 mod node;
 mod progress;

@@ -90,6 +90,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let interval = std::time::Duration::from_millis(config.audit.anchor_interval_ms);
         tokio::spawn(crate::anchor::run(replica.clone(), log.clone(), config.node.id, interval, shutdown_rx.clone()));
     }
+    {
+        let api = &config.api;
+        let mut cas = vec![api.ca.as_path()];
+        if let Some(b) = &config.subscriptions.ca_bundle {
+            cas.push(b.as_path());
+        }
+        let tls = hie_pki::client_config_trusting(&cas, Some((&api.cert, &api.key)))
+            .context("the TLS client for subscription endpoints")?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .pool_max_idle_per_host(64)
+            .build()
+            .context("the HTTP client for subscription endpoints")?;
+        let s = &config.subscriptions;
+        let deliver = crate::deliver::DeliverConfig {
+            node_id: config.node.id,
+            node_label: format!("node-{} ({})", config.node.id, config.node.region),
+            base_url: api.public_url.clone(),
+            hosts_allowed: s.endpoint_hosts.clone(),
+            timeout: std::time::Duration::from_millis(s.timeout_ms),
+            retry_min: std::time::Duration::from_millis(s.retry_min_ms),
+            retry_max: std::time::Duration::from_millis(s.retry_max_ms),
+            failures_before_error: s.failures_before_error,
+            progress_interval: std::time::Duration::from_millis(s.progress_interval_ms),
+            in_flight_max: s.in_flight_max,
+        };
+        tokio::spawn(crate::deliver::run(replica.clone(), audit.clone(), http, deliver, shutdown_rx.clone()));
+    }
     let api = hie_api::serve_api(config.api_config(), replica.clone(), audit, shutdown_rx.clone())
         .await
         .map_err(anyhow::Error::msg)?;

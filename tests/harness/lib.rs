@@ -3,6 +3,8 @@
 //! HTTPS with the generated client certificates, kills and restarts nodes by
 //! pid, and stops everything it started when dropped.
 
+pub mod receiver;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};

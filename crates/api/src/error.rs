@@ -214,6 +214,7 @@ impl From<Rejection> for ApiError {
             Rejection::UnknownSystem { .. } => ApiError::UnknownSystem(r.to_string()),
             Rejection::UnknownLocalId => ApiError::NotFound(r.to_string()),
             Rejection::MergeTooLarge { .. } => ApiError::TooCostly(r.to_string()),
+            Rejection::SubscriptionNotFound => ApiError::NotFound(r.to_string()),
             Rejection::UnknownVersion => ApiError::Internal(r.to_string()),
         }
     }

@@ -38,6 +38,7 @@ mod respond;
 mod router;
 mod search;
 mod server;
+pub mod subscriptions;
 
 pub use break_glass::{BREAK_GLASS_PER_ORG_PER_HOUR, BREAK_GLASS_PER_ORG_PER_HOUR_MAX};
 pub use limits::ApiLimits;

@@ -14,7 +14,7 @@ use hie_replica::Replica;
 use crate::error::ApiError;
 use crate::limits::RateLimiter;
 use crate::server::ApiConfig;
-use crate::{audit_events, consent, envelope, metadata, operator, patients, pointers, search};
+use crate::{audit_events, consent, envelope, metadata, operator, patients, pointers, search, subscriptions};
 
 /// What every handler shares.
 pub(crate) struct AppState {
@@ -71,6 +71,10 @@ pub(crate) fn router(
         .route("/fhir/Patient/{nhs}/$record-holders", get(patients::record_holders))
         .route("/fhir/Consent", post(consent::consent))
         .route("/fhir/AuditEvent", get(audit_events::audit_events))
+        .route("/fhir/Subscription", post(subscriptions::create))
+        .route("/fhir/Subscription/{id}", get(subscriptions::read).delete(subscriptions::delete))
+        .route("/fhir/Subscription/{id}/$status", get(subscriptions::status))
+        .route("/fhir/Subscription/{id}/$events", get(subscriptions::events))
         .route("/admin/status", get(operator::status))
         .route("/admin/digest", get(operator::digest))
         .route("/admin/learners", post(operator::add_learner))

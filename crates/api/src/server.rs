@@ -41,6 +41,8 @@ pub struct ApiConfig {
     /// This node's public base URL, `https://HOST:PORT/fhir`.
     pub base_url: String,
     pub limits: ApiLimits,
+    /// Hosts a subscription's endpoint may name (`subscriptions.endpoint_hosts`).
+    pub subscription_hosts: Vec<String>,
 }
 
 /// How often the TLS files are read again for changes (a new CRL, a

@@ -6,6 +6,7 @@
 
 use crate::command::{Caller, Command, CommandV1, Outcome, Rejection, Role};
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
+use crate::subscription::{self, Change, Subscription, SubscriptionEvent, SubscriptionId};
 use crate::model::{
     AssigningAuthority, AuditAnchor, ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerStatus, PointerType,
     ProducerEntry, ProducerPermission, RecordPointer, Timestamp,
@@ -69,6 +70,18 @@ pub trait StateTxn {
 
     fn audit_anchor(&mut self, node: u64) -> Result<Option<AuditAnchor>, Self::Error>;
     fn put_audit_anchor(&mut self, anchor: &AuditAnchor);
+
+    fn subscription(&mut self, id: &SubscriptionId) -> Result<Option<Subscription>, Self::Error>;
+    fn put_subscription(&mut self, subscription: &Subscription);
+    fn delete_subscription(&mut self, id: &SubscriptionId);
+    /// The subscriptions filed under `key` (a filter's value or an owner), in id order.
+    fn subscription_keys(&mut self, key: &str) -> Result<Vec<SubscriptionId>, Self::Error>;
+    fn put_subscription_key(&mut self, key: &str, id: &SubscriptionId);
+    fn delete_subscription_key(&mut self, key: &str, id: &SubscriptionId);
+    fn put_subscription_event(&mut self, id: &SubscriptionId, event: &SubscriptionEvent);
+    fn delete_subscription_event(&mut self, id: &SubscriptionId, number: u64);
+    /// Every event of the subscription, numbered up to `last`.
+    fn delete_subscription_events(&mut self, id: &SubscriptionId, last: u64);
 }
 
 /// An invariant of the state that applying found broken: the replica's data
@@ -175,6 +188,9 @@ fn apply_v1<T: StateTxn>(txn: &mut T, command: &CommandV1) -> ApplyResult<Outcom
         CommandV1::MergePatients { caller, source, target, at } => {
             crate::identity::merge(txn, caller, source, target, *at)?
         }
+        CommandV1::CreateSubscription { caller, subscription: sub } => subscription::create(txn, caller, sub)?,
+        CommandV1::DeleteSubscription { caller, id } => subscription::delete(txn, caller, id)?,
+        CommandV1::SubscriptionProgress { updates } => subscription::progress(txn, updates)?,
         CommandV1::Batch(commands) => {
             let mut outcomes = Vec::with_capacity(commands.len());
             for c in commands {
@@ -340,6 +356,7 @@ fn create<T: StateTxn>(txn: &mut T, caller: &Caller, sent: &RecordPointer) -> Ap
 
     let mut patient = txn.patient(&pointer.subject).map_err(ApplyError::Storage)?.unwrap_or_default();
 
+    let mut superseded = None;
     if let Some(old_id) = &pointer.replaces {
         // Decided from the id alone first: the same answer for another
         // organisation's pointer whether or not it exists.
@@ -371,6 +388,7 @@ fn create<T: StateTxn>(txn: &mut T, caller: &Caller, sent: &RecordPointer) -> Ap
         txn.put_pointer(&old);
         txn.index_remove(&old.subject, &old.id);
         holder_remove(&mut patient, &old)?;
+        superseded = Some(old);
     }
 
     txn.put_pointer(pointer);
@@ -380,6 +398,10 @@ fn create<T: StateTxn>(txn: &mut T, caller: &Caller, sent: &RecordPointer) -> Ap
     }
     holder_add(&mut patient, pointer);
     save_patient(txn, &pointer.subject, &patient);
+    subscription::pointer_changed(txn, pointer, None, Change::Created, pointer.created)?;
+    if let Some(old) = &superseded {
+        subscription::pointer_changed(txn, old, None, Change::Superseded, pointer.created)?;
+    }
     Ok(Outcome::Created { pointer: pointer.clone(), superseded: pointer.replaces.clone() })
 }
 
@@ -447,10 +469,11 @@ fn update<T: StateTxn>(
     stored.date = old.date.clone();
     keep_past_version(txn, &old);
     txn.put_pointer(&stored);
+    subscription::pointer_changed(txn, &stored, None, Change::Updated, stored.updated)?;
     Ok(Outcome::Updated { pointer: stored })
 }
 
-fn delete<T: StateTxn>(txn: &mut T, caller: &Caller, id: &PointerId, _at: Timestamp) -> ApplyResult<Outcome, T::Error> {
+fn delete<T: StateTxn>(txn: &mut T, caller: &Caller, id: &PointerId, at: Timestamp) -> ApplyResult<Outcome, T::Error> {
     // Decided from the id alone first, so that the answer for another
     // organisation's id is the same whether or not the pointer exists.
     if id.custodian() != caller.ods || !caller.has(Role::Producer) {
@@ -477,5 +500,6 @@ fn delete<T: StateTxn>(txn: &mut T, caller: &Caller, id: &PointerId, _at: Timest
         holder_remove(&mut patient, &old)?;
         save_patient(txn, &old.subject, &patient);
     }
+    subscription::pointer_changed(txn, &old, None, Change::Deleted, at)?;
     Ok(Outcome::Deleted { id: id.clone() })
 }

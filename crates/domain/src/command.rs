@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
+use crate::subscription::{Progress, Subscription, SubscriptionId};
 use crate::model::{
     AuditAnchor, ConsumerPermission, Identifier, PagingKey, PointerType, ProducerPermission, RecordPointer, Timestamp,
 };
@@ -92,6 +93,13 @@ impl CommandV1 {
             | CommandV1::MergePatients { .. }
             | CommandV1::SetPagingKey { .. } => 160,
             CommandV1::AnchorAudit { .. } => 160,
+            CommandV1::CreateSubscription { subscription: s, .. } => {
+                400 + s.reason.len() + s.endpoint.len() + s.criteria.iter().map(String::len).sum::<usize>()
+            }
+            CommandV1::DeleteSubscription { .. } => 160,
+            CommandV1::SubscriptionProgress { updates } => {
+                16 + updates.iter().map(|u| 96 + u.error.as_ref().map_or(0, String::len)).sum::<usize>()
+            }
             CommandV1::Batch(commands) => 16 + commands.iter().map(CommandV1::approx_bytes).sum::<usize>(),
         }
     }
@@ -193,6 +201,23 @@ pub enum CommandV1 {
         target: NhsNumber,
         at: Timestamp,
     },
+    /// Subscribe to the `pointer-changed` topic. Consumer only, for its
+    /// own organisation.
+    CreateSubscription {
+        caller: Caller,
+        subscription: Subscription,
+    },
+    /// Remove a subscription and its events. Its owner only.
+    DeleteSubscription {
+        caller: Caller,
+        id: SubscriptionId,
+    },
+    /// What a deliverer learnt: the events endpoints acknowledged and the
+    /// subscriptions' status. Proposed by a node, not a client; `acked`
+    /// only moves forward.
+    SubscriptionProgress {
+        updates: Vec<Progress>,
+    },
     /// Several commands proposed together as one entry (the leader groups
     /// the writes waiting to be proposed). Each is applied in order, as if
     /// it were its own entry, and has its own outcome; a batch inside a
@@ -227,6 +252,9 @@ impl Command {
                 CommandV1::PutLocalId { .. } => "put_local_id",
                 CommandV1::DeleteLocalId { .. } => "delete_local_id",
                 CommandV1::MergePatients { .. } => "merge_patients",
+                CommandV1::CreateSubscription { .. } => "create_subscription",
+                CommandV1::DeleteSubscription { .. } => "delete_subscription",
+                CommandV1::SubscriptionProgress { .. } => "subscription_progress",
                 CommandV1::Batch(_) => "batch",
             },
         }
@@ -264,6 +292,10 @@ pub enum Outcome {
     Merged {
         moved: u64,
     },
+    /// A subscription as stored (its filter's subject followed to the survivor).
+    SubscriptionCreated {
+        subscription: Subscription,
+    },
     Rejected(Rejection),
     /// A batch's outcomes, one for each of its commands, in order.
     Batch(Vec<Outcome>),
@@ -293,6 +325,8 @@ pub enum Rejection {
     UnknownLocalId,
     #[error("the patient has {pointers} current pointers, more than the {max} one merge may move")]
     MergeTooLarge { pointers: u64, max: u64 },
+    #[error("no such subscription")]
+    SubscriptionNotFound,
     #[error("command version not understood by this node")]
     UnknownVersion,
 }

@@ -148,6 +148,7 @@ pub(crate) fn merge<T: StateTxn>(
         .into());
     }
     let target_text = target.as_str().to_owned();
+    let mut moved_pointers = Vec::with_capacity(ids.len());
     for id in &ids {
         let old = txn
             .pointer(id)
@@ -166,6 +167,7 @@ pub(crate) fn merge<T: StateTxn>(
         txn.index_remove(source, id);
         txn.index_add(&moved);
         holder_add(&mut into, &moved);
+        moved_pointers.push(moved);
     }
 
     // Local identifiers now name the survivor.
@@ -189,6 +191,12 @@ pub(crate) fn merge<T: StateTxn>(
     into.merged_from.insert(*source);
     txn.put_patient(target, &into);
     txn.put_patient(source, &PatientEntry { merged_into: Some(*target), ..PatientEntry::default() });
+    // Subscribers hear of every pointer moved (after the opt-outs are
+    // joined), and subscriptions on the retired number follow the survivor.
+    for moved in &moved_pointers {
+        crate::subscription::pointer_changed(txn, moved, Some(source), crate::subscription::Change::Merged, at)?;
+    }
+    crate::subscription::subject_merged(txn, source, target)?;
     Ok(Outcome::Merged { moved: pointers })
 }
 

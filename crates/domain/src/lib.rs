@@ -17,8 +17,12 @@ pub mod model;
 pub mod nrl;
 pub mod query;
 pub mod raft;
+pub mod subscription;
 
 pub use access::{Purpose, ReadDenied, Reader, Visibility};
+pub use subscription::{
+    Change, PayloadContent, Progress, Subscription, SubscriptionEvent, SubscriptionFilter, SubscriptionId, SubscriptionStatus,
+};
 pub use command::{Caller, Command, CommandV1, Outcome, Rejection, Role};
 pub use ids::{IdError, NhsNumber, OdsCode, PointerId, SnomedCode};
 pub use model::{

@@ -11,6 +11,7 @@ use crate::model::{
     RecordPointer,
 };
 use crate::query::{Scanned, StateRead};
+use crate::subscription::{Subscription, SubscriptionEvent, SubscriptionId};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemState {
@@ -33,6 +34,13 @@ pub struct MemState {
     /// Each node's audit chain head, as last anchored.
     #[serde(default)]
     pub audit_anchors: BTreeMap<u64, AuditAnchor>,
+    #[serde(default)]
+    pub subscriptions: BTreeMap<SubscriptionId, Subscription>,
+    /// `(key, id)`: each subscription under its filter's key and its owner's.
+    #[serde(default)]
+    pub subscription_keys: BTreeSet<(String, SubscriptionId)>,
+    #[serde(default)]
+    pub subscription_events: BTreeMap<(SubscriptionId, u64), SubscriptionEvent>,
 }
 
 impl MemState {
@@ -142,6 +150,33 @@ impl StateTxn for MemState {
     fn put_audit_anchor(&mut self, anchor: &AuditAnchor) {
         self.audit_anchors.insert(anchor.node, anchor.clone());
     }
+    fn subscription(&mut self, id: &SubscriptionId) -> Result<Option<Subscription>, Infallible> {
+        Ok(self.subscriptions.get(id).cloned())
+    }
+    fn put_subscription(&mut self, subscription: &Subscription) {
+        self.subscriptions.insert(subscription.id.clone(), subscription.clone());
+    }
+    fn delete_subscription(&mut self, id: &SubscriptionId) {
+        self.subscriptions.remove(id);
+    }
+    fn subscription_keys(&mut self, key: &str) -> Result<Vec<SubscriptionId>, Infallible> {
+        Ok(self.subscription_keys.iter().filter(|(k, _)| k == key).map(|(_, id)| id.clone()).collect())
+    }
+    fn put_subscription_key(&mut self, key: &str, id: &SubscriptionId) {
+        self.subscription_keys.insert((key.to_owned(), id.clone()));
+    }
+    fn delete_subscription_key(&mut self, key: &str, id: &SubscriptionId) {
+        self.subscription_keys.remove(&(key.to_owned(), id.clone()));
+    }
+    fn put_subscription_event(&mut self, id: &SubscriptionId, event: &SubscriptionEvent) {
+        self.subscription_events.insert((id.clone(), event.number), event.clone());
+    }
+    fn delete_subscription_event(&mut self, id: &SubscriptionId, number: u64) {
+        self.subscription_events.remove(&(id.clone(), number));
+    }
+    fn delete_subscription_events(&mut self, id: &SubscriptionId, _last: u64) {
+        self.subscription_events.retain(|(i, _), _| i != id);
+    }
 }
 
 impl StateRead for MemState {
@@ -161,6 +196,24 @@ impl StateRead for MemState {
     }
     fn paging_key(&self) -> Result<Option<PagingKey>, Infallible> {
         Ok(self.paging_key.clone())
+    }
+    fn subscription(&self, id: &SubscriptionId) -> Result<Option<Subscription>, Infallible> {
+        Ok(self.subscriptions.get(id).cloned())
+    }
+    fn subscriptions(&self, limit: usize) -> Result<Vec<Subscription>, Infallible> {
+        Ok(self.subscriptions.values().take(limit).cloned().collect())
+    }
+    fn subscription_events(
+        &self,
+        id: &SubscriptionId,
+        from: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<SubscriptionEvent>, Infallible> {
+        if from > until {
+            return Ok(vec![]);
+        }
+        Ok(self.subscription_events.range((id.clone(), from)..=(id.clone(), until)).map(|(_, e)| e.clone()).take(limit).collect())
     }
     fn audit_anchors(&self) -> Result<Vec<AuditAnchor>, Infallible> {
         Ok(self.audit_anchors.values().cloned().collect())
@@ -363,6 +416,34 @@ pub mod testkit {
             id: Identifier { system: local_system(ods_code), value: value.into() },
             subject,
             at: Timestamp(0),
+        })
+    }
+
+    pub fn delete(custodian: &str, id: &str, at: i64) -> Command {
+        Command::V1(CommandV1::DeletePointer {
+            caller: caller(custodian, &[Role::Producer]),
+            id: PointerId::parse(id).unwrap(),
+            at: Timestamp(at),
+        })
+    }
+
+    /// The consent authority records `subject`'s preference.
+    pub fn consent(subject: NhsNumber, opted_out: bool, at: i64) -> Command {
+        Command::V1(CommandV1::SetConsent {
+            caller: caller("X25", &[Role::ConsentAuthority]),
+            subject,
+            opted_out,
+            at: Timestamp(at),
+        })
+    }
+
+    /// The operator restricts consumer `ods` to `types`.
+    pub fn consumer_types(ods_code: &str, types: &[&str]) -> Command {
+        Command::V1(CommandV1::SetConsumerTypes {
+            caller: operator(),
+            ods: ods(ods_code),
+            types: Some(types.iter().map(|t| snomed(t)).collect()),
+            permissions: Default::default(),
         })
     }
 

@@ -12,6 +12,7 @@
 use crate::access::{Purpose, ReadScope, Reader, Visibility};
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
 use crate::model::{AuditAnchor, ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerType, RecordPointer};
+use crate::subscription::{Subscription, SubscriptionEvent, SubscriptionId};
 
 /// Reads of the state, the read side of [`crate::apply::StateTxn`].
 pub trait StateRead {
@@ -24,6 +25,19 @@ pub trait StateRead {
     fn paging_key(&self) -> Result<Option<PagingKey>, Self::Error>;
     /// Every node's anchored audit chain head, by node id.
     fn audit_anchors(&self) -> Result<Vec<AuditAnchor>, Self::Error>;
+
+    fn subscription(&self, id: &SubscriptionId) -> Result<Option<Subscription>, Self::Error>;
+    /// Every subscription, in id order, at most `limit`.
+    fn subscriptions(&self, limit: usize) -> Result<Vec<Subscription>, Self::Error>;
+    /// The subscription's retained events numbered `from` to `until`
+    /// (inclusive), in order, at most `limit`.
+    fn subscription_events(
+        &self,
+        id: &SubscriptionId,
+        from: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<SubscriptionEvent>, Self::Error>;
 
     /// A version of a pointer that is no longer its current one.
     fn past_version(&self, id: &PointerId, version: u64) -> Result<Option<RecordPointer>, Self::Error>;

@@ -8,13 +8,14 @@ mod patient;
 mod render;
 mod schema;
 mod search;
+pub mod subscription;
 
 pub use patient::{
     MergeIn, PIX_TARGETS_MAX, PixQuery, fed_patient, merge_parameters, merged_notice, nhs_identifier,
     parse_identifier_token, parse_merge, parse_patient_feed, parse_pix_query, pix_parameters, warning_outcome,
 };
 pub use schema::check_document_reference;
-pub use search::{SearchLimits, SearchParams, parse_json_search, parse_query, parse_search};
+pub use search::{SearchLimits, SearchParams, parse_json_search, parse_query, parse_search, printable};
 
 use hie_domain::{
     Identifier, NhsNumber, OdsCode, PointerBody, PointerId, PointerStatus, RecordPointer, SnomedCode, Timestamp,

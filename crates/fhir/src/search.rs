@@ -175,7 +175,7 @@ pub fn parse_json_search(body: &[u8]) -> Result<Vec<(String, String)>, FhirError
 }
 
 /// A parameter name safe to echo in a message: at most 64 visible ASCII characters.
-pub(crate) fn printable(s: &str) -> String {
+pub fn printable(s: &str) -> String {
     s.chars().filter(|c| c.is_ascii_graphic()).take(64).collect()
 }
 

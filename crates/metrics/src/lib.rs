@@ -88,6 +88,20 @@ pub struct Metrics {
     pub break_glass_refused_total: IntCounterVec,
     /// Current pointers moved to a surviving NHS Number by merges this node answered.
     pub merged_pointers_total: IntCounter,
+    /// Subscriptions by status, as this replica holds them.
+    pub subscriptions: IntGaugeVec,
+    /// Events made and not yet acknowledged by their endpoints (replicated view).
+    pub subscription_events_waiting: IntGauge,
+    /// 1 on the node delivering notifications (the leader).
+    pub subscription_deliverer: IntGauge,
+    /// Notifications this node sent, by type and result.
+    pub subscription_notifications_total: IntCounterVec,
+    /// Events acknowledged by endpoints (2xx) after this node sent them.
+    pub subscription_events_delivered_total: IntCounter,
+    /// Notifications sent again after a failure.
+    pub subscription_retries_total: IntCounter,
+    /// From an event's change (its command's time) to the endpoint's 2xx.
+    pub subscription_delivery_seconds: Histogram,
 }
 
 /// Latency buckets from 0.5 ms to 10 s.
@@ -343,6 +357,41 @@ impl Metrics {
                 "hie_merged_pointers_total",
                 "Current pointers moved to a surviving NHS Number by merges this node answered."
             )),
+            subscriptions: reg!(
+                IntGaugeVec::new(Opts::new("hie_subscriptions", "Subscriptions by status (requested, active, error, off)."), &["status"])
+                    .expect("valid metric")
+            ),
+            subscription_events_waiting: reg!(gauge(
+                "hie_subscription_events_waiting",
+                "Subscription events made and not yet acknowledged by their endpoints (as last replicated)."
+            )),
+            subscription_deliverer: reg!(gauge(
+                "hie_subscription_deliverer",
+                "1 on the node that delivers notifications (the leader)."
+            )),
+            subscription_notifications_total: reg!(counter_vec(
+                "hie_subscription_notifications_total",
+                "Notifications sent by this node, by type (handshake, heartbeat, event-notification) and result (delivered, failed).",
+                &["type", "result"]
+            )),
+            subscription_events_delivered_total: reg!(counter(
+                "hie_subscription_events_delivered_total",
+                "Subscription events acknowledged (2xx) by their endpoints after this node sent them."
+            )),
+            subscription_retries_total: reg!(counter(
+                "hie_subscription_retries_total",
+                "Notifications sent again after a failed attempt."
+            )),
+            subscription_delivery_seconds: reg!(
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "hie_subscription_delivery_seconds",
+                        "From a change being made (its command's time) to the endpoint's 2xx for its event."
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec())
+                )
+                .expect("valid histogram")
+            ),
             registry,
         }
     }

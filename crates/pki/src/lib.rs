@@ -373,10 +373,19 @@ impl ReloadingServerTls {
 
 /// A client's TLS: trusts the cluster CA, presents a client certificate.
 pub fn client_config(ca: &Path, cert: Option<(&Path, &Path)>) -> Result<ClientConfig, PkiError> {
+    client_config_trusting(&[ca], cert)
+}
+
+/// A client's TLS trusting every CA in `cas` (PEM files, each may hold several).
+pub fn client_config_trusting(cas: &[&Path], cert: Option<(&Path, &Path)>) -> Result<ClientConfig, PkiError> {
+    let mut all = RootCertStore::empty();
+    for ca in cas {
+        all.roots.extend(roots(ca)?.roots);
+    }
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| PkiError::Tls(e.to_string()))?
-        .with_root_certificates(roots(ca)?);
+        .with_root_certificates(all);
     let mut config = match cert {
         Some((c, k)) => {
             builder.with_client_auth_cert(load_certs(c)?, load_key(k)?).map_err(|e| PkiError::Tls(e.to_string()))?

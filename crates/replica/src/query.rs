@@ -107,3 +107,37 @@ impl Replica {
         self.read(move |view| query::may_break_glass(view, &reader)).await
     }
 }
+
+impl Replica {
+    /// A subscription as this replica holds it.
+    pub async fn subscription(
+        &self,
+        id: &hie_domain::SubscriptionId,
+    ) -> Result<Option<hie_domain::Subscription>, ReadError> {
+        let id = id.clone();
+        self.read(move |view| view.subscription(&id)).await
+    }
+
+    /// Every subscription, at most `limit` (the deliverer's start).
+    pub async fn subscriptions(&self, limit: usize) -> Result<Vec<hie_domain::Subscription>, ReadError> {
+        self.read(move |view| view.subscriptions(limit)).await
+    }
+
+    /// A subscription's retained events numbered `from` to `until`, at most `limit`.
+    pub async fn subscription_events(
+        &self,
+        id: &hie_domain::SubscriptionId,
+        from: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<hie_domain::SubscriptionEvent>, ReadError> {
+        let id = id.clone();
+        self.read(move |view| view.subscription_events(&id, from, until, limit)).await
+    }
+
+    /// Whether `subject` has opted out of sharing (as this replica knows it).
+    pub async fn opted_out(&self, subject: &NhsNumber) -> Result<bool, ReadError> {
+        let subject = *subject;
+        self.read(move |view| Ok(view.patient(&subject)?.is_some_and(|p| p.opted_out))).await
+    }
+}

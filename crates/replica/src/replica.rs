@@ -82,6 +82,7 @@ pub struct Replica {
     pub(crate) clock: Arc<ContactClock>,
     pub(crate) log: LogStore,
     pub(crate) snapshots: Arc<hie_store::SnapshotCounters>,
+    pub(crate) subscription_wakes: Arc<hie_store::SubscriptionWakes>,
     pub(crate) data_dir: std::path::PathBuf,
     pub(crate) seeds: HashSet<PeerId>,
     /// On a follower: rounds asking the leader for its read index, shared
@@ -116,6 +117,7 @@ impl Replica {
             config.raft.openraft_config().validate().map_err(|source| StartError::RaftConfig { source })?;
         let log = store.log.clone();
         let snapshots = store.state_machine.counters();
+        let subscription_wakes = store.state_machine.subscription_wakes();
         let network = P2pNetworkFactory { p2p: p2p.clone(), local_id: config.node_id };
         let raft = Raft::new(config.node_id, Arc::new(raft_config), network, store.log, store.state_machine)
             .await
@@ -136,6 +138,7 @@ impl Replica {
             clock,
             log,
             snapshots,
+            subscription_wakes,
             data_dir: config.data_dir.clone(),
             seeds,
             follower_rounds,
@@ -159,6 +162,18 @@ impl Replica {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.core.metrics
+    }
+
+    /// The subscriptions whose replicated record changed (new events, a new
+    /// status), for the node's deliverer.
+    pub fn subscription_wakes(&self) -> &Arc<hie_store::SubscriptionWakes> {
+        &self.subscription_wakes
+    }
+
+    /// Whether this node leads now, as far as it knows, and is not stale.
+    pub fn leads(&self) -> bool {
+        let leader = self.core.raft.metrics().borrow().current_leader;
+        leader == Some(self.id) && !self.freshness().stale
     }
 
     /// Runs a read against the local replica: here, if everything it needs

@@ -1,7 +1,7 @@
 //! Key layouts. Patient data is keyed by NHS Number first, so the key space
 //! can later be split into ranges served by separate Raft groups.
 
-use hie_domain::{Identifier, NhsNumber, OdsCode, PointerId, SnomedCode};
+use hie_domain::{Identifier, NhsNumber, OdsCode, PointerId, SnomedCode, SubscriptionId};
 
 pub fn log_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
@@ -106,3 +106,25 @@ pub const MEMBERSHIP: &[u8] = b"membership";
 /// are then partly old and partly new, and opening the store installs the
 /// snapshot again from its file.
 pub const INSTALLING: &[u8] = b"installing";
+
+pub const SUBSCRIPTION_PREFIX: &[u8] = b"s/";
+
+/// `s/<id>`: a subscription.
+pub fn subscription(id: &SubscriptionId) -> Vec<u8> {
+    [SUBSCRIPTION_PREFIX, id.as_str().as_bytes()].concat()
+}
+
+/// `k/<key>\0`: the subscriptions filed under a key.
+pub fn subscription_key_prefix(key: &str) -> Vec<u8> {
+    [b"k/".as_slice(), key.as_bytes(), b"\0"].concat()
+}
+
+/// `e/<id>\0`: a subscription's events.
+pub fn subscription_events_prefix(id: &SubscriptionId) -> Vec<u8> {
+    [b"e/".as_slice(), id.as_str().as_bytes(), b"\0"].concat()
+}
+
+/// `e/<id>\0<number, big-endian>`: events in order under their subscription.
+pub fn subscription_event(id: &SubscriptionId, number: u64) -> Vec<u8> {
+    [subscription_events_prefix(id).as_slice(), &number.to_be_bytes()].concat()
+}

@@ -30,7 +30,7 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Options};
 pub use crate::backup::BackupState;
 pub use crate::log::LogStore;
 pub use crate::side::SideTable;
-pub use crate::state::{ReadView, SnapshotCounters, StateMachine, StateStats};
+pub use crate::state::{ReadView, SnapshotCounters, StateMachine, StateStats, SubscriptionWakes};
 
 /// Storage errors that are not openraft's.
 #[derive(Debug, thiserror::Error)]
@@ -97,11 +97,15 @@ pub(crate) mod cf {
     pub const HISTORY: &str = "pointer_history";
     /// The cross-reference of local identifiers: `<system>\0<value>` to the NHS Number.
     pub const LOCAL_IDS: &str = "local_ids";
+    /// Subscriptions (`s/<id>`), the keys they are found by
+    /// (`k/<key>\0<id>`) and their retained events (`e/<id>\0<number,
+    /// 8 bytes big-endian>`).
+    pub const SUBSCRIPTIONS: &str = "subscriptions";
 
     /// State-machine data: what a snapshot carries and a digest covers.
-    pub const STATE: [&str; 7] = [POINTERS, PATIENTS, INDEX, IDEMPOTENCY, REGISTRY, HISTORY, LOCAL_IDS];
-    pub const ALL: [&str; 10] =
-        [LOG, RAFT_META, SM_META, POINTERS, PATIENTS, INDEX, IDEMPOTENCY, REGISTRY, HISTORY, LOCAL_IDS];
+    pub const STATE: [&str; 8] = [POINTERS, PATIENTS, INDEX, IDEMPOTENCY, REGISTRY, HISTORY, LOCAL_IDS, SUBSCRIPTIONS];
+    pub const ALL: [&str; 11] =
+        [LOG, RAFT_META, SM_META, POINTERS, PATIENTS, INDEX, IDEMPOTENCY, REGISTRY, HISTORY, LOCAL_IDS, SUBSCRIPTIONS];
 }
 
 /// An opened store: the log, the state machine and a read view, sharing one database.

@@ -11,7 +11,8 @@ use hie_domain::query::{Scanned, StateRead};
 use hie_domain::raft::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use hie_domain::{
     AssigningAuthority, AuditAnchor, ConsumerEntry, Identifier, NhsNumber, OdsCode, Outcome, PagingKey, PatientEntry,
-    PointerId, PointerType, ProducerEntry, RecordPointer, Registry, SnomedCode,
+    PointerId, PointerType, ProducerEntry, RecordPointer, Registry, SnomedCode, Subscription, SubscriptionEvent,
+    SubscriptionId,
 };
 use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, RaftLogId, RaftSnapshotBuilder, StorageIOError};
@@ -40,8 +41,42 @@ pub struct SnapshotCounters {
     pub last_install_millis: AtomicU64,
 }
 
+/// The subscriptions whose record changed in an apply (new events, a new
+/// status, created or deleted), for the node's deliverer: it waits on
+/// [`SubscriptionWakes::changed`] instead of scanning every subscription.
+#[derive(Debug, Default)]
+pub struct SubscriptionWakes {
+    changed: std::sync::Mutex<std::collections::BTreeSet<SubscriptionId>>,
+    notify: tokio::sync::Notify,
+}
+
+impl SubscriptionWakes {
+    fn mark(&self, ids: Vec<SubscriptionId>) {
+        if ids.is_empty() {
+            return;
+        }
+        self.changed.lock().expect("wakes lock").extend(ids);
+        self.notify.notify_one();
+    }
+
+    /// Waits until some subscription changed (at once if one did since the
+    /// last `take`).
+    pub async fn changed(&self) {
+        if !self.changed.lock().expect("wakes lock").is_empty() {
+            return;
+        }
+        self.notify.notified().await
+    }
+
+    /// The subscriptions changed since the last call.
+    pub fn take(&self) -> std::collections::BTreeSet<SubscriptionId> {
+        std::mem::take(&mut *self.changed.lock().expect("wakes lock"))
+    }
+}
+
 pub struct StateMachine {
     counters: Arc<SnapshotCounters>,
+    wakes: Arc<SubscriptionWakes>,
     db: Arc<DB>,
     files: SnapshotFiles,
     applied: Option<LogId>,
@@ -62,11 +97,23 @@ impl StateMachine {
             Some(b) => codec::decode(&b).map_err(|e| corrupt(cf::SM_META, "membership", e))?,
             None => StoredMembership::default(),
         };
-        Ok(StateMachine { counters: Arc::default(), db, files, applied, membership, snapshot_seq: 0 })
+        Ok(StateMachine {
+            counters: Arc::default(),
+            wakes: Arc::default(),
+            db,
+            files,
+            applied,
+            membership,
+            snapshot_seq: 0,
+        })
     }
 
     pub fn counters(&self) -> Arc<SnapshotCounters> {
         self.counters.clone()
+    }
+
+    pub fn subscription_wakes(&self) -> Arc<SubscriptionWakes> {
+        self.wakes.clone()
     }
 }
 
@@ -110,6 +157,9 @@ struct RocksTxn<'a> {
     /// would need the disk fails with [`StoreError::WouldBlock`].
     reads: rocksdb::ReadOptions,
     memory_only: bool,
+    /// Whether a subscription key was written (only then does a lookup of
+    /// keys look through the overlay).
+    subscription_keys_written: bool,
 }
 
 impl<'a> RocksTxn<'a> {
@@ -118,7 +168,14 @@ impl<'a> RocksTxn<'a> {
         if memory_only {
             reads.set_read_tier(rocksdb::ReadTier::BlockCache);
         }
-        RocksTxn { db, batch: WriteBatch::default(), overlay: HashMap::new(), reads, memory_only }
+        RocksTxn {
+            db,
+            batch: WriteBatch::default(),
+            overlay: HashMap::new(),
+            reads,
+            memory_only,
+            subscription_keys_written: false,
+        }
     }
 
     fn get<T: DeserializeOwned>(&mut self, cf_name: &'static str, key: Vec<u8>) -> Result<Option<T>, StoreError> {
@@ -144,6 +201,44 @@ impl<'a> RocksTxn<'a> {
     fn delete(&mut self, cf_name: &'static str, key: Vec<u8>) {
         self.batch.delete_cf(handle(self.db, cf_name), &key);
         self.overlay.insert((cf_name, key), None);
+    }
+
+    /// The rest of every key under `prefix`: what the database holds, with
+    /// this transaction's own changes on top (`look_in_overlay`: whether
+    /// it may have any).
+    fn keys_under(
+        &self,
+        cf_name: &'static str,
+        prefix: &[u8],
+        look_in_overlay: bool,
+    ) -> Result<std::collections::BTreeSet<Vec<u8>>, StoreError> {
+        let mut found = std::collections::BTreeSet::new();
+        let mut reads = rocksdb::ReadOptions::default();
+        if self.memory_only {
+            reads.set_read_tier(rocksdb::ReadTier::BlockCache);
+        }
+        let mut it = self.db.raw_iterator_cf_opt(handle(self.db, cf_name), reads);
+        it.seek(prefix);
+        while let Some(k) = it.key() {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            found.insert(k[prefix.len()..].to_vec());
+            it.next();
+        }
+        it.status().map_err(StoreError::from_read)?;
+        if look_in_overlay {
+            for ((name, key), value) in &self.overlay {
+                if *name == cf_name && key.starts_with(prefix) {
+                    let rest = key[prefix.len()..].to_vec();
+                    match value {
+                        Some(_) => found.insert(rest),
+                        None => found.remove(&rest),
+                    };
+                }
+            }
+        }
+        Ok(found)
     }
 }
 
@@ -176,32 +271,7 @@ impl StateTxn for RocksTxn<'_> {
         self.delete(cf::INDEX, keys::index(subject, id))
     }
     fn index_ids(&mut self, subject: &NhsNumber, limit: usize) -> Result<Vec<PointerId>, StoreError> {
-        // What the database holds, with this transaction's own changes on top.
-        let prefix = keys::patient(subject);
-        let mut ids = std::collections::BTreeSet::new();
-        let mut reads = rocksdb::ReadOptions::default();
-        if self.memory_only {
-            reads.set_read_tier(rocksdb::ReadTier::BlockCache);
-        }
-        let mut it = self.db.raw_iterator_cf_opt(handle(self.db, cf::INDEX), reads);
-        it.seek(&prefix);
-        while let Some(k) = it.key() {
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            ids.insert(k[prefix.len()..].to_vec());
-            it.next();
-        }
-        it.status().map_err(StoreError::from_read)?;
-        for ((name, key), value) in &self.overlay {
-            if *name == cf::INDEX && key.starts_with(&prefix) {
-                let id = key[prefix.len()..].to_vec();
-                match value {
-                    Some(_) => ids.insert(id),
-                    None => ids.remove(&id),
-                };
-            }
-        }
+        let ids = self.keys_under(cf::INDEX, &keys::patient(subject), true)?;
         ids.iter().take(limit).map(|id| pointer_id(id)).collect()
     }
     fn local_id(&mut self, id: &Identifier) -> Result<Option<NhsNumber>, StoreError> {
@@ -277,6 +347,49 @@ impl StateTxn for RocksTxn<'_> {
     fn put_audit_anchor(&mut self, anchor: &AuditAnchor) {
         self.put(cf::REGISTRY, keys::audit_anchor(anchor.node), anchor)
     }
+    fn subscription(&mut self, id: &SubscriptionId) -> Result<Option<Subscription>, StoreError> {
+        self.get(cf::SUBSCRIPTIONS, keys::subscription(id))
+    }
+    fn put_subscription(&mut self, subscription: &Subscription) {
+        self.put(cf::SUBSCRIPTIONS, keys::subscription(&subscription.id), subscription)
+    }
+    fn delete_subscription(&mut self, id: &SubscriptionId) {
+        self.delete(cf::SUBSCRIPTIONS, keys::subscription(id))
+    }
+    fn subscription_keys(&mut self, key: &str) -> Result<Vec<SubscriptionId>, StoreError> {
+        let found = self.keys_under(cf::SUBSCRIPTIONS, &keys::subscription_key_prefix(key), self.subscription_keys_written)?;
+        found
+            .iter()
+            .map(|id| {
+                std::str::from_utf8(id)
+                    .ok()
+                    .and_then(SubscriptionId::parse)
+                    .ok_or_else(|| corrupt(cf::SUBSCRIPTIONS, &String::from_utf8_lossy(id), "not a subscription id"))
+            })
+            .collect()
+    }
+    fn put_subscription_key(&mut self, key: &str, id: &SubscriptionId) {
+        self.subscription_keys_written = true;
+        let k = [keys::subscription_key_prefix(key).as_slice(), id.as_str().as_bytes()].concat();
+        self.put_raw(cf::SUBSCRIPTIONS, k, vec![])
+    }
+    fn delete_subscription_key(&mut self, key: &str, id: &SubscriptionId) {
+        self.subscription_keys_written = true;
+        let k = [keys::subscription_key_prefix(key).as_slice(), id.as_str().as_bytes()].concat();
+        self.delete(cf::SUBSCRIPTIONS, k)
+    }
+    fn put_subscription_event(&mut self, id: &SubscriptionId, event: &SubscriptionEvent) {
+        self.put(cf::SUBSCRIPTIONS, keys::subscription_event(id, event.number), event)
+    }
+    fn delete_subscription_event(&mut self, id: &SubscriptionId, number: u64) {
+        self.delete(cf::SUBSCRIPTIONS, keys::subscription_event(id, number))
+    }
+    fn delete_subscription_events(&mut self, id: &SubscriptionId, last: u64) {
+        // One range tombstone for them all (none is read again in this apply).
+        let from = keys::subscription_event(id, 0);
+        let to = keys::subscription_event(id, last.saturating_add(1));
+        self.batch.delete_range_cf(handle(self.db, cf::SUBSCRIPTIONS), &from, &to);
+    }
 }
 
 /// Batches of at most this many entries are first applied on the async
@@ -306,7 +419,7 @@ fn apply_batch(
     entries: &[Entry],
     membership: &mut StoredMembership,
     memory_only: bool,
-) -> Result<(Vec<Outcome>, Option<LogId>), BatchError> {
+) -> Result<(Vec<Outcome>, Option<LogId>, Vec<SubscriptionId>), BatchError> {
     let mut txn = RocksTxn::new(db, memory_only);
     let mut outcomes = Vec::with_capacity(entries.len());
     let mut last = None;
@@ -336,8 +449,14 @@ fn apply_batch(
     let meta = handle(db, cf::SM_META);
     txn.batch.put_cf(meta, keys::APPLIED, codec::encode(&last));
     txn.batch.put_cf(meta, keys::MEMBERSHIP, codec::encode(&*membership));
+    let changed: Vec<SubscriptionId> = txn
+        .overlay
+        .keys()
+        .filter(|(name, key)| *name == cf::SUBSCRIPTIONS && key.starts_with(keys::SUBSCRIPTION_PREFIX))
+        .filter_map(|(_, key)| SubscriptionId::parse(std::str::from_utf8(&key[keys::SUBSCRIPTION_PREFIX.len()..]).ok()?))
+        .collect();
     db.write(txn.batch).map_err(sm_write)?;
-    Ok((outcomes, last))
+    Ok((outcomes, last, changed))
 }
 
 impl From<BatchError> for StorageError {
@@ -374,16 +493,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // thread, so that neither holds up an async thread.
         let inline = (entries.len() <= APPLY_INLINE_ENTRIES_MAX).then(|| {
             let mut membership = self.membership.clone();
-            apply_batch(&self.db, &entries, &mut membership, true).map(|(o, l)| (o, l, membership))
+            apply_batch(&self.db, &entries, &mut membership, true).map(|(o, l, c)| (o, l, c, membership))
         });
-        let (outcomes, last, membership) = match inline {
+        let (outcomes, last, changed, membership) = match inline {
             Some(Ok(applied)) => applied,
             Some(Err(BatchError::Storage(e))) => return Err(*e),
             Some(Err(BatchError::WouldBlock)) | None => {
                 let db = self.db.clone();
                 let mut membership = self.membership.clone();
                 tokio::task::spawn_blocking(move || {
-                    apply_batch(&db, &entries, &mut membership, false).map(|(o, l)| (o, l, membership))
+                    apply_batch(&db, &entries, &mut membership, false).map(|(o, l, c)| (o, l, c, membership))
                 })
                 .await
                 .map_err(sm_write)??
@@ -391,6 +510,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         self.applied = last.or(self.applied);
         self.membership = membership;
+        self.wakes.mark(changed);
         Ok(outcomes)
     }
 
@@ -702,6 +822,41 @@ impl StateRead for ReadView {
 
     fn audit_anchors(&self) -> Result<Vec<AuditAnchor>, StoreError> {
         self.scan_prefix(cf::REGISTRY, keys::AUDIT_ANCHOR_PREFIX)
+    }
+
+    fn subscription(&self, id: &SubscriptionId) -> Result<Option<Subscription>, StoreError> {
+        self.get(cf::SUBSCRIPTIONS, &keys::subscription(id))
+    }
+
+    fn subscriptions(&self, limit: usize) -> Result<Vec<Subscription>, StoreError> {
+        let mut all: Vec<Subscription> = self.scan_prefix(cf::SUBSCRIPTIONS, keys::SUBSCRIPTION_PREFIX)?;
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    fn subscription_events(
+        &self,
+        id: &SubscriptionId,
+        from: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<SubscriptionEvent>, StoreError> {
+        let mut out = vec![];
+        if from > until {
+            return Ok(out);
+        }
+        let end = keys::subscription_event(id, until);
+        let mut it = self.db.raw_iterator_cf_opt(handle(&self.db, cf::SUBSCRIPTIONS), self.options());
+        it.seek(keys::subscription_event(id, from));
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if k > end.as_slice() || out.len() >= limit {
+                break;
+            }
+            out.push(codec::decode(v).map_err(|e| corrupt(cf::SUBSCRIPTIONS, &String::from_utf8_lossy(k), e))?);
+            it.next();
+        }
+        it.status().map_err(StoreError::from_read)?;
+        Ok(out)
     }
 
     fn local_id(&self, id: &Identifier) -> Result<Option<NhsNumber>, StoreError> {
