@@ -60,6 +60,10 @@ impl Reply {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+    /// The `id` of the resource in the body (a create's answer).
+    pub fn body_id(&self) -> String {
+        self.body["id"].as_str().unwrap_or_default().to_owned()
+    }
     pub fn code(&self) -> &str {
         self.body.pointer("/issue/0/details/coding/0/code").and_then(Value::as_str).unwrap_or("")
     }

@@ -96,7 +96,10 @@ impl Receiver {
         std::fs::write(&cert, &pem.cert)?;
         std::fs::write(&key, &pem.key)?;
         let files = hie_pki::TlsFiles { cert, key, ca: certs.join("ca.pem"), crl: None };
-        let tls = Arc::new(hie_pki::server_config(&files)?);
+        let mut tls = hie_pki::server_config(&files)?;
+        // This receiver speaks HTTP/1.1 only.
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls = Arc::new(tls);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;

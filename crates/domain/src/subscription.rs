@@ -465,8 +465,8 @@ mod tests {
             events(&s, "one"),
             vec![
                 (1, "A81001-a".into(), Change::Created),
-                (2, "A81001-a".into(), Change::Superseded),
-                (3, "A81001-c".into(), Change::Created),
+                (2, "A81001-c".into(), Change::Created),
+                (3, "A81001-a".into(), Change::Superseded),
                 (4, "A81001-c".into(), Change::Deleted),
             ]
         );
