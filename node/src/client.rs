@@ -420,7 +420,7 @@ impl Api {
         Ok(Api { http, base: base.trim_end_matches('/').to_owned() })
     }
 
-    fn from_target(t: &Target, role: &str) -> anyhow::Result<Api> {
+    pub fn from_target(t: &Target, role: &str) -> anyhow::Result<Api> {
         if let Some(url) = &t.url {
             return Api::new(url, t.ca.as_ref().unwrap(), t.cert.as_ref().unwrap(), t.key.as_ref().unwrap());
         }

@@ -181,7 +181,8 @@ fn start(
 
 /// Proposes what endpoints acknowledged since the last flush, in one command.
 async fn flush_progress(shared: &Shared) {
-    let updates: Vec<Progress> = std::mem::take(&mut *shared.progress.lock().expect("progress lock")).into_values().collect();
+    let updates: Vec<Progress> =
+        std::mem::take(&mut *shared.progress.lock().expect("progress lock")).into_values().collect();
     if updates.is_empty() {
         return;
     }
@@ -297,7 +298,8 @@ async fn deliver(shared: Arc<Shared>, id: SubscriptionId, wake: Arc<Notify>) {
                     status = SubscriptionStatus::Error;
                     record(&shared, &id, delivered, status, Some(format!("{HANDSHAKE_FAILING}: {e}")));
                 }
-                let backoff = shared.config.retry_min.saturating_mul(1 << failures.min(16)).min(shared.config.retry_max);
+                let backoff =
+                    shared.config.retry_min.saturating_mul(1 << failures.min(16)).min(shared.config.retry_max);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = leading.changed() => {}
@@ -338,14 +340,8 @@ async fn send(
         .await
         .map_err(|e| SendError::Transport(format!("reading the events: {e}")))?;
     audit_disclosure(shared, s, &rendered).await?;
-    let body = notification_bundle(
-        s,
-        kind,
-        &rendered,
-        &shared.config.base_url,
-        now(),
-        &uuid::Uuid::new_v4().to_string(),
-    );
+    let body =
+        notification_bundle(s, kind, &rendered, &shared.config.base_url, now(), &uuid::Uuid::new_v4().to_string());
     let timeout = s.timeout_secs.map_or(shared.config.timeout, |t| Duration::from_secs(u64::from(t)));
     let _permit = shared.in_flight.acquire().await.map_err(|e| SendError::Transport(e.to_string()))?;
     let result = shared

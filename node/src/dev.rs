@@ -1085,6 +1085,16 @@ fn print_hints(dir: &Path, cluster: &ClusterFile) {
         c.display()
     );
     println!("  hie registry list --cluster {}", c.display());
+    println!(
+        "  hie subscribe --nhs {} --cluster {}   # watch changes arrive; create pointers in another terminal",
+        nhs.as_str(),
+        c.display()
+    );
+    println!(
+        "  hie pointer create --nhs {} --record-url https://gp.example.nhs.uk/r/1 --cluster {}",
+        nhs.as_str(),
+        c.display()
+    );
     println!("  curl -s {}/metrics | grep hie_raft", cluster.nodes[0].admin_url);
     println!("  hie dev down --dir {}", dir.display());
 }

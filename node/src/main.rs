@@ -11,6 +11,7 @@ mod deliver;
 mod dev;
 mod node;
 mod progress;
+mod subscribe;
 
 use std::path::PathBuf;
 
@@ -64,6 +65,10 @@ enum Cmd {
         #[command(subcommand)]
         command: client::RegistryCmd,
     },
+    /// Subscribe to pointer changes (consumer) and print each notification
+    /// as it arrives, from a small HTTPS receiver on loopback; Ctrl-C deletes
+    /// the subscription.
+    Subscribe(subscribe::SubscribeArgs),
     /// The load generator: create, search, linearizable and mixed workloads
     /// over HTTPS with client certificates, against hie or etcd.
     Bench(bench::BenchArgs),
@@ -137,6 +142,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Patient { command } => client::run(client::Op::Patient(command)),
         Cmd::Audit { command } => audit::run(command),
         Cmd::Bench(args) => bench::main(args),
+        Cmd::Subscribe(args) => subscribe::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

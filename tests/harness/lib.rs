@@ -3,7 +3,7 @@
 //! HTTPS with the generated client certificates, kills and restarts nodes by
 //! pid, and stops everything it started when dropped.
 
-pub mod receiver;
+pub use hie_api::receiver;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -88,15 +88,18 @@ fn assert_in_order_without_gaps(numbers: &[u64], n: u64) {
     assert_eq!(distinct, (1..=n).collect::<BTreeSet<u64>>());
 }
 
-fn certs(c: &Cluster) -> std::path::PathBuf {
-    c.dir.path().join("certs")
+async fn receiver(c: &Cluster) -> anyhow::Result<Receiver> {
+    let certs = c.dir.path().join("certs");
+    Receiver::start(&certs.join("ca.pem"), &certs.join("ca.key"), &c.dir.path().join("receiver"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_hears_each_change_of_its_patient_in_order_and_catches_up() -> anyhow::Result<()> {
     let c = Cluster::up(&["--patients", "0"])?;
     c.wait_leader(Duration::from_secs(10)).await?;
-    let rx = Receiver::start(&certs(&c), &c.dir.path().join("receiver")).await?;
+    let rx = receiver(&c).await?;
     let (n1, n2, n3) = (c.api_url(1), c.api_url(2), c.api_url(3));
     let consumer = c.http("ambulance-service");
     let gp = c.http("gp-practice-a");
@@ -117,7 +120,8 @@ async fn a_subscriber_hears_each_change_of_its_patient_in_order_and_catches_up()
     assert_eq!(created.status, 201, "{}", created.body);
     let first = created.body_id();
     let _ = create_pointer(&gp, &n1, &pointer_body(&other, "A81001", "sub-other")).await?;
-    let current = reply(gp.get(format!("{n1}/DocumentReference/{first}")).header("x-hie-consistency", "linearizable")).await?;
+    let current =
+        reply(gp.get(format!("{n1}/DocumentReference/{first}")).header("x-hie-consistency", "linearizable")).await?;
     let mut updated = current.body.clone();
     updated["description"] = json!("Reviewed");
     let r = reply(
@@ -145,8 +149,9 @@ async fn a_subscriber_hears_each_change_of_its_patient_in_order_and_catches_up()
             { "name": "target-patient-identifier", "valueIdentifier": { "system": NHS_SYSTEM, "value": patient } },
         ],
     });
-    let r = reply(feed.post(format!("{n3}/Patient/$merge")).header("content-type", "application/fhir+json").json(&merge))
-        .await?;
+    let r =
+        reply(feed.post(format!("{n3}/Patient/$merge")).header("content-type", "application/fhir+json").json(&merge))
+            .await?;
     assert_eq!(r.status, 200, "{}", r.body);
 
     // 1 create, 2 update, 3 supersede's create, 4 the superseded, 5 delete, 6 merge.
@@ -179,7 +184,8 @@ async fn a_subscriber_hears_each_change_of_its_patient_in_order_and_catches_up()
     // $status on any node, and $events for a subscriber that was away.
     let (status, events) = status_of(&consumer, &n1, &id).await?;
     assert_eq!((status.as_str(), events), ("active", want));
-    let r = reply(consumer.get(format!("{n3}/Subscription/{id}/$events?eventsSinceNumber=2&eventsUntilNumber=4"))).await?;
+    let r =
+        reply(consumer.get(format!("{n3}/Subscription/{id}/$events?eventsSinceNumber=2&eventsUntilNumber=4"))).await?;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["type"], "history");
     let got = Received { at: Instant::now(), bundle: r.body.clone() };
@@ -204,7 +210,12 @@ async fn a_subscriber_hears_each_change_of_its_patient_in_order_and_catches_up()
     let r = reply(consumer.get(format!("{n1}/Subscription/{id}"))).await?;
     assert_eq!((r.status, r.body["status"].as_str()), (200, Some("active")));
     assert_eq!(reply(consumer.delete(format!("{n2}/Subscription/{id}"))).await?.status, 200);
-    assert_eq!(reply(consumer.get(format!("{n1}/Subscription/{id}")).header("x-hie-consistency", "linearizable")).await?.status, 404);
+    assert_eq!(
+        reply(consumer.get(format!("{n1}/Subscription/{id}")).header("x-hie-consistency", "linearizable"))
+            .await?
+            .status,
+        404
+    );
     Ok(())
 }
 
@@ -212,7 +223,7 @@ async fn a_subscriber_hears_each_change_of_its_patient_in_order_and_catches_up()
 async fn the_deliverer_killed_mid_stream_loses_no_event() -> anyhow::Result<()> {
     let c = Cluster::up(&["--patients", "0"])?;
     let leader = c.wait_leader(Duration::from_secs(10)).await?;
-    let rx = Receiver::start(&certs(&c), &c.dir.path().join("receiver")).await?;
+    let rx = receiver(&c).await?;
     let follower = c.node_ids().into_iter().find(|&n| n != leader).unwrap();
     let api = c.api_url(follower);
     let consumer = c.http("ambulance-service");
@@ -257,7 +268,10 @@ async fn the_deliverer_killed_mid_stream_loses_no_event() -> anyhow::Result<()> 
     let resumed = rx.received().iter().filter(|r| r.at > killed_at && !r.events().is_empty()).map(|r| r.at).min();
     let took = resumed.map(|t| t - killed_at);
     assert!(took.is_some_and(|t| t < Duration::from_secs(10)), "delivery resumed after {took:?}");
-    eprintln!("deliverer killed: delivery resumed after {took:?}; {made} events, {} arrivals", rx.event_numbers(&id).len());
+    eprintln!(
+        "deliverer killed: delivery resumed after {took:?}; {made} events, {} arrivals",
+        rx.event_numbers(&id).len()
+    );
     c.restart(leader)?;
     Ok(())
 }
@@ -266,7 +280,7 @@ async fn the_deliverer_killed_mid_stream_loses_no_event() -> anyhow::Result<()> 
 async fn a_receiver_that_fails_then_recovers_gets_every_retained_event() -> anyhow::Result<()> {
     let c = Cluster::up(&["--patients", "0"])?;
     c.wait_leader(Duration::from_secs(10)).await?;
-    let rx = Receiver::start(&certs(&c), &c.dir.path().join("receiver")).await?;
+    let rx = receiver(&c).await?;
     let api = c.api_url(1);
     let consumer = c.http("ambulance-service");
     let gp = c.http("gp-practice-a");
@@ -278,13 +292,19 @@ async fn a_receiver_that_fails_then_recovers_gets_every_retained_event() -> anyh
 
     rx.set_mode(Mode::Fail500);
     for i in 0..20 {
-        assert_eq!(create_pointer(&gp, &api, &pointer_body(&patient, "A81001", &format!("fail-{i}"))).await?.status, 201);
+        assert_eq!(
+            create_pointer(&gp, &api, &pointer_body(&patient, "A81001", &format!("fail-{i}"))).await?.status,
+            201
+        );
     }
     wait_status(&consumer, &api, &id, "error", Duration::from_secs(15)).await?;
     let attempts = rx.attempts();
     rx.set_mode(Mode::Hang);
     for i in 0..10 {
-        assert_eq!(create_pointer(&gp, &api, &pointer_body(&patient, "A81001", &format!("hang-{i}"))).await?.status, 201);
+        assert_eq!(
+            create_pointer(&gp, &api, &pointer_body(&patient, "A81001", &format!("hang-{i}"))).await?.status,
+            201
+        );
     }
     // Retried while hanging (timeouts of 1 s).
     assert!(rx.wait_for(Duration::from_secs(10), |_| rx.attempts() >= attempts + 2).await);
@@ -316,24 +336,49 @@ async fn bad_subscriptions_get_a_clear_operation_outcome() -> anyhow::Result<()>
     let patient = for_patient(&nhs(8401));
     let cases: Vec<(&str, Value, u16, &str)> = vec![
         ("an http endpoint", subscription("http://127.0.0.1:9/notify", &patient, "id-only", None), 400, "https"),
-        ("a host not on the allow-list", subscription("https://records.example.org/notify", &patient, "id-only", None), 400, "allow-list"),
-        ("an unknown topic", {
-            let mut s = subscription(good, &patient, "id-only", None);
-            s["criteria"] = json!("urn:hie:SubscriptionTopic:everything");
-            s
-        }, 400, "topic"),
-        ("an unsupported filter", subscription(good, &["DocumentReference?status=current".to_owned()], "id-only", None), 400, "not supported"),
+        (
+            "a host not on the allow-list",
+            subscription("https://records.example.org/notify", &patient, "id-only", None),
+            400,
+            "allow-list",
+        ),
+        (
+            "an unknown topic",
+            {
+                let mut s = subscription(good, &patient, "id-only", None);
+                s["criteria"] = json!("urn:hie:SubscriptionTopic:everything");
+                s
+            },
+            400,
+            "topic",
+        ),
+        (
+            "an unsupported filter",
+            subscription(good, &["DocumentReference?status=current".to_owned()], "id-only", None),
+            400,
+            "not supported",
+        ),
         ("an unknown payload content", subscription(good, &patient, "everything", None), 400, "payload-content"),
-        ("a websocket channel", {
-            let mut s = subscription(good, &patient, "id-only", None);
-            s["channel"]["type"] = json!("websocket");
-            s
-        }, 400, "rest-hook"),
-        ("no reason", {
-            let mut s = subscription(good, &patient, "id-only", None);
-            s.as_object_mut().unwrap().remove("reason");
-            s
-        }, 400, "reason"),
+        (
+            "a websocket channel",
+            {
+                let mut s = subscription(good, &patient, "id-only", None);
+                s["channel"]["type"] = json!("websocket");
+                s
+            },
+            400,
+            "rest-hook",
+        ),
+        (
+            "no reason",
+            {
+                let mut s = subscription(good, &patient, "id-only", None);
+                s.as_object_mut().unwrap().remove("reason");
+                s
+            },
+            400,
+            "reason",
+        ),
     ];
     for (what, body, status, needle) in cases {
         let r = subscribe(&consumer, &api, &body).await?;
@@ -343,7 +388,13 @@ async fn bad_subscriptions_get_a_clear_operation_outcome() -> anyhow::Result<()>
         assert!(text.contains(needle), "{what}: the outcome names {needle}: {text}");
         assert!(!text.contains(&nhs(8401)), "{what}: no NHS Number in the outcome");
     }
-    let r = reply(consumer.post(format!("{api}/Subscription")).header("content-type", "application/fhir+json").body("{\"resourceType\":")).await?;
+    let r = reply(
+        consumer
+            .post(format!("{api}/Subscription"))
+            .header("content-type", "application/fhir+json")
+            .body("{\"resourceType\":"),
+    )
+    .await?;
     assert_eq!((r.status, r.code()), (400, "MESSAGE_NOT_WELL_FORMED"));
     // A producer may not subscribe; nobody reads a subscription that is not theirs.
     let r = subscribe(&c.http("gp-practice-a"), &api, &subscription(good, &patient, "id-only", None)).await?;

@@ -34,6 +34,7 @@ mod operator;
 mod paging;
 mod patients;
 mod pointers;
+pub mod receiver;
 mod respond;
 mod router;
 mod search;

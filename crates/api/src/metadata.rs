@@ -81,6 +81,24 @@ pub(crate) async fn capability_statement(State(st): St, _ctx: RequestCtx) -> Res
                     "documentation": "patient-access and consent-authority only: every node's events for the patient"
                 },
                 {
+                    "type": "Subscription",
+                    "supportedProfile": [hie_fhir::subscription::SUBSCRIPTION_PROFILE],
+                    "extension": [{
+                        "url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/capabilitystatement-subscriptiontopic-canonical",
+                        "valueCanonical": hie_domain::subscription::TOPIC
+                    }],
+                    "interaction": [{ "code": "create" }, { "code": "read" }, { "code": "delete" }],
+                    "operation": [
+                        { "name": "status", "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status" },
+                        { "name": "events", "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-events" }
+                    ],
+                    "documentation": format!(
+                        "consumers only, their own subscriptions: topic {} (a pointer created, updated, superseded, deleted or moved by a merge), filters subject:identifier, type, custodian:identifier (AND); rest-hook to an https endpoint on the operator's allow-list; payload empty, id-only (default) or full-resource; events numbered from 1 per subscription, delivered in order at least once, the last {} retained for $events; no event about an opted-out patient",
+                        hie_domain::subscription::TOPIC,
+                        hie_domain::Subscription::EVENTS_RETAINED
+                    )
+                },
+                {
                     "type": "Patient",
                     "interaction": [{ "code": "update", "documentation": "IHE ITI-104 feed of a local identifier: PUT /Patient?identifier=<system>|<value> (producers of the assigning organisation); DELETE removes it" }],
                     "operation": [

@@ -6,11 +6,11 @@
 
 use crate::command::{Caller, Command, CommandV1, Outcome, Rejection, Role};
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
-use crate::subscription::{self, Change, Subscription, SubscriptionEvent, SubscriptionId};
 use crate::model::{
     AssigningAuthority, AuditAnchor, ConsumerEntry, Identifier, PagingKey, PatientEntry, PointerStatus, PointerType,
     ProducerEntry, ProducerPermission, RecordPointer, Timestamp,
 };
+use crate::subscription::{self, Change, Subscription, SubscriptionEvent, SubscriptionId};
 
 /// Reads and changes state within one apply. Reads see the transaction's
 /// own earlier writes.

@@ -5,10 +5,10 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{NhsNumber, OdsCode, PointerId, SnomedCode};
-use crate::subscription::{Progress, Subscription, SubscriptionId};
 use crate::model::{
     AuditAnchor, ConsumerPermission, Identifier, PagingKey, PointerType, ProducerPermission, RecordPointer, Timestamp,
 };
+use crate::subscription::{Progress, Subscription, SubscriptionId};
 
 /// What a client certificate says its holder may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -20,12 +20,13 @@ pub mod raft;
 pub mod subscription;
 
 pub use access::{Purpose, ReadDenied, Reader, Visibility};
-pub use subscription::{
-    Change, PayloadContent, Progress, Subscription, SubscriptionEvent, SubscriptionFilter, SubscriptionId, SubscriptionStatus,
-};
 pub use command::{Caller, Command, CommandV1, Outcome, Rejection, Role};
 pub use ids::{IdError, NhsNumber, OdsCode, PointerId, SnomedCode};
 pub use model::{
     AssigningAuthority, AuditAnchor, ConsumerEntry, ConsumerPermission, Identifier, PagingKey, PatientEntry,
     PointerBody, PointerStatus, PointerType, ProducerEntry, ProducerPermission, RecordPointer, Registry, Timestamp,
+};
+pub use subscription::{
+    Change, PayloadContent, Progress, Subscription, SubscriptionEvent, SubscriptionFilter, SubscriptionId,
+    SubscriptionStatus,
 };

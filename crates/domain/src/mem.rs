@@ -213,7 +213,12 @@ impl StateRead for MemState {
         if from > until {
             return Ok(vec![]);
         }
-        Ok(self.subscription_events.range((id.clone(), from)..=(id.clone(), until)).map(|(_, e)| e.clone()).take(limit).collect())
+        Ok(self
+            .subscription_events
+            .range((id.clone(), from)..=(id.clone(), until))
+            .map(|(_, e)| e.clone())
+            .take(limit)
+            .collect())
     }
     fn audit_anchors(&self) -> Result<Vec<AuditAnchor>, Infallible> {
         Ok(self.audit_anchors.values().cloned().collect())

@@ -24,9 +24,8 @@ pub struct SubscriptionId(String);
 
 impl SubscriptionId {
     pub fn parse(s: &str) -> Option<SubscriptionId> {
-        let ok = !s.is_empty()
-            && s.len() <= 64
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        let ok =
+            !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
         ok.then(|| SubscriptionId(s.to_owned()))
     }
 
@@ -112,7 +111,9 @@ impl PayloadContent {
     }
 
     pub fn parse(s: &str) -> Option<PayloadContent> {
-        [PayloadContent::Empty, PayloadContent::IdOnly, PayloadContent::FullResource].into_iter().find(|p| p.as_str() == s)
+        [PayloadContent::Empty, PayloadContent::IdOnly, PayloadContent::FullResource]
+            .into_iter()
+            .find(|p| p.as_str() == s)
     }
 }
 
@@ -241,7 +242,9 @@ pub(crate) fn create<T: StateTxn>(txn: &mut T, caller: &Caller, sent: &Subscript
         return Ok(forbidden("a subscription belongs to the organisation that makes it"));
     }
     if txn.subscription(&sent.id).map_err(ApplyError::Storage)?.is_some() {
-        return Ok(Outcome::Rejected(Rejection::Invalid { reason: format!("subscription {} already exists", sent.id) }));
+        return Ok(Outcome::Rejected(Rejection::Invalid {
+            reason: format!("subscription {} already exists", sent.id),
+        }));
     }
     let owned = txn.subscription_keys(&owner_key(&sent.owner)).map_err(ApplyError::Storage)?.len();
     if owned >= Subscription::PER_OWNER_MAX {
@@ -357,13 +360,8 @@ pub(crate) fn pointer_changed<T: StateTxn>(
             continue;
         }
         sub.events += 1;
-        let event = SubscriptionEvent {
-            number: sub.events,
-            at,
-            focus: pointer.id.clone(),
-            subject: pointer.subject,
-            change,
-        };
+        let event =
+            SubscriptionEvent { number: sub.events, at, focus: pointer.id.clone(), subject: pointer.subject, change };
         txn.put_subscription_event(&id, &event);
         if sub.events > Subscription::EVENTS_RETAINED {
             txn.delete_subscription_event(&id, sub.events - Subscription::EVENTS_RETAINED);
@@ -435,7 +433,8 @@ mod tests {
             acked: 0,
             error: None,
         };
-        let c = Command::V1(CommandV1::CreateSubscription { caller: caller(owner, &[Role::Consumer]), subscription: sub });
+        let c =
+            Command::V1(CommandV1::CreateSubscription { caller: caller(owner, &[Role::Consumer]), subscription: sub });
         match apply(s, &c).unwrap() {
             Outcome::SubscriptionCreated { subscription } => subscription,
             other => panic!("{other:?}"),
@@ -517,12 +516,7 @@ mod tests {
         assert!(sub.error.as_deref().unwrap().contains("events 1 to 2"));
         // Progress past the gap clears the error.
         let progress = Command::V1(CommandV1::SubscriptionProgress {
-            updates: vec![Progress {
-                id: sub.id.clone(),
-                acked: n,
-                status: SubscriptionStatus::Active,
-                error: None,
-            }],
+            updates: vec![Progress { id: sub.id.clone(), acked: n, status: SubscriptionStatus::Active, error: None }],
         });
         apply(&mut s, &progress).unwrap();
         let sub = &s.subscriptions[&SubscriptionId::parse("one").unwrap()];

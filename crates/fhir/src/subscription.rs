@@ -97,7 +97,19 @@ pub fn parse_subscription(body: &[u8]) -> Result<SubscriptionIn, FhirError> {
     let top = object(
         &value,
         "Subscription",
-        &["resourceType", "id", "meta", "status", "reason", "criteria", "_criteria", "channel", "end", "contact", "error"],
+        &[
+            "resourceType",
+            "id",
+            "meta",
+            "status",
+            "reason",
+            "criteria",
+            "_criteria",
+            "channel",
+            "end",
+            "contact",
+            "error",
+        ],
     )?;
     if top.contains_key("end") {
         return Err(invalid("Subscription.end is not supported: delete the subscription when it is no longer needed"));
@@ -134,7 +146,9 @@ pub fn parse_subscription(body: &[u8]) -> Result<SubscriptionIn, FhirError> {
     let channel = object(channel, "Subscription.channel", &["type", "endpoint", "payload", "_payload", "extension"])?;
     match string(channel, "Subscription.channel", "type")? {
         Some("rest-hook") => {}
-        Some(other) => return Err(invalid(format!("Subscription.channel.type {other} is not supported: rest-hook only"))),
+        Some(other) => {
+            return Err(invalid(format!("Subscription.channel.type {other} is not supported: rest-hook only")));
+        }
         None => return Err(invalid("Subscription.channel.type is required")),
     }
     let endpoint = string(channel, "Subscription.channel", "endpoint")?
@@ -156,9 +170,10 @@ pub fn parse_subscription(body: &[u8]) -> Result<SubscriptionIn, FhirError> {
             if name != "backport-payload-content" {
                 return Err(invalid(format!("Subscription.channel._payload: extension {name} is not supported")));
             }
-            content = v.as_str().and_then(PayloadContent::parse).ok_or_else(|| {
-                invalid("backport-payload-content must be one of empty, id-only, full-resource")
-            })?;
+            content = v
+                .as_str()
+                .and_then(PayloadContent::parse)
+                .ok_or_else(|| invalid("backport-payload-content must be one of empty, id-only, full-resource"))?;
         }
     }
     let (mut heartbeat_secs, mut timeout_secs, mut max_count) = (None, None, None);
@@ -188,9 +203,8 @@ pub fn https_host(url: &str) -> Result<String, FhirError> {
     if url.len() > Subscription::TEXT_BYTES_MAX {
         return Err(invalid(format!("the endpoint is longer than {} bytes", Subscription::TEXT_BYTES_MAX)));
     }
-    let rest = url
-        .strip_prefix("https://")
-        .ok_or_else(|| invalid("Subscription.channel.endpoint must be an https URL"))?;
+    let rest =
+        url.strip_prefix("https://").ok_or_else(|| invalid("Subscription.channel.endpoint must be an https URL"))?;
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     if authority.contains('@') || authority.is_empty() || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid("Subscription.channel.endpoint is not a usable https URL"));
@@ -198,9 +212,9 @@ pub fn https_host(url: &str) -> Result<String, FhirError> {
     let host = if let Some(v6) = authority.strip_prefix('[') {
         v6.split(']').next().unwrap_or("")
     } else {
-        authority.rsplit_once(':').map_or(authority, |(h, port)| {
-            if port.bytes().all(|b| b.is_ascii_digit()) { h } else { authority }
-        })
+        authority
+            .rsplit_once(':')
+            .map_or(authority, |(h, port)| if port.bytes().all(|b| b.is_ascii_digit()) { h } else { authority })
     };
     if host.is_empty() {
         return Err(invalid("Subscription.channel.endpoint has no host"));
@@ -385,13 +399,15 @@ pub fn notification_bundle(
     bundle_id: &str,
 ) -> String {
     let status = status_parameters(s, kind, events, base);
-    let mut entries = vec![json!({
-        "fullUrl": format!("urn:uuid:{bundle_id}"),
-        "resource": status,
-        "request": { "method": "GET", "url": format!("{base}/Subscription/{}/$status", s.id) },
-        "response": { "status": "200" },
-    })
-    .to_string()];
+    let mut entries = vec![
+        json!({
+            "fullUrl": format!("urn:uuid:{bundle_id}"),
+            "resource": status,
+            "request": { "method": "GET", "url": format!("{base}/Subscription/{}/$status", s.id) },
+            "response": { "status": "200" },
+        })
+        .to_string(),
+    ];
     for e in events {
         if let Some(text) = &e.resource {
             let url = format!("{base}/DocumentReference/{}", e.event.focus);

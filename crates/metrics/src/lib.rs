@@ -358,8 +358,11 @@ impl Metrics {
                 "Current pointers moved to a surviving NHS Number by merges this node answered."
             )),
             subscriptions: reg!(
-                IntGaugeVec::new(Opts::new("hie_subscriptions", "Subscriptions by status (requested, active, error, off)."), &["status"])
-                    .expect("valid metric")
+                IntGaugeVec::new(
+                    Opts::new("hie_subscriptions", "Subscriptions by status (requested, active, error, off)."),
+                    &["status"]
+                )
+                .expect("valid metric")
             ),
             subscription_events_waiting: reg!(gauge(
                 "hie_subscription_events_waiting",

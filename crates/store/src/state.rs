@@ -357,7 +357,8 @@ impl StateTxn for RocksTxn<'_> {
         self.delete(cf::SUBSCRIPTIONS, keys::subscription(id))
     }
     fn subscription_keys(&mut self, key: &str) -> Result<Vec<SubscriptionId>, StoreError> {
-        let found = self.keys_under(cf::SUBSCRIPTIONS, &keys::subscription_key_prefix(key), self.subscription_keys_written)?;
+        let found =
+            self.keys_under(cf::SUBSCRIPTIONS, &keys::subscription_key_prefix(key), self.subscription_keys_written)?;
         found
             .iter()
             .map(|id| {
@@ -453,7 +454,9 @@ fn apply_batch(
         .overlay
         .keys()
         .filter(|(name, key)| *name == cf::SUBSCRIPTIONS && key.starts_with(keys::SUBSCRIPTION_PREFIX))
-        .filter_map(|(_, key)| SubscriptionId::parse(std::str::from_utf8(&key[keys::SUBSCRIPTION_PREFIX.len()..]).ok()?))
+        .filter_map(|(_, key)| {
+            SubscriptionId::parse(std::str::from_utf8(&key[keys::SUBSCRIPTION_PREFIX.len()..]).ok()?)
+        })
         .collect();
     db.write(txn.batch).map_err(sm_write)?;
     Ok((outcomes, last, changed))

@@ -1,4 +1,4 @@
-//! A subscription endpoint for tests: HTTPS on loopback with a certificate
+//! A subscription endpoint for tests and `hie subscribe`: HTTPS on loopback with a certificate
 //! from the cluster's dev CA, client certificates required and checked
 //! against the same CA (so a node must present its certificate), keeping
 //! every notification it acknowledges. It can be told to fail with 500 or to
@@ -82,20 +82,23 @@ impl Drop for Receiver {
     }
 }
 
-/// The most a test receiver reads of one request.
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// The most a receiver reads of one request.
 const BODY_BYTES_MAX: usize = 16 << 20;
 
 impl Receiver {
-    /// Starts on 127.0.0.1 with a certificate issued by the CA in `certs`
-    /// (`ca.pem`, `ca.key`), written into `dir`.
-    pub async fn start(certs: &Path, dir: &Path) -> anyhow::Result<Receiver> {
-        let ca = hie_pki::DevCa::load(&certs.join("ca.pem"), &certs.join("ca.key"))?;
+    /// Starts on 127.0.0.1 with a certificate issued by the dev CA
+    /// (`ca_cert`, `ca_key`), written into `dir`; it accepts clients whose
+    /// certificate that CA issued.
+    pub async fn start(ca_cert: &Path, ca_key: &Path, dir: &Path) -> Result<Receiver, Error> {
+        let ca = hie_pki::DevCa::load(ca_cert, ca_key)?;
         let pem = ca.issue_node("receiver", &["localhost"], &[std::net::IpAddr::from([127, 0, 0, 1])])?;
         std::fs::create_dir_all(dir)?;
         let (cert, key) = (dir.join("receiver.pem"), dir.join("receiver.key"));
         std::fs::write(&cert, &pem.cert)?;
         std::fs::write(&key, &pem.key)?;
-        let files = hie_pki::TlsFiles { cert, key, ca: certs.join("ca.pem"), crl: None };
+        let files = hie_pki::TlsFiles { cert, key, ca: ca_cert.to_owned(), crl: None };
         let mut tls = hie_pki::server_config(&files)?;
         // This receiver speaks HTTP/1.1 only.
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -165,7 +168,7 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mode: Arc<AtomicU8>,
     got: Arc<Mutex<Vec<Received>>>,
     attempts: Arc<std::sync::atomic::AtomicU64>,
-) -> anyhow::Result<()> {
+) -> Result<(), Error> {
     let mut buf = Vec::new();
     loop {
         // The head.
@@ -179,18 +182,24 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                 return Ok(());
             }
             buf.extend_from_slice(&chunk[..n]);
-            anyhow::ensure!(buf.len() < BODY_BYTES_MAX, "request too large");
+            if buf.len() >= BODY_BYTES_MAX {
+                return Err("request too large".into());
+            }
         };
         let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
         let length: usize = head
             .lines()
             .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
             .unwrap_or(0);
-        anyhow::ensure!(length < BODY_BYTES_MAX, "request too large");
+        if length >= BODY_BYTES_MAX {
+            return Err("request too large".into());
+        }
         while buf.len() < head_end + length {
             let mut chunk = [0u8; 65536];
             let n = io.read(&mut chunk).await?;
-            anyhow::ensure!(n > 0, "closed mid-body");
+            if n == 0 {
+                return Err("closed mid-body".into());
+            }
             buf.extend_from_slice(&chunk[..n]);
         }
         let body: Vec<u8> = buf[head_end..head_end + length].to_vec();
