@@ -6,7 +6,7 @@
 #   cost:    creates/s, 64 in flight, with 0, 100 and 10,000 subscriptions,
 #            in that order and reversed (ABBA), in one cluster.
 # Usage: benches/subscriptions.sh latency [--subscriptions N] [--rates 100,1000] [--seconds S]
-#        benches/subscriptions.sh cost [--counts 0,100,10000] [--seconds S] [--connections C]
+#        benches/subscriptions.sh cost [--counts 0,100,10000] [--seconds S] [--connections C] [--matching yes|no]
 #        (tests/bench/subscriptions.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."

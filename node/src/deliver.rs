@@ -145,6 +145,7 @@ async fn lead(shared: Arc<Shared>, shutdown: &mut watch::Receiver<bool>) -> bool
     let mut progress_tick = tokio::time::interval(shared.config.progress_interval);
     progress_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leadership_tick = tokio::time::interval(LEADERSHIP_POLL);
+    let mut flushing: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = wakes.changed() => {
@@ -156,7 +157,11 @@ async fn lead(shared: Arc<Shared>, shutdown: &mut watch::Receiver<bool>) -> bool
                 }
             }
             _ = progress_tick.tick() => {
-                flush_progress(&shared).await;
+                // Beside the loop, so a slow write never holds up wakes; one at a time.
+                if flushing.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
+                    let shared = shared.clone();
+                    flushing = Some(tokio::spawn(async move { flush_progress(&shared).await }));
+                }
                 tasks.retain(|_, (_, h)| !h.is_finished());
             }
             _ = leadership_tick.tick() => {

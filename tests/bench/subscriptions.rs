@@ -12,7 +12,8 @@
 //! notification naming it. `cost`: creates/s with `connections` creates in
 //! flight (closed loop) with 0, 100 and 10,000 subscriptions, each create
 //! matching one subscription when there are any, in the order given and
-//! then reversed (ABBA), all in one cluster.
+//! then reversed (ABBA), all in one cluster; `--matching no` sends the
+//! creates to other patients, so that only the subscriptions' lookup is paid.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,7 +24,9 @@ use hie_tests::receiver::Receiver;
 use hie_tests::{Cluster, NHS_SYSTEM, create_pointer, nhs, pointer_body, reply};
 use serde_json::{Value, json};
 
-const USAGE: &str = "usage: hie-subscription-bench latency|cost [--subscriptions N] [--rates R,R] [--counts N,N] [--seconds S] [--connections C]";
+const USAGE: &str = "usage: hie-subscription-bench latency|cost [--subscriptions N] [--rates R,R] [--counts N,N] [--seconds S] [--connections C] [--matching yes|no]";
+/// Where the patients of creates that match no subscription start.
+const UNSUBSCRIBED_PATIENTS_FROM: u32 = 50_000;
 const PRODUCER: &str = "gp-practice-a";
 const PRODUCER_ODS: &str = "A81001";
 const CONSUMER: &str = "ambulance-service";
@@ -42,6 +45,9 @@ struct Args {
     counts: Vec<u32>,
     seconds: u64,
     connections: usize,
+    /// `cost`: whether each create matches a subscription (else the creates
+    /// go to other patients: the lookup's cost alone).
+    matching: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -54,6 +60,7 @@ fn parse_args() -> anyhow::Result<Args> {
         counts: vec![0, 100, 10_000],
         seconds: 20,
         connections: 64,
+        matching: true,
     };
     let list = |v: &str| v.split(',').map(str::parse).collect::<Result<Vec<u32>, _>>();
     while let Some(k) = it.next() {
@@ -64,6 +71,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--counts" => a.counts = list(&v)?,
             "--seconds" => a.seconds = v.parse()?,
             "--connections" => a.connections = v.parse()?,
+            "--matching" => a.matching = v == "yes",
             _ => bail!("unknown argument {k}\n{USAGE}"),
         }
     }
@@ -105,12 +113,18 @@ async fn subscribe(c: &Arc<Cluster>, rx: &Receiver, first: u32, n: u32) -> anyho
             let (http, api, body) = (http.clone(), api.clone(), subscription(&rx.url(), &patient(i)));
             tasks.push(tokio::spawn(async move {
                 loop {
-                    let r = reply(
+                    // A burst of new connections can meet the node's limit on
+                    // TLS handshakes per address: try again.
+                    let Ok(r) = reply(
                         http.post(format!("{api}/Subscription"))
                             .header("content-type", "application/fhir+json")
                             .json(&body),
                     )
-                    .await?;
+                    .await
+                    else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
                     match r.status {
                         201 => return Ok::<String, anyhow::Error>(r.body_id()),
                         429 | 503 => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -133,7 +147,17 @@ async fn unsubscribe(c: &Arc<Cluster>, ids: &[String]) -> anyhow::Result<()> {
         let mut tasks = vec![];
         for id in chunk {
             let (http, url) = (http.clone(), format!("{api}/Subscription/{id}"));
-            tasks.push(tokio::spawn(async move { reply(http.delete(url)).await }));
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..100 {
+                    if let Ok(r) = reply(http.delete(&url)).await
+                        && r.status == 200
+                    {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                bail!("{url} could not be deleted")
+            }));
         }
         for t in tasks {
             t.await??;
@@ -155,7 +179,8 @@ async fn latency(c: Arc<Cluster>, rx: &Receiver, a: &Args) -> anyhow::Result<()>
     subscribe(&c, rx, 0, n).await?;
     println!("{n} subscriptions made in {:.1} s", t.elapsed().as_secs_f64());
     for &rate in &a.rates {
-        let acked: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        // Each acknowledged create: (sent, acknowledged).
+        let acked: Arc<Mutex<HashMap<String, (Instant, Instant)>>> = Arc::default();
         let before = rx.received().len();
         let http = c.http(PRODUCER);
         let ids = c.node_ids();
@@ -176,13 +201,14 @@ async fn latency(c: Arc<Cluster>, rx: &Receiver, a: &Args) -> anyhow::Result<()>
             let body = pointer_body(&patient((k % u64::from(n)) as u32), PRODUCER_ODS, &format!("lat-{rate}-{k}"));
             let (http, acked) = (http.clone(), acked.clone());
             tasks.push(tokio::spawn(async move {
+                let sent = Instant::now();
                 let r = create_pointer(&http, &api, &body).await;
                 let at = Instant::now();
                 drop(permit);
                 if let Ok(r) = r
                     && r.status == 201
                 {
-                    acked.lock().unwrap().insert(r.body_id(), at);
+                    acked.lock().unwrap().insert(r.body_id(), (sent, at));
                 }
             }));
         }
@@ -213,9 +239,13 @@ async fn latency(c: Arc<Cluster>, rx: &Receiver, a: &Args) -> anyhow::Result<()>
         }
         let acked = acked.lock().unwrap();
         let mut lat: Vec<f64> = vec![];
+        let mut from_sent: Vec<f64> = vec![];
+        let mut create: Vec<f64> = acked.values().map(|(s, a)| (*a - *s).as_secs_f64() * 1000.0).collect();
+        create.sort_by(f64::total_cmp);
         let mut before_ack = 0;
-        for (id, at) in acked.iter() {
+        for (id, (sent, at)) in acked.iter() {
             if let Some(got) = arrived.get(id) {
+                from_sent.push(got.saturating_duration_since(*sent).as_secs_f64() * 1000.0);
                 match got.checked_duration_since(*at) {
                     Some(d) => lat.push(d.as_secs_f64() * 1000.0),
                     None => {
@@ -226,8 +256,9 @@ async fn latency(c: Arc<Cluster>, rx: &Receiver, a: &Args) -> anyhow::Result<()>
             }
         }
         lat.sort_by(f64::total_cmp);
+        from_sent.sort_by(f64::total_cmp);
         println!(
-            "rate {rate}/s for {:.1} s: {} creates acknowledged ({:.0}/s), {} notified ({} before the producer's 201), not sent (in flight over {OPEN_LOOP_IN_FLIGHT_MAX}) {refused}; create acknowledged to receiver 2xx: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            "rate {rate}/s for {:.1} s: {} creates acknowledged ({:.0}/s), {} notified ({} before the producer's 201), not sent (in flight over {OPEN_LOOP_IN_FLIGHT_MAX}) {refused}; create acknowledged to receiver 2xx: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; create sent to receiver 2xx: p50 {:.1} ms, p99 {:.1} ms; the create itself: p50 {:.1} ms, p99 {:.1} ms",
             offered.as_secs_f64(),
             want,
             want as f64 / offered.as_secs_f64(),
@@ -236,6 +267,10 @@ async fn latency(c: Arc<Cluster>, rx: &Receiver, a: &Args) -> anyhow::Result<()>
             percentile(&lat, 0.5),
             percentile(&lat, 0.99),
             lat.last().copied().unwrap_or(f64::NAN),
+            percentile(&from_sent, 0.5),
+            percentile(&from_sent, 0.99),
+            percentile(&create, 0.5),
+            percentile(&create, 0.99),
         );
     }
     Ok(())
@@ -243,6 +278,7 @@ async fn latency(c: Arc<Cluster>, rx: &Receiver, a: &Args) -> anyhow::Result<()>
 
 /// Creates/s with `connections` in flight for `seconds`, writing to `patients` patients.
 async fn closed_loop(c: &Arc<Cluster>, tag: &str, patients: u32, a: &Args) -> anyhow::Result<f64> {
+    let offset = if a.matching { 0 } else { UNSUBSCRIBED_PATIENTS_FROM };
     let stop = Instant::now() + Duration::from_secs(a.seconds);
     let start = Instant::now();
     let mut tasks = vec![];
@@ -250,17 +286,25 @@ async fn closed_loop(c: &Arc<Cluster>, tag: &str, patients: u32, a: &Args) -> an
         let (c, tag) = (c.clone(), tag.to_owned());
         tasks.push(tokio::spawn(async move {
             let http = c.http(PRODUCER);
+            let offset = offset;
             let ids = c.node_ids();
             let api = c.api_url(ids[w % ids.len()]);
             let mut ok = 0u64;
+            let mut failures = 0;
             let mut k = w as u64;
             while Instant::now() < stop {
-                let p = patient((k % u64::from(patients)) as u32);
-                if let Ok(r) =
-                    create_pointer(&http, &api, &pointer_body(&p, PRODUCER_ODS, &format!("{tag}-{w}-{k}"))).await
-                    && r.status == 201
-                {
-                    ok += 1;
+                let p = patient(offset + (k % u64::from(patients)) as u32);
+                match create_pointer(&http, &api, &pointer_body(&p, PRODUCER_ODS, &format!("{tag}-{w}-{k}"))).await {
+                    Ok(r) if r.status == 201 => ok += 1,
+                    Ok(r) if failures < 3 => {
+                        failures += 1;
+                        eprintln!("a create answered {}: {}", r.status, r.body);
+                    }
+                    Err(e) if failures < 3 => {
+                        failures += 1;
+                        eprintln!("a create failed: {e:#}");
+                    }
+                    _ => {}
                 }
                 k += 64;
             }

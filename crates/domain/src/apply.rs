@@ -80,8 +80,6 @@ pub trait StateTxn {
     fn delete_subscription_key(&mut self, key: &str, id: &SubscriptionId);
     fn put_subscription_event(&mut self, id: &SubscriptionId, event: &SubscriptionEvent);
     fn delete_subscription_event(&mut self, id: &SubscriptionId, number: u64);
-    /// Every event of the subscription, numbered up to `last`.
-    fn delete_subscription_events(&mut self, id: &SubscriptionId, last: u64);
 }
 
 /// An invariant of the state that applying found broken: the replica's data

@@ -174,9 +174,6 @@ impl StateTxn for MemState {
     fn delete_subscription_event(&mut self, id: &SubscriptionId, number: u64) {
         self.subscription_events.remove(&(id.clone(), number));
     }
-    fn delete_subscription_events(&mut self, id: &SubscriptionId, _last: u64) {
-        self.subscription_events.retain(|(i, _), _| i != id);
-    }
 }
 
 impl StateRead for MemState {

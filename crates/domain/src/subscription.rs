@@ -278,7 +278,12 @@ pub(crate) fn delete<T: StateTxn>(txn: &mut T, caller: &Caller, id: &Subscriptio
     txn.delete_subscription(id);
     txn.delete_subscription_key(&sub.filter.key(), id);
     txn.delete_subscription_key(&owner_key(&sub.owner), id);
-    txn.delete_subscription_events(id, sub.events);
+    // One point delete per retained event (at most EVENTS_RETAINED): a
+    // range delete would leave a tombstone that every later lookup of
+    // subscriptions has to step over.
+    for n in sub.first_retained()..=sub.events {
+        txn.delete_subscription_event(id, n);
+    }
     Ok(Outcome::Done)
 }
 

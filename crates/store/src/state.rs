@@ -385,12 +385,6 @@ impl StateTxn for RocksTxn<'_> {
     fn delete_subscription_event(&mut self, id: &SubscriptionId, number: u64) {
         self.delete(cf::SUBSCRIPTIONS, keys::subscription_event(id, number))
     }
-    fn delete_subscription_events(&mut self, id: &SubscriptionId, last: u64) {
-        // One range tombstone for them all (none is read again in this apply).
-        let from = keys::subscription_event(id, 0);
-        let to = keys::subscription_event(id, last.saturating_add(1));
-        self.batch.delete_range_cf(handle(self.db, cf::SUBSCRIPTIONS), &from, &to);
-    }
 }
 
 /// Batches of at most this many entries are first applied on the async
