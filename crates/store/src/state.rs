@@ -148,6 +148,29 @@ fn mask_digits(key: &str) -> String {
     out
 }
 
+/// Stops an iterator at the end of `prefix`'s keys. Without a bound, a
+/// seek that finds no live key under its prefix walks on over every
+/// deleted key after it (a table of deleted subscriptions made each
+/// create's lookups walk tens of thousands of tombstones).
+fn bound_to_prefix(reads: &mut rocksdb::ReadOptions, prefix: &[u8]) {
+    if let Some(end) = prefix_end(prefix) {
+        reads.set_iterate_upper_bound(end);
+    }
+}
+
+/// The first key after every key that begins with `prefix` (`None` when
+/// there is none: a prefix of 0xff bytes only).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
 /// One apply's reads and writes: reads see the batch's own earlier writes.
 struct RocksTxn<'a> {
     db: &'a DB,
@@ -217,6 +240,7 @@ impl<'a> RocksTxn<'a> {
         if self.memory_only {
             reads.set_read_tier(rocksdb::ReadTier::BlockCache);
         }
+        bound_to_prefix(&mut reads, prefix);
         let mut it = self.db.raw_iterator_cf_opt(handle(self.db, cf_name), reads);
         it.seek(prefix);
         while let Some(k) = it.key() {
@@ -754,7 +778,9 @@ impl ReadView {
 
     fn scan_prefix<T: DeserializeOwned>(&self, cf_name: &'static str, prefix: &[u8]) -> Result<Vec<T>, StoreError> {
         let mut out = vec![];
-        let mut it = self.db.raw_iterator_cf_opt(handle(&self.db, cf_name), self.options());
+        let mut reads = self.options();
+        bound_to_prefix(&mut reads, prefix);
+        let mut it = self.db.raw_iterator_cf_opt(handle(&self.db, cf_name), reads);
         it.seek(prefix);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             if !k.starts_with(prefix) {
@@ -843,7 +869,9 @@ impl StateRead for ReadView {
             return Ok(out);
         }
         let end = keys::subscription_event(id, until);
-        let mut it = self.db.raw_iterator_cf_opt(handle(&self.db, cf::SUBSCRIPTIONS), self.options());
+        let mut reads = self.options();
+        bound_to_prefix(&mut reads, &keys::subscription_events_prefix(id));
+        let mut it = self.db.raw_iterator_cf_opt(handle(&self.db, cf::SUBSCRIPTIONS), reads);
         it.seek(keys::subscription_event(id, from));
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             if k > end.as_slice() || out.len() >= limit {
@@ -965,6 +993,16 @@ impl StateRead for ReadView {
 fn pointer_id(bytes: &[u8]) -> Result<PointerId, StoreError> {
     let text = String::from_utf8_lossy(bytes);
     PointerId::parse(&text).map_err(|e| corrupt(cf::INDEX, &text, e))
+}
+
+#[cfg(test)]
+mod prefix_tests {
+    #[test]
+    fn a_prefix_ends_where_its_keys_do() {
+        assert_eq!(super::prefix_end(b"k/a\0"), Some(b"k/a\x01".to_vec()));
+        assert_eq!(super::prefix_end(b"a\xff\xff"), Some(b"b".to_vec()));
+        assert_eq!(super::prefix_end(b"\xff"), None);
+    }
 }
 
 #[cfg(test)]
