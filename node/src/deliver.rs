@@ -287,7 +287,6 @@ async fn deliver(shared: Arc<Shared>, id: SubscriptionId, wake: Arc<Notify>) {
                 if changed {
                     record(&shared, &id, delivered, status, None);
                 }
-                continue;
             }
             Some(Err(e)) => {
                 last_sent = Instant::now();

@@ -187,7 +187,7 @@ async fn latency(c: Arc<Cluster>, rx: &Receiver, a: &Args) -> anyhow::Result<()>
         let limit = Arc::new(tokio::sync::Semaphore::new(OPEN_LOOP_IN_FLIGHT_MAX));
         let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        let total = rate as u64 * a.seconds;
+        let total = u64::from(rate) * a.seconds;
         let start = Instant::now();
         let mut refused = 0u64;
         let mut tasks = vec![];
@@ -230,11 +230,10 @@ async fn latency(c: Arc<Cluster>, rx: &Receiver, a: &Args) -> anyhow::Result<()>
                     }
                 }
             }
-            let acked = acked.lock().unwrap();
-            if acked.keys().all(|k| arrived.contains_key(k)) || Instant::now() > deadline {
+            let all_arrived = acked.lock().unwrap().keys().all(|k| arrived.contains_key(k));
+            if all_arrived || Instant::now() > deadline {
                 break;
             }
-            drop(acked);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let acked = acked.lock().unwrap();

@@ -117,7 +117,7 @@ impl Receiver {
                     let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await else {
                         return;
                     };
-                    let _ = serve(tls, m, g, a).await;
+                    let _ = Box::pin(serve(tls, m, g, a)).await;
                 });
             }
         });
@@ -195,7 +195,7 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             return Err("request too large".into());
         }
         while buf.len() < head_end + length {
-            let mut chunk = [0u8; 65536];
+            let mut chunk = [0u8; 8192];
             let n = io.read(&mut chunk).await?;
             if n == 0 {
                 return Err("closed mid-body".into());

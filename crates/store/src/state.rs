@@ -430,6 +430,10 @@ impl From<StorageError> for BatchError {
     }
 }
 
+/// What a batch's apply gives: each entry's outcome, the last log id, and
+/// the subscriptions whose record it changed.
+type Applied = (Vec<Outcome>, Option<LogId>, Vec<SubscriptionId>);
+
 /// Applies a batch of entries in one RocksDB write. `memory_only`: its
 /// reads answer from memory only, and the batch fails with
 /// [`BatchError::WouldBlock`], having written nothing, if one cannot.
@@ -438,7 +442,7 @@ fn apply_batch(
     entries: &[Entry],
     membership: &mut StoredMembership,
     memory_only: bool,
-) -> Result<(Vec<Outcome>, Option<LogId>, Vec<SubscriptionId>), BatchError> {
+) -> Result<Applied, BatchError> {
     let mut txn = RocksTxn::new(db, memory_only);
     let mut outcomes = Vec::with_capacity(entries.len());
     let mut last = None;
