@@ -89,8 +89,8 @@ pub(crate) async fn capability_statement(State(st): St, _ctx: RequestCtx) -> Res
                     }],
                     "interaction": [{ "code": "create" }, { "code": "read" }, { "code": "delete" }],
                     "operation": [
-                        { "name": "status", "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status" },
-                        { "name": "events", "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-events" }
+                        { "name": "status", "definition": format!("{base}/OperationDefinition/subscription-status") },
+                        { "name": "events", "definition": format!("{base}/OperationDefinition/subscription-events") }
                     ],
                     "documentation": format!(
                         "consumers only, their own subscriptions: topic {} (a pointer created, updated, superseded, deleted or moved by a merge), filters subject:identifier, type, custodian:identifier (AND); rest-hook to an https endpoint on the operator's allow-list; payload empty, id-only (default) or full-resource; events numbered from 1 per subscription, delivered in order at least once, the last {} retained for $events; no event about an opted-out patient",
@@ -185,6 +185,42 @@ pub(crate) async fn operation_definition(
                 { "name": "outcome", "use": "out", "min": 1, "max": "1", "type": "OperationOutcome" },
                 { "name": "pointers-moved", "use": "out", "min": 1, "max": "1", "type": "integer" },
                 { "name": "result", "use": "out", "min": 1, "max": "1", "type": "Patient" }
+            ]
+        }),
+        "subscription-status" => json!({
+            "resourceType": "OperationDefinition",
+            "id": "subscription-status",
+            "url": format!("{base}/OperationDefinition/subscription-status"),
+            "name": "SubscriptionStatus",
+            "status": "active",
+            "kind": "operation",
+            "code": "status",
+            "description": "The Subscriptions Backport IG's $status (http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status) on one subscription of the caller's: a searchset holding its SubscriptionStatus (status, events-since-subscription-start, error).",
+            "resource": ["Subscription"],
+            "system": false,
+            "type": false,
+            "instance": true,
+            "affectsState": false,
+            "parameter": [{ "name": "return", "use": "out", "min": 1, "max": "1", "type": "Bundle" }]
+        }),
+        "subscription-events" => json!({
+            "resourceType": "OperationDefinition",
+            "id": "subscription-events",
+            "url": format!("{base}/OperationDefinition/subscription-events"),
+            "name": "SubscriptionEvents",
+            "status": "active",
+            "kind": "operation",
+            "code": "events",
+            "description": "The Subscriptions Backport IG's $events (http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-events) on one subscription of the caller's: the retained events from eventsSinceNumber to eventsUntilNumber (at most 100; the last 1,000 are retained) as a query-event history Bundle.",
+            "resource": ["Subscription"],
+            "system": false,
+            "type": false,
+            "instance": true,
+            "affectsState": false,
+            "parameter": [
+                { "name": "eventsSinceNumber", "use": "in", "min": 0, "max": "1", "type": "string" },
+                { "name": "eventsUntilNumber", "use": "in", "min": 0, "max": "1", "type": "string" },
+                { "name": "return", "use": "out", "min": 1, "max": "1", "type": "Bundle" }
             ]
         }),
         _ => return Err(ApiError::NotFound("no such OperationDefinition".into())),
