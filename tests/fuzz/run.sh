@@ -12,7 +12,7 @@ SECONDS_EACH=60
 if [ "${1:-}" = "--seconds" ]; then SECONDS_EACH="$2"; shift 2; fi
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(nhs_number document_reference search_params search_body
-  p2p_frames raft_cbor audit_record cert_san)
+  subscription p2p_frames raft_cbor audit_record cert_san)
 INPUT_SECONDS_MAX=10
 INPUT_BYTES_MAX=65536
 
