@@ -20,13 +20,13 @@ use hie_replica::Replica;
 use tokio::sync::watch;
 
 /// The caller a node's own commands carry (no client role: the apply of
-/// `AnchorAudit` asks for none, and a forwarded anchor is taken only from
-/// the node it names).
-fn node_caller() -> Caller {
+/// `AnchorAudit` and `SubscriptionProgress` asks for none, and a forwarded
+/// anchor is taken only from the node it names).
+pub(crate) fn node_caller() -> Caller {
     Caller { ods: OdsCode::parse("HIENODE").expect("a valid ODS-shaped code"), roles: BTreeSet::new() }
 }
 
-fn now() -> Timestamp {
+pub(crate) fn now() -> Timestamp {
     Timestamp(chrono::Utc::now().timestamp_millis())
 }
 

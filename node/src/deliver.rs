@@ -16,10 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hie_audit::{Access, Action, AuditLog, EventIds};
-use hie_domain::{
-    Caller, Command, CommandV1, OdsCode, Progress, Subscription, SubscriptionEvent, SubscriptionId, SubscriptionStatus,
-    Timestamp,
-};
+
+use crate::anchor::{node_caller, now};
+use hie_domain::{Command, CommandV1, Progress, Subscription, SubscriptionEvent, SubscriptionId, SubscriptionStatus};
 use hie_fhir::subscription::{EventOut, NotificationType, notification_bundle};
 use hie_metrics::Metrics;
 use hie_replica::Replica;
@@ -67,14 +66,6 @@ struct Shared {
     event_ids: EventIds,
     /// Cleared when this node stops leading: every task then ends.
     leading: watch::Receiver<bool>,
-}
-
-fn node_caller() -> Caller {
-    Caller { ods: OdsCode::parse("HIENODE").expect("a valid ODS-shaped code"), roles: BTreeSet::new() }
-}
-
-fn now() -> Timestamp {
-    Timestamp(chrono::Utc::now().timestamp_millis())
 }
 
 /// Runs until `shutdown`: delivers while this node leads, and keeps the
@@ -337,7 +328,7 @@ async fn send(
     events: &[SubscriptionEvent],
 ) -> Result<(), SendError> {
     let host = hie_fhir::subscription::https_host(&s.endpoint).map_err(|_| SendError::HostNotAllowed)?;
-    if !shared.config.hosts_allowed.iter().any(|h| h.eq_ignore_ascii_case(&host)) {
+    if !hie_api::subscriptions::host_allowed(&shared.config.hosts_allowed, &host) {
         return Err(SendError::HostNotAllowed);
     }
     let rendered: Vec<EventOut<'_>> = hie_api::subscriptions::notification_events(&shared.replica, s, events)

@@ -40,7 +40,7 @@ async fn owned(st: &AppState, ctx: &RequestCtx, id: &str) -> Result<Subscription
 }
 
 /// Is `host` on the operator's allow-list (`subscriptions.endpoint_hosts`)?
-pub(crate) fn host_allowed(allowed: &[String], host: &str) -> bool {
+pub fn host_allowed(allowed: &[String], host: &str) -> bool {
     allowed.iter().any(|a| a.eq_ignore_ascii_case(host))
 }
 
