@@ -2,7 +2,7 @@
 # hie beside etcd, same machine, same run, same load generator.
 #
 # Starts a 3-node hie dev cluster and a 3-member etcd cluster on loopback
-# (Debian's etcd-server, installed if missing), both with TLS and client
+# (Debian's etcd-server, installed if missing; see benches/etcd-cluster.sh), both with TLS and client
 # certificates from the same dev CA, then drives each with `hie bench` at the
 # same concurrency:
 #   write:             hie create pointer      vs etcd put of a pointer-sized value
@@ -22,17 +22,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . cluster/setup.sh
+. benches/etcd-cluster.sh
 SECS="${1:-10}"
 CONNS="${2:-32}"
 PATIENTS="${3:-2000}"
 ROUNDS="${4:-4}"
 
-if ! command -v etcd >/dev/null; then
-  echo "installing etcd-server (Debian)..." >&2
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
-fi
+install_etcd
 for tool in jq openssl curl bc python3; do command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 1; }; done
 cargo build --workspace --all-targets
 
@@ -51,45 +47,8 @@ echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/10485
 CLUSTER="$DIR/hie/cluster.json"
 CERTS="$DIR/hie/certs"
 
-# etcd's JSON gateway dials its own gRPC server with the server certificate,
-# so with client-certificate authentication that certificate must allow
-# both server and client use: issue one from the dev CA.
-cat > "$DIR/etcd-ext.cnf" <<'CNF'
-basicConstraints = CA:FALSE
-keyUsage = digitalSignature, keyEncipherment
-extendedKeyUsage = serverAuth, clientAuth
-subjectAltName = IP:127.0.0.1, DNS:localhost
-CNF
-openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$DIR/etcd.key" \
-  -subj "/CN=etcd bench" -out "$DIR/etcd.csr" 2>/dev/null
-openssl x509 -req -in "$DIR/etcd.csr" -CA "$CERTS/ca.pem" -CAkey "$CERTS/ca.key" -CAcreateserial \
-  -days 2 -extfile "$DIR/etcd-ext.cnf" -out "$DIR/etcd.pem" 2>/dev/null
-
-read -r -a PORTS <<<"$(python3 -c 'import socket
-s=[socket.socket() for _ in range(6)]
-[x.bind(("127.0.0.1",0)) for x in s]
-print(" ".join(str(x.getsockname()[1]) for x in s))')"
-INITIAL="e1=https://127.0.0.1:${PORTS[3]},e2=https://127.0.0.1:${PORTS[4]},e3=https://127.0.0.1:${PORTS[5]}"
-ENDPOINTS=""
-for i in 0 1 2; do
-  n=$((i + 1)); c=${PORTS[$i]}; p=${PORTS[$((i + 3))]}
-  etcd --name "e$n" --data-dir "$DIR/etcd/e$n" \
-    --listen-client-urls "https://127.0.0.1:$c" --advertise-client-urls "https://127.0.0.1:$c" \
-    --listen-peer-urls "https://127.0.0.1:$p" --initial-advertise-peer-urls "https://127.0.0.1:$p" \
-    --initial-cluster "$INITIAL" --initial-cluster-state new --initial-cluster-token hie-bench \
-    --cert-file "$DIR/etcd.pem" --key-file "$DIR/etcd.key" --trusted-ca-file "$CERTS/ca.pem" --client-cert-auth \
-    --peer-auto-tls --logger zap --log-outputs "$DIR/etcd-e$n.log" >>"$DIR/etcd-e$n.out" 2>&1 &
-  ETCD_PIDS+=($!)
-  ENDPOINTS+="${ENDPOINTS:+,}https://127.0.0.1:$c"
-done
-CONSUMER_CERT=$(jq -r '.clients[] | select(.roles | index("consumer")) | .cert' "$CLUSTER" | head -1)
-CONSUMER_KEY=$(jq -r '.clients[] | select(.roles | index("consumer")) | .key' "$CLUSTER" | head -1)
-for _ in $(seq 100); do
-  if curl -sf --cacert "$CERTS/ca.pem" --cert "$CONSUMER_CERT" --key "$CONSUMER_KEY" "https://127.0.0.1:${PORTS[0]}/health" | grep -q true; then break; fi
-  sleep 0.2
-done
-curl -sf --cacert "$CERTS/ca.pem" --cert "$CONSUMER_CERT" --key "$CONSUMER_KEY" "https://127.0.0.1:${PORTS[0]}/health" >/dev/null \
-  || { echo "etcd did not become healthy" >&2; tail -5 "$DIR"/etcd-e1.log "$DIR"/etcd-e1.out >&2; exit 1; }
+start_etcd "$DIR" "$CERTS" "$CLUSTER"
+ENDPOINTS="$ETCD_ENDPOINTS"
 "$HIE_BIN" bench --target etcd --cluster "$CLUSTER" --etcd-endpoints "$ENDPOINTS" --workload preload \
   --patients "$PATIENTS" --connections "$CONNS"
 
