@@ -8,6 +8,8 @@
 #   write           hie create pointer (a 2.7 KB NRLF DocumentReference)  vs etcd put of the same JSON
 #   read            hie local search                                     vs etcd serializable range
 #   linearizable    hie search with X-HIE-Consistency: linearizable      vs etcd linearizable range
+#   nothing         hie /fhir/_status (a fixed OperationOutcome)          vs etcd /version
+#                   (what the machine, TLS and HTTP give with no work behind them)
 # closed loop at 64 in flight (connections spread at random over the three
 # nodes or members), one in flight (writes at the leader and at a follower,
 # reads at one node), and reads in open loop at fixed rates and at half of
@@ -126,6 +128,8 @@ oha_run() {
     hie-read) args+=(--urls-from-file --cert "$CONSUMER_CERT" --key "$CONSUMER_KEY" "$DIR/searches") ;;
     hie-linearizable) args+=(-H "x-hie-consistency: linearizable" --urls-from-file
                  --cert "$CONSUMER_CERT" --key "$CONSUMER_KEY" "$DIR/searches") ;;
+    hie-nothing) args+=(--cert "$CONSUMER_CERT" --key "$CONSUMER_KEY" https://localhost:1/fhir/_status) ;;
+    etcd-nothing) args+=(--cert "$CONSUMER_CERT" --key "$CONSUMER_KEY" https://localhost:1/version) ;;
     etcd-write) args+=(-m POST -T application/json -Z "$DIR/puts" --cert "$CONSUMER_CERT" --key "$CONSUMER_KEY"
                  https://localhost:1/v3/kv/put) ;;
     etcd-read) args+=(-m POST -T application/json -Z "$DIR/gets" --cert "$CONSUMER_CERT" --key "$CONSUMER_KEY"
@@ -163,7 +167,7 @@ pair() { # ROUND NAME OP TARGET CONC [RATE]: both systems, alternating which goe
 }
 
 NAMES=("read, 64 in flight" "linearizable, 64 in flight" "read, 1 in flight")
-for rate in $RATES; do NAMES+=("read, open loop at $rate/s"); done
+for rate in $RATES; do NAMES+=("read, open loop at $rate/s" "nothing, open loop at $rate/s"); done
 NAMES+=("read, open loop at half hie's peak" "write, 64 in flight" "write, 1 in flight, at the leader"
   "write, 1 in flight, at a follower")
 for round in $(seq "$ROUNDS"); do
@@ -175,6 +179,7 @@ for round in $(seq "$ROUNDS"); do
   pair "$round" "read, 1 in flight" read 0 1
   for rate in $RATES; do
     pair "$round" "read, open loop at $rate/s" read all 64 "$rate"
+    pair "$round" "nothing, open loop at $rate/s" nothing all 64 "$rate"
   done
   half=$(python3 -c "print(int(${SUM["hie-read, 64 in flight-rps"]} / $round / 2))")
   echo "  (half of hie's mean read peak so far: $half/s)"
