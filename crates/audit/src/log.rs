@@ -1,6 +1,6 @@
 //! The audit log of one node: records appended on the requests' own threads
-//! (hashed onto the chain and copied into a mapped segment, no system call
-//! and no hand-off), a syncer
+//! (hashed onto the chain and written into the segment with one `pwrite`,
+//! no hand-off), a syncer
 //! thread fsyncing them (one fsync for every record waiting) and then
 //! indexing them by patient in a side table (one batch a fsync), and
 //! queries over both.
@@ -29,7 +29,7 @@ pub struct AuditConfig {
     pub segment_bytes_max: u64,
     /// How long a durable append waits for its record to be fsynced.
     pub write_timeout: Duration,
-    /// Records of reads are in the page cache (copied into the segment) before the
+    /// Records of reads are in the page cache (written into the segment) before the
     /// read is answered and fsynced within this interval; records of
     /// changes are fsynced before the change is answered.
     ///
@@ -138,18 +138,18 @@ struct Unindexed {
 
 /// The open segment and the last record written to it.
 ///
-/// Records are copied into the segment through a shared memory map, not
-/// written with a system call each: the file's pages are the page cache's,
-/// so a record copied in survives a crash of the process exactly as a
-/// written one does, and the syncer's `fdatasync` makes it durable. The map
-/// is only ever written where the file has already been extended with
-/// zeros (`reserved`), so a copy can neither fail nor fault for want of
-/// space: a full disk shows up as a failed reservation, before any byte of
-/// the record is copied.
+/// Records are written with one `pwrite` each, into the page cache: a
+/// record written survives a crash of the process, and the syncer's
+/// `fdatasync` makes it durable. They are only ever written where the file
+/// has already been extended with zeros (`reserved`), so a write never
+/// needs new space: a full disk shows up as a failed reservation, before
+/// any byte of the record is written. Not through a shared memory map: on
+/// this ext4, an `fdatasync` after a write through a map took 1.9 ms, and
+/// 0.25 ms after a `pwrite` to the same file (docs/BENCHMARKS.md, "One
+/// create's round trip"), and a change's answer waits for that fsync.
 struct Head {
     segment: u32,
     file: Arc<File>,
-    map: memmap2::MmapMut,
     /// Bytes of records in the segment.
     len: u64,
     /// Bytes the file holds: the records, then zeros written ahead.
@@ -168,26 +168,20 @@ const RECORD_BYTES_MAX: usize = 64 << 10;
 
 /// The zeros are written a page at a time, so the page cache holds the
 /// segment in page-sized pieces. Written in one 64 KiB call, the kernel
-/// (6.18's ext4) keeps them as one 64 KiB folio, the map's first write
+/// (6.18's ext4) keeps them as one 64 KiB folio, a record's write
 /// dirties all of it, and every fsync writes the whole 64 KiB back for the
-/// few records copied in since the last one: 25 MB/s of disk writes
+/// few records written since the last one: 25 MB/s of disk writes
 /// instead of 10 at 10 ms fsyncs under a search load (`/sys/block/*/stat`).
 const RESERVE_WRITE_BYTES: usize = 4096;
 
 static ZEROS: [u8; RESERVE_BYTES as usize] = [0; RESERVE_BYTES as usize];
 
-/// Opens segment `n` for writing: its file and a map of it long enough for
-/// any segment (records may start anywhere below `segment_bytes_max`).
-fn open_segment(dir: &Path, n: u32, segment_bytes_max: u64) -> std::io::Result<(File, memmap2::MmapMut, u64)> {
+/// Opens segment `n` for writing: its file and its length.
+fn open_segment(dir: &Path, n: u32) -> std::io::Result<(File, u64)> {
     let path = chain::segment_path(dir, n);
     let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
     let len = file.metadata()?.len();
-    let map_len = segment_bytes_max.max(len) + RECORD_BYTES_MAX as u64 + RESERVE_BYTES;
-    // SAFETY: the map is of a file only this process writes (the audit
-    // directory is the node's own); it is written only below `reserved`,
-    // where the file has bytes, and read by no one through the map.
-    let map = unsafe { memmap2::MmapOptions::new().len(map_len as usize).map_mut(&file)? };
-    Ok((file, map, len))
+    Ok((file, len))
 }
 
 #[derive(Default)]
@@ -415,8 +409,7 @@ impl AuditLog {
         std::fs::create_dir_all(&config.dir).map_err(|e| io_err("creating", &config.dir, e))?;
         let (segment, seq, prev) = open_head(&config.dir)?;
         let path = chain::segment_path(&config.dir, segment);
-        let (file, map, len) =
-            open_segment(&config.dir, segment, config.segment_bytes_max).map_err(|e| io_err("opening", &path, e))?;
+        let (file, len) = open_segment(&config.dir, segment).map_err(|e| io_err("opening", &path, e))?;
         // Records a crashed process left in the page cache are on disk from
         // here, and so is a new segment's name.
         file.sync_data().map_err(|e| io_err("syncing", &path, e))?;
@@ -438,7 +431,7 @@ impl AuditLog {
             config,
             index,
             metrics,
-            head: Mutex::new(Head { segment, file: Arc::new(file), map, len, reserved: len, seq, prev: prev.clone() }),
+            head: Mutex::new(Head { segment, file: Arc::new(file), len, reserved: len, seq, prev: prev.clone() }),
             failing: AtomicBool::new(false),
             halted: AtomicBool::new(false),
             #[cfg(test)]
@@ -673,9 +666,10 @@ impl Inner {
     /// segment in the order of the chain, and a record that cannot be
     /// written (no room) leaves the chain as it was. Its sequence number.
     ///
-    /// No system call is made here (except, once every `RESERVE_BYTES`,
-    /// the write of zeros that reserves room), so the lock is held for a
-    /// couple of microseconds and appends need no grouping or hand-off.
+    /// One system call is made here, the record's `pwrite` into the page
+    /// cache (and, once every `RESERVE_BYTES`, the writes of zeros that
+    /// reserve room), so the lock is held for a few microseconds and
+    /// appends need no grouping or hand-off.
     fn write(&self, event: &Event) -> Result<u64, AuditError> {
         // The line adds the hashes and the sequence number to the event.
         if event.json.len() + 256 > RECORD_BYTES_MAX {
@@ -706,7 +700,11 @@ impl Inner {
             return Err(AuditError::Write(e.to_string()));
         }
         let at = head.len;
-        head.map[at as usize..end as usize].copy_from_slice(&line);
+        if let Err(e) = head.file.write_all_at(&line, at) {
+            tracing::error!(error = %e, "audit write failed; failing the request (fail closed)");
+            self.mark_failed();
+            return Err(AuditError::Write(e.to_string()));
+        }
         head.len = end;
         head.seq = seq;
         head.prev = hash;
@@ -921,11 +919,10 @@ impl Inner {
         }
         head.reserved = head.len;
         let next = head.segment + 1;
-        let (file, map, _) = open_segment(&self.config.dir, next, self.config.segment_bytes_max)?;
+        let (file, _) = open_segment(&self.config.dir, next)?;
         sync_dir(&self.config.dir)?;
         head.segment = next;
         head.file = Arc::new(file);
-        head.map = map;
         head.len = 0;
         head.reserved = 0;
         Ok(())
