@@ -7,6 +7,8 @@ RUN_STARTED=$(date +%s)
 . cluster/setup.sh
 cargo build --workspace --all-targets
 status=0
+# What this run could not do here, and why: printed in its last lines.
+SKIPPED=()
 
 # Lints, warnings as errors. Same profile and features as the build, so
 # RocksDB is not compiled again; the lint set is [workspace.lints] in
@@ -42,6 +44,7 @@ if deny_ok "$DENY"; then
     "$DENY" --offline check advisories || status=$?
   else
     echo "cargo deny: advisories not checked: the advisory database (github.com/rustsec/advisory-db) cannot be fetched from this machine"
+    SKIPPED+=("cargo deny advisories: the advisory database (github.com/rustsec/advisory-db) cannot be fetched from this machine")
   fi
 else
   echo "cargo deny: cargo-deny $DENY_VERSION could not be installed" >&2
@@ -74,13 +77,15 @@ else
 fi
 # The deterministic simulation, 1,000 seeds (its own build; see the script).
 tests/sim.sh 1000 || status=$?
-# A bounded fault run against real node processes, where this machine lets
-# us make network namespaces (root); longer soaks are run by hand.
+# A bounded fault run (120 s of faults) against real node processes, where
+# this machine lets us make network namespaces (root); longer soaks are run
+# by hand.
 if [ "$(id -u)" -eq 0 ] && ip netns add hie-probe 2>/dev/null; then
   ip netns del hie-probe
-  tests/faults/run.sh --seconds 60 --seed 1 || status=$?
+  tests/faults/run.sh --seconds 120 --seed 1 || status=$?
 else
   echo "faults: skipped (network namespaces need root here)"
+  SKIPPED+=("faults: network namespaces need root here; run tests/faults/run.sh as root")
 fi
 # The cargo-fuzz targets (request parsers, p2p frames and CBOR, audit
 # records, certificate SANs), 7 s each, about a minute in all; their own
@@ -94,5 +99,12 @@ if [ "$elapsed" -lt "${HIE_FUZZ_START_BEFORE_S:-3600}" ]; then
   tests/fuzz/run.sh --seconds 7 || status=$?
 else
   echo "fuzz: skipped: the run had taken ${elapsed} s before it (over HIE_FUZZ_START_BEFORE_S=${HIE_FUZZ_START_BEFORE_S:-3600}); run tests/fuzz/run.sh by hand"
+  SKIPPED+=("fuzz: the run had taken ${elapsed} s before it (over HIE_FUZZ_START_BEFORE_S=${HIE_FUZZ_START_BEFORE_S:-3600}); run tests/fuzz/run.sh by hand")
+fi
+echo "tests/run.sh: took $(( $(date +%s) - RUN_STARTED )) s, exit $status"
+if [ ${#SKIPPED[@]} -eq 0 ]; then
+  echo "skipped: nothing"
+else
+  for s in "${SKIPPED[@]}"; do echo "skipped: $s"; done
 fi
 exit $status
