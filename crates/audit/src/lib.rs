@@ -4,7 +4,7 @@
 //! - Not in the Raft log: recording an access never waits for other nodes.
 //! - Fail closed: a request is answered only once its record is in the log:
 //!   a change's fsynced (one fsync for every record waiting), a read's
-//!   copied into the page cache and fsynced within `sync_interval`.
+//!   written into the page cache and fsynced within `sync_interval`.
 //! - Tamper-evident: [`chain::verify`] names the first record whose bytes,
 //!   hash, sequence or link to the record before it is wrong.
 //! - Queried by patient through an index beside the log, which can always be

@@ -91,7 +91,7 @@ struct Inner {
     index: Arc<SideTable>,
     metrics: Arc<Metrics>,
     /// The open segment and the head of the chain. Held by an append while
-    /// it hashes its record onto the chain and copies it in (a couple of
+    /// it hashes its record onto the chain and writes it (a few
     /// microseconds), and by the syncer thread's upkeep.
     head: Mutex<Head>,
     /// Set by a failed write (no room), cleared by the next success.
@@ -141,9 +141,10 @@ struct Unindexed {
 /// Records are written with one `pwrite` each, into the page cache: a
 /// record written survives a crash of the process, and the syncer's
 /// `fdatasync` makes it durable. They are only ever written where the file
-/// has already been extended with zeros (`reserved`), so a write never
-/// needs new space: a full disk shows up as a failed reservation, before
-/// any byte of the record is written. Not through a shared memory map: on
+/// has already been extended with zeros (`reserved`), so on a filesystem
+/// that overwrites in place (ext4, xfs; not a copy-on-write one) a write
+/// never needs new space: a full disk shows up as a failed reservation,
+/// before any byte of the record is written. Not through a shared memory map: on
 /// this ext4, an `fdatasync` after a write through a map took 1.9 ms, and
 /// 0.25 ms after a `pwrite` to the same file (docs/BENCHMARKS.md, "One
 /// create's round trip"), and a change's answer waits for that fsync.
@@ -459,7 +460,7 @@ impl AuditLog {
     /// Appends an event and returns its sequence number once it is written
     /// into the segment (the page cache), or (`durable`) once it is fsynced too.
     ///
-    /// The record is hashed and copied into the segment on the caller's
+    /// The record is hashed and written into the segment on the caller's
     /// thread (see `Inner::write`); the syncer thread indexes it after its
     /// fsync. A durable append then waits for that fsync (one fsync serves
     /// every append waiting).
@@ -661,7 +662,7 @@ impl Inner {
         self.head.lock().map_err(|_| "the audit log is unusable after an internal error; restart the node".into())
     }
 
-    /// Hashes one record onto the chain and copies it into the segment
+    /// Hashes one record onto the chain and writes it into the segment
     /// (see [`Head`]), all under the head's lock: records are in the
     /// segment in the order of the chain, and a record that cannot be
     /// written (no room) leaves the chain as it was. Its sequence number.
@@ -701,6 +702,14 @@ impl Inner {
         }
         let at = head.len;
         if let Err(e) = head.file.write_all_at(&line, at) {
+            // A write cut short leaves part of the record past the last
+            // whole one: put the zeros back, so that a reader (a live
+            // `hie audit verify`) sees no torn record there. If that fails
+            // too, the next record overwrites it, and a restart cuts off
+            // whatever follows the last whole record.
+            if let Some(zeros) = ZEROS.get(..line.len()) {
+                let _ = head.file.write_all_at(zeros, at);
+            }
             tracing::error!(error = %e, "audit write failed; failing the request (fail closed)");
             self.mark_failed();
             return Err(AuditError::Write(e.to_string()));

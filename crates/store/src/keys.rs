@@ -116,11 +116,8 @@ pub fn subscription(id: &SubscriptionId) -> Vec<u8> {
 
 /// `k/<key>\0`: the subscriptions filed under a key.
 pub fn subscription_key_prefix(key: &str) -> Vec<u8> {
-    [SUBSCRIPTION_KEYS, key.as_bytes(), b"\0"].concat()
+    [b"k/".as_slice(), key.as_bytes(), b"\0"].concat()
 }
-
-/// Where every subscription's filing keys live (`k/`).
-pub const SUBSCRIPTION_KEYS: &[u8] = b"k/";
 
 /// `e/<id>\0`: a subscription's events.
 pub fn subscription_events_prefix(id: &SubscriptionId) -> Vec<u8> {

@@ -183,9 +183,6 @@ struct RocksTxn<'a> {
     /// Whether a subscription key was written (only then does a lookup of
     /// keys look through the overlay).
     subscription_keys_written: bool,
-    /// Whether the database held any subscription key when first asked:
-    /// with none (the usual case), a change looks up no keys at all.
-    any_subscription_key: Option<bool>,
 }
 
 impl<'a> RocksTxn<'a> {
@@ -201,7 +198,6 @@ impl<'a> RocksTxn<'a> {
             reads,
             memory_only,
             subscription_keys_written: false,
-            any_subscription_key: None,
         }
     }
 
@@ -228,20 +224,6 @@ impl<'a> RocksTxn<'a> {
     fn delete(&mut self, cf_name: &'static str, key: Vec<u8>) {
         self.batch.delete_cf(handle(self.db, cf_name), &key);
         self.overlay.insert((cf_name, key), None);
-    }
-
-    /// Whether the database (not this transaction) holds a key under `prefix`.
-    fn has_key_under(&self, cf_name: &'static str, prefix: &[u8]) -> Result<bool, StoreError> {
-        let mut reads = rocksdb::ReadOptions::default();
-        if self.memory_only {
-            reads.set_read_tier(rocksdb::ReadTier::BlockCache);
-        }
-        bound_to_prefix(&mut reads, prefix);
-        let mut it = self.db.raw_iterator_cf_opt(handle(self.db, cf_name), reads);
-        it.seek(prefix);
-        let found = it.key().is_some_and(|k| k.starts_with(prefix));
-        it.status().map_err(StoreError::from_read)?;
-        Ok(found)
     }
 
     /// The rest of every key under `prefix`: what the database holds, with
@@ -399,19 +381,6 @@ impl StateTxn for RocksTxn<'_> {
         self.delete(cf::SUBSCRIPTIONS, keys::subscription(id))
     }
     fn subscription_keys(&mut self, key: &str) -> Result<Vec<SubscriptionId>, StoreError> {
-        if !self.subscription_keys_written {
-            let any = match self.any_subscription_key {
-                Some(any) => any,
-                None => {
-                    let any = self.has_key_under(cf::SUBSCRIPTIONS, keys::SUBSCRIPTION_KEYS)?;
-                    self.any_subscription_key = Some(any);
-                    any
-                }
-            };
-            if !any {
-                return Ok(Vec::new());
-            }
-        }
         let found =
             self.keys_under(cf::SUBSCRIPTIONS, &keys::subscription_key_prefix(key), self.subscription_keys_written)?;
         found
