@@ -33,7 +33,18 @@ fn subscription_id(id: &str) -> Result<SubscriptionId, ApiError> {
 async fn owned(st: &AppState, ctx: &RequestCtx, id: &str) -> Result<Subscription, ApiError> {
     ctx.require(Role::Consumer)?;
     let id = subscription_id(id)?;
-    match st.replica.subscription(&id).await? {
+    let found = match st.replica.subscription(&id).await? {
+        Some(s) => Some(s),
+        // Not here yet, perhaps: a create this node forwarded to the leader
+        // a moment ago is answered once the leader has applied it, and this
+        // replica may still be applying it. Catch up with the leader's
+        // commit once before answering that there is no such subscription.
+        None => {
+            st.replica.linearizable_barrier().await?;
+            st.replica.subscription(&id).await?
+        }
+    };
+    match found {
         Some(s) if s.owner == ctx.caller.ods => Ok(s),
         _ => Err(ApiError::NotFound("no such subscription".into())),
     }
