@@ -32,25 +32,9 @@ install_etcd
 for tool in jq openssl curl bc python3; do command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 1; }; done
 cargo build --workspace --all-targets
 
-DIR="$(mktemp -d -t hie-vs-etcd.XXXXXX)"
-ETCD_PIDS=()
-cleanup() {
-  for p in "${ETCD_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  "$HIE_BIN" dev down --dir "$DIR/hie" >/dev/null 2>&1 || true
-  for p in "${ETCD_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$DIR"
-}
-trap cleanup EXIT
-
 echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), etcd $(etcd --version | head -1 | awk '{print $3}')"
-"$HIE_BIN" dev up --dir "$DIR/hie" --patients "$PATIENTS" --rate-per-client-per-sec 1000000 --rate-burst 1000000 >/dev/null
-CLUSTER="$DIR/hie/cluster.json"
-CERTS="$DIR/hie/certs"
-
-start_etcd "$DIR" "$CERTS" "$CLUSTER"
+start_hie_and_etcd hie-vs-etcd "$PATIENTS"
 ENDPOINTS="$ETCD_ENDPOINTS"
-"$HIE_BIN" bench --target etcd --cluster "$CLUSTER" --etcd-endpoints "$ENDPOINTS" --workload preload \
-  --patients "$PATIENTS" --connections "$CONNS"
 
 bench() { # TARGET WORKLOAD -> prints the summary, returns the JSON line in $LAST
   local extra=()

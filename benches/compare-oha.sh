@@ -42,23 +42,8 @@ if ! command -v oha >/dev/null; then
 fi
 cargo build --workspace --all-targets
 
-DIR="$(mktemp -d -t hie-oha.XXXXXX)"
-ETCD_PIDS=()
-cleanup() {
-  for p in "${ETCD_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  "$HIE_BIN" dev down --dir "$DIR/hie" >/dev/null 2>&1 || true
-  for p in "${ETCD_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$DIR"
-}
-trap cleanup EXIT
-
 echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), etcd $(etcd --version | head -1 | awk '{print $3}'), $(oha --version)"
-"$HIE_BIN" dev up --dir "$DIR/hie" --patients "$PATIENTS" --rate-per-client-per-sec 1000000 --rate-burst 1000000 >/dev/null
-CLUSTER="$DIR/hie/cluster.json"
-CERTS="$DIR/hie/certs"
-start_etcd "$DIR" "$CERTS" "$CLUSTER"
-"$HIE_BIN" bench --target etcd --cluster "$CLUSTER" --etcd-endpoints "$ETCD_ENDPOINTS" --workload preload \
-  --patients "$PATIENTS" --connections 32 >/dev/null
+start_hie_and_etcd hie-oha "$PATIENTS"
 
 client() { jq -r --arg role "$1" '[.clients[] | select(.roles | index($role))][0] | "\(.cert) \(.key)"' "$CLUSTER"; }
 read -r PRODUCER_CERT PRODUCER_KEY <<<"$(client producer)"

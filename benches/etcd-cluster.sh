@@ -67,3 +67,29 @@ print(" ".join(str(x.getsockname()[1]) for x in s))')"
   tail -5 "$dir"/etcd-e1.log "$dir"/etcd-e1.out >&2
   return 1
 }
+
+# start_hie_and_etcd NAME PATIENTS: a new temporary directory ($DIR, named
+# after NAME), a 3-node hie dev cluster in it (rate limit lifted, PATIENTS
+# sample patients) and etcd beside it with one key a patient; both are
+# stopped and the directory removed when the script exits. Sets DIR,
+# CLUSTER and CERTS, and the variables of start_etcd.
+start_hie_and_etcd() {
+  local name="$1" patients="$2"
+  DIR="$(mktemp -d -t "$name.XXXXXX")"
+  ETCD_PIDS=()
+  trap stop_hie_and_etcd EXIT
+  "$HIE_BIN" dev up --dir "$DIR/hie" --patients "$patients" --rate-per-client-per-sec 1000000 --rate-burst 1000000 >/dev/null
+  CLUSTER="$DIR/hie/cluster.json"
+  CERTS="$DIR/hie/certs"
+  start_etcd "$DIR" "$CERTS" "$CLUSTER"
+  "$HIE_BIN" bench --target etcd --cluster "$CLUSTER" --etcd-endpoints "$ETCD_ENDPOINTS" --workload preload \
+    --patients "$patients" --connections 32 >/dev/null
+}
+
+stop_hie_and_etcd() {
+  local p
+  for p in "${ETCD_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  "$HIE_BIN" dev down --dir "$DIR/hie" >/dev/null 2>&1 || true
+  for p in "${ETCD_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$DIR"
+}
