@@ -85,6 +85,9 @@ tests/sim.sh 1000 || status=$?
 if [ "$(id -u)" -eq 0 ] && ip netns add hie-probe 2>/dev/null; then
   ip netns del hie-probe
   tests/faults/run.sh --seconds 60 --seed 1 || status=$?
+  if [ ! -e /dev/fuse ]; then
+    SKIPPED+=("faults: power cuts: no /dev/fuse here, so the nodes' disks are plain ext4 images without the power-cut filesystem")
+  fi
 else
   echo "faults: skipped (network namespaces need root here)"
   SKIPPED+=("faults: network namespaces need root here; run tests/faults/run.sh as root")

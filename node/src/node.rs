@@ -39,6 +39,14 @@ pub fn pid_file(data_dir: &Path) -> PathBuf {
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let data_dir = config.node.data_dir.clone();
+    if let Some(bug) = hie_store::planted_bug_setting() {
+        tracing::error!(
+            variable = hie_store::PLANTED_BUG_ENV,
+            bug = %bug,
+            planted = hie_store::planted_bug().map(hie_store::PlantedBug::name),
+            "a durability bug is planted on purpose (test-only switch): this node skips an fsync it promises; never run it with patient data"
+        );
+    }
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let key = hie_p2p::load_or_create_key(&data_dir.join("node.key"))?;
     let peer_id = key.public().to_peer_id();

@@ -4,19 +4,25 @@
 #   tests/faults/run.sh --seconds N [--seed S] [--nodes 3|5] [--clients C] [--patients P]
 # Last line: faults: N injected, M operations, K acknowledged, L lost,
 #            V linearizability violations, converged
-# Needs root (namespaces, nft, tmpfs mounts). Installs nftables, iptables,
-# iproute2, faketime and fiu-utils from Debian if missing, and NetfilterQueue
-# (for the packet delayer, nfq_delay.py from ../shared/faultlab) into a venv.
+# Needs root (namespaces, nft, loop mounts, FUSE). Each node's data is on a
+# 256 MB ext4 image under /var/tmp/hie-faults, loop-mounted and seen through
+# the power-cut filesystem (hie-powercut-fs) where /dev/fuse exists.
+# HIE_TEST_PLANT_DURABILITY_BUG=log-fsync|snapshot-fsync|audit-fsync runs
+# every node with that fsync skipped (to show the power cuts catch it).
+# Installs nftables, iptables, iproute2, e2fsprogs, faketime and fiu-utils
+# from Debian if missing, and NetfilterQueue (for the packet delayer,
+# nfq_delay.py from ../shared/faultlab) into a venv.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "$(id -u)" -ne 0 ]; then
-  echo "tests/faults/run.sh needs root (network namespaces, nft, tmpfs)" >&2
+  echo "tests/faults/run.sh needs root (network namespaces, nft, loop mounts, FUSE)" >&2
   exit 2
 fi
 missing=""
 command -v nft >/dev/null 2>&1 || missing="$missing nftables"
 command -v iptables >/dev/null 2>&1 || missing="$missing iptables"
 command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+command -v mkfs.ext4 >/dev/null 2>&1 || missing="$missing e2fsprogs"
 command -v fiu-run >/dev/null 2>&1 || missing="$missing fiu-utils libfiu0"
 [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || missing="$missing faketime"
 if [ -n "$missing" ]; then
