@@ -91,7 +91,7 @@ fn parse_args() -> anyhow::Result<Args> {
         seed: 0,
         nodes: 3,
         clients: 4,
-        patients: 6,
+        patients: 12,
         unsafe_local_reads: false,
         only: None,
     };
@@ -575,6 +575,12 @@ enum Outcome<T> {
     Unknown,
 }
 
+/// True if a request failed before it reached a node (no connection could
+/// be made: the node is down, or cut off): it cannot have taken effect.
+fn never_sent(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<reqwest::Error>().is_some_and(reqwest::Error::is_connect)
+}
+
 /// The pointers of a one-page search Bundle: masterIdentifier → id.
 fn masters(bundle: &Value) -> Option<BTreeMap<String, String>> {
     if bundle["link"].as_array().is_some_and(|l| l.iter().any(|l| l["relation"] == "next")) {
@@ -626,6 +632,7 @@ impl Clients {
             }
             // A refusal before anything was proposed: definitely not applied.
             Ok(Ok(r)) if (400..500).contains(&r.status) && r.status != 408 => Outcome::Failed,
+            Ok(Err(e)) if never_sent(&e) => Outcome::Failed,
             _ => Outcome::Unknown,
         }
     }
@@ -653,6 +660,7 @@ impl Clients {
                 }
                 Outcome::Failed
             }
+            Ok(Err(e)) if never_sent(&e) => Outcome::Failed,
             _ => Outcome::Unknown,
         }
     }
@@ -663,6 +671,7 @@ impl Clients {
             Ok(Ok(r)) if r.status == 200 || r.status == 204 => Outcome::Ok(true),
             Ok(Ok(r)) if r.status == 404 => Outcome::Ok(false),
             Ok(Ok(r)) if r.status == 429 || r.status == 403 || r.status == 400 => Outcome::Failed,
+            Ok(Err(e)) if never_sent(&e) => Outcome::Failed,
             _ => Outcome::Unknown,
         }
     }
