@@ -1078,6 +1078,12 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults, power_cut
             Verdict::Violation { op } => {
                 violations += 1;
                 eprintln!("faults: pair {pair}: not linearizable (stuck at operation {op}: {:?})", by_pair[pair][op]);
+                // The pair's whole history, one operation a line, for the post-mortem.
+                let path = format!("{LOGS_DIR}/pair-{pair}.history");
+                let text: String = by_pair[pair].iter().enumerate().map(|(i, o)| format!("{i} {o:?}\n")).collect();
+                if std::fs::write(&path, text).is_ok() {
+                    eprintln!("faults: pair {pair}'s history is in {path}");
+                }
             }
             Verdict::Unknown => undecided += 1,
         }
