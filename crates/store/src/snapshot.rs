@@ -52,6 +52,15 @@ fn bad(m: impl Into<String>) -> StoreError {
     StoreError::BadSnapshot(m.into())
 }
 
+/// A snapshot file's fault, with the file named (so an operator knows
+/// which file a node that refuses to start is refusing).
+fn in_file(path: &Path) -> impl Fn(StoreError) -> StoreError + '_ {
+    move |e| match e {
+        StoreError::BadSnapshot(m) => StoreError::BadSnapshot(format!("{}: {m}", path.display())),
+        other => other,
+    }
+}
+
 /// A RocksDB snapshot that owns a handle on its database, so it can outlive
 /// the call that took it (a snapshot builder runs after apply moved on).
 #[derive(Clone)]
@@ -301,7 +310,7 @@ fn parse(r: impl Read, mut f: impl FnMut(u8, &[u8], &[u8]) -> Result<(), StoreEr
 fn open_reader(path: &Path) -> Result<(SnapshotMeta, BufReader<File>), StoreError> {
     let file = File::open(path).map_err(io(path))?;
     let mut r = BufReader::with_capacity(IO_BUFFER_BYTES, file);
-    let meta = read_header(&mut r)?;
+    let meta = read_header(&mut r).map_err(in_file(path))?;
     Ok((meta, r))
 }
 
@@ -316,7 +325,7 @@ pub(crate) fn open_file(path: &Path) -> Result<Option<(SnapshotMeta, File)>, Sto
         Err(source) => return Err(StoreError::Io { path: path.to_owned(), source }),
     };
     let mut r = BufReader::new(file);
-    let meta = read_header(&mut r)?;
+    let meta = read_header(&mut r).map_err(in_file(path))?;
     let mut file = r.into_inner();
     file.seek(SeekFrom::Start(0)).map_err(io(path))?;
     Ok(Some((meta, file)))
@@ -330,11 +339,15 @@ pub(crate) fn verify_file(path: &Path, expected: Option<&SnapshotMeta>) -> Resul
         && (meta.snapshot_id != want.snapshot_id || meta.last_log_id != want.last_log_id)
     {
         return Err(bad(format!(
-            "the file holds snapshot {} up to {:?}, not {} up to {:?}",
-            meta.snapshot_id, meta.last_log_id, want.snapshot_id, want.last_log_id
+            "{} holds snapshot {} up to {:?}, not {} up to {:?}",
+            path.display(),
+            meta.snapshot_id,
+            meta.last_log_id,
+            want.snapshot_id,
+            want.last_log_id
         )));
     }
-    let records = parse(r, |_, _, _| Ok(()))?;
+    let records = parse(r, |_, _, _| Ok(())).map_err(in_file(path))?;
     Ok((meta, records))
 }
 
