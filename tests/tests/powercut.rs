@@ -59,6 +59,14 @@ impl Fixture {
         Mounted::start(&self.backing, &self.mnt)
     }
 
+    /// A power cut: everything not durable is thrown away; the summary.
+    /// The trash must be empty at once (a fresh mount would empty it).
+    fn cut(&self, m: Mounted) -> anyhow::Result<String> {
+        let summary = m.power_cut()?;
+        expect_trash_empty(self).context("right after the power cut")?;
+        Ok(summary)
+    }
+
     /// Runs `check` on the backing directory, then through a fresh mount.
     fn check_both(&self, check: impl Fn(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
         check(&self.disk()).context("in the backing directory")?;
@@ -225,7 +233,7 @@ fn file_data_rolls_back_to_its_last_fsync() -> anyhow::Result<()> {
     resynced.truncate(4_000);
     resynced.extend_from_slice(&[b'R'; 3_000]);
 
-    let summary = m.power_cut()?;
+    let summary = f.cut(m)?;
     ensure!(summary.contains("rolled back 3 files"), "{summary}");
     f.check_both(|dir| {
         expect_contents(&dir.join("whole"), &pattern(1, 10_000))?;
@@ -266,7 +274,7 @@ fn new_entries_need_their_directory_fsynced() -> anyhow::Result<()> {
     fs::hard_link(d2.join("sub/f"), d2.join("hard"))?;
     fs::hard_link(d2.join("sub/f"), d1.join("hard"))?;
     fsync_dir(&d2)?;
-    let summary = m.power_cut()?;
+    let summary = f.cut(m)?;
     ensure!(summary.contains("removed 4 entries"), "{summary}");
 
     f.check_both(|dir| {
@@ -301,7 +309,7 @@ fn removals_need_their_directory_fsynced() -> anyhow::Result<()> {
         fsync_dir(&f.mnt.join(d))?;
     }
     fsync_dir(&f.mnt)?;
-    m.power_cut()?;
+    f.cut(m)?;
 
     let m = f.mount()?;
     for d in ["d1", "d2"] {
@@ -317,7 +325,7 @@ fn removals_need_their_directory_fsynced() -> anyhow::Result<()> {
         expect_absent(&dir.join("empty"))?;
     }
     fsync_dir(&f.mnt.join("d2"))?;
-    let summary = m.power_cut()?;
+    let summary = f.cut(m)?;
     ensure!(summary.contains("restored 2 removed entries"), "{summary}");
 
     f.check_both(|dir| {
@@ -370,7 +378,7 @@ fn renames_need_their_directories_fsynced() -> anyhow::Result<()> {
     ensure!(exchange == Err(nix::errno::Errno::EINVAL), "RENAME_EXCHANGE: {exchange:?}");
     expect_contents(&b, b"b")?;
 
-    m.power_cut()?;
+    f.cut(m)?;
     f.check_both(|dir| {
         expect_contents(&dir.join("d1/CURRENT"), b"MANIFEST-000001\n")?;
         expect_absent(&dir.join("d1/CURRENT.dbtmp"))?;
@@ -432,7 +440,7 @@ fn two_generations_of_power_cuts() -> anyhow::Result<()> {
     let mut log = OpenOptions::new().append(true).open(f.mnt.join("log"))?;
     log.write_all(&pattern(2, 1_000))?;
     drop(log);
-    m.power_cut()?;
+    f.cut(m)?;
     expect_contents(&f.disk().join("log"), &pattern(1, 1_000))?;
 
     let m = f.mount()?;
@@ -447,7 +455,7 @@ fn two_generations_of_power_cuts() -> anyhow::Result<()> {
     write_synced(&f.mnt.join("second"), b"second generation")?;
     fsync_dir(&f.mnt)?;
     write_synced(&f.mnt.join("lost"), b"never in a synced directory")?;
-    m.power_cut()?;
+    f.cut(m)?;
 
     f.check_both(|dir| {
         expect_contents(&dir.join("log"), &[pattern(1, 1_000), pattern(3, 1_000)].concat())?;
