@@ -83,6 +83,9 @@ tests/sim.sh 1000 || status=$?
 if [ "$(id -u)" -eq 0 ] && ip netns add hie-probe 2>/dev/null; then
   ip netns del hie-probe
   tests/faults/run.sh --seconds 120 --seed 1 || status=$?
+  if [ ! -e /dev/loop-control ]; then
+    SKIPPED+=("faults: a real disk under the nodes: no loop devices here, so each node's data is on a tmpfs")
+  fi
   if [ ! -e /dev/fuse ]; then
     SKIPPED+=("faults: power cuts: no /dev/fuse here, so the nodes' disks are plain ext4 images without the power-cut filesystem")
   fi
