@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 
 use hie_domain::raft::{NodeId, Raft};
 use hie_p2p::{P2p, ReadIndexError, Request, Response};
+use hie_store::LogStore;
+use openraft::StorageError;
 use openraft::error::RaftError;
+use openraft::storage::RaftLogStorage;
 
 use crate::error::ReadError;
 use crate::membership::member_peer;
@@ -23,13 +26,55 @@ impl Core {
     }
 }
 
+/// Leadership this node held when it stopped and that openraft restored
+/// at start-up, without an election (from a committed vote of its own):
+/// that term, and the last log index the store held at start-up.
+///
+/// openraft's read index is the larger of the commit index and the first
+/// entry of the leader's term. A restored leader's commit index starts at
+/// its state machine's applied index, which a power cut sets back behind
+/// entries already committed and acknowledged (state-machine writes are not
+/// fsynced by themselves), and the first entry of its term is older still.
+/// So until a new term begins, a read index must also cover every entry
+/// the log held at start-up: any of them may have been acknowledged. (Seen
+/// in the fault harness: after a power cut of every node, two linearizable
+/// searches missed a create acknowledged before the cut.)
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Restored {
+    term: u64,
+    last_index: u64,
+}
+
+/// The leadership openraft will restore at start-up, read from the log
+/// store before `Raft::new` opens it.
+pub(crate) async fn restored_leadership(log: &mut LogStore, id: NodeId) -> Result<Option<Restored>, StorageError<NodeId>> {
+    let Some(vote) = log.read_vote().await? else { return Ok(None) };
+    if !vote.is_committed() || vote.leader_id().voted_for() != Some(id) {
+        return Ok(None);
+    }
+    let last_index = log.get_log_state().await?.last_log_id.map_or(0, |l| l.index);
+    Ok(Some(Restored { term: vote.leader_id().get_term(), last_index }))
+}
+
 /// One leadership round: a quorum confirms this node still leads, and the
-/// commit index at its start is the read index. Bounded by `timeout`: a
-/// round that hung would hold up every read waiting for the next one.
-pub(crate) async fn leader_round(raft: Raft, timeout: Duration) -> Result<u64, ReadIndexError> {
+/// commit index at its start is the read index (raised for a restored
+/// leader, see [`Restored`]). Bounded by `timeout`: a round that hung
+/// would hold up every read waiting for the next one.
+pub(crate) async fn leader_round(
+    raft: Raft,
+    timeout: Duration,
+    restored: Option<Restored>,
+) -> Result<u64, ReadIndexError> {
     match tokio::time::timeout(timeout, raft.get_read_log_id()).await {
         Err(_) => Err(ReadIndexError::NoQuorum("the leader could not confirm its quorum in time".into())),
-        Ok(Ok((read_log_id, _))) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
+        Ok(Ok((read_log_id, _))) => {
+            let index = read_log_id.map(|l| l.index).unwrap_or(0);
+            let term = raft.metrics().borrow().current_term;
+            Ok(match restored {
+                Some(r) if r.term == term => index.max(r.last_index),
+                _ => index,
+            })
+        }
         Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)))) => {
             Err(ReadIndexError::NotLeader { leader: f.leader_id })
         }

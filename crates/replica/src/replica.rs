@@ -16,7 +16,7 @@ use crate::config::ReplicaConfig;
 use crate::error::{ReadError, StartError};
 use crate::freshness::ContactClock;
 use crate::inbound::InboundHandler;
-use crate::linearizable::{follower_round, leader_round};
+use crate::linearizable::{Restored, follower_round, leader_round, restored_leadership};
 use crate::proposals::{Proposals, Proposer};
 
 /// Shared by the replica and the inbound handler.
@@ -46,11 +46,17 @@ impl Core {
 }
 
 impl Core {
-    fn start(raft: Raft, metrics: Arc<Metrics>, audit: Option<Arc<dyn AuditSource>>, config: &ReplicaConfig) -> Core {
+    fn start(
+        raft: Raft,
+        metrics: Arc<Metrics>,
+        audit: Option<Arc<dyn AuditSource>>,
+        config: &ReplicaConfig,
+        restored: Option<Restored>,
+    ) -> Core {
         let round_timeout = config.write_timeout;
         let leader_rounds = {
             let raft = raft.clone();
-            Coalesce::new(move || leader_round(raft.clone(), round_timeout))
+            Coalesce::new(move || leader_round(raft.clone(), round_timeout, restored))
         };
         let proposals = Proposals::start(Proposer {
             raft: raft.clone(),
@@ -119,6 +125,9 @@ impl Replica {
         let snapshots = store.state_machine.counters();
         let subscription_wakes = store.state_machine.subscription_wakes();
         let network = P2pNetworkFactory { p2p: p2p.clone(), local_id: config.node_id };
+        let restored = restored_leadership(&mut store.log.clone(), config.node_id)
+            .await
+            .map_err(|source| StartError::Raft { source: source.into() })?;
         let raft = Raft::new(config.node_id, Arc::new(raft_config), network, store.log, store.state_machine)
             .await
             .map_err(|source| StartError::Raft { source })?;
@@ -126,7 +135,7 @@ impl Replica {
             let (raft, p2p, id, round_timeout) = (raft.clone(), p2p.clone(), config.node_id, config.write_timeout);
             Coalesce::new(move || follower_round(raft.clone(), p2p.clone(), id, round_timeout))
         };
-        let core = Arc::new(Core::start(raft, metrics, audit, &config));
+        let core = Arc::new(Core::start(raft, metrics, audit, &config, restored));
         let _ = inbound.core.set(core.clone());
         let replica = Arc::new(Replica {
             core,
