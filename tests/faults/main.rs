@@ -851,7 +851,10 @@ fn give_each_node_a_disk(cluster: &Cluster, faults: &mut Faults, power_cuts: boo
             // No loop devices here: a tmpfs of the same size, so a disk can
             // still fill (the power-cut filesystem works over it alike).
             println!("faults: skipped: a real disk under node {id} ({e:#}); a {DISK_BYTES} tmpfs instead");
-            sh(&format!("mkdir -p {l} && mount -t tmpfs -o size={DISK_BYTES} hie-faults-{id} {l}", l = lower.display()))?;
+            sh(&format!(
+                "mkdir -p {l} && mount -t tmpfs -o size={DISK_BYTES} hie-faults-{id} {l}",
+                l = lower.display()
+            ))?;
         }
         let root = if power_cuts { lower.join("root") } else { lower.clone() };
         sh(&format!("mkdir -p {r} && cp -a {d}/. {r}/ && sync", r = root.display(), d = dir.display()))?;
@@ -1203,7 +1206,10 @@ fn check_audit(cluster: &Cluster, served: &BTreeMap<String, u64>) -> anyhow::Res
         let mine: Vec<&String> = served.iter().filter(|(_, n)| **n == id).map(|(p, _)| p).collect();
         let absent = mine.iter().filter(|p| !recorded.contains(p.as_str())).count();
         if absent > 0 {
-            eprintln!("faults: node {id}'s audit log lacks the record of {absent} of the {} creates it acknowledged", mine.len());
+            eprintln!(
+                "faults: node {id}'s audit log lacks the record of {absent} of the {} creates it acknowledged",
+                mine.len()
+            );
         }
         missing += absent;
     }

@@ -47,7 +47,10 @@ pub(crate) struct Restored {
 
 /// The leadership openraft will restore at start-up, read from the log
 /// store before `Raft::new` opens it.
-pub(crate) async fn restored_leadership(log: &mut LogStore, id: NodeId) -> Result<Option<Restored>, StorageError<NodeId>> {
+pub(crate) async fn restored_leadership(
+    log: &mut LogStore,
+    id: NodeId,
+) -> Result<Option<Restored>, StorageError<NodeId>> {
     let Some(vote) = log.read_vote().await? else { return Ok(None) };
     if !vote.is_committed() || vote.leader_id().voted_for() != Some(id) {
         return Ok(None);
