@@ -16,6 +16,8 @@
 #![allow(clippy::result_large_err)]
 
 mod backup;
+#[cfg(test)]
+mod corruption;
 mod keys;
 mod log;
 mod planted;
@@ -43,6 +45,11 @@ pub enum StoreError {
     Corrupt { cf: &'static str, key: String, message: String },
     #[error("io on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// RocksDB found damage while replaying its write-ahead log at open.
+    #[error(
+        "the write-ahead log {file} is damaged ({source}); this node will not start without what it held: rebuild it (runbook: a node refuses to start)"
+    )]
+    DamagedWal { file: String, source: rocksdb::Error },
     #[error("snapshot rejected: {0}")]
     BadSnapshot(String),
     /// A memory-only read needed the disk (see `ReadView::memory_only`).
@@ -117,8 +124,21 @@ pub struct Store {
     pub reads: ReadView,
 }
 
+/// How RocksDB replays its write-ahead log on open. An incomplete record at
+/// the end (a write torn by a crash or power cut, never acknowledged) is
+/// dropped; any other damage (a flipped bit in a record that was fsynced,
+/// a missing piece in the middle) fails the open, naming the file.
+/// RocksDB's default, point-in-time recovery, instead stops the replay at the
+/// first bad record and opens without everything after it: a voter would
+/// come back without log entries and a vote it had acknowledged, silently.
+const WAL_RECOVERY: rocksdb::DBRecoveryMode = rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords;
+
 impl Store {
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+        Store::open_with(dir, options, WAL_RECOVERY)
+    }
+
+    fn open_with(dir: &Path, options: StoreOptions, recovery: rocksdb::DBRecoveryMode) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_owned(), source })?;
         let db_path = dir.join("db");
         let mut db_opts = Options::default();
@@ -129,6 +149,8 @@ impl Store {
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_total_wal_size(256 << 20);
         db_opts.set_db_write_buffer_size(options.memtables_bytes_max);
+        db_opts.set_wal_recovery_mode(recovery);
+        db_opts.set_paranoid_checks(true);
         let cache = rocksdb::Cache::new_lru_cache(options.block_cache_bytes);
         let cfs = cf::ALL.iter().map(|name| {
             let mut o = Options::default();
@@ -142,7 +164,15 @@ impl Store {
             }
             ColumnFamilyDescriptor::new(*name, o)
         });
-        let db = Arc::new(DB::open_cf_descriptors(&db_opts, &db_path, cfs)?);
+        let db = match DB::open_cf_descriptors(&db_opts, &db_path, cfs) {
+            Ok(db) => Arc::new(db),
+            Err(e) => {
+                return Err(match damaged_wal(&db_path, &e) {
+                    Some(file) => StoreError::DamagedWal { file, source: e },
+                    None => StoreError::Rocks(e),
+                });
+            }
+        };
         let snapshot_dir = dir.join("snapshots");
         std::fs::create_dir_all(&snapshot_dir)
             .map_err(|source| StoreError::Io { path: snapshot_dir.clone(), source })?;
@@ -151,6 +181,20 @@ impl Store {
         let reads = ReadView::new(db);
         Ok(Store { log, state_machine, reads })
     }
+}
+
+/// The WAL file a failed open found damaged, from RocksDB's info log
+/// (`<db>/LOG`), where its WAL replay reports `<file>.log: dropping N
+/// bytes; Corruption: ...`. RocksDB's error itself names no file.
+fn damaged_wal(db_path: &Path, e: &rocksdb::Error) -> Option<String> {
+    if e.kind() != rocksdb::ErrorKind::Corruption || e.to_string().contains(".sst") {
+        return None;
+    }
+    let info = std::fs::read_to_string(db_path.join("LOG")).ok()?;
+    info.lines()
+        .rev()
+        .filter(|l| l.contains("dropping"))
+        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_suffix(".log:").map(|f| format!("{f}.log"))))
 }
 
 pub(crate) fn handle<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
