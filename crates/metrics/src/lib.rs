@@ -35,6 +35,7 @@ pub struct Metrics {
     pub raft_apply_lag_seconds: prometheus::Gauge,
     pub snapshots_built_total: IntCounter,
     pub snapshots_installed_total: IntCounter,
+    pub snapshot_files_damaged_total: IntCounter,
     pub snapshot_last_size_bytes: IntGauge,
     pub snapshot_last_build_seconds: prometheus::Gauge,
     pub snapshot_last_install_seconds: prometheus::Gauge,
@@ -206,6 +207,10 @@ impl Metrics {
             snapshots_installed_total: reg!(counter(
                 "hie_snapshots_installed_total",
                 "Snapshots received and installed."
+            )),
+            snapshot_files_damaged_total: reg!(counter(
+                "hie_snapshot_files_damaged_total",
+                "Snapshot files found damaged (failing their checksum) and set aside; a new one is built from the state."
             )),
             snapshot_last_size_bytes: reg!(gauge(
                 "hie_snapshot_last_size_bytes",

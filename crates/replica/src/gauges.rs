@@ -93,6 +93,7 @@ impl Replica {
         let sc = &self.snapshots;
         sync_counter(&g.snapshots_built_total, sc.built_total.load(Relaxed));
         sync_counter(&g.snapshots_installed_total, sc.installed_total.load(Relaxed));
+        sync_counter(&g.snapshot_files_damaged_total, sc.damaged_total.load(Relaxed));
         g.snapshot_last_size_bytes.set(sc.last_bytes.load(Relaxed) as i64);
         g.snapshot_last_build_seconds.set(sc.last_build_millis.load(Relaxed) as f64 / 1000.0);
         g.snapshot_last_install_seconds.set(sc.last_install_millis.load(Relaxed) as f64 / 1000.0);

@@ -201,3 +201,84 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A store holding `n` pointers (applied) and a snapshot of them.
+async fn store_with_snapshot(dir: &Path, n: u32) {
+    use hie_domain::mem::testkit;
+    use openraft::RaftSnapshotBuilder;
+    use openraft::storage::RaftStateMachine;
+    let mut store = Store::open(dir, StoreOptions::default()).unwrap();
+    let mut commands = testkit::registry_commands(&["A81001"]);
+    for i in 0..n {
+        let p = testkit::pointer("A81001", &format!("p{i}"), testkit::nhs(i % 40), i64::from(i));
+        commands.push(testkit::create("A81001", p));
+    }
+    let entries: Vec<Entry> = commands
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), i as u64 + 1),
+            payload: EntryPayload::Normal(c),
+        })
+        .collect();
+    store.state_machine.apply(entries).await.unwrap();
+    store.state_machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
+}
+
+fn current_snap(dir: &Path) -> PathBuf {
+    dir.join("snapshots").join(crate::snapshot::CURRENT)
+}
+
+/// A bit flipped in the current snapshot file, in its records or in its
+/// header's meta: the store opens, and the first time Raft asks for the
+/// snapshot (at start-up, or to send it to a follower) the file fails its
+/// checksum, is set aside as `damaged-<time>.snap`, and a new one is built
+/// from the state, whole; the damaged file is never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_snapshot_file_is_set_aside_and_built_again() {
+    use openraft::storage::RaftStateMachine;
+    for (what, at) in [("records", None), ("meta", Some(8u64))] {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_snapshot(dir.path(), 300).await;
+        let snap = current_snap(dir.path());
+        let (meta, _) = crate::snapshot::verify_file(&snap, None).unwrap();
+        let len = fs::metadata(&snap).unwrap().len();
+        flip_bit(&snap, at.unwrap_or(len / 2));
+        assert!(crate::snapshot::verify_file(&snap, None).is_err(), "{what}: the flip fails the check");
+
+        let mut store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let counters = store.state_machine.counters();
+        let got = store.state_machine.get_current_snapshot().await.unwrap().expect("a snapshot");
+        assert_eq!(got.meta.last_log_id, meta.last_log_id, "{what}: built again up to the applied index");
+        let (again, records) = crate::snapshot::verify_file(&snap, None).unwrap();
+        assert_eq!(again.last_log_id, meta.last_log_id);
+        assert!(records > 300, "{what}: {records} records");
+        assert_eq!(counters.damaged_total.load(std::sync::atomic::Ordering::Relaxed), 1, "{what}");
+        let aside: Vec<_> = fs::read_dir(dir.path().join("snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("damaged-") && n.ends_with(".snap"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{what}: kept for the operator: {aside:?}");
+    }
+}
+
+/// A node stopped part way through installing a snapshot must finish the
+/// install from that file: if it is damaged, the store refuses to open and
+/// names it, rather than serve a half-installed state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_snapshot_needed_to_finish_an_install_refuses_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_snapshot(dir.path(), 300).await;
+    {
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let db = store.reads.db();
+        let (meta, _) = crate::snapshot::verify_file(&current_snap(dir.path()), None).unwrap();
+        db.put_cf(handle(db, cf::SM_META), keys::INSTALLING, codec::encode(&meta)).unwrap();
+    }
+    let snap = current_snap(dir.path());
+    let len = fs::metadata(&snap).unwrap().len();
+    flip_bit(&snap, len / 2);
+    let err = open_err(dir.path(), crate::WAL_RECOVERY).expect("refused");
+    assert!(err.contains(&snap.display().to_string()), "names the file: {err}");
+}

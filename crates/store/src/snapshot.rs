@@ -6,7 +6,11 @@
 //! LZ4 frame (pointers are JSON text as their producers sent it, which
 //! compresses about threefold). Stream: `MAGIC`, then records
 //! `[table u8][key len u32][key][value len u32][value]`, then `END`, then the
-//! SHA-256 of everything in the stream before it.
+//! SHA-256 of the header (meta length and meta) and of everything in the
+//! stream before it, so a flipped bit in the meta (its last log id, its
+//! membership) fails the check like one in the records. Files of the
+//! previous format (`MAGIC_V2`, whose checksum left the header out) are
+//! still read.
 //!
 //! Installing replaces the state tables in batches of `INSTALL_BATCH_BYTES`.
 //! A marker (`keys::INSTALLING`) is written first and removed with the last
@@ -27,7 +31,8 @@ use sha2::{Digest, Sha256};
 
 use crate::{StoreError, cf, handle, keys};
 
-const MAGIC: &[u8; 8] = b"HIESNAP2";
+const MAGIC: &[u8; 8] = b"HIESNAP3";
+const MAGIC_V2: &[u8; 8] = b"HIESNAP2";
 const END: u8 = 0xFF;
 const CHECKSUM_LEN: usize = 32;
 /// Longest key in any state table; used as the end of delete ranges.
@@ -138,24 +143,24 @@ impl OwnedSnapshot {
     /// Writes this view to `out` as a snapshot file with `meta` (a backup:
     /// `backup.rs`), record by record.
     pub(crate) fn write_to(&self, meta: &SnapshotMeta, out: &mut impl Write) -> Result<(), StoreError> {
-        write_header(out, meta).map_err(io(Path::new("backup")))?;
-        self.write_stream(out).map_err(|e| match e {
+        let header = write_header(out, meta).map_err(io(Path::new("backup")))?;
+        self.write_stream(out, &header).map_err(|e| match e {
             StoreError::Io { source, .. } => StoreError::Io { path: "backup".into(), source },
             e => e,
         })
     }
 
     /// Writes the stream (magic, records, end, checksum) to `out`, compressed.
-    fn write_stream(&self, out: &mut impl Write) -> Result<(), StoreError> {
+    fn write_stream(&self, out: &mut impl Write, header: &[u8]) -> Result<(), StoreError> {
         let e = |source| StoreError::Io { path: "snapshot stream".into(), source };
         let mut lz4 = lz4_flex::frame::FrameEncoder::new(out);
-        self.write_records(&mut lz4)?;
+        self.write_records(&mut lz4, header)?;
         lz4.finish().map_err(|err| e(err.into()))?;
         Ok(())
     }
 
-    fn write_records(&self, out: &mut impl Write) -> Result<(), StoreError> {
-        let mut w = Hashing { inner: out, hash: Sha256::new() };
+    fn write_records(&self, out: &mut impl Write, header: &[u8]) -> Result<(), StoreError> {
+        let mut w = Hashing { inner: out, hash: Sha256::new_with_prefix(header) };
         let e = |source| StoreError::Io { path: "snapshot stream".into(), source };
         w.write_all(MAGIC).map_err(e)?;
         self.for_each(|table, k, v| {
@@ -174,8 +179,8 @@ impl OwnedSnapshot {
     pub(crate) fn write_file(&self, meta: &SnapshotMeta, path: &Path) -> Result<(File, u64), StoreError> {
         let file = File::options().read(true).write(true).create(true).truncate(true).open(path).map_err(io(path))?;
         let mut w = BufWriter::with_capacity(IO_BUFFER_BYTES, file);
-        write_header(&mut w, meta).map_err(io(path))?;
-        self.write_stream(&mut w).map_err(|e| match e {
+        let header = write_header(&mut w, meta).map_err(io(path))?;
+        self.write_stream(&mut w, &header).map_err(|e| match e {
             StoreError::Io { source, .. } => StoreError::Io { path: path.to_owned(), source },
             e => e,
         })?;
@@ -229,23 +234,30 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-fn write_header(out: &mut impl Write, meta: &SnapshotMeta) -> std::io::Result<()> {
+/// Writes the header; its bytes, which the stream's checksum covers.
+fn write_header(out: &mut impl Write, meta: &SnapshotMeta) -> std::io::Result<Vec<u8>> {
     let meta_bytes = codec::encode(meta);
-    out.write_all(&(meta_bytes.len() as u32).to_le_bytes())?;
-    out.write_all(&meta_bytes)
+    let mut header = Vec::with_capacity(4 + meta_bytes.len());
+    header.extend_from_slice(&(meta_bytes.len() as u32).to_le_bytes());
+    header.extend_from_slice(&meta_bytes);
+    out.write_all(&header)?;
+    Ok(header)
 }
 
-/// Reads a snapshot file's header: its meta.
-fn read_header(r: &mut impl Read) -> Result<SnapshotMeta, StoreError> {
+/// Reads a snapshot file's header: its meta, and the header's bytes (the
+/// stream's checksum covers them).
+fn read_header(r: &mut impl Read) -> Result<(SnapshotMeta, Vec<u8>), StoreError> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len).map_err(|_| bad("truncated header"))?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > META_LEN_MAX {
+    let n = u32::from_le_bytes(len) as usize;
+    if n > META_LEN_MAX {
         return Err(bad("meta too long"));
     }
-    let mut meta = vec![0u8; len];
-    r.read_exact(&mut meta).map_err(|_| bad("truncated meta"))?;
-    codec::decode(&meta).map_err(|e| bad(format!("meta: {e}")))
+    let mut header = vec![0u8; 4 + n];
+    header[..4].copy_from_slice(&len);
+    r.read_exact(&mut header[4..]).map_err(|_| bad("truncated meta"))?;
+    let meta = codec::decode(&header[4..]).map_err(|e| bad(format!("meta: {e}")))?;
+    Ok((meta, header))
 }
 
 /// Reads a stream record by record, hashing what it reads.
@@ -272,11 +284,17 @@ impl<R: Read> StreamReader<R> {
 /// Parses and checks a stream (after the header), calling `f` for each
 /// record; the checksum is checked at the end, so `f` must not make
 /// anything final before this returns Ok. The number of records.
-fn parse(r: impl Read, mut f: impl FnMut(u8, &[u8], &[u8]) -> Result<(), StoreError>) -> Result<u64, StoreError> {
+fn parse(
+    r: impl Read,
+    header: &[u8],
+    mut f: impl FnMut(u8, &[u8], &[u8]) -> Result<(), StoreError>,
+) -> Result<u64, StoreError> {
     let r = lz4_flex::frame::FrameDecoder::new(r);
-    let mut s = StreamReader { inner: r, hash: Sha256::new(), buf: Vec::new() };
-    if s.read(MAGIC.len()).ok() != Some(MAGIC.as_slice()) {
-        return Err(bad("not a hie snapshot"));
+    let mut s = StreamReader { inner: r, hash: Sha256::new_with_prefix(header), buf: Vec::new() };
+    match s.read(MAGIC.len()).ok() {
+        Some(m) if m == MAGIC.as_slice() => {}
+        Some(m) if m == MAGIC_V2.as_slice() => s.hash = Sha256::new_with_prefix(MAGIC_V2),
+        _ => return Err(bad("not a hie snapshot")),
     }
     let mut records = 0u64;
     let mut key = Vec::with_capacity(KEY_LEN_MAX);
@@ -307,11 +325,11 @@ fn parse(r: impl Read, mut f: impl FnMut(u8, &[u8], &[u8]) -> Result<(), StoreEr
     Ok(records)
 }
 
-fn open_reader(path: &Path) -> Result<(SnapshotMeta, BufReader<File>), StoreError> {
+fn open_reader(path: &Path) -> Result<(SnapshotMeta, Vec<u8>, BufReader<File>), StoreError> {
     let file = File::open(path).map_err(io(path))?;
     let mut r = BufReader::with_capacity(IO_BUFFER_BYTES, file);
-    let meta = read_header(&mut r).map_err(in_file(path))?;
-    Ok((meta, r))
+    let (meta, header) = read_header(&mut r).map_err(in_file(path))?;
+    Ok((meta, header, r))
 }
 
 /// Opens the snapshot file at `path`, if there is one: its meta, and the
@@ -325,7 +343,7 @@ pub(crate) fn open_file(path: &Path) -> Result<Option<(SnapshotMeta, File)>, Sto
         Err(source) => return Err(StoreError::Io { path: path.to_owned(), source }),
     };
     let mut r = BufReader::new(file);
-    let meta = read_header(&mut r).map_err(in_file(path))?;
+    let (meta, _) = read_header(&mut r).map_err(in_file(path))?;
     let mut file = r.into_inner();
     file.seek(SeekFrom::Start(0)).map_err(io(path))?;
     Ok(Some((meta, file)))
@@ -334,7 +352,7 @@ pub(crate) fn open_file(path: &Path) -> Result<Option<(SnapshotMeta, File)>, Sto
 /// Checks a whole snapshot file: its meta is `expected`'s (when given) and
 /// its stream is complete with the right checksum. Its meta and record count.
 pub(crate) fn verify_file(path: &Path, expected: Option<&SnapshotMeta>) -> Result<(SnapshotMeta, u64), StoreError> {
-    let (meta, r) = open_reader(path)?;
+    let (meta, header, r) = open_reader(path)?;
     if let Some(want) = expected
         && (meta.snapshot_id != want.snapshot_id || meta.last_log_id != want.last_log_id)
     {
@@ -347,7 +365,7 @@ pub(crate) fn verify_file(path: &Path, expected: Option<&SnapshotMeta>) -> Resul
             want.last_log_id
         )));
     }
-    let records = parse(r, |_, _, _| Ok(())).map_err(in_file(path))?;
+    let records = parse(r, &header, |_, _, _| Ok(())).map_err(in_file(path))?;
     Ok((meta, records))
 }
 
@@ -361,7 +379,7 @@ pub(crate) fn install_file(db: &DB, path: &Path) -> Result<u64, StoreError> {
 /// `install_file`, which (in tests) stops as a crash would after writing
 /// `stop_after` records, before the last batch.
 fn install_file_until(db: &DB, path: &Path, stop_after: Option<u64>) -> Result<u64, StoreError> {
-    let (meta, r) = open_reader(path)?;
+    let (meta, header, r) = open_reader(path)?;
     let sm_meta = handle(db, cf::SM_META);
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
@@ -375,7 +393,7 @@ fn install_file_until(db: &DB, path: &Path, stop_after: Option<u64>) -> Result<u
     let handles: Vec<_> = cf::STATE.iter().map(|n| handle(db, n)).collect();
     let mut batch = WriteBatch::default();
     let mut written = 0u64;
-    let records = parse(r, |table, k, v| {
+    let records = parse(r, &header, |table, k, v| {
         if stop_after == Some(written) {
             db.write(std::mem::take(&mut batch))?;
             return Err(bad("stopped (test)"));
@@ -424,11 +442,66 @@ pub(crate) struct SnapshotFiles {
     current: Arc<Mutex<Option<LogId>>>,
 }
 
+/// What [`SnapshotFiles::open_current_checked`] found.
+pub(crate) enum Current {
+    None,
+    Good(SnapshotMeta, File),
+    /// The file failed its check and was set aside.
+    SetAside,
+}
+
 impl SnapshotFiles {
     pub(crate) fn open(dir: PathBuf) -> Result<SnapshotFiles, StoreError> {
         remove_partial_files(&dir)?;
-        let current = open_file(&dir.join(CURRENT))?.and_then(|(m, _)| m.last_log_id);
+        let path = dir.join(CURRENT);
+        let current = match open_file(&path) {
+            Ok(opened) => opened.and_then(|(m, _)| m.last_log_id),
+            // A damaged header: nothing is known of the file. Finishing an
+            // interrupted install refuses it, naming it; otherwise the first
+            // `open_current_checked` sets it aside.
+            Err(StoreError::BadSnapshot(reason)) => {
+                tracing::error!(%reason, "the current snapshot file is damaged");
+                None
+            }
+            Err(e) => return Err(e),
+        };
         Ok(SnapshotFiles { dir, current: Arc::new(Mutex::new(current)) })
+    }
+
+    /// The current snapshot file, after reading it whole and checking its
+    /// checksum. A file that fails is renamed `damaged-<unix seconds>.snap`
+    /// (kept for the operator, never read again) and `Current::SetAside`
+    /// says so.
+    pub(crate) fn open_current_checked(&self) -> Result<Current, StoreError> {
+        let path = self.current_path();
+        match verify_file(&path, None) {
+            Ok(_) => {}
+            Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Current::None);
+            }
+            Err(StoreError::BadSnapshot(reason)) => {
+                let mut current = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let aside = self.dir.join(format!("damaged-{secs}.snap"));
+                fs::rename(&path, &aside).map_err(io(&aside))?;
+                File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+                *current = None;
+                tracing::error!(
+                    %reason,
+                    set_aside = %aside.display(),
+                    "snapshot file damaged: set aside, building a new one from the state"
+                );
+                return Ok(Current::SetAside);
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(match open_file(&path)? {
+            Some((meta, file)) => Current::Good(meta, file),
+            None => Current::None,
+        })
     }
 
     pub(crate) fn current_path(&self) -> PathBuf {

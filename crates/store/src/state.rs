@@ -36,6 +36,8 @@ fn snap_err(e: impl std::error::Error + 'static) -> StorageError {
 pub struct SnapshotCounters {
     pub built_total: AtomicU64,
     pub installed_total: AtomicU64,
+    /// Snapshot files that failed their checksum and were set aside.
+    pub damaged_total: AtomicU64,
     pub last_bytes: AtomicU64,
     pub last_build_millis: AtomicU64,
     pub last_install_millis: AtomicU64,
@@ -621,13 +623,28 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
+    /// The current snapshot file, checked whole first (it is read whole to
+    /// be sent anyway): one that fails its checksum is set aside and a new
+    /// one built from the state, so a damaged file is never sent, and a
+    /// leader with one neither stops (openraft treats a snapshot it cannot
+    /// read as fatal) nor stops its followers (who would refuse it).
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let path = self.files.current_path();
-        let opened = tokio::task::spawn_blocking(move || snapshot::open_file(&path))
+        let files = self.files.clone();
+        let opened = tokio::task::spawn_blocking(move || files.open_current_checked())
             .await
             .map_err(snap_err)?
             .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, AnyError::new(&e))))?;
-        Ok(opened.map(|(meta, file)| Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) }))
+        match opened {
+            snapshot::Current::Good(meta, file) => {
+                Ok(Some(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) }))
+            }
+            snapshot::Current::None => Ok(None),
+            snapshot::Current::SetAside => {
+                self.counters.damaged_total.fetch_add(1, Ordering::Relaxed);
+                let mut builder = self.get_snapshot_builder().await;
+                builder.build_snapshot().await.map(Some)
+            }
+        }
     }
 }
 
