@@ -1102,4 +1102,60 @@ mod tests {
         let both = query(&log.inner.index, log.dir(), true, &q(100)).unwrap();
         assert_eq!(both.events, behind.events);
     }
+
+    /// Damaged audit segments (docs/RELIABILITY.md, "Corruption"): a torn
+    /// last record (never acknowledged) is cut off on open and the chain goes
+    /// on; a flipped bit in an older record leaves the log open, `verify`
+    /// names that record and a patient's trail reports it as damaged rather
+    /// than answer it; a damaged last record refuses the open, naming the
+    /// segment, since the chain cannot go on from a head it cannot prove.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn damaged_segments_are_cut_reported_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AuditConfig::new(dir.path().join("audit"));
+        let log = AuditLog::open(config.clone(), Arc::new(Metrics::new())).unwrap();
+        for i in 0..30 {
+            log.append(event(i % 3, 1_000 + i64::from(i)), true).await.unwrap();
+        }
+        drop(log);
+        let segment = chain::segment_path(&config.dir, 1);
+        let flip = |line: usize| {
+            let mut bytes = std::fs::read(&segment).unwrap();
+            let start: usize = bytes.split(|b| *b == b'\n').take(line - 1).map(|l| l.len() + 1).sum();
+            let at = start + find(&bytes[start..], b"search-type").expect("the record's interaction");
+            bytes[at] ^= 0x01;
+            std::fs::write(&segment, bytes).unwrap();
+        };
+
+        // Torn: half a record with no newline.
+        let whole = std::fs::read(&segment).unwrap();
+        let last_line = whole[..whole.len() - 1].iter().rposition(|b| *b == b'\n').unwrap() + 1;
+        let mut torn = whole.clone();
+        torn.extend_from_slice(&whole[last_line..last_line + 40]);
+        std::fs::write(&segment, &torn).unwrap();
+        let log = AuditLog::open(config.clone(), Arc::new(Metrics::new())).unwrap();
+        assert_eq!(log.append(event(1, 2_000), true).await.unwrap(), 31, "the torn record cut off, the chain goes on");
+        drop(log);
+        assert_eq!(chain::verify(&config.dir).unwrap().records, 31);
+
+        // An older record (line 11: seq 11, patient 1's) damaged.
+        flip(11);
+        let log = AuditLog::open(config.clone(), Arc::new(Metrics::new())).unwrap();
+        let broken = chain::verify(&config.dir).expect_err("the chain is broken");
+        assert_eq!((broken.segment.clone(), broken.line, broken.expected_seq), (segment.clone(), 11, 11), "{broken}");
+        let q = AuditQuery { subject: nhs(1), since: None, until: None, limit: 100 };
+        let page = query(&log.inner.index, log.dir(), true, &q).unwrap();
+        assert_eq!(page.damaged, vec![11], "reported, not answered");
+        assert_eq!(page.events.len(), 10, "patient 1's other records: {}", page.events.len());
+        drop(log);
+
+        // The last record damaged: refused, naming the segment.
+        flip(31);
+        let err = AuditLog::open(config, Arc::new(Metrics::new())).err().expect("refused").to_string();
+        assert!(err.contains(&segment.display().to_string()) && err.contains("damaged"), "{err}");
+    }
+
+    fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+        hay.windows(needle.len()).position(|w| w == needle)
+    }
 }
