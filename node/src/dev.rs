@@ -734,6 +734,22 @@ fn operator_api(cluster: &ClusterFile, node: &NodeEntry) -> anyhow::Result<Api> 
     Api::new(&node.api_url, &cluster.ca_cert, &op.cert, &op.key)
 }
 
+/// The operator's API on the first node that accepts connections (a node
+/// may be down, or refusing to start, when another is added to replace it).
+async fn live_operator_api(cluster: &ClusterFile) -> anyhow::Result<Api> {
+    for node in &cluster.nodes {
+        let Some(addr) = reqwest::Url::parse(&node.api_url).ok().and_then(|u| u.socket_addrs(|| None).ok()) else {
+            continue;
+        };
+        let Some(addr) = addr.first() else { continue };
+        let connect = tokio::net::TcpStream::connect(addr);
+        if matches!(tokio::time::timeout(Duration::from_secs(1), connect).await, Ok(Ok(_))) {
+            return operator_api(cluster, node);
+        }
+    }
+    bail!("no node of the cluster accepts connections")
+}
+
 /// Starts a new region as a learner and adds it through the leader.
 async fn start_learner(
     dir: &Path,
@@ -755,7 +771,7 @@ async fn start_learner(
     }
     let command = command_for(&plan)?;
     let pid = spawn_node(&command, &plan.data_dir)?;
-    let api = operator_api(cluster, &cluster.nodes[0])?;
+    let api = live_operator_api(cluster).await?;
     let body = json!({
         "id": id, "peer_id": plan.peer_id, "p2p_addr": plan.p2p_addr(), "region": region,
         "api_url": plan.api_url(), "admin_url": plan.admin_url(),
@@ -782,7 +798,7 @@ async fn add_node(args: AddNodeArgs) -> anyhow::Result<()> {
     let restore_from = restore_from.as_deref().map(|b| (b, key_file.as_path()));
     let mut node = start_learner(&dir, &ca, &cluster, id, &args.region, Tuning::default(), restore_from).await?;
     if args.voter {
-        let api = operator_api(&cluster, &cluster.nodes[0])?;
+        let api = live_operator_api(&cluster).await?;
         let (status, answer) = operator_call(&api, "POST", &format!("/admin/nodes/{id}/promote"), None).await?;
         if !status.is_success() {
             bail!("promoting {id} failed: {status} {answer}");
