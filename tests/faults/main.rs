@@ -170,6 +170,10 @@ enum Fault {
     /// write, and every directory entry, not fsynced since it was made
     /// (`hie-powercut-fs`, tests/powercut). One node, or all at once.
     PowerCut(Vec<u64>),
+    /// The node is killed and a bit flipped in the middle of its current
+    /// snapshot file; it restarts on heal and must set the file aside and
+    /// build another (docs/RELIABILITY.md, "Corruption").
+    DamagedSnapshot(u64),
 }
 
 struct Faults {
@@ -188,6 +192,8 @@ struct Faults {
     /// Each node's disk: a loop-mounted ext4 image, with the power-cut
     /// filesystem over it where the machine has FUSE.
     disks: BTreeMap<u64, Disk>,
+    /// Snapshot files this run damaged.
+    snapshots_damaged: u64,
 }
 
 /// Size of each node's data filesystem (the disk-full fault fills it).
@@ -408,6 +414,17 @@ impl Faults {
                     self.power_cut(*id)?;
                 }
             }
+            Fault::DamagedSnapshot(id) => {
+                self.kill(*id);
+                let snap = self.cluster.data_dir(*id).join("store/snapshots/current.snap");
+                match flip_middle_bit(&snap) {
+                    Ok(at) => {
+                        println!("faults: node {id}: flipped a bit of {} at byte {at}", snap.display());
+                        self.snapshots_damaged += 1;
+                    }
+                    Err(e) => println!("faults: node {id}: no snapshot file to damage ({e})"),
+                }
+            }
             Fault::ClockSkew(id, secs) => {
                 self.cluster.kill9(*id);
                 let wrapper = [
@@ -493,10 +510,11 @@ fn draw(rng: &mut StdRng, nodes: u64, power_cuts: bool, one_node_cuts: bool) -> 
         let b = (a + rng.random_range(1..nodes) - 1) % nodes + 1;
         (a, b)
     };
-    match rng.random_range(0..if power_cuts { 14 } else { 12 }) {
-        12 => Fault::PowerCut(vec![pick(rng)]),
-        13 if one_node_cuts => Fault::PowerCut(vec![pick(rng)]),
-        13 => Fault::PowerCut((1..=nodes).collect()),
+    match rng.random_range(0..if power_cuts { 15 } else { 13 }) {
+        12 => Fault::DamagedSnapshot(pick(rng)),
+        13 => Fault::PowerCut(vec![pick(rng)]),
+        14 if one_node_cuts => Fault::PowerCut(vec![pick(rng)]),
+        14 => Fault::PowerCut((1..=nodes).collect()),
         0 => Fault::Kill(pick(rng)),
         1 => Fault::KillLeader,
         2 => Fault::Pause(pick(rng)),
@@ -521,7 +539,7 @@ fn draw(rng: &mut StdRng, nodes: u64, power_cuts: bool, one_node_cuts: bool) -> 
         9 => Fault::FsyncErrors(pick(rng)),
         10 => Fault::Delay(pick(rng), rng.random_range(20..200)),
         11 => Fault::ClockSkew(pick(rng), if rng.random_bool(0.5) { 1 } else { -1 } * rng.random_range(30..600)),
-        _ => unreachable!("drawn from 0..14"),
+        _ => unreachable!("drawn from 0..15"),
     }
 }
 
@@ -928,6 +946,7 @@ fn main() -> anyhow::Result<()> {
         fsync_failing: BTreeSet::new(),
         delayers: Vec::new(),
         disks: BTreeMap::new(),
+        snapshots_damaged: 0,
     };
     for id in 1..=args.nodes {
         let ns = faults.ns(id);
@@ -1153,6 +1172,20 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults, power_cut
         }
     }
     let audit_missing = check_audit(cluster, &h.served)?;
+    // Every damaged snapshot file was found and set aside (renamed
+    // `damaged-<time>.snap`, the rename fsynced) when its node restarted.
+    let set_aside: u64 = ids
+        .iter()
+        .map(|id| {
+            std::fs::read_dir(cluster.data_dir(*id).join("store/snapshots"))
+                .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("damaged-")).count() as u64)
+                .unwrap_or(0)
+        })
+        .sum();
+    if faults.snapshots_damaged > 0 || set_aside > 0 {
+        println!("faults: {} snapshot files damaged, {set_aside} set aside by their nodes", faults.snapshots_damaged);
+    }
+    let snapshots_missed = set_aside != faults.snapshots_damaged;
     let operations = clients.operations.load(Ordering::SeqCst);
     println!("faults: by kind {kinds:?}");
     if undecided > 0 {
@@ -1174,7 +1207,14 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults, power_cut
         "faults: {injected} injected, {operations} operations, {} acknowledged, {lost} lost, {violations} linearizability violations, {converged_text}",
         h.acknowledged
     );
-    if lost > 0 || violations > 0 || converged.is_err() || diverged_reads > 0 || undecided > 0 || audit_missing > 0 {
+    if lost > 0
+        || violations > 0
+        || converged.is_err()
+        || diverged_reads > 0
+        || undecided > 0
+        || audit_missing > 0
+        || snapshots_missed
+    {
         bail!("the history shows a fault (see above)");
     }
     Ok(())
@@ -1215,4 +1255,16 @@ fn check_audit(cluster: &Cluster, served: &BTreeMap<String, u64>) -> anyhow::Res
     }
     println!("faults: audit: every node's chain verifies; {missing} acknowledged creates without their record");
     Ok(missing)
+}
+
+/// Flips one bit in the middle of a file (fsynced); the byte offset.
+fn flip_middle_bit(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let at = f.metadata()?.len() / 2;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at)?;
+    f.write_all_at(&[b[0] ^ 0x08], at)?;
+    f.sync_all()?;
+    Ok(at)
 }
