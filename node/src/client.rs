@@ -227,6 +227,14 @@ pub enum ClusterCmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Make a voter a learner: it stays a member and keeps its copy up to
+    /// date, but no longer votes (promote makes it vote again).
+    Demote {
+        /// The voter's node id.
+        id: u64,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Remove a node from the cluster.
     Remove {
         /// The node id to remove.
@@ -820,6 +828,7 @@ async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
         ClusterCmd::Digest { target } => (target, "GET", "/admin/digest".to_owned(), None),
         ClusterCmd::Snapshot { target } => (target, "POST", "/admin/snapshot".to_owned(), None),
         ClusterCmd::Promote { id, target } => (target, "POST", format!("/admin/nodes/{id}/promote"), None),
+        ClusterCmd::Demote { id, target } => (target, "POST", format!("/admin/nodes/{id}/demote"), None),
         ClusterCmd::Remove { id, target } => (target, "DELETE", format!("/admin/nodes/{id}"), None),
         ClusterCmd::AddLearner { id, peer_id, p2p_addr, region, api_url, admin_url, target } => (
             target,

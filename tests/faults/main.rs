@@ -31,7 +31,7 @@ use serde_json::Value;
 
 use lin::{Kind, Op, Side, Verdict};
 
-const USAGE: &str = "usage: hie-faults --netns PREFIX --seconds N [--seed S] [--nodes 3|5] [--clients C] [--patients P] [--unsafe-local-reads] [--only KIND] [--power-cuts-one-node]";
+const USAGE: &str = "usage: hie-faults --netns PREFIX --seconds N [--seed S] [--nodes 3|5] [--clients C] [--patients P] [--unsafe-local-reads] [--only KIND] [--power-cuts-one-node] [--no-membership-changes]";
 /// The subnet run.sh gives the namespaces; node N is .N.
 const SUBNET: &str = "10.77.0";
 /// How long one client request may take before its outcome counts as unknown.
@@ -55,6 +55,14 @@ const PRODUCER_ODS: &str = "A81001";
 const CONSUMER: &str = "ambulance-service";
 /// The dev cluster's identity authority, which may merge NHS Numbers.
 const IDENTITY_AUTHORITY: &str = "demographics-feed";
+/// Concurrent clients, and patients they share (in pairs), by default: at
+/// 16 clients a 120 s run acknowledges over 100 writes a second (13,907 in
+/// 120 s, seed 2), spread over enough patients that each pair's history
+/// stays small enough to decide.
+const CLIENTS: u32 = 16;
+const PATIENTS: u32 = 96;
+/// The dev cluster's operator client (membership changes).
+const OPERATOR: &str = "operator";
 /// The first patient's index in `nhs()`.
 const FIRST_PATIENT: u32 = 900_000;
 /// Percent of a client's operations that merge its patient's pair, once the
@@ -85,6 +93,8 @@ struct Args {
     /// Power cuts hit one node at a time, never every node at once (the
     /// CI run: see docs/RELIABILITY.md, "Power cuts", for why).
     power_cuts_one_node: bool,
+    /// No membership changes beside the faults (`churn_membership`).
+    no_membership_changes: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -93,11 +103,12 @@ fn parse_args() -> anyhow::Result<Args> {
         seconds: 60,
         seed: 0,
         nodes: 3,
-        clients: 4,
-        patients: 12,
+        clients: CLIENTS,
+        patients: PATIENTS,
         unsafe_local_reads: false,
         only: None,
         power_cuts_one_node: false,
+        no_membership_changes: false,
     };
     let mut seed = None;
     let mut it = std::env::args().skip(1);
@@ -108,6 +119,10 @@ fn parse_args() -> anyhow::Result<Args> {
         }
         if k == "--power-cuts-one-node" {
             a.power_cuts_one_node = true;
+            continue;
+        }
+        if k == "--no-membership-changes" {
+            a.no_membership_changes = true;
             continue;
         }
         let v = it.next().with_context(|| format!("{k} needs a value\n{USAGE}"))?;
@@ -1004,6 +1019,7 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults, power_cut
         stop: AtomicBool::new(false),
     });
     let tasks: Vec<_> = (0..args.clients).map(|c| tokio::spawn(clients.clone().run(c, args.seed))).collect();
+    let churn = (!args.no_membership_changes).then(|| tokio::spawn(churn_membership(clients.clone(), args.seed)));
 
     let mut rng = StdRng::seed_from_u64(args.seed);
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
@@ -1044,6 +1060,21 @@ async fn run(args: &Args, cluster: &Arc<Cluster>, faults: &mut Faults, power_cut
     clients.stop.store(true, Ordering::SeqCst);
     for t in tasks {
         let _ = t.await;
+    }
+    let membership_changes = match churn {
+        Some(t) => t.await.unwrap_or_default(),
+        None => Churned::default(),
+    };
+    if !args.no_membership_changes {
+        restore_voters(cluster).await?;
+        println!(
+            "faults: membership: {} demotions and {} promotions acknowledged ({} attempts unanswered or refused); every node a voter again",
+            membership_changes.demoted, membership_changes.promoted, membership_changes.failed
+        );
+        // A run long enough for several changes that made none tests nothing of them.
+        if args.seconds >= 60 && membership_changes.demoted == 0 {
+            bail!("no membership change was acknowledged in {} s", args.seconds);
+        }
     }
 
     let ids = cluster.node_ids();
@@ -1267,4 +1298,106 @@ fn flip_middle_bit(path: &Path) -> std::io::Result<u64> {
     f.write_all_at(&[b[0] ^ 0x08], at)?;
     f.sync_all()?;
     Ok(at)
+}
+
+/// Membership changes made beside the faults.
+#[derive(Default)]
+struct Churned {
+    demoted: u64,
+    promoted: u64,
+    failed: u64,
+}
+
+/// Pause between membership changes.
+const CHURN_PAUSE_MS: std::ops::Range<u64> = 4_000..12_000;
+
+/// Changes the membership while the faults run, independent of their
+/// schedule: every 4 to 12 s it demotes a random voter to learner
+/// (`POST /admin/nodes/N/demote`: a joint-consensus change) when all are
+/// voters, or promotes the learner back. Each request goes to every node in
+/// turn until one (the leader) accepts it; a change nobody accepts, or
+/// whose answer is lost, is tried again from the membership then read.
+async fn churn_membership(clients: Arc<Clients>, seed: u64) -> Churned {
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(17));
+    let operator = clients.cluster.http(OPERATOR);
+    let mut done = Churned::default();
+    while !clients.stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(CHURN_PAUSE_MS))).await;
+        if clients.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let Some(members) = membership(&clients.cluster, clients.nodes).await else {
+            done.failed += 1;
+            continue;
+        };
+        let learner = members.iter().find(|(_, voter)| !voter).map(|(id, _)| *id);
+        let (action, id) = match learner {
+            Some(id) => ("promote", id),
+            None => ("demote", members[rng.random_range(0..members.len())].0),
+        };
+        let at = clients.started.elapsed().as_secs_f64();
+        let ok = change_membership(&operator, &clients.cluster, clients.nodes, action, id).await;
+        println!(
+            "faults: {at:>6.1}s membership: {action} {id}: {}",
+            if ok { "acknowledged" } else { "not acknowledged" }
+        );
+        match (ok, action) {
+            (true, "demote") => done.demoted += 1,
+            (true, _) => done.promoted += 1,
+            (false, _) => done.failed += 1,
+        }
+    }
+    done
+}
+
+/// The members (id, voter) as the leader sees them, or else the first node
+/// that answers (a node cut off may hold an older membership).
+async fn membership(cluster: &Cluster, nodes: u64) -> Option<Vec<(u64, bool)>> {
+    let leader = cluster.leader().await;
+    for id in leader.into_iter().chain(1..=nodes) {
+        if let Some(status) = cluster.admin(id, "/status").await
+            && let Some(members) = status["members"].as_array()
+        {
+            return Some(members.iter().filter_map(|m| Some((m["id"].as_u64()?, m["voter"].as_bool()?))).collect());
+        }
+    }
+    None
+}
+
+/// Asks each node in turn to `action` (promote or demote) node `id`; true
+/// once one answers 2xx.
+async fn change_membership(operator: &reqwest::Client, cluster: &Cluster, nodes: u64, action: &str, id: u64) -> bool {
+    for via in 1..=nodes {
+        // The API's base, without the FHIR root `api_url` ends in.
+        let base = cluster.api_url(via);
+        let url = format!("{}/admin/nodes/{id}/{action}", base.trim_end_matches("/fhir"));
+        if let Ok(r) = operator.post(url).send().await
+            && r.status().is_success()
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// After the run: every node a voter again, so the end state is the
+/// cluster the run began with.
+async fn restore_voters(cluster: &Cluster) -> anyhow::Result<()> {
+    let operator = cluster.http(OPERATOR);
+    let nodes = cluster.node_ids().len() as u64;
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        let members = membership(cluster, nodes).await.unwrap_or_default();
+        let learners: Vec<u64> = members.iter().filter(|(_, v)| !v).map(|(id, _)| *id).collect();
+        if members.len() as u64 == nodes && learners.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the membership was not restored to {nodes} voters: {members:?}");
+        }
+        for id in learners {
+            change_membership(&operator, cluster, nodes, "promote", id).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

@@ -2,7 +2,7 @@
 # Jepsen-style fault tests of real node processes, each in its own network
 # namespace, with the history checked at the end.
 #   tests/faults/run.sh --seconds N [--seed S] [--nodes 3|5] [--clients C] [--patients P]
-#                       [--only KIND] [--power-cuts-one-node]
+#                       [--only KIND] [--power-cuts-one-node] [--no-membership-changes]
 # Last line: faults: N injected, M operations, K acknowledged, L lost,
 #            V linearizability violations, converged
 # Needs root (namespaces, nft, loop mounts, FUSE). Each node's data is on a

@@ -1,6 +1,7 @@
 //! 3. After 10,000 writes and a log purge, a 4th region joins as a learner,
-//!    catches up by snapshot and serves reads; it is promoted to voter; another
-//!    node is removed; the cluster keeps accepting writes throughout.
+//!    catches up by snapshot and serves reads; it is promoted to voter,
+//!    demoted to learner and promoted again; another node is removed; the
+//!    cluster keeps accepting writes throughout.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -111,7 +112,15 @@ async fn a_new_region_catches_up_by_snapshot_then_votes_while_another_leaves() -
     let me = status["members"].as_array().unwrap().iter().find(|m| m["id"] == 4).cloned();
     assert_eq!(me.map(|m| m["voter"].clone()), Some(serde_json::json!(false)), "node 4 is a learner: {status}");
 
-    // Promote it, then remove a node that is not the leader.
+    // Promote it; demote it (a learner again, still a member) and promote
+    // it back; then remove a node that is not the leader.
+    hie(&["cluster", "promote", "4", "--cluster", &c.cluster_json()])?;
+    let voter_of = |status: &serde_json::Value, id: u64| {
+        status["members"].as_array().unwrap().iter().find(|m| m["id"] == id).map(|m| m["voter"].clone())
+    };
+    hie(&["cluster", "demote", "4", "--cluster", &c.cluster_json()])?;
+    let status = c.admin(c.wait_leader(Duration::from_secs(10)).await?, "/status").await.unwrap();
+    assert_eq!(voter_of(&status, 4), Some(serde_json::json!(false)), "node 4 demoted to learner: {status}");
     hie(&["cluster", "promote", "4", "--cluster", &c.cluster_json()])?;
     let leader = c.wait_leader(Duration::from_secs(10)).await?;
     let victim = c.node_ids().into_iter().find(|id| *id != leader && *id != 4).unwrap();

@@ -80,6 +80,12 @@ pub(crate) async fn promote(State(st): St, ctx: RequestCtx, Path(id): Path<u64>)
     Ok(Json(json!({ "promoted": id })).into_response())
 }
 
+pub(crate) async fn demote(State(st): St, ctx: RequestCtx, Path(id): Path<u64>) -> Result<Response, ApiError> {
+    ctx.require(Role::Operator)?;
+    st.replica.demote(id).await.map_err(membership_error)?;
+    Ok(Json(json!({ "demoted": id })).into_response())
+}
+
 pub(crate) async fn remove(State(st): St, ctx: RequestCtx, Path(id): Path<u64>) -> Result<Response, ApiError> {
     ctx.require(Role::Operator)?;
     st.replica.remove(id).await.map_err(membership_error)?;

@@ -79,6 +79,7 @@ pub(crate) fn router(
         .route("/admin/digest", get(operator::digest))
         .route("/admin/learners", post(operator::add_learner))
         .route("/admin/nodes/{id}/promote", post(operator::promote))
+        .route("/admin/nodes/{id}/demote", post(operator::demote))
         .route("/admin/nodes/{id}", delete(operator::remove))
         .route("/admin/snapshot", post(operator::snapshot))
         .route("/admin/backup", get(operator::backup))

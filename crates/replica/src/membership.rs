@@ -79,7 +79,12 @@ impl Replica {
         Ok(())
     }
 
-    /// Makes a learner a voter.
+    /// Makes a learner a voter. Every other node stays a member (`retain`):
+    /// without it openraft drops from the membership each node that is a
+    /// voter now and not in the new voter set, which, while a demotion is
+    /// still in its joint phase, is the node being demoted: it was removed
+    /// from the cluster instead (found by the fault harness's membership
+    /// changes).
     pub async fn promote(&self, id: NodeId) -> Result<(), MembershipError> {
         self.require_leader()?;
         let m = self.core.raft.metrics().borrow().clone();
@@ -88,7 +93,29 @@ impl Replica {
         }
         self.core
             .raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
+            .await
+            .map_err(|e| self.map_change_err(e))?;
+        Ok(())
+    }
+
+    /// Makes a voter a learner: it stays a member and keeps replicating,
+    /// but no longer votes or counts towards a quorum (`promote` undoes it).
+    /// For taking a region's node out of the quorum for maintenance without
+    /// removing it, and for the fault harness's membership changes.
+    pub async fn demote(&self, id: NodeId) -> Result<(), MembershipError> {
+        self.require_leader()?;
+        let m = self.core.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        if !membership.voter_ids().any(|v| v == id) {
+            return Err(invalid(format!("node {id} is not a voter")));
+        }
+        if membership.voter_ids().count() <= 1 {
+            return Err(invalid("cannot demote the last voter".into()));
+        }
+        self.core
+            .raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), true)
             .await
             .map_err(|e| self.map_change_err(e))?;
         Ok(())
