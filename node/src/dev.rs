@@ -164,6 +164,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Attempts to find a loopback port not yet handed out.
 const FREE_PORT_TRIES: usize = 100;
+/// How long `add-node` waits on each node's API port to find one that is up.
+const LIVE_NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Batch Bundles in flight while seeding sample data.
 const SEED_BUNDLES_IN_FLIGHT: usize = 4;
 /// Pointers in each batch Bundle while seeding.
@@ -743,7 +745,7 @@ async fn live_operator_api(cluster: &ClusterFile) -> anyhow::Result<Api> {
         };
         let Some(addr) = addr.first() else { continue };
         let connect = tokio::net::TcpStream::connect(addr);
-        if matches!(tokio::time::timeout(Duration::from_secs(1), connect).await, Ok(Ok(_))) {
+        if matches!(tokio::time::timeout(LIVE_NODE_CONNECT_TIMEOUT, connect).await, Ok(Ok(_))) {
             return operator_api(cluster, node);
         }
     }

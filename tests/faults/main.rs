@@ -1356,9 +1356,9 @@ async fn membership(cluster: &Cluster, nodes: u64) -> Option<Vec<(u64, bool)>> {
     let leader = cluster.leader().await;
     for id in leader.into_iter().chain(1..=nodes) {
         if let Some(status) = cluster.admin(id, "/status").await
-            && let Some(members) = status["members"].as_array()
+            && status["members"].is_array()
         {
-            return Some(members.iter().filter_map(|m| Some((m["id"].as_u64()?, m["voter"].as_bool()?))).collect());
+            return Some(hie_tests::members(&status));
         }
     }
     None

@@ -378,6 +378,16 @@ pub const NHS_SYSTEM: &str = "https://fhir.nhs.uk/Id/nhs-number";
 pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
 
 /// The i-th test NHS Number (begins with 9), the same as the node's sample data uses.
+/// The members of a node's admin `/status` answer: (id, voter).
+pub fn members(status: &Value) -> Vec<(u64, bool)> {
+    status["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| Some((m["id"].as_u64()?, m["voter"].as_bool()?)))
+        .collect()
+}
+
 pub fn nhs(i: u32) -> String {
     hie_domain::mem::testkit::nhs(i).as_str().to_owned()
 }

@@ -89,12 +89,7 @@ async fn a_replica_with_a_damaged_wal_refuses_to_start_and_is_replaced_from_its_
     let new = c.node_ids().into_iter().max().expect("the new node");
     assert!(new > victim, "a new id: {new}");
     let status = c.admin(leader, "/status").await.expect("status");
-    let members: Vec<(u64, bool)> = status["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| (m["id"].as_u64().unwrap(), m["voter"].as_bool().unwrap()))
-        .collect();
+    let members = members(&status);
     assert!(members.contains(&(new, true)) && !members.iter().any(|(id, _)| *id == victim), "{status}");
 
     let live: Vec<u64> = c.node_ids().into_iter().filter(|id| *id != victim).collect();

@@ -44,6 +44,15 @@ fn store_with_synced_log(dir: &Path, n: u64) {
     }
 }
 
+/// `store_with_synced_log`, its log then flushed into a table file; that file.
+fn store_with_log_in_an_sst(dir: &Path) -> PathBuf {
+    store_with_synced_log(dir, ENTRIES);
+    let store = Store::open(dir, StoreOptions::default()).unwrap();
+    store.reads.db().flush_cf(handle(store.reads.db(), cf::LOG)).unwrap();
+    drop(store);
+    newest(dir, ".sst")
+}
+
 /// The log indexes a store holds, in order.
 fn log_indexes(store: &Store) -> Vec<u64> {
     let db = store.reads.db();
@@ -142,12 +151,7 @@ fn a_wal_torn_with_bytes_after_refuses_the_open() {
 #[test]
 fn a_flipped_bit_in_an_sst_is_never_answered() {
     let dir = tempfile::tempdir().unwrap();
-    store_with_synced_log(dir.path(), ENTRIES);
-    {
-        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-        store.reads.db().flush_cf(handle(store.reads.db(), cf::LOG)).unwrap();
-    }
-    let sst = newest(dir.path(), ".sst");
+    let sst = store_with_log_in_an_sst(dir.path());
     let len = fs::metadata(&sst).unwrap().len();
     flip_bit(&sst, len / 3);
 
@@ -176,12 +180,7 @@ fn a_flipped_bit_in_an_sst_is_never_answered() {
 #[test]
 fn a_truncated_sst_refuses_the_open_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    store_with_synced_log(dir.path(), ENTRIES);
-    {
-        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-        store.reads.db().flush_cf(handle(store.reads.db(), cf::LOG)).unwrap();
-    }
-    let sst = newest(dir.path(), ".sst");
+    let sst = store_with_log_in_an_sst(dir.path());
     let len = fs::metadata(&sst).unwrap().len();
     OpenOptions::new().write(true).open(&sst).unwrap().set_len(len - 100).unwrap();
     let err = open_err(dir.path(), crate::WAL_RECOVERY).expect("refused");
@@ -204,23 +203,9 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// A store holding `n` pointers (applied) and a snapshot of them.
 async fn store_with_snapshot(dir: &Path, n: u32) {
-    use hie_domain::mem::testkit;
     use openraft::RaftSnapshotBuilder;
     use openraft::storage::RaftStateMachine;
-    let mut store = Store::open(dir, StoreOptions::default()).unwrap();
-    let mut commands = testkit::registry_commands(&["A81001"]);
-    for i in 0..n {
-        let p = testkit::pointer("A81001", &format!("p{i}"), testkit::nhs(i % 40), i64::from(i));
-        commands.push(testkit::create("A81001", p));
-    }
-    let entries: Vec<Entry> = commands
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), i as u64 + 1),
-            payload: EntryPayload::Normal(c),
-        })
-        .collect();
+    let (mut store, entries) = crate::snapshot::tests::store_with_pointers(dir, n);
     store.state_machine.apply(entries).await.unwrap();
     store.state_machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
 }

@@ -544,7 +544,7 @@ fn remove_partial_files(dir: &Path) -> Result<(), StoreError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use hie_domain::mem::testkit;
     use hie_domain::raft::Entry;
     use openraft::storage::RaftStateMachine;
@@ -553,7 +553,8 @@ mod tests {
     use super::*;
     use crate::{Store, StoreOptions};
 
-    fn store_with_pointers(dir: &Path, n: u32) -> (Store, Vec<Entry>) {
+    /// A new store at `dir`, and the entries that register a producer and create `n` pointers.
+    pub(crate) fn store_with_pointers(dir: &Path, n: u32) -> (Store, Vec<Entry>) {
         let store = Store::open(dir, StoreOptions::default()).unwrap();
         let mut commands = testkit::registry_commands(&["A81001"]);
         for i in 0..n {
